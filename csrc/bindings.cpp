@@ -1,0 +1,33 @@
+// Every linmix op schema, in one TORCH_LIBRARY; the per-op *_torch.cpp files add CPU/CUDA impls.
+// The pybind11 module `linmix._C` only exposes build facts: importing it runs the registrations.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(linmix, m) {
+  // linear_scan: h_t = a_t h_{t-1} + b_t, (B, T, D) channel-last
+  m.def("linear_scan_fwd(Tensor a, Tensor b, Tensor? h0, bool reverse) -> Tensor");
+  m.def("linear_scan_bwd(Tensor a, Tensor h, Tensor dh, Tensor? h0, bool reverse) -> (Tensor, Tensor, Tensor)");
+}
+
+#ifndef LINMIX_CUDA_VERSION
+#define LINMIX_CUDA_VERSION ""
+#endif
+#ifndef LINMIX_CUDA_ARCHS
+#define LINMIX_CUDA_ARCHS ""
+#endif
+
+PYBIND11_MODULE(_C, mod) {
+  mod.doc() = "linmix native extension (ops are registered under torch.ops.linmix)";
+  mod.def("build_info", [] {
+    pybind11::dict info;
+    info["torch_version"] = LINMIX_TORCH_VERSION;
+#ifdef LINMIX_WITH_CUDA
+    info["cuda"] = true;
+#else
+    info["cuda"] = false;
+#endif
+    info["cuda_version"] = LINMIX_CUDA_VERSION;
+    info["cuda_archs"] = LINMIX_CUDA_ARCHS;
+    return info;
+  });
+}

@@ -1,0 +1,12 @@
+// Declarations of the CUDA launchers (defined in instantiate/*.cu), torch-free.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "common/dtype.h"
+#include "linear_scan/params.h"
+
+namespace linmix {
+template <DType dt> void linear_scan_fwd_cuda(const LinearScanParams& p, cudaStream_t stream);
+template <DType dt> void linear_scan_bwd_cuda(const LinearScanParams& p, cudaStream_t stream);
+}  // namespace linmix

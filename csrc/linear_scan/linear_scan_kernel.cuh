@@ -1,0 +1,149 @@
+// CUDA linear_scan, forward and backward.
+//
+// Layout choice: inputs are channel-last (B, T, D), so a warp's 32 lanes take 32 consecutive channels
+// and every load/store of a time step is one coalesced row. The time axis is split across the warps
+// of the block: warp w owns kItems consecutive steps of the current chunk and scans them in registers;
+// the per-warp (prod a, h) aggregates are combined through shared memory, and a running carry per
+// channel crosses chunks. Lanes never need to exchange data (they hold different channels), so the
+// cross-step combine is the shared-memory pass, not shuffles.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "common/cuda_check.h"
+#include "common/dtype.h"
+#include "common/math.h"
+#include "linear_scan/params.h"
+
+namespace linmix {
+
+template <int kNWarps_, int kItems_>
+struct LinearScanTraits {
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kItems = kItems_;
+  static constexpr int kThreads = 32 * kNWarps;
+  static constexpr int kChunk = kNWarps * kItems;  // time steps per block iteration
+  static_assert(kNWarps >= 1 && kNWarps <= 32, "one aggregate slot per warp in shared memory");
+  static_assert(kItems >= 1, "each thread scans at least one step");
+};
+
+// Inclusive scan of one chunk for the channel owned by this lane: on entry r_b[k] holds b_k and
+// r_a[k] the coefficient a_k of step (warp * kItems + k); on exit r_b[k] holds h_k. `carry` is h just
+// before the chunk on entry and h after the chunk's last step on exit. All threads must call it.
+template <typename Traits>
+__device__ __forceinline__ void block_chunk_scan(const float (&r_a)[Traits::kItems], float (&r_b)[Traits::kItems],
+                                                 float& carry, ScanPair<float>* s_agg /* (kNWarps, 32) */) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  ScanPair<float> agg{1.f, 0.f};
+#pragma unroll
+  for (int k = 0; k < Traits::kItems; ++k) agg = scan_combine(agg, ScanPair<float>{r_a[k], r_b[k]});
+  s_agg[warp * 32 + lane] = agg;
+  __syncthreads();
+  float h = carry;
+  for (int w = 0; w < warp; ++w) h = scan_step(s_agg[w * 32 + lane].a, h, s_agg[w * 32 + lane].b);
+#pragma unroll
+  for (int k = 0; k < Traits::kItems; ++k) {
+    h = scan_step(r_a[k], h, r_b[k]);
+    r_b[k] = h;
+  }
+  for (int w = 0; w < Traits::kNWarps; ++w) carry = scan_step(s_agg[w * 32 + lane].a, carry, s_agg[w * 32 + lane].b);
+  __syncthreads();  // s_agg is rewritten by the next chunk
+}
+
+template <typename T>
+__device__ __forceinline__ const T* btd_ptr(const BTDView& v, int64_t b, int64_t t, int64_t d) {
+  return static_cast<const T*>(v.ptr) + b * v.batch_stride + t * v.t_stride + d;
+}
+template <typename T>
+__device__ __forceinline__ T* btd_mut(const BTDView& v, int64_t b, int64_t t, int64_t d) {
+  return static_cast<T*>(v.ptr) + b * v.batch_stride + t * v.t_stride + d;
+}
+
+// grid: (B, ceil(D / 32)); block: Traits::kThreads.
+template <typename Traits, typename T>
+__global__ void __launch_bounds__(Traits::kThreads) linmix_linear_scan_fwd_kernel(LinearScanParams p) {
+  __shared__ ScanPair<float> s_agg[Traits::kNWarps * 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t bi = blockIdx.x;
+  const int64_t d = int64_t(blockIdx.y) * 32 + lane;
+  const bool active = d < p.dim;
+  float carry = (active && p.h0) ? static_cast<const float*>(p.h0)[bi * p.dim + d] : 0.f;
+  for (int64_t c0 = 0; c0 < p.seqlen; c0 += Traits::kChunk) {
+    float r_a[Traits::kItems], r_b[Traits::kItems];
+#pragma unroll
+    for (int k = 0; k < Traits::kItems; ++k) {
+      const int64_t s = c0 + warp * Traits::kItems + k;
+      const bool ok = active && s < p.seqlen;
+      const int64_t t = scan_time(s, p.seqlen, p.reverse);
+      r_a[k] = ok ? to_float(*btd_ptr<T>(p.a, bi, t, d)) : 1.f;  // identity step past the end
+      r_b[k] = ok ? to_float(*btd_ptr<T>(p.b, bi, t, d)) : 0.f;
+    }
+    block_chunk_scan<Traits>(r_a, r_b, carry, s_agg);
+#pragma unroll
+    for (int k = 0; k < Traits::kItems; ++k) {
+      const int64_t s = c0 + warp * Traits::kItems + k;
+      if (active && s < p.seqlen) *btd_mut<T>(p.h, bi, scan_time(s, p.seqlen, p.reverse), d) = from_float<T>(r_b[k]);
+    }
+  }
+}
+
+// Backward, scanning r = 0..T-1 over scan positions s = T-1-r:
+//   g_s = dh_s + a_{s+1} g_{s+1};  da_s = g_s h_{s-1};  db_s = g_s;  dh0 = a_0 g_0.
+template <typename Traits, typename T>
+__global__ void __launch_bounds__(Traits::kThreads) linmix_linear_scan_bwd_kernel(LinearScanParams p) {
+  __shared__ ScanPair<float> s_agg[Traits::kNWarps * 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t bi = blockIdx.x;
+  const int64_t d = int64_t(blockIdx.y) * 32 + lane;
+  const bool active = d < p.dim;
+  const int64_t L = p.seqlen;
+  float carry = 0.f;
+  for (int64_t c0 = 0; c0 < L; c0 += Traits::kChunk) {
+    float r_a[Traits::kItems], r_g[Traits::kItems];
+#pragma unroll
+    for (int k = 0; k < Traits::kItems; ++k) {
+      const int64_t s = L - 1 - (c0 + warp * Traits::kItems + k);
+      const bool ok = active && s >= 0;
+      r_a[k] = (ok && s + 1 < L) ? to_float(*btd_ptr<T>(p.a, bi, scan_time(s + 1, L, p.reverse), d)) : 0.f;
+      r_g[k] = ok ? to_float(*btd_ptr<T>(p.dh, bi, scan_time(s, L, p.reverse), d)) : 0.f;
+    }
+    block_chunk_scan<Traits>(r_a, r_g, carry, s_agg);
+#pragma unroll
+    for (int k = 0; k < Traits::kItems; ++k) {
+      const int64_t s = L - 1 - (c0 + warp * Traits::kItems + k);
+      if (!active || s < 0) continue;
+      const int64_t t = scan_time(s, L, p.reverse);
+      const float h_prev = s > 0 ? to_float(*btd_ptr<T>(p.h, bi, scan_time(s - 1, L, p.reverse), d))
+                                 : (p.h0 ? static_cast<const float*>(p.h0)[bi * p.dim + d] : 0.f);
+      *btd_mut<T>(p.da, bi, t, d) = from_float<T>(r_g[k] * h_prev);
+      *btd_mut<T>(p.db, bi, t, d) = from_float<T>(r_g[k]);
+    }
+  }
+  // After the last chunk, carry = g at s = 0.
+  if (active && L > 0) {
+    const float a0 = to_float(*btd_ptr<T>(p.a, bi, scan_time(0, L, p.reverse), d));
+    static_cast<float*>(p.dh0)[bi * p.dim + d] = a0 * carry;
+  }
+}
+
+using LinearScanDefaultTraits = LinearScanTraits<8, 8>;
+
+template <DType dt>
+void linear_scan_fwd_cuda(const LinearScanParams& p, cudaStream_t stream) {
+  using Traits = LinearScanDefaultTraits;
+  if (p.batch == 0 || p.dim == 0) return;
+  const dim3 grid(static_cast<unsigned>(p.batch), static_cast<unsigned>(ceil_div(p.dim, 32)));
+  linmix_linear_scan_fwd_kernel<Traits, cuda_t<dt>><<<grid, Traits::kThreads, 0, stream>>>(p);
+  LINMIX_CHECK_LAUNCH();
+}
+
+template <DType dt>
+void linear_scan_bwd_cuda(const LinearScanParams& p, cudaStream_t stream) {
+  using Traits = LinearScanDefaultTraits;
+  if (p.batch == 0 || p.dim == 0) return;
+  const dim3 grid(static_cast<unsigned>(p.batch), static_cast<unsigned>(ceil_div(p.dim, 32)));
+  linmix_linear_scan_bwd_kernel<Traits, cuda_t<dt>><<<grid, Traits::kThreads, 0, stream>>>(p);
+  LINMIX_CHECK_LAUNCH();
+}
+
+}  // namespace linmix

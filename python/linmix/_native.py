@@ -1,0 +1,37 @@
+"""Loading the compiled extension and the checks every op shares."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+
+
+def build_info() -> dict:
+    """What this linmix build was compiled against, and what is running now.
+
+    Keys: ``torch_version`` (built against), ``cuda`` (CUDA backend compiled), ``cuda_version``,
+    ``cuda_archs`` (comma-separated, e.g. ``"80,90a"``), ``runtime_torch_version``.
+    """
+    info = dict(_C.build_info())
+    info["runtime_torch_version"] = torch.__version__
+    return info
+
+
+_HAS_CUDA = bool(_C.build_info()["cuda"])
+
+
+def check_backend(op: str, *tensors: torch.Tensor | None) -> None:
+    """Raise a clear error when a CUDA tensor reaches a build without the CUDA backend."""
+    for t in tensors:
+        if t is not None and t.is_cuda and not _HAS_CUDA:
+            raise RuntimeError(
+                f"linmix.{op}: got a CUDA tensor, but this linmix build has no CUDA backend "
+                f"(built without nvcc or against a CPU-only torch). Rebuild on a machine with nvcc and a "
+                f"CUDA torch: `pip install --no-build-isolation .` (see README)."
+            )
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """The accumulation / state dtype paired with activations of x's dtype."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -1,0 +1,5 @@
+"""Float64 PyTorch references: the specification every kernel is tested against."""
+
+from .linear_scan import linear_scan_ref
+
+__all__ = ["linear_scan_ref"]
