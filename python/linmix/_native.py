@@ -35,3 +35,24 @@ def check_backend(op: str, *tensors: torch.Tensor | None) -> None:
 def acc_dtype(x: torch.Tensor) -> torch.dtype:
     """The accumulation / state dtype paired with activations of x's dtype."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class nvtx_range:
+    """NVTX range `linmix/<op>/<phase>` around a kernel call, for Nsight (`nsys`/`ncu --nvtx`).
+
+    Active only for CUDA tensors outside torch.compile tracing (the range is host-side bookkeeping).
+    """
+
+    def __init__(self, name: str, x: torch.Tensor):
+        self.name = name
+        self.active = x.is_cuda and not torch.compiler.is_compiling()
+
+    def __enter__(self):
+        if self.active:
+            torch.cuda.nvtx.range_push(self.name)
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            torch.cuda.nvtx.range_pop()
+        return False

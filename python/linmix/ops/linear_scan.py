@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._native import acc_dtype, check_backend
+from .._native import acc_dtype, check_backend, nvtx_range
 
 
 @torch.library.register_fake("linmix::linear_scan_fwd")
@@ -23,7 +23,8 @@ def _bwd_fake(a, h, dh, h0, reverse):
 class LinearScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, h0, reverse):
-        h = torch.ops.linmix.linear_scan_fwd(a, b, h0, reverse)
+        with nvtx_range("linmix/linear_scan/fwd", a):
+            h = torch.ops.linmix.linear_scan_fwd(a, b, h0, reverse)
         ctx.save_for_backward(a, h, h0)
         ctx.reverse = reverse
         return h
@@ -31,7 +32,8 @@ class LinearScanFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         a, h, h0 = ctx.saved_tensors
-        da, db, dh0 = torch.ops.linmix.linear_scan_bwd(a, h, dh.to(a.dtype), h0, ctx.reverse)
+        with nvtx_range("linmix/linear_scan/bwd", a):
+            da, db, dh0 = torch.ops.linmix.linear_scan_bwd(a, h, dh.to(a.dtype), h0, ctx.reverse)
         return da, db, (dh0 if h0 is not None else None), None
 
 
