@@ -104,7 +104,9 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_linear_scan_bwd_kerne
     for (int k = 0; k < Traits::kItems; ++k) {
       const int64_t s = L - 1 - (c0 + warp * Traits::kItems + k);
       const bool ok = active && s >= 0;
-      r_a[k] = (ok && s + 1 < L) ? to_float(*btd_ptr<T>(p.a, bi, scan_time(s + 1, L, p.reverse), d)) : 0.f;
+      // Past the start (s < 0) the step must be the identity (a = 1, dh = 0) so the carry survives to dh0;
+      // at s = L - 1 there is no a_{s+1}, and the zero carry makes its coefficient irrelevant.
+      r_a[k] = !ok ? 1.f : (s + 1 < L ? to_float(*btd_ptr<T>(p.a, bi, scan_time(s + 1, L, p.reverse), d)) : 0.f);
       r_g[k] = ok ? to_float(*btd_ptr<T>(p.dh, bi, scan_time(s, L, p.reverse), d)) : 0.f;
     }
     block_chunk_scan<Traits>(r_a, r_g, carry, s_agg);
