@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 
 import torch
@@ -80,6 +81,12 @@ def runner(impl, x: dict, mode: str, grads) -> callable:
     return lambda: torch.autograd.grad(impl.fn(xg), leaves, gout)
 
 
+def nvtx_name(op: str, idx: int, mode: str, impl: str) -> str:
+    """The bench's NVTX range around one timed row, e.g. bench_chunk_gla_3_fwdbwd_linmix (no '/' or spaces:
+    ncu's --nvtx-include reads '/' as push/pop nesting)."""
+    return f"bench_{op}_{idx}_{mode.replace('+', '')}_" + re.sub(r"[^A-Za-z0-9]+", "_", impl).strip("_")
+
+
 def plan(args) -> list[tuple]:
     """(op, config index, config, impl, mode) for every timed row, in run order, and the skip lines."""
     work, skipped = [], []
@@ -128,7 +135,7 @@ def run(args, hw: dict) -> tuple[list[dict], list[str]]:
             if ckey not in checks:
                 checks[ckey] = check(op, impl, cfg, args.device)
             fn = runner(impl, x, mode, op.GRAD)
-            nvtx = torch.cuda.nvtx.range(f"bench/{op.NAME}/{impl.label}/{mode}/{idx}") if args.device == "cuda" else contextlib.nullcontext()
+            nvtx = torch.cuda.nvtx.range(nvtx_name(op.NAME, idx, mode, impl.label)) if args.device == "cuda" else contextlib.nullcontext()
             with nvtx:
                 ms, p20, p80 = timing.bench(fn, args.device, args.quick, args.reps)
             del fn
@@ -155,17 +162,22 @@ def run(args, hw: dict) -> tuple[list[dict], list[str]]:
 
 
 def profile_cmds(args) -> str:
+    """nsys and ncu command lines for one configuration, running the bench on just that row (linmix only)."""
     name = "chunk_gla" if args.op == "all" else args.op
     op, idx = OPS[name], args.config or 0
     cfgs = op.configs("cuda", args.quick)
     cfg = cfgs[idx]
-    one = f"python -m linmix.bench --device cuda --op {name} --only {idx} --reps 3 --impl linmix --no-plot --out /tmp/linmix-prof"
-    return "\n".join([
-        f"# {name} config {idx}: {shape_str(op, cfg)} {_dname(cfg['dtype'])} (of {len(cfgs)}; --config N picks another)",
-        f"nsys profile -t cuda,nvtx,osrt --cuda-graph-trace=node -o linmix_{name}_{idx} --force-overwrite true {one}",
-        f"ncu --kernel-name regex:{op.KERNELS} --nvtx --nvtx-include 'regex:linmix/{name}/.*/' --set full "
-        f"--import-source yes -o linmix_{name}_{idx} -f {one}",
-    ])
+    one = f"python -m linmix.bench --device cuda --op {name} --only {idx} --impl linmix --no-plot --out /tmp/linmix-prof"
+    lines = [
+        f"# {name} config {idx}: {shape_str(op, cfg)} {_dname(cfg['dtype'])} (of {len(cfgs)}: --config N picks another,"
+        f" --list shows them); kernels linmix_<op>_<phase>_kernel, op ranges linmix/<op>/fwd|bwd",
+        f"nsys profile -t cuda,nvtx,osrt -o linmix_{name}_{idx} --force-overwrite true {one} --reps 20",
+    ]
+    for mode in MODES:
+        rng = nvtx_name(name, idx, mode, "linmix")
+        lines.append(f"ncu --kernel-name regex:{op.KERNELS} --nvtx --nvtx-include '{rng}/' --set full --import-source yes "
+                     f"-o linmix_{name}_{idx}_{mode.replace('+', '')} -f {one} --mode {mode} --reps 1")
+    return "\n".join(lines)
 
 
 def default_out(device: str) -> str:
