@@ -40,8 +40,8 @@ def test_bench_linear_scan(tmp_path):
     with open(tmp_path / "bench_quick_linear_scan.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     if importlib.util.find_spec("matplotlib"):
-        assert (tmp_path / "linear_scan_ms_vs_T.png").stat().st_size > 1000
-        assert (tmp_path / "linear_scan_speedup.png").stat().st_size > 1000
+        assert (tmp_path / "linear_scan_ms_vs_T_quick.png").stat().st_size > 1000
+        assert (tmp_path / "linear_scan_speedup_quick.png").stat().st_size > 1000
 
 
 def test_bench_all_ops(tmp_path):

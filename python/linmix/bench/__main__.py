@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     files = report.write(out, meta, rows, skipped, tag)
     if not args.no_plot and rows:
         try:
-            files += report.plots(out, rows, f"{meta['device_name']}, linmix {meta['linmix_commit'] or meta['linmix_version']}")
+            files += report.plots(out, rows, f"{meta['device_name']}, linmix {meta['linmix_commit'] or meta['linmix_version']}", tag.split("_")[0])
         except ImportError:
             print("plots skipped: matplotlib is not installed (pip install matplotlib)")
     print("wrote " + ", ".join(files))

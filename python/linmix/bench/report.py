@@ -60,7 +60,7 @@ def write(out_dir: str, meta: dict, rows: list[dict], skipped: list[str], tag: s
     return [jpath, cpath]
 
 
-def plots(out_dir: str, rows: list[dict], title: str) -> list[str]:
+def plots(out_dir: str, rows: list[dict], title: str, tag: str) -> list[str]:
     """Per op: ms vs the swept length (one line per implementation, fwd and fwd+bwd side by side), and
     linmix's speed-up over each other implementation. Returns the files written ([] without matplotlib)."""
     import matplotlib
@@ -104,7 +104,7 @@ def plots(out_dir: str, rows: list[dict], title: str) -> list[str]:
             fig.suptitle(title, fontsize=9)
             fig.tight_layout()
             if drawn:
-                path = os.path.join(out_dir, f"{op}_{'ms_vs_T' if kind == 'ms' else 'speedup'}.png")
+                path = os.path.join(out_dir, f"{op}_{'ms_vs_T' if kind == 'ms' else 'speedup'}_{tag}.png")
                 fig.savefig(path, dpi=110)
                 written.append(path)
             plt.close(fig)
