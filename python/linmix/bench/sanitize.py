@@ -30,13 +30,29 @@ def _cases(dev: str, dt: torch.dtype):
             leaves = [u, delta, A, B, C, D, z, bias]
             yield (f"selective_scan L={L}",
                    lambda v=leaves: linmix.selective_scan(*v[:7], delta_bias=v[7], delta_softplus=True), leaves)
+            # grouped B, C (b, g, n, L), no D / z, a differentiable initial and final state
+            Bg, Cg, h0 = r(b_, 2, n, L), r(b_, 2, n, L), r(b_, d, n, fp32=True)
+
+            def grouped(v=(u, delta, A, Bg, Cg, h0)):
+                out, last = linmix.selective_scan(*v[:5], initial_state=v[5], return_final_state=True)
+                return out.float().sum() + last.sum()
+
+            yield f"selective_scan grouped+state L={L}", grouped, [u, delta, A, Bg, Cg, h0]
     if hasattr(linmix, "chunk_gla"):
         for T in (1, 37, 130):
             q, k, v = r(1, T, 2, 64), r(1, T, 2, 64), r(1, T, 2, 64)
             g = (F.logsigmoid(torch.randn(1, T, 2, 64, device=dev)) / 16).to(dt).requires_grad_()
+            s0 = r(1, 2, 64, 64, fp32=True)
             for fname in ("chunk_gla", "fused_recurrent_gla"):
                 if hasattr(linmix, fname):
-                    yield f"{fname} T={T}", lambda f=getattr(linmix, fname), x=(q, k, v, g): f(*x)[0], [q, k, v, g]
+                    f = getattr(linmix, fname)
+                    yield f"{fname} T={T}", lambda f=f, x=(q, k, v, g): f(*x)[0], [q, k, v, g]
+
+                    def with_state(f=f, x=(q, k, v, g), s0=s0):
+                        o, last = f(*x, initial_state=s0, output_final_state=True)
+                        return o.float().sum() + last.sum()
+
+                    yield f"{fname} state T={T}", with_state, [q, k, v, g, s0]
     if hasattr(linmix, "fixed_point_rnn"):
         for T in (1, 37, 300):
             u, lam = r(2, T, 48), torch.rand(2, T, 48, device=dev, dtype=dt).requires_grad_()
