@@ -95,7 +95,10 @@ def _fla(attr: str, device: str) -> Impl:
 
 def _ref_when(cfg: dict, device: str) -> str | None:
     limit = 2048 if device == "cuda" else 512
-    return f"float64 loop reference timed only at T <= {limit}" if cfg["T"] > limit else None
+    if cfg["T"] > limit:
+        return f"float64 loop reference timed only at T <= {limit}"
+    gb = cfg["B"] * cfg["T"] * cfg["H"] * cfg["K"] * cfg["V"] * 8 / 1e9  # autograd keeps every float64 state
+    return f"float64 loop reference would keep {gb:.0f} GB of states" if gb > 16 else None
 
 
 def _recurrent_when(cfg: dict, device: str) -> str | None:
