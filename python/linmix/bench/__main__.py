@@ -124,13 +124,13 @@ def run(args, hw: dict) -> tuple[list[dict], list[str]]:
         shape = shape_str(op, cfg)
         print(f"\r[{n + 1}/{len(work)}] {op.NAME} {impl.label} {mode} {shape}".ljust(100)[:100], file=sys.stderr,
               end="" if sys.stderr.isatty() else "\n", flush=True)
-        if inputs_key != (op.NAME, idx):
-            x = None
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
-            torch.manual_seed(idx)
-            x, inputs_key = op.make_inputs(cfg, args.device), (op.NAME, idx)
         try:
+            if inputs_key != (op.NAME, idx):
+                x, inputs_key = None, None
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+                torch.manual_seed(idx)
+                x, inputs_key = op.make_inputs(cfg, args.device), (op.NAME, idx)
             ckey = (op.NAME, impl.label, shape_str(op, op.small(cfg)), cfg["dtype"])
             if ckey not in checks:
                 checks[ckey] = check(op, impl, cfg, args.device)
