@@ -47,7 +47,8 @@ else
     SUMMARY+=("FAILED sanitize: compute-sanitizer not on PATH"); FAILED=1
 fi
 step bench "$PY" -m linmix.bench --device cuda --op all --out "$OUT_DIR/results"
-step profile_cmds "$PY" -m linmix.bench --profile-cmd --op chunk_gla
+profile_cmds() { for op in selective_scan chunk_gla fixed_point linear_scan; do "$PY" -m linmix.bench --profile-cmd --op "$op"; done; }
+step profile_cmds profile_cmds
 
 echo
 echo "== summary ($OUT_DIR)"
