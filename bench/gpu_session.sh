@@ -46,7 +46,7 @@ if [ -x "$SAN" ]; then
             --target-processes all "$PY" -m linmix.bench.sanitize
     done
 else
-    SUMMARY+=("FAILED sanitize: compute-sanitizer not on PATH"); FAILED=1
+    SUMMARY+=("FAILED sanitize: compute-sanitizer not found (PATH, $CUDA_HOME/bin)"); FAILED=1
 fi
 step bench "$PY" -m linmix.bench --device cuda --op all --out "$OUT_DIR/results"
 profile_cmds() { for op in selective_scan chunk_gla fixed_point linear_scan; do "$PY" -m linmix.bench --profile-cmd --op "$op"; done; }
