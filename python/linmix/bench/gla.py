@@ -1,0 +1,138 @@
+"""chunk_gla bench: gated linear attention, q, k, g (B, T, H, K), v (B, T, H, V), against flash-linear-attention's
+Triton kernels and causal softmax attention through SDPA (flash and cuDNN backends) at the same B, T, H, D."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+import linmix.reference as R
+
+from .baselines import Impl, linmix_impl, optional, sdpa_impls
+
+NAME = "chunk_gla"
+KERNELS = "linmix_.*gla"
+SHAPE = ("B", "T", "H", "K", "V")
+SWEEP = "T"
+GRAD = ("q", "k", "v", "g")
+CHECK_GRAD = True
+CHUNK = 64  # the chunk size the floor's flop count assumes (DESIGN.md section 3)
+
+
+def missing() -> str | None:
+    return None if hasattr(R, "gla_ref") else "linmix.reference has no gla_ref (op not merged in this checkout)"
+
+
+def _cfg(B, T, H, D, dtype, in_sweep=False):
+    return dict(B=B, T=T, H=H, K=D, V=D, dtype=dtype, in_sweep=in_sweep)
+
+
+def configs(device: str, quick: bool) -> list[dict]:
+    if device == "cuda":
+        bf = torch.bfloat16
+        fixed = [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 2048, 16, 128), (4, 4096, 64, 128), (8, 2048, 32, 256), (8, 1024, 8, 64)]
+        Ts = [2048, 8192] if quick else [1024, 2048, 4096, 8192, 16384, 32768]
+        fixed = fixed[2:3] if quick else fixed
+        # T sweep at H * D = 2048 with 16K tokens per batch (B = 16384 / T, at least 1)
+        return [_cfg(*s, bf) for s in fixed] + [_cfg(max(1, 16384 // T), T, 16, 128, bf, True) for T in Ts]
+    Ts = [128, 512] if quick else [256, 1024, 2048]
+    return [_cfg(1, T, 2, 64, torch.float32, True) for T in Ts]
+
+
+def small(cfg: dict) -> dict:
+    return dict(cfg, B=1, T=min(cfg["T"], 150), H=min(cfg["H"], 2))
+
+
+def make_inputs(cfg: dict, device: str) -> dict:
+    B, T, H, K, V, dt = cfg["B"], cfg["T"], cfg["H"], cfg["K"], cfg["V"], cfg["dtype"]
+    x = {n: torch.randn(B, T, H, K, device=device).to(dt) for n in ("q", "k")}
+    x["v"] = torch.randn(B, T, H, V, device=device).to(dt)
+    # GLA's gate: logsigmoid(x) / 16 (its gate-logit normaliser), a log forget gate <= 0
+    x["g"] = (F.logsigmoid(torch.randn(B, T, H, K, device=device)) / 16).to(dt)
+    return x
+
+
+def reference(x: dict) -> torch.Tensor:
+    return R.gla_ref(x["q"], x["k"], x["v"], x["g"])[0]
+
+
+def gla_torch(q, k, v, g, chunk: int = 64) -> torch.Tensor:
+    """Chunked GLA in plain fp32 PyTorch: intra-chunk scores as matmuls of gate-rescaled q and k (exact while a
+    chunk's gate sum stays above about -80, as it does for the bench inputs), a loop over chunks for the state."""
+    dtype, (B, T, H, K), V = q.dtype, q.shape, v.shape[-1]
+    pad = (-T) % chunk
+    N = (T + pad) // chunk
+
+    def blocks(t):  # (B, T, H, X) -> (B, H, N, C, X), zero-padded: k = 0, g = 0 add nothing
+        return F.pad(t.float(), (0, 0, 0, 0, 0, pad)).view(B, N, chunk, H, -1).permute(0, 3, 1, 2, 4)
+
+    q, k, v, g = blocks(q) * K**-0.5, blocks(k), blocks(v), blocks(g)
+    G = g.cumsum(3)  # (B, H, N, C, K) log decay from the chunk start, inclusive
+    qg, kg = q * G.exp(), k * (-G).exp()
+    mask = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    o = (qg @ kg.transpose(-1, -2)).masked_fill(~mask, 0) @ v  # (B, H, N, C, V)
+    last = G[:, :, :, -1:]  # (B, H, N, 1, K)
+    dS = (k * (last - G).exp()).transpose(-1, -2) @ v  # (B, H, N, K, V): a chunk's own contribution
+    decay = last.squeeze(3).exp().unsqueeze(-1)  # (B, H, N, K, 1)
+    S, states = q.new_zeros(B, H, K, V), []
+    for n in range(N):
+        states.append(S)
+        S = decay[:, :, n] * S + dS[:, :, n]
+    o = o + qg @ torch.stack(states, dim=2)
+    return o.permute(0, 2, 3, 1, 4).reshape(B, N * chunk, H, V)[:, :T].to(dtype)
+
+
+def _fla(attr: str, device: str) -> Impl:
+    fn, why = optional("fla.ops.gla", attr)
+    if fn is None or device != "cuda":
+        return Impl(f"fla {attr}", skip=why or "flash-linear-attention is Triton: CUDA only")
+    # (B, T, H, K) is fla's default layout; older releases take head_first and default it to True
+    kw = {"head_first": False} if "head_first" in inspect.signature(fn).parameters else {}
+    return Impl(f"fla {attr}", lambda x: fn(x["q"], x["k"], x["v"], x["g"], **kw)[0])
+
+
+def _ref_when(cfg: dict, device: str) -> str | None:
+    limit = 2048 if device == "cuda" else 512
+    if cfg["T"] > limit:
+        return f"float64 loop reference timed only at T <= {limit}"
+    gb = cfg["B"] * cfg["T"] * cfg["H"] * cfg["K"] * cfg["V"] * 8 / 1e9  # autograd keeps every float64 state
+    return f"float64 loop reference would keep {gb:.0f} GB of states" if gb > 16 else None
+
+
+def _recurrent_when(cfg: dict, device: str) -> str | None:
+    return "fused_recurrent timed only at T <= 8192" if cfg["T"] > 8192 else None
+
+
+def impls(device: str) -> list[Impl]:
+    return [
+        linmix_impl("linmix", "chunk_gla", lambda f, x: f(x["q"], x["k"], x["v"], x["g"])[0]),
+        linmix_impl("linmix fused_recurrent_gla", "fused_recurrent_gla", lambda f, x: f(x["q"], x["k"], x["v"], x["g"])[0],
+                    when=_recurrent_when),
+        _fla("chunk_gla", device),
+        _fla("fused_recurrent_gla", device),
+        *sdpa_impls(device),
+        Impl("torch chunked (fp32)", lambda x: gla_torch(x["q"], x["k"], x["v"], x["g"])),
+        Impl("torch reference (float64 loop)", lambda x: reference(x).to(x["q"].dtype), when=_ref_when),
+    ]
+
+
+def tokens(cfg: dict) -> int:
+    return cfg["B"] * cfg["T"]
+
+
+def cost(cfg: dict, mode: str) -> dict:
+    """Per token and head, chunk C = 64. fwd: read q, k, g (K each) and v (V), write o (V); matmul flops
+    C (K + V) (causal half of the intra-chunk scores and values) + 4 K V (q S and the state update);
+    2 K exponentials (gate rescaling of q and k). bwd: read q, k, g, v, do, write dq, dk, dg, dv; matmul flops
+    2 x forward + 2 K V (recomputed states); 4 K exponentials."""
+    BTH, K, V, s, C = cfg["B"] * cfg["T"] * cfg["H"], cfg["K"], cfg["V"], cfg["dtype"].itemsize, CHUNK
+    fwd = {"bytes": BTH * (3 * K + 2 * V) * s, "tc_flops": BTH * (C * (K + V) + 4 * K * V), "sfu": 2 * BTH * K}
+    if mode == "fwd":
+        return fwd
+    return {
+        "bytes": fwd["bytes"] + BTH * (6 * K + 3 * V) * s,
+        "tc_flops": 3 * fwd["tc_flops"] + 2 * BTH * K * V,
+        "sfu": 3 * fwd["sfu"],
+    }

@@ -1,0 +1,60 @@
+"""Smoke tests of `python -m linmix.bench`: it runs, writes plausible JSON/CSV/PNG, and its checks pass."""
+
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+
+from linmix.bench.__main__ import main
+
+
+def _run(tmp_path, *args):
+    cmd = [sys.executable, "-m", "linmix.bench", "--device", "cpu", "--quick", "--threads", "1", "--out", str(tmp_path), *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout
+
+
+def _rows(path):
+    data = json.loads(path.read_text())
+    assert data["env"]["torch"] and data["env"]["linmix_version"] and data["env"]["hardware"]["bytes_per_s"] > 0
+    return data["rows"], data["skipped"]
+
+
+def test_bench_linear_scan(tmp_path):
+    out = _run(tmp_path, "--op", "linear_scan")
+    assert "linear_scan" in out and "wrote" in out
+    rows, _ = _rows(tmp_path / "bench_quick_linear_scan.json")
+    impls = {r["impl"] for r in rows}
+    assert {"linmix", "torch (doubling scan, fp32)"} <= impls
+    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+    for r in rows:
+        assert 0 < r["p20"] <= r["ms"] <= r["p80"], r
+        assert r["check"] == "pass" and r["rel_err"] < 1e-4, r
+        assert r["gb_per_s"] > 0 and r["tokens_per_s"] > 0 and r["floor_ms"] > 0
+    linmix_rows = [r for r in rows if r["impl"] == "linmix"]
+    assert all(r["linmix_speedup"] == 1.0 for r in linmix_rows)
+    with open(tmp_path / "bench_quick_linear_scan.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "linear_scan_ms_vs_T_quick.png").stat().st_size > 1000
+        assert (tmp_path / "linear_scan_speedup_quick.png").stat().st_size > 1000
+
+
+def test_bench_all_ops(tmp_path):
+    _run(tmp_path, "--op", "all", "--no-plot")
+    rows, skipped = _rows(tmp_path / "bench_quick.json")
+    ops = {r["op"] for r in rows}
+    # every op either ran or is skipped with its reason
+    for op in ("linear_scan", "selective_scan", "chunk_gla", "fixed_point"):
+        assert op in ops or any(s.startswith(op) for s in skipped), op
+    assert all(r["check"].startswith("pass") for r in rows)
+
+
+def test_list_and_profile_cmd(capsys):
+    assert main(["--list", "--op", "linear_scan", "--device", "cpu"]) == 0
+    assert "linear_scan 0: B=" in capsys.readouterr().out
+    assert main(["--profile-cmd", "--op", "chunk_gla", "--config", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "nsys profile" in out and "ncu --kernel-name regex:linmix_" in out and "--only 2" in out
