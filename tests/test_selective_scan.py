@@ -123,9 +123,8 @@ def test_gradcheck():
         assert torch.autograd.gradcheck(f, [args[k] for k in names])
 
 
-def lowp_torch(args, softplus, dtype):
-    """PyTorch's own computation in the low-precision dtype: the reference loop with every tensor in dtype."""
-    x = {k: (v.detach().to(dtype) if v is not None else None) for k, v in args.items()}
+def lowp_torch(x, softplus):
+    """PyTorch's own computation in a low-precision dtype: the reference loop with every tensor in that dtype."""
     u, delta, A = x["u"], x["delta"], x["A"]
     if x["delta_bias"] is not None:
         delta = delta + x["delta_bias"][:, None]
@@ -135,12 +134,13 @@ def lowp_torch(args, softplus, dtype):
     Bs = [X if X.dim() == 2 else X.unsqueeze(1) if X.dim() == 3 else X for X in (x["B"], x["C"])]
     Bs = [X if X.dim() == 2 else X.repeat_interleave(d // X.shape[1], dim=1) for X in Bs]
     h = x["initial_state"] if x["initial_state"] is not None else u.new_zeros((u.shape[0], d, A.shape[1]))
+    us, deltas = u.unbind(-1), delta.unbind(-1)
+    Bt, Ct = ([X] * u.shape[2] if X.dim() == 2 else X.unbind(-1) for X in Bs)
     ys = []
     for t in range(u.shape[2]):
-        dt = delta[:, :, t, None]
-        Bt, Ct = (X if X.dim() == 2 else X[..., t] for X in Bs)
-        h = torch.exp(dt * A) * h + dt * Bt * u[:, :, t, None]
-        ys.append((h * Ct).sum(-1))
+        dt = deltas[t][..., None]
+        h = torch.exp(dt * A) * h + dt * Bt[t] * us[t][..., None]
+        ys.append((h * Ct[t]).sum(-1))
     y = torch.stack(ys, -1)
     if x["D"] is not None:
         y = y + x["D"][:, None] * u
@@ -151,11 +151,20 @@ def lowp_torch(args, softplus, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision(device, dtype):
     torch.manual_seed(0)
-    args, sp = make(2, 64, CHUNK + 77, 16, dtype, device, **FLAG_SETS["mamba"], requires_grad=False)
-    args["B"] = args["B"][:, 0]  # mamba's (b, n, L)
+    args, sp = make(2, 16, CHUNK + 77, 16, dtype, device, **FLAG_SETS["mamba"])
+    args["B"] = args["B"][:, 0].detach().requires_grad_()  # mamba's (b, n, L)
+    names = [k for k in NAMES if args[k] is not None]
+    low = {k: (v.detach().to(dtype).requires_grad_() if v is not None else None) for k, v in args.items()}
     out = linmix.selective_scan(**args, delta_softplus=sp)
     ref = selective_scan_ref(**args, delta_softplus=sp)
-    low_precision_close(out, ref, lowp_torch(args, sp, dtype))
+    out_pt = lowp_torch(low, sp)
+    low_precision_close(out, ref, out_pt)
+    dout = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [args[k] for k in names], dout.to(dtype))
+    want = torch.autograd.grad(ref, [args[k] for k in names], dout)
+    base = torch.autograd.grad(out_pt, [low[k] for k in names], dout.to(dtype))
+    for name, g, w, p in zip(names, got, want, base):
+        low_precision_close(g, w, p, atol=1e-3 * max(1.0, w.abs().max().item()))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -178,11 +187,21 @@ def test_non_contiguous(device):
     nc = dict(args)
     nc["u"] = torch.randn(2, 4, 60, device=device)[..., ::2]
     nc["delta"] = args["delta"].transpose(0, 1).contiguous().transpose(0, 1)
-    nc["B"] = args["B"].transpose(0, 2).contiguous().transpose(0, 2)
+    nc["B"] = args["B"].transpose(0, 1).contiguous().transpose(0, 1)  # (b, n, L), batch and state strides swapped
+    nc["C"] = args["C"].transpose(1, 2).contiguous().transpose(1, 2)  # (b, g, n, L), group and state swapped
+    nc["z"] = torch.randn(2, 4, 90, device=device)[..., ::3]
     nc["A"] = args["A"].t().contiguous().t()
-    contig = dict(nc, u=nc["u"].contiguous())
-    torch.testing.assert_close(linmix.selective_scan(**nc, delta_softplus=sp),
-                               linmix.selective_scan(**contig, delta_softplus=sp))
+    contig = {k: (v.contiguous() if v is not None else None) for k, v in nc.items()}
+    outs, grads = [], []
+    for a in (nc, contig):
+        a = {k: (v.detach().requires_grad_() if v is not None else None) for k, v in a.items()}
+        out = linmix.selective_scan(**a, delta_softplus=sp)
+        out.backward(torch.ones_like(out))
+        outs.append(out)
+        grads.append([a[k].grad for k in NAMES])
+    torch.testing.assert_close(outs[0], outs[1])
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1)
 
 
 @pytest.mark.parametrize("device", DEVICES)

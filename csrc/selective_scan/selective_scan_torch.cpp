@@ -160,8 +160,9 @@ BwdResult selective_scan_bwd(const at::Tensor& u_in, const at::Tensor& delta_in,
   check_opt(dfinal_in, "dfinal_state", u_in, {b, d, n}, "(b, d, n)", false);
 
   const at::Tensor u = last_dim_contiguous(u_in), delta = last_dim_contiguous(delta_in), A = A_in.contiguous();
-  const at::Tensor B = B_in.dim() == 4 ? last_dim_contiguous(B_in) : B_in;
-  const at::Tensor C = C_in.dim() == 4 ? last_dim_contiguous(C_in) : C_in;
+  // Variable B/C contiguous: the kernels address their fp32 gradient buffers (contiguous) with B/C's offsets.
+  const at::Tensor B = B_in.dim() == 4 ? B_in.contiguous() : B_in;
+  const at::Tensor C = C_in.dim() == 4 ? C_in.contiguous() : C_in;
   const OptTensor D = opt_map(D_in, contiguous), z = opt_map(z_in, last_dim_contiguous);
   const OptTensor delta_bias = opt_map(delta_bias_in, contiguous), h0 = opt_map(initial_state_in, contiguous);
   const at::Tensor ckpt = checkpoints_in.contiguous(), dout = last_dim_contiguous(dout_in);
