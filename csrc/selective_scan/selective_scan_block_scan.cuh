@@ -3,6 +3,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include "common/cuda_check.h"
 #include "common/dtype.h"
 #include "common/math.h"
@@ -68,7 +70,6 @@ template <typename T>
 struct BCRow {
   const T* row = nullptr;
   float fixed = 0.f;
-  __device__ __forceinline__ float at(int64_t t) const { return row ? to_float(row[t]) : fixed; }
 };
 
 template <typename T>
@@ -90,6 +91,58 @@ __device__ __forceinline__ const T* bdl_row(const BDLView& v, int64_t b, int64_t
 template <typename T>
 __device__ __forceinline__ T* bdl_row_mut(const BDLView& v, int64_t b, int64_t d) {
   return static_cast<T*>(v.ptr) + b * v.batch_stride + d * v.dim_stride;
+}
+
+// A thread's kItems consecutive elements starting at p (n_valid of them in range, possibly <= 0) as fp32,
+// `fill` past the end. Whole in-range, 16-byte aligned runs use 128-bit loads (rows are unit-stride in
+// time, and t0 is a multiple of kItems, so this is the common case for aligned rows).
+template <int kItems, typename T>
+__device__ __forceinline__ void load_items(const T* p, int64_t n_valid, float (&r)[kItems], float fill) {
+  constexpr int kVecs = kItems * int(sizeof(T)) / 16;
+  if (kVecs * 16 == kItems * int(sizeof(T)) && n_valid >= kItems && reinterpret_cast<uintptr_t>(p) % 16 == 0) {
+    union {
+      uint4 v[kVecs > 0 ? kVecs : 1];
+      T e[kItems];
+    } buf;
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) buf.v[i] = reinterpret_cast<const uint4*>(p)[i];
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) r[k] = to_float(buf.e[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) r[k] = k < n_valid ? to_float(p[k]) : fill;
+  }
+}
+
+// Stores the first min(n_valid, kItems) of r at p, with 128-bit stores when the run is whole and aligned.
+template <int kItems, typename T>
+__device__ __forceinline__ void store_items(T* p, int64_t n_valid, const float (&r)[kItems]) {
+  constexpr int kVecs = kItems * int(sizeof(T)) / 16;
+  if (kVecs * 16 == kItems * int(sizeof(T)) && n_valid >= kItems && reinterpret_cast<uintptr_t>(p) % 16 == 0) {
+    union {
+      uint4 v[kVecs > 0 ? kVecs : 1];
+      T e[kItems];
+    } buf;
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) buf.e[k] = from_float<T>(r[k]);
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) reinterpret_cast<uint4*>(p)[i] = buf.v[i];
+  } else {
+#pragma unroll
+    for (int k = 0; k < kItems; ++k)
+      if (k < n_valid) p[k] = from_float<T>(r[k]);
+  }
+}
+
+// B or C at this thread's items: the variable row's values, or the fixed value repeated (0 past the end).
+template <int kItems, typename T>
+__device__ __forceinline__ void load_bc_items(const BCRow<T>& bc, int64_t t0, int64_t L, float (&r)[kItems]) {
+  if (bc.row) {
+    load_items<kItems>(bc.row + t0, L - t0, r, 0.f);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) r[k] = t0 + k < L ? bc.fixed : 0.f;
+  }
 }
 
 using SelectiveScanDefaultTraits = SelectiveScanTraits<128, 8>;

@@ -42,21 +42,32 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_bwd_ke
   const float* ckpt = static_cast<const float*>(p.checkpoints) + bd * p.n_chunks * N;  // (n_chunks, n)
   const float* h_init = p.initial_state ? static_cast<const float*>(p.initial_state) + bdn : nullptr;
 
-  for (int64_t n = tid; n < N; n += Traits::kThreads) s_s[n] = p.dfinal ? static_cast<const float*>(p.dfinal)[bdn + n] : 0.f;
+  for (int64_t n = tid; n < N; n += Traits::kThreads)
+    s_s[n] = p.dfinal ? static_cast<const float*>(p.dfinal)[bdn + n] : 0.f;
   for (int64_t i = tid; i < 3 * kNWarps * N; i += Traits::kThreads) s_part[i] = 0.f;
   __syncthreads();
   float r_dD = 0.f, r_dbias = 0.f;
   int buf = 0;
   for (int64_t c = p.n_chunks - 1; c >= 0; --c) {
     const int64_t t0 = c * Traits::kChunk + int64_t(tid) * kItems;
-    float r_u[kItems], r_dl[kItems], r_dy[kItems], r_y[kItems], r_du[kItems], r_ddl[kItems];
+    const int64_t n_valid = L - t0;  // items of this thread inside the sequence (may be <= 0)
+    float r_u[kItems], r_raw[kItems], r_dl[kItems], r_dout[kItems], r_dy[kItems], r_y[kItems], r_du[kItems],
+        r_ddl[kItems];
+    load_items<kItems>(u + t0, n_valid, r_u, 0.f);
+    load_items<kItems>(delta + t0, n_valid, r_raw, 0.f);
+    load_items<kItems>(dout + t0, n_valid, r_dout, 0.f);
+    if (z) {
+      float r_z[kItems];
+      load_items<kItems>(z + t0, n_valid, r_z, 0.f);
+#pragma unroll
+      for (int k = 0; k < kItems; ++k) r_dy[k] = ss_gate_dy(r_dout[k], r_z[k]);  // 0 past the end (dout = 0)
+    } else {
+#pragma unroll
+      for (int k = 0; k < kItems; ++k) r_dy[k] = r_dout[k];
+    }
 #pragma unroll
     for (int k = 0; k < kItems; ++k) {
-      const bool ok = t0 + k < L;
-      r_u[k] = ok ? to_float(u[t0 + k]) : 0.f;
-      r_dl[k] = ok ? ss_delta(to_float(delta[t0 + k]), bias, p.delta_softplus) : 0.f;
-      const float g_out = ok ? to_float(dout[t0 + k]) : 0.f;
-      r_dy[k] = z && ok ? ss_gate_dy(g_out, to_float(z[t0 + k])) : g_out;
+      r_dl[k] = k < n_valid ? ss_delta(r_raw[k], bias, p.delta_softplus) : 0.f;
       r_y[k] = Dv * r_u[k];
       r_du[k] = r_dy[k] * Dv;
       r_ddl[k] = 0.f;
@@ -69,13 +80,13 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_bwd_ke
       const float s_end = s_s[n];
       // Recompute the states: r_hp[k] = h before step k, r_a[k] = exp(δA), r_b / r_c = B, C at step k.
       float r_a[kItems], r_hp[kItems], r_b[kItems], r_c[kItems];
+      load_bc_items<kItems>(Brow, t0, L, r_b);
+      load_bc_items<kItems>(Crow, t0, L, r_c);
       ScanPair<float> agg{1.f, 0.f};
 #pragma unroll
       for (int k = 0; k < kItems; ++k) {
-        const bool ok = t0 + k < L;
-        r_b[k] = ok ? Brow.at(t0 + k) : 0.f;
-        r_c[k] = ok ? Crow.at(t0 + k) : 0.f;
-        const ScanPair<float> st = ok ? ss_forward_pair(r_dl[k], coef, r_b[k], r_dl[k] * r_u[k]) : ScanPair<float>{1.f, 0.f};
+        const ScanPair<float> st =
+            k < n_valid ? ss_forward_pair(r_dl[k], coef, r_b[k], r_dl[k] * r_u[k]) : ScanPair<float>{1.f, 0.f};
         r_a[k] = st.a;
         agg = scan_combine(agg, st);
       }
@@ -98,7 +109,7 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_bwd_ke
       for (int k = kItems - 1; k >= 0; --k) {
         const float g = r_c[k] * r_dy[k] + s;  // dL/dh_t
         s = r_a[k] * g;
-        if (t0 + k >= L) continue;
+        if (k >= n_valid) continue;
         const SSStepGrad<float> gr = ss_step_grad(g, r_hp[k], r_a[k], r_dl[k], An, r_b[k], r_u[k]);
         const float dc = r_dy[k] * scan_step(r_a[k], r_hp[k], r_b[k] * r_dl[k] * r_u[k]);
         r_du[k] += gr.du;
@@ -123,15 +134,20 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_bwd_ke
         s_part[(warp * 3 + 2) * N + n] += dC;
       }
     }
+    if (z) {
+      float r_z[kItems], r_dz[kItems];
+      load_items<kItems>(z + t0, n_valid, r_z, 0.f);
+#pragma unroll
+      for (int k = 0; k < kItems; ++k) r_dz[k] = ss_gate_dz(r_dout[k], r_y[k], r_z[k]);
+      store_items<kItems>(dz_out + t0, n_valid, r_dz);
+    }
 #pragma unroll
     for (int k = 0; k < kItems; ++k) {
-      if (t0 + k >= L) break;
-      if (z) dz_out[t0 + k] = from_float<T>(ss_gate_dz(to_float(dout[t0 + k]), r_y[k], to_float(z[t0 + k])));
-      const float dd = r_ddl[k] * ss_delta_grad(to_float(delta[t0 + k]), bias, p.delta_softplus);
-      r_dbias += dd;
-      ddelta_out[t0 + k] = from_float<T>(dd);
-      du_out[t0 + k] = from_float<T>(r_du[k]);
+      r_ddl[k] = k < n_valid ? r_ddl[k] * ss_delta_grad(r_raw[k], bias, p.delta_softplus) : 0.f;
+      r_dbias += r_ddl[k];
     }
+    store_items<kItems>(ddelta_out + t0, n_valid, r_ddl);
+    store_items<kItems>(du_out + t0, n_valid, r_du);
     __syncthreads();  // s_s written above is read by the next chunk
   }
   r_dD = warp_sum(r_dD), r_dbias = warp_sum(r_dbias);

@@ -36,24 +36,27 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_fwd_ke
   int buf = 0;
   for (int64_t c = 0; c < p.n_chunks; ++c) {
     const int64_t t0 = c * Traits::kChunk + int64_t(tid) * kItems;  // this thread's first step
-    float r_dl[kItems], r_dlu[kItems], r_y[kItems];
+    const int64_t n_valid = L - t0;  // items of this thread inside the sequence (may be <= 0)
+    float r_dl[kItems], r_dlu[kItems], r_y[kItems], r_u[kItems];
+    load_items<kItems>(u + t0, n_valid, r_u, 0.f);
+    load_items<kItems>(delta + t0, n_valid, r_dl, 0.f);
 #pragma unroll
     for (int k = 0; k < kItems; ++k) {
-      const bool ok = t0 + k < L;
-      const float uv = ok ? to_float(u[t0 + k]) : 0.f;
-      r_dl[k] = ok ? ss_delta(to_float(delta[t0 + k]), bias, p.delta_softplus) : 0.f;
-      r_dlu[k] = r_dl[k] * uv;
-      r_y[k] = Dv * uv;
+      r_dl[k] = k < n_valid ? ss_delta(r_dl[k], bias, p.delta_softplus) : 0.f;
+      r_dlu[k] = r_dl[k] * r_u[k];
+      r_y[k] = Dv * r_u[k];
     }
     for (int64_t n = 0; n < N; ++n) {
       const float coef = ss_decay_coef(A[n]);
-      const BCRow<T> Brow = bc_row<T>(p.B, bi, di, n, p.dim), Crow = bc_row<T>(p.C, bi, di, n, p.dim);
       const float carry = s_h[n];
+      float r_b[kItems], r_c[kItems];
+      load_bc_items<kItems>(bc_row<T>(p.B, bi, di, n, p.dim), t0, L, r_b);
+      load_bc_items<kItems>(bc_row<T>(p.C, bi, di, n, p.dim), t0, L, r_c);
       ScanPair<float> r_p[kItems], agg{1.f, 0.f};
 #pragma unroll
       for (int k = 0; k < kItems; ++k) {
         // steps past L are the identity, so the last thread's state is exactly the state after step L-1
-        r_p[k] = t0 + k < L ? ss_forward_pair(r_dl[k], coef, Brow.at(t0 + k), r_dlu[k]) : ScanPair<float>{1.f, 0.f};
+        r_p[k] = k < n_valid ? ss_forward_pair(r_dl[k], coef, r_b[k], r_dlu[k]) : ScanPair<float>{1.f, 0.f};
         agg = scan_combine(agg, r_p[k]);
       }
       float h = block_scan_carry_in<kNWarps, false>(agg, carry, s_warp + buf * kNWarps);
@@ -61,18 +64,20 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_fwd_ke
 #pragma unroll
       for (int k = 0; k < kItems; ++k) {
         h = scan_step(r_p[k].a, h, r_p[k].b);
-        if (t0 + k < L) r_y[k] += Crow.at(t0 + k) * h;
+        r_y[k] += r_c[k] * h;  // r_c is 0 past the end
       }
       if (tid == Traits::kThreads - 1) {  // every thread read s_h[n] before the scan's barrier
         s_h[n] = h;
         ckpt[c * N + n] = h;
       }
     }
+    if (z) {
+      float r_z[kItems];
+      load_items<kItems>(z + t0, n_valid, r_z, 0.f);
 #pragma unroll
-    for (int k = 0; k < kItems; ++k) {
-      if (t0 + k >= L) break;
-      out[t0 + k] = from_float<T>(z ? r_y[k] * silu(to_float(z[t0 + k])) : r_y[k]);
+      for (int k = 0; k < kItems; ++k) r_y[k] *= silu(r_z[k]);
     }
+    store_items<kItems>(out + t0, n_valid, r_y);
     __syncthreads();  // s_h written above is read by the next chunk (no scan barrier in between when n = 1)
   }
   for (int64_t n = tid; n < N; n += Traits::kThreads) static_cast<float*>(p.final_state)[bdn + n] = s_h[n];
