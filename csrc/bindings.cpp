@@ -7,6 +7,14 @@ TORCH_LIBRARY(linmix, m) {
   // linear_scan: h_t = a_t h_{t-1} + b_t, (B, T, D) channel-last
   m.def("linear_scan_fwd(Tensor a, Tensor b, Tensor? h0, bool reverse) -> Tensor");
   m.def("linear_scan_bwd(Tensor a, Tensor h, Tensor dh, Tensor? h0, bool reverse) -> (Tensor, Tensor, Tensor)");
+  // selective_scan (Mamba-1 S6): u, delta, z (b, d, L); A (d, n); B, C (d, n) or (b, g, n, L)
+  m.def("selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? delta_bias, Tensor? initial_state, bool delta_softplus) -> (Tensor out, Tensor checkpoints, "
+        "Tensor final_state)");
+  m.def("selective_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? delta_bias, Tensor? initial_state, Tensor checkpoints, Tensor dout, Tensor? dfinal_state, "
+        "bool delta_softplus) -> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, "
+        "Tensor ddelta_bias, Tensor dinitial_state)");
 }
 
 #ifndef LINMIX_CUDA_VERSION

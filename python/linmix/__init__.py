@@ -2,7 +2,8 @@
 
 from ._native import build_info
 from .ops.linear_scan import linear_scan
+from .ops.selective_scan import selective_scan, selective_scan_fn
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "linear_scan"]
+__all__ = ["build_info", "linear_scan", "selective_scan", "selective_scan_fn"]

@@ -1,0 +1,6 @@
+// One dtype x direction per file so ninja compiles them in parallel.
+#include "selective_scan/selective_scan_bwd_kernel.cuh"
+
+namespace linmix {
+template void selective_scan_bwd_cuda<DType::kFloat32>(const SelectiveScanParams&, cudaStream_t);
+}  // namespace linmix

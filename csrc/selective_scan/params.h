@@ -1,0 +1,62 @@
+// selective_scan (Mamba-1 S6): the torch-free interface between the glue and the kernels.
+#pragma once
+
+#include <cstdint>
+
+namespace linmix {
+
+// Time steps per state checkpoint. Forward stores the fp32 state at the end of every chunk
+// (b, d, n_chunks, n); backward walks chunks in reverse and recomputes the states inside one.
+// The CUDA kernels process exactly one chunk per block iteration (kThreads x kItems), and the
+// Python fake kernel sizes the checkpoint tensor with the same number (ops/selective_scan.py).
+constexpr int64_t kSelectiveScanChunk = 1024;
+
+// A (b, d, L) tensor with unit stride along L; element strides for b and d (64-bit).
+struct BDLView {
+  void* ptr = nullptr;
+  int64_t batch_stride = 0;
+  int64_t dim_stride = 0;
+};
+
+// B or C. Fixed: (d, n), element strides dim_stride / n_stride, accumulation dtype.
+// Variable: (b, g, n, L), unit stride along L, input dtype; channel i uses group i / (d / g).
+struct BCView {
+  void* ptr = nullptr;
+  bool variable = false;
+  int64_t n_groups = 1;
+  int64_t batch_stride = 0, group_stride = 0, dim_stride = 0, n_stride = 0;
+};
+
+struct SelectiveScanParams {
+  int64_t batch = 0, dim = 0, seqlen = 0, dstate = 0, n_chunks = 0;
+  bool delta_softplus = false;
+
+  BDLView u, delta, z;        // (b, d, L) inputs, input dtype; z.ptr null when absent
+  BCView B, C;
+  // Accumulation dtype (fp32; fp64 for the CPU-only fp64 path), contiguous:
+  const void* A = nullptr;              // (d, n)
+  const void* D = nullptr;              // (d,) or null
+  const void* delta_bias = nullptr;     // (d,) or null
+  const void* initial_state = nullptr;  // (b, d, n) or null (zeros)
+  void* checkpoints = nullptr;          // (b, d, n_chunks, n): state after each chunk's last step
+
+  // forward outputs
+  BDLView out;               // (b, d, L), input dtype, contiguous
+  void* final_state = nullptr;  // (b, d, n), accumulation dtype
+
+  // backward inputs
+  BDLView dout;                  // (b, d, L), input dtype
+  const void* dfinal = nullptr;  // (b, d, n) accumulation dtype, or null
+  // backward outputs (accumulation dtype unless noted)
+  BDLView du, ddelta, dz;  // (b, d, L), input dtype, contiguous; dz.ptr null when z is absent
+  // Variable B/C: (b, g, n, L) contiguous, zero-initialised, summed over the channels of a group.
+  // Fixed B/C: per-(batch, channel) partials (b, d, n), summed over batch by the glue.
+  void* dB = nullptr;
+  void* dC = nullptr;
+  void* dA_part = nullptr;      // (b, d, n) partials, summed over batch by the glue
+  void* dD_part = nullptr;      // (b, d) partials
+  void* ddelta_bias_part = nullptr;  // (b, d) partials
+  void* dinitial_state = nullptr;    // (b, d, n)
+};
+
+}  // namespace linmix

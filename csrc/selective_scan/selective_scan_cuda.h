@@ -1,0 +1,12 @@
+// Declarations of the CUDA launchers (defined in instantiate/*.cu), torch-free.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "common/dtype.h"
+#include "selective_scan/params.h"
+
+namespace linmix {
+template <DType dt> void selective_scan_fwd_cuda(const SelectiveScanParams& p, cudaStream_t stream);
+template <DType dt> void selective_scan_bwd_cuda(const SelectiveScanParams& p, cudaStream_t stream);
+}  // namespace linmix

@@ -1,0 +1,218 @@
+// Torch glue for selective_scan: input checks, output allocation, params, dispatch to CPU or CUDA.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/static_switch.h"
+#include "common/torch_stream.h"
+#include "selective_scan/params.h"
+#include "selective_scan/selective_scan_cpu.h"
+#ifdef LINMIX_WITH_CUDA
+#include "selective_scan/selective_scan_cuda.h"
+#endif
+
+namespace linmix {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+at::ScalarType acc_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+BDLView bdl_view(const at::Tensor& t) { return BDLView{t.data_ptr(), t.stride(0), t.stride(1)}; }
+
+BDLView opt_bdl_view(const OptTensor& t) { return t ? bdl_view(*t) : BDLView{}; }
+
+const void* opt_ptr(const OptTensor& t) { return t ? t->data_ptr() : nullptr; }
+
+OptTensor opt_map(const OptTensor& t, at::Tensor (*f)(const at::Tensor&)) {
+  return t ? OptTensor(f(*t)) : std::nullopt;
+}
+
+at::Tensor contiguous(const at::Tensor& t) { return t.contiguous(); }
+
+BCView bc_view(const at::Tensor& t) {
+  BCView v;
+  v.ptr = t.data_ptr();
+  v.variable = t.dim() == 4;
+  if (v.variable) {
+    v.n_groups = t.size(1);
+    v.batch_stride = t.stride(0), v.group_stride = t.stride(1), v.n_stride = t.stride(2);
+  } else {
+    v.dim_stride = t.stride(0), v.n_stride = t.stride(1);
+  }
+  return v;
+}
+
+void check_bc(const at::Tensor& t, const char* name, const at::Tensor& u, int64_t n) {
+  const int64_t b = u.size(0), d = u.size(1), L = u.size(2);
+  check_same_device(t, name, u, "u");
+  if (t.dim() == 4) {
+    check_shape(t, name, {b, -1, n, L}, "(b, g, n, L)");
+    TORCH_CHECK(t.size(1) >= 1 && d % t.size(1) == 0, "linmix.selective_scan: the group count g = ", t.size(1),
+                " of ", name, " (b, g, n, L) must divide d = ", d);
+    check_same_dtype(t, name, u, "u (variable B/C are in the input dtype)");
+  } else {
+    TORCH_CHECK(t.dim() == 2, "linmix.selective_scan: ", name,
+                " must have shape (d, n) (fixed) or (b, g, n, L) (variable), got ", shape_str(t.sizes()));
+    check_shape(t, name, {d, n}, "(d, n)");
+    check_dtype(t, name, acc_dtype(u));
+  }
+}
+
+void check_opt(const OptTensor& t, const char* name, const at::Tensor& u, std::vector<int64_t> shape,
+               const char* layout, bool input_dtype) {
+  if (!t) return;
+  check_shape(*t, name, shape, layout);
+  check_same_device(*t, name, u, "u");
+  if (input_dtype) {
+    check_same_dtype(*t, name, u, "u");
+  } else {
+    check_dtype(*t, name, acc_dtype(u));
+  }
+}
+
+// Checks shared by forward and backward.
+void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                  const at::Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias,
+                  const OptTensor& initial_state) {
+  TORCH_CHECK(u.dim() == 3, "linmix.selective_scan: u must have shape (b, d, L), got ", shape_str(u.sizes()));
+  check_float_dtype(u, "u");
+  const int64_t b = u.size(0), d = u.size(1), L = u.size(2);
+  check_shape(delta, "delta", {b, d, L}, "(b, d, L) like u");
+  check_same_dtype(delta, "delta", u, "u");
+  check_same_device(delta, "delta", u, "u");
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == d, "linmix.selective_scan: A must have shape (d, n) = (", d,
+              ", n), got ", shape_str(A.sizes()));
+  check_dtype(A, "A", acc_dtype(u));
+  check_same_device(A, "A", u, "u");
+  const int64_t n = A.size(1);
+  check_bc(B, "B", u, n);
+  check_bc(C, "C", u, n);
+  check_opt(D, "D", u, {d}, "(d,)", false);
+  check_opt(delta_bias, "delta_bias", u, {d}, "(d,)", false);
+  check_opt(z, "z", u, {b, d, L}, "(b, d, L) like u", true);
+  check_opt(initial_state, "initial_state", u, {b, d, n}, "(b, d, n)", false);
+  if (u.is_cuda()) {
+    TORCH_CHECK(b * d <= int64_t(2147483647), "linmix.selective_scan: b * d must be below 2^31 on CUDA");
+  }
+}
+
+SelectiveScanParams make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                const at::Tensor& B, const at::Tensor& C, const OptTensor& D, const OptTensor& z,
+                                const OptTensor& delta_bias, const OptTensor& initial_state, bool delta_softplus) {
+  SelectiveScanParams p;
+  p.batch = u.size(0), p.dim = u.size(1), p.seqlen = u.size(2), p.dstate = A.size(1);
+  p.n_chunks = ceil_div(p.seqlen, kSelectiveScanChunk);
+  p.delta_softplus = delta_softplus;
+  p.u = bdl_view(u), p.delta = bdl_view(delta), p.z = opt_bdl_view(z);
+  p.B = bc_view(B), p.C = bc_view(C);
+  p.A = A.data_ptr(), p.D = opt_ptr(D), p.delta_bias = opt_ptr(delta_bias), p.initial_state = opt_ptr(initial_state);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
+    const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in, const at::Tensor& B_in,
+    const at::Tensor& C_in, const OptTensor& D_in, const OptTensor& z_in, const OptTensor& delta_bias_in,
+    const OptTensor& initial_state_in, bool delta_softplus) {
+  check_inputs(u_in, delta_in, A_in, B_in, C_in, D_in, z_in, delta_bias_in, initial_state_in);
+  const at::Tensor u = last_dim_contiguous(u_in), delta = last_dim_contiguous(delta_in), A = A_in.contiguous();
+  const at::Tensor B = B_in.dim() == 4 ? last_dim_contiguous(B_in) : B_in;
+  const at::Tensor C = C_in.dim() == 4 ? last_dim_contiguous(C_in) : C_in;
+  const OptTensor D = opt_map(D_in, contiguous), z = opt_map(z_in, last_dim_contiguous);
+  const OptTensor delta_bias = opt_map(delta_bias_in, contiguous), h0 = opt_map(initial_state_in, contiguous);
+  SelectiveScanParams p = make_params(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus);
+  const auto acc_opts = u.options().dtype(acc_dtype(u));
+  at::Tensor out = at::empty(u.sizes(), u.options());
+  at::Tensor ckpt = at::empty({p.batch, p.dim, p.n_chunks, p.dstate}, acc_opts);
+  at::Tensor final_state = at::empty({p.batch, p.dim, p.dstate}, acc_opts);
+  p.out = bdl_view(out), p.checkpoints = ckpt.data_ptr(), p.final_state = final_state.data_ptr();
+  if (p.batch * p.dim == 0) return {out, ckpt, final_state};
+  const DType dt = to_linmix_dtype(u.scalar_type());
+  if (u.is_cpu()) {
+    selective_scan_fwd_cpu(p, dt);
+  } else {
+#ifdef LINMIX_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(u.device());
+    LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
+      if constexpr (kDT != DType::kFloat64) selective_scan_fwd_cuda<kDT>(p, current_stream());
+    });
+#endif
+  }
+  return {out, ckpt, final_state};
+}
+
+using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                             at::Tensor, at::Tensor>;  // du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state
+
+BwdResult selective_scan_bwd(const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in,
+                             const at::Tensor& B_in, const at::Tensor& C_in, const OptTensor& D_in,
+                             const OptTensor& z_in, const OptTensor& delta_bias_in, const OptTensor& initial_state_in,
+                             const at::Tensor& checkpoints_in, const at::Tensor& dout_in, const OptTensor& dfinal_in,
+                             bool delta_softplus) {
+  check_inputs(u_in, delta_in, A_in, B_in, C_in, D_in, z_in, delta_bias_in, initial_state_in);
+  const int64_t b = u_in.size(0), d = u_in.size(1), L = u_in.size(2), n = A_in.size(1);
+  check_shape(dout_in, "dout", {b, d, L}, "(b, d, L) like u");
+  check_same_dtype(dout_in, "dout", u_in, "u");
+  check_same_device(dout_in, "dout", u_in, "u");
+  check_shape(checkpoints_in, "checkpoints", {b, d, ceil_div(L, kSelectiveScanChunk), n}, "(b, d, n_chunks, n)");
+  check_dtype(checkpoints_in, "checkpoints", acc_dtype(u_in));
+  check_same_device(checkpoints_in, "checkpoints", u_in, "u");
+  check_opt(dfinal_in, "dfinal_state", u_in, {b, d, n}, "(b, d, n)", false);
+
+  const at::Tensor u = last_dim_contiguous(u_in), delta = last_dim_contiguous(delta_in), A = A_in.contiguous();
+  // Variable B/C contiguous: the kernels address their fp32 gradient buffers (contiguous) with B/C's offsets.
+  const at::Tensor B = B_in.dim() == 4 ? B_in.contiguous() : B_in;
+  const at::Tensor C = C_in.dim() == 4 ? C_in.contiguous() : C_in;
+  const OptTensor D = opt_map(D_in, contiguous), z = opt_map(z_in, last_dim_contiguous);
+  const OptTensor delta_bias = opt_map(delta_bias_in, contiguous), h0 = opt_map(initial_state_in, contiguous);
+  const at::Tensor ckpt = checkpoints_in.contiguous(), dout = last_dim_contiguous(dout_in);
+  const OptTensor dfinal = opt_map(dfinal_in, contiguous);
+  SelectiveScanParams p = make_params(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus);
+  p.checkpoints = ckpt.data_ptr();
+  p.dout = bdl_view(dout), p.dfinal = opt_ptr(dfinal);
+
+  const auto acc_opts = u.options().dtype(acc_dtype(u));
+  at::Tensor du = at::empty(u.sizes(), u.options()), ddelta = at::empty(u.sizes(), u.options());
+  at::Tensor dz = z ? at::empty(u.sizes(), u.options()) : at::empty({0}, u.options());
+  // Variable dB/dC are sums over a group's channels (fp32 buffers); fixed ones are per-(b, d) partials.
+  at::Tensor dB = B.dim() == 4 ? at::zeros(B.sizes(), acc_opts) : at::empty({b, d, n}, acc_opts);
+  at::Tensor dC = C.dim() == 4 ? at::zeros(C.sizes(), acc_opts) : at::empty({b, d, n}, acc_opts);
+  at::Tensor dA = at::empty({b, d, n}, acc_opts), dD = at::empty({b, d}, acc_opts);
+  at::Tensor dbias = at::empty({b, d}, acc_opts), dh0 = at::empty({b, d, n}, acc_opts);
+  p.du = bdl_view(du), p.ddelta = bdl_view(ddelta), p.dz = z ? bdl_view(dz) : BDLView{};
+  p.dB = dB.data_ptr(), p.dC = dC.data_ptr(), p.dA_part = dA.data_ptr(), p.dD_part = dD.data_ptr();
+  p.ddelta_bias_part = dbias.data_ptr(), p.dinitial_state = dh0.data_ptr();
+  if (b * d > 0) {
+    const DType dt = to_linmix_dtype(u.scalar_type());
+    if (u.is_cpu()) {
+      selective_scan_bwd_cpu(p, dt);
+    } else {
+#ifdef LINMIX_WITH_CUDA
+      const c10::cuda::CUDAGuard guard(u.device());
+      LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
+        if constexpr (kDT != DType::kFloat64) selective_scan_bwd_cuda<kDT>(p, current_stream());
+      });
+#endif
+    }
+  }
+  // Deterministic reductions of the per-(b, d) partials over the batch.
+  dB = B.dim() == 4 ? dB.to(B.scalar_type()) : dB.sum(0);
+  dC = C.dim() == 4 ? dC.to(C.scalar_type()) : dC.sum(0);
+  return {du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dz, dbias.sum(0), dh0};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(linmix, CPU, m) {
+  m.impl("selective_scan_fwd", &selective_scan_fwd);
+  m.impl("selective_scan_bwd", &selective_scan_bwd);
+}
+
+#ifdef LINMIX_WITH_CUDA
+TORCH_LIBRARY_IMPL(linmix, CUDA, m) {
+  m.impl("selective_scan_fwd", &selective_scan_fwd);
+  m.impl("selective_scan_bwd", &selective_scan_bwd);
+}
+#endif
+
+}  // namespace linmix

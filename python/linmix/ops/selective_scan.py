@@ -1,0 +1,110 @@
+"""selective_scan: the Mamba-1 S6 selective state-space scan (mamba-ssm compatible, plus states in and out)."""
+
+from __future__ import annotations
+
+import torch
+
+from .._native import acc_dtype, check_backend, nvtx_range
+
+# Time steps per state checkpoint: kSelectiveScanChunk in csrc/selective_scan/params.h.
+CHUNK = 1024
+
+
+@torch.library.register_fake("linmix::selective_scan_fwd")
+def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+    b, d, L = u.shape
+    n = A.shape[1]
+    out = torch.empty_like(u, memory_format=torch.contiguous_format)
+    checkpoints = u.new_empty((b, d, -(-L // CHUNK), n), dtype=acc_dtype(u))
+    final_state = u.new_empty((b, d, n), dtype=acc_dtype(u))
+    return out, checkpoints, final_state
+
+
+@torch.library.register_fake("linmix::selective_scan_bwd")
+def _bwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, dout, dfinal_state, delta_softplus):
+    b, d, L = u.shape
+    n = A.shape[1]
+    acc = acc_dtype(u)
+    du = torch.empty_like(u, memory_format=torch.contiguous_format)
+    ddelta = torch.empty_like(u, memory_format=torch.contiguous_format)
+    dz = torch.empty_like(u, memory_format=torch.contiguous_format) if z is not None else u.new_empty((0,))
+    dB = B.new_empty(B.shape)
+    dC = C.new_empty(C.shape)
+    return (du, ddelta, A.new_empty((d, n), dtype=acc), dB, dC, u.new_empty((d,), dtype=acc), dz,
+            u.new_empty((d,), dtype=acc), u.new_empty((b, d, n), dtype=acc))
+
+
+class SelectiveScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+        with nvtx_range("linmix/selective_scan/fwd", u):
+            out, checkpoints, final_state = torch.ops.linmix.selective_scan_fwd(
+                u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints)
+        ctx.delta_softplus = delta_softplus
+        ctx.set_materialize_grads(False)
+        return out, final_state
+
+    @staticmethod
+    def backward(ctx, dout, dfinal_state):
+        u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints = ctx.saved_tensors
+        dout = torch.zeros_like(u) if dout is None else dout.to(u.dtype)
+        with nvtx_range("linmix/selective_scan/bwd", u):
+            du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state = torch.ops.linmix.selective_scan_bwd(
+                u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, dout, dfinal_state,
+                ctx.delta_softplus)
+        return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
+                ddelta_bias if delta_bias is not None else None,
+                dinitial_state if initial_state is not None else None, None)
+
+
+def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    # Only float tensors are cast; anything else reaches the op's checks and fails there with a clear message.
+    return t.to(dtype) if t is not None and t.is_floating_point() else t
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
+                   return_final_state=False):
+    """Selective scan (Mamba-1 S6), fused: discretisation, scan over time, output contraction and gate.
+
+    Per batch b, channel d, state n, with δ = softplus(delta + delta_bias) if ``delta_softplus`` else
+    delta + delta_bias::
+
+        h_t = exp(δ_t A[d, n]) h_{t-1} + δ_t B_t[n] u_t        (h_{-1} = initial_state, or 0)
+        y_t = Σ_n C_t[n] h_t[n] + D[d] u_t;   out_t = y_t · silu(z_t)   (no gate without z)
+
+    Args:
+        u, delta: (b, d, L), float32 / float16 / bfloat16 (float64 on CPU), same dtype.
+        A: (d, n), real; cast to float32 (float64 for float64 inputs).
+        B, C: each fixed (d, n) (cast to float32), variable (b, n, L) or grouped (b, g, n, L) with d % g == 0
+            (channel i uses group i // (d // g)), variable ones in u's dtype.
+        D, delta_bias: optional (d,), cast to float32.
+        z: optional (b, d, L) gate, u's dtype.
+        delta_softplus: apply softplus to delta + delta_bias.
+        initial_state: optional (b, d, n) state before the first step, cast to float32.
+        return_final_state: also return the state after the last step.
+
+    Returns:
+        out (b, d, L) in u's dtype, or (out, final_state) with final_state (b, d, n) float32. The state and
+        every accumulation are float32 (float64 for float64 inputs). Differentiable with respect to every
+        tensor argument, final_state and initial_state included.
+    """
+    check_backend("selective_scan", u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if A.is_complex():
+        raise RuntimeError("linmix.selective_scan: complex A is not supported; A must be real (d, n)")
+    acc = acc_dtype(u)
+    B = B.unsqueeze(1) if B.dim() == 3 else _to(B, acc) if B.dim() == 2 else B
+    C = C.unsqueeze(1) if C.dim() == 3 else _to(C, acc) if C.dim() == 2 else C
+    out, final_state = SelectiveScanFn.apply(u, delta, _to(A, acc), B, C, _to(D, acc), z, _to(delta_bias, acc),
+                                             _to(initial_state, acc), delta_softplus)
+    return (out, final_state) if return_final_state else out
+
+
+def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                      return_last_state=False):
+    """Drop-in for ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` (same signature and returns).
+
+    Returns out (b, d, L), or (out, last_state) with last_state (b, d, n) float32 (differentiable here).
+    See :func:`selective_scan` for shapes and dtypes.
+    """
+    return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, None, return_last_state)

@@ -1,0 +1,47 @@
+"""Reference selective scan (Mamba-1 S6): a plain time loop in float64."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _per_channel(X: torch.Tensor, d: int) -> torch.Tensor:
+    """Fixed (d, n) stays; variable (b, n, L) / grouped (b, g, n, L) -> (b, d, n, L)."""
+    X = X.double()
+    if X.dim() == 2:
+        return X
+    if X.dim() == 3:
+        X = X.unsqueeze(1)
+    return X.repeat_interleave(d // X.shape[1], dim=1)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       initial_state=None, return_final_state=False):
+    """Selective scan in float64 (differentiable); same arguments and returns as linmix.selective_scan.
+
+    h_t = exp(δ_t A) h_{t-1} + δ_t B_t u_t, y_t = Σ_n C_t h_t + D u_t, out_t = y_t silu(z_t).
+    """
+    u, delta, A = u.double(), delta.double(), A.double()
+    b, d, L = u.shape
+    if delta_bias is not None:
+        delta = delta + delta_bias.double()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    B, C = _per_channel(B, d), _per_channel(C, d)
+    h = u.new_zeros((b, d, A.shape[1])) if initial_state is None else initial_state.double()
+    # unbind once: indexing [..., t] per step would cost a full-size gradient buffer per step in backward
+    us, deltas = u.unbind(-1), delta.unbind(-1)  # L x (b, d)
+    Bs = [B] * L if B.dim() == 2 else B.unbind(-1)  # L x (d, n) or (b, d, n)
+    Cs = [C] * L if C.dim() == 2 else C.unbind(-1)
+    ys = []
+    for t in range(L):
+        dt = deltas[t][..., None]  # (b, d, 1)
+        h = torch.exp(dt * A) * h + dt * Bs[t] * us[t][..., None]
+        ys.append((h * Cs[t]).sum(-1))
+    y = torch.stack(ys, dim=-1) if ys else u.new_zeros((b, d, 0))
+    if D is not None:
+        y = y + D.double()[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.double())
+    return (y, h) if return_final_state else y
