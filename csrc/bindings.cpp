@@ -7,6 +7,14 @@ TORCH_LIBRARY(linmix, m) {
   // linear_scan: h_t = a_t h_{t-1} + b_t, (B, T, D) channel-last
   m.def("linear_scan_fwd(Tensor a, Tensor b, Tensor? h0, bool reverse) -> Tensor");
   m.def("linear_scan_bwd(Tensor a, Tensor h, Tensor dh, Tensor? h0, bool reverse) -> (Tensor, Tensor, Tensor)");
+  // gla: gated linear attention, q/k/g (B, T, H, K), v (B, T, H, V), state (B, H, K, V); chunked and step-by-step
+  m.def("chunk_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor? initial_state) -> (Tensor, Tensor)");
+  m.def("chunk_gla_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor dout, Tensor? dht, float scale, "
+        "Tensor? initial_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("fused_recurrent_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor? initial_state) "
+        "-> (Tensor, Tensor)");
+  m.def("fused_recurrent_gla_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor dout, Tensor? dht, float scale, "
+        "Tensor? initial_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifndef LINMIX_CUDA_VERSION

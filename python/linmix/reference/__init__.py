@@ -1,5 +1,6 @@
 """Float64 PyTorch references: the specification every kernel is tested against."""
 
+from .gla import gla_ref
 from .linear_scan import linear_scan_ref
 
-__all__ = ["linear_scan_ref"]
+__all__ = ["gla_ref", "linear_scan_ref"]
