@@ -124,9 +124,11 @@ def test_low_precision(device, dtype, algo):
     do = torch.randn_like(ro)
     got = torch.autograd.grad((o.double() * do).sum(), (q, k, v, g))
     want = torch.autograd.grad((ro * do).sum(), (q, k, v, g))
-    ulp = torch.finfo(dtype).eps
+    # Inputs are exact in both; what remains is fp32 accumulation and rounding the gradient to dtype
+    # (about half an eps of the largest value; measured <= 1 eps on CPU).
+    eps = torch.finfo(dtype).eps
     for a, b in zip(got, want):
-        assert rel_err(a, b) < 50 * ulp
+        assert rel_err(a, b) < 4 * eps
 
 
 @pytest.mark.parametrize("algo", ["chunk", "recurrent"])

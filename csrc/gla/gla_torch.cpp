@@ -120,10 +120,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gla_bwd(
     (algo == Algo::kChunk ? chunk_gla_bwd_cpu : fused_recurrent_gla_bwd_cpu)(p, dt);
   } else {
 #ifdef LINMIX_WITH_CUDA
+    // Both algorithms share the step-by-step CUDA backward (no chunked CUDA backward yet): the gradients are
+    // the same functions of the inputs; it only differs in speed. It needs an fp32 copy of dq for dg.
     const c10::cuda::CUDAGuard guard(q.device());
+    at::Tensor workspace = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+    p.workspace = workspace.data_ptr<float>();
     LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
-      if constexpr (kDT != DType::kFloat64)
-        (algo == Algo::kChunk ? chunk_gla_bwd_cuda<kDT> : fused_recurrent_gla_bwd_cuda<kDT>)(p, current_stream());
+      if constexpr (kDT != DType::kFloat64) fused_recurrent_gla_bwd_cuda<kDT>(p, current_stream());
     });
 #endif
   }

@@ -30,6 +30,7 @@ struct GlaParams {
   BTHView dq, dk, dg;        // (B, T, H, K) outputs
   BTHView dv;                // (B, T, H, V) output
   void* dh0 = nullptr;       // (B, H, K, V) contiguous, accumulation type
+  float* workspace = nullptr;  // CUDA backward only: (B, T, H, K) contiguous fp32 copy of dq, for the dg sum
 };
 
 }  // namespace linmix
