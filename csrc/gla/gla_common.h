@@ -9,12 +9,19 @@
 #include <cstdint>
 
 #include "common/math.h"
+#include "gla/params.h"
 
 namespace linmix {
 
 constexpr int kGlaChunk = 64;     // time steps per chunk (inter-chunk state pass)
 constexpr int kGlaSubChunk = 16;  // sub-chunk: diagonal blocks in fp32 elementwise, the rest as matmuls
 static_assert(kGlaChunk % kGlaSubChunk == 0, "a chunk is a whole number of sub-chunks");
+
+// Row t of (batch b, head h) of a (B, T, H, X) view; T may be const-qualified.
+template <typename T>
+LINMIX_HD T* gla_row(const BTHView& x, int64_t b, int64_t t, int64_t h) {
+  return static_cast<T*>(x.ptr) + b * x.batch_stride + t * x.t_stride + h * x.head_stride;
+}
 
 LINMIX_HD float gla_exp2(float x) {
 #if defined(__CUDA_ARCH__)

@@ -18,16 +18,11 @@
 namespace linmix {
 namespace {
 
-template <typename T>
-T* row(const BTHView& x, int64_t b, int64_t t, int64_t h) {
-  return static_cast<T*>(x.ptr) + b * x.batch_stride + t * x.t_stride + h * x.head_stride;
-}
-
 // Copies rows t0 .. t0+L-1 of (batch b, head h) into dst (L, n) in the accumulation type.
 template <typename T, typename acc_t>
 void load_rows(const BTHView& x, int64_t b, int64_t h, int64_t t0, int64_t L, int64_t n, acc_t* dst) {
   for (int64_t i = 0; i < L; ++i) {
-    const T* src = row<T>(x, b, t0 + i, h);
+    const T* src = gla_row<const T>(x, b, t0 + i, h);
     for (int64_t c = 0; c < n; ++c) dst[i * n + c] = static_cast<acc_t>(src[c]);
   }
 }
@@ -35,7 +30,7 @@ void load_rows(const BTHView& x, int64_t b, int64_t h, int64_t t0, int64_t L, in
 template <typename T, typename acc_t>
 void store_rows(const BTHView& x, int64_t b, int64_t h, int64_t t0, int64_t L, int64_t n, const acc_t* src) {
   for (int64_t i = 0; i < L; ++i) {
-    T* out = row<T>(x, b, t0 + i, h);
+    T* out = gla_row<T>(x, b, t0 + i, h);
     for (int64_t c = 0; c < n; ++c) out[c] = static_cast<T>(src[i * n + c]);
   }
 }

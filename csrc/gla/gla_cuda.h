@@ -7,8 +7,8 @@
 #include "gla/params.h"
 
 namespace linmix {
-// chunk_gla's CUDA backward runs the step-by-step backward kernels (same gradients; see gla_torch.cpp).
 template <DType dt> void chunk_gla_fwd_cuda(const GlaParams& p, cudaStream_t stream);
+template <DType dt> void chunk_gla_bwd_cuda(const GlaParams& p, cudaStream_t stream);
 template <DType dt> void fused_recurrent_gla_fwd_cuda(const GlaParams& p, cudaStream_t stream);
 template <DType dt> void fused_recurrent_gla_bwd_cuda(const GlaParams& p, cudaStream_t stream);
 }  // namespace linmix

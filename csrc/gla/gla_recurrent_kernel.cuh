@@ -30,15 +30,6 @@ struct GlaRecurrentTraits {
   static_assert(kMaxDim % kNWarps == 0 && kMaxDim % 32 == 0, "register arrays cover kMaxDim exactly");
 };
 
-template <typename T>
-__device__ __forceinline__ const T* gla_row(const BTHView& x, int64_t b, int64_t t, int64_t h) {
-  return static_cast<const T*>(x.ptr) + b * x.batch_stride + t * x.t_stride + h * x.head_stride;
-}
-template <typename T>
-__device__ __forceinline__ T* gla_row_mut(const BTHView& x, int64_t b, int64_t t, int64_t h) {
-  return static_cast<T*>(x.ptr) + b * x.batch_stride + t * x.t_stride + h * x.head_stride;
-}
-
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
@@ -66,14 +57,14 @@ __device__ __forceinline__ void stage_column_group(GlaColumnSmem& s, const GlaPa
   for (int idx = threadIdx.x; idx < Tr::kSteps * K; idx += Tr::kThreads) {
     const int st = idx / K, c = idx % K;
     if (st >= n) continue;
-    s.q[st][c] = q_scale * to_float(gla_row<T>(p.q, b, t0 + st, h)[c]);
-    s.k[st][c] = to_float(gla_row<T>(p.k, b, t0 + st, h)[c]);
-    s.decay[st][c] = gla_exp2(gla_log2_gate(to_float(gla_row<T>(p.g, b, t0 + st, h)[c])));
+    s.q[st][c] = q_scale * to_float(gla_row<const T>(p.q, b, t0 + st, h)[c]);
+    s.k[st][c] = to_float(gla_row<const T>(p.k, b, t0 + st, h)[c]);
+    s.decay[st][c] = gla_exp2(gla_log2_gate(to_float(gla_row<const T>(p.g, b, t0 + st, h)[c])));
   }
   for (int idx = threadIdx.x; idx < Tr::kSteps * 32; idx += Tr::kThreads) {
     const int st = idx / 32, l = idx % 32;
     const int64_t v = v0 + l;
-    s.col[st][l] = (st < n && v < p.dim_v) ? to_float(gla_row<T>(cols, b, t0 + st, h)[v]) : 0.f;
+    s.col[st][l] = (st < n && v < p.dim_v) ? to_float(gla_row<const T>(cols, b, t0 + st, h)[v]) : 0.f;
   }
 }
 
@@ -87,7 +78,7 @@ __device__ __forceinline__ void reduce_column_group(const GlaColumnSmem& s, cons
     float sum = 0.f;
 #pragma unroll
     for (int w = 0; w < Tr::kNWarps; ++w) sum += s.part[warp][w][lane];
-    gla_row_mut<T>(out, b, t0 + warp, h)[v] = from_float<T>(scale * sum);
+    gla_row<T>(out, b, t0 + warp, h)[v] = from_float<T>(scale * sum);
   }
 }
 
@@ -204,8 +195,8 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_rec
     for (int idx = threadIdx.x; idx < Tr::kSteps * V; idx += Tr::kThreads) {
       const int st = idx / V, e = idx % V;
       if (st >= n) continue;
-      s_v[st][e] = to_float(gla_row<T>(p.v, b, t0 + st, h)[e]);
-      s_do[st][e] = to_float(gla_row<T>(p.dout, b, t0 + st, h)[e]);
+      s_v[st][e] = to_float(gla_row<const T>(p.v, b, t0 + st, h)[e]);
+      s_do[st][e] = to_float(gla_row<const T>(p.dout, b, t0 + st, h)[e]);
     }
   };
   float S[Tr::kColsPerLane], dS[Tr::kColsPerLane];
@@ -222,8 +213,8 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_rec
     if (row_ok) {
       for (int st = 0; st < n; ++st) {
         const int64_t t = t0 + st;
-        const float decay = gla_exp2(gla_log2_gate(to_float(gla_row<T>(p.g, b, t, h)[c])));
-        const float kc = to_float(gla_row<T>(p.k, b, t, h)[c]);
+        const float decay = gla_exp2(gla_log2_gate(to_float(gla_row<const T>(p.g, b, t, h)[c])));
+        const float kc = to_float(gla_row<const T>(p.k, b, t, h)[c]);
         float part = 0.f;
 #pragma unroll
         for (int j = 0; j < Tr::kColsPerLane; ++j) {
@@ -236,7 +227,7 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_rec
         const float dq = scale * warp_sum(part);
         if (lane == 0) {
           ws[ws_at(t)] = dq;
-          gla_row_mut<T>(p.dq, b, t, h)[c] = from_float<T>(dq);
+          gla_row<T>(p.dq, b, t, h)[c] = from_float<T>(dq);
         }
       }
     }
@@ -254,9 +245,9 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_rec
     if (row_ok) {
       for (int st = n - 1; st >= 0; --st) {
         const int64_t t = t0 + st;
-        const float qc = to_float(gla_row<T>(p.q, b, t, h)[c]);
-        const float kc = to_float(gla_row<T>(p.k, b, t, h)[c]);
-        const float decay = gla_exp2(gla_log2_gate(to_float(gla_row<T>(p.g, b, t, h)[c])));
+        const float qc = to_float(gla_row<const T>(p.q, b, t, h)[c]);
+        const float kc = to_float(gla_row<const T>(p.k, b, t, h)[c]);
+        const float decay = gla_exp2(gla_log2_gate(to_float(gla_row<const T>(p.g, b, t, h)[c])));
         float dpart = 0.f;
 #pragma unroll
         for (int j = 0; j < Tr::kColsPerLane; ++j) {
@@ -270,8 +261,8 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_rec
         const float dk = warp_sum(dpart);
         run += gla_dgate_term(qc, ws[ws_at(t)], kc, dk);  // written by lane 0 in the first pass
         if (lane == 0) {
-          gla_row_mut<T>(p.dk, b, t, h)[c] = from_float<T>(dk);
-          gla_row_mut<T>(p.dg, b, t, h)[c] = from_float<T>(run);
+          gla_row<T>(p.dk, b, t, h)[c] = from_float<T>(dk);
+          gla_row<T>(p.dg, b, t, h)[c] = from_float<T>(run);
         }
       }
     }

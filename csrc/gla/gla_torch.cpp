@@ -5,6 +5,7 @@
 #include "common/checks.h"
 #include "common/static_switch.h"
 #include "common/torch_stream.h"
+#include "gla/gla_common.h"
 #include "gla/gla_cpu.h"
 #include "gla/params.h"
 #ifdef LINMIX_WITH_CUDA
@@ -41,7 +42,10 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     check_dtype(*h0, "initial_state", acc_dtype(q));
     check_same_device(*h0, "initial_state", q, "q");
   }
-  if (q.is_cuda()) TORCH_CHECK(B * H <= int64_t(2147483647), "linmix.gla: B * H too large for the CUDA grid");
+  if (q.is_cuda()) {
+    TORCH_CHECK(B * H <= int64_t(2147483647), "linmix.gla: B * H too large for the CUDA grid");
+    TORCH_CHECK(T <= int64_t(65535) * kGlaChunk, "linmix.gla: T must be at most ", 65535 * kGlaChunk, " on CUDA");
+  }
 }
 
 std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
@@ -120,13 +124,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gla_bwd(
     (algo == Algo::kChunk ? chunk_gla_bwd_cpu : fused_recurrent_gla_bwd_cpu)(p, dt);
   } else {
 #ifdef LINMIX_WITH_CUDA
-    // Both algorithms share the step-by-step CUDA backward (no chunked CUDA backward yet): the gradients are
-    // the same functions of the inputs; it only differs in speed. It needs an fp32 copy of dq for dg.
     const c10::cuda::CUDAGuard guard(q.device());
-    at::Tensor workspace = at::empty(q.sizes(), q.options().dtype(at::kFloat));
-    p.workspace = workspace.data_ptr<float>();
+    const auto f32 = q.options().dtype(at::kFloat);
+    at::Tensor ws0, ws1;  // fp32 workspaces (see GlaParams)
+    if (algo == Algo::kChunk) {
+      const int64_t n_chunks = (q.size(1) + kGlaChunk - 1) / kGlaChunk;
+      ws0 = at::empty({B * H, n_chunks + 1, K, V}, f32);
+      ws1 = at::empty({B * H, n_chunks, K, V}, f32);
+      p.chunk_states = ws0.data_ptr<float>(), p.chunk_dstates = ws1.data_ptr<float>();
+    } else {
+      ws0 = at::empty(q.sizes(), f32);
+      p.workspace = ws0.data_ptr<float>();
+    }
     LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
-      if constexpr (kDT != DType::kFloat64) fused_recurrent_gla_bwd_cuda<kDT>(p, current_stream());
+      if constexpr (kDT != DType::kFloat64)
+        (algo == Algo::kChunk ? chunk_gla_bwd_cuda<kDT> : fused_recurrent_gla_bwd_cuda<kDT>)(p, current_stream());
     });
 #endif
   }

@@ -30,7 +30,10 @@ struct GlaParams {
   BTHView dq, dk, dg;        // (B, T, H, K) outputs
   BTHView dv;                // (B, T, H, V) output
   void* dh0 = nullptr;       // (B, H, K, V) contiguous, accumulation type
-  float* workspace = nullptr;  // CUDA backward only: (B, T, H, K) contiguous fp32 copy of dq, for the dg sum
+  // CUDA backward workspaces (fp32, contiguous)
+  float* workspace = nullptr;      // fused_recurrent: (B, T, H, K) copy of dq, for the dg sum
+  float* chunk_states = nullptr;   // chunk: (B * H, n_chunks + 1, K, V) state entering each chunk, then the final one
+  float* chunk_dstates = nullptr;  // chunk: (B * H, n_chunks, K, V) gradient of the state leaving each chunk
 };
 
 }  // namespace linmix
