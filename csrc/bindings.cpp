@@ -15,6 +15,14 @@ TORCH_LIBRARY(linmix, m) {
         "Tensor? delta_bias, Tensor? initial_state, Tensor checkpoints, Tensor dout, Tensor? dfinal_state, "
         "bool delta_softplus) -> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, "
         "Tensor ddelta_bias, Tensor dinitial_state)");
+  // gla: gated linear attention, q/k/g (B, T, H, K), v (B, T, H, V), state (B, H, K, V); chunked and step-by-step
+  m.def("chunk_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor? initial_state) -> (Tensor, Tensor)");
+  m.def("chunk_gla_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor dout, Tensor? dht, float scale, "
+        "Tensor? initial_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("fused_recurrent_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor? initial_state) "
+        "-> (Tensor, Tensor)");
+  m.def("fused_recurrent_gla_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor dout, Tensor? dht, float scale, "
+        "Tensor? initial_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifndef LINMIX_CUDA_VERSION

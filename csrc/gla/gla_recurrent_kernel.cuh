@@ -1,0 +1,293 @@
+// CUDA fused_recurrent_gla: the recurrence one step at a time, state in registers (fp32).
+//
+// Two thread layouts over the (K, V) state of one (batch, head), chosen so every reduction a pass needs
+// stays cheap:
+//  - column layout (forward, and the dv pass of the backward): a block owns 32 value columns, lane = column,
+//    warp w owns key rows w, w + kNWarps, ...; o_t = sum over k needs a cross-warp reduction, done once per
+//    group of kSteps steps through shared memory (warp s reduces step s).
+//  - row layout (the dq / dk / dg pass of the backward): warp w owns one key row, lanes own value columns
+//    lane, lane + 32, ...; dq_t[k] = S_t[k, :] do_t and dk_t[k] = dS_t[k, :] v_t are warp shuffles.
+// A group of kSteps time steps of the shared inputs is staged in shared memory per __syncthreads pair.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "common/cuda_check.h"
+#include "common/dtype.h"
+#include "gla/gla_common.h"
+#include "gla/params.h"
+
+namespace linmix {
+
+struct GlaRecurrentTraits {
+  static constexpr int kNWarps = 8;
+  static constexpr int kThreads = 32 * kNWarps;
+  static constexpr int kSteps = kNWarps;           // steps per staged group; warp s reduces step s
+  static constexpr int kMaxDim = 256;              // K, V <= kMaxDim
+  static constexpr int kRowsPerThread = kMaxDim / kNWarps;  // column layout: key rows per thread
+  static constexpr int kColsPerLane = kMaxDim / 32;         // row layout: value columns per lane
+  static_assert(kSteps == kNWarps, "one warp reduces one step of a group");
+  static_assert(kMaxDim % kNWarps == 0 && kMaxDim % 32 == 0, "register arrays cover kMaxDim exactly");
+};
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Shared memory of the column-layout kernels: a group of steps of q, k, decay (all K channels) and one
+// 32-wide column slice of a (B, T, H, V) input, plus the per-warp partial sums.
+struct GlaColumnSmem {
+  using Tr = GlaRecurrentTraits;
+  float q[Tr::kSteps][Tr::kMaxDim];
+  float k[Tr::kSteps][Tr::kMaxDim];
+  float decay[Tr::kSteps][Tr::kMaxDim];
+  float col[Tr::kSteps][32];
+  float part[Tr::kSteps][Tr::kNWarps][32];
+};
+
+// Stages steps [t0, t0 + n) of q (times q_scale), k, exp(g) and the column slice of `cols` (v or do).
+template <typename T>
+__device__ __forceinline__ void stage_column_group(GlaColumnSmem& s, const GlaParams& p, const BTHView& cols,
+                                                   int64_t b, int64_t h, int64_t t0, int n, int64_t v0,
+                                                   float q_scale) {
+  using Tr = GlaRecurrentTraits;
+  const int K = static_cast<int>(p.dim_k);
+  for (int idx = threadIdx.x; idx < Tr::kSteps * K; idx += Tr::kThreads) {
+    const int st = idx / K, c = idx % K;
+    if (st >= n) continue;
+    s.q[st][c] = q_scale * to_float(gla_row<const T>(p.q, b, t0 + st, h)[c]);
+    s.k[st][c] = to_float(gla_row<const T>(p.k, b, t0 + st, h)[c]);
+    s.decay[st][c] = gla_exp2(gla_log2_gate(to_float(gla_row<const T>(p.g, b, t0 + st, h)[c])));
+  }
+  for (int idx = threadIdx.x; idx < Tr::kSteps * 32; idx += Tr::kThreads) {
+    const int st = idx / 32, l = idx % 32;
+    const int64_t v = v0 + l;
+    s.col[st][l] = (st < n && v < p.dim_v) ? to_float(gla_row<const T>(cols, b, t0 + st, h)[v]) : 0.f;
+  }
+}
+
+// Warp s sums the kNWarps partials of step s and writes scale * sum to out[t0 + s, v].
+template <typename T>
+__device__ __forceinline__ void reduce_column_group(const GlaColumnSmem& s, const BTHView& out, int64_t b, int64_t h,
+                                                    int64_t t0, int n, int64_t v, bool active, float scale) {
+  using Tr = GlaRecurrentTraits;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (warp < n && active) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < Tr::kNWarps; ++w) sum += s.part[warp][w][lane];
+    gla_row<T>(out, b, t0 + warp, h)[v] = from_float<T>(scale * sum);
+  }
+}
+
+// grid: (B * H, ceil(V / 32)); block: kThreads.
+template <typename T>
+__global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_recurrent_gla_fwd_kernel(GlaParams p) {
+  using Tr = GlaRecurrentTraits;
+  __shared__ GlaColumnSmem s;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
+  const int64_t v0 = int64_t(blockIdx.y) * 32, v = v0 + lane;
+  const bool active = v < p.dim_v;
+  const int K = static_cast<int>(p.dim_k);
+  const int64_t state0 = bh * p.dim_k * p.dim_v;  // (B, H, K, V) offset of this head
+  float S[Tr::kRowsPerThread];
+#pragma unroll
+  for (int r = 0; r < Tr::kRowsPerThread; ++r) {
+    const int c = warp + r * Tr::kNWarps;
+    S[r] = (p.h0 && active && c < K) ? static_cast<const float*>(p.h0)[state0 + c * p.dim_v + v] : 0.f;
+  }
+  for (int64_t t0 = 0; t0 < p.seqlen; t0 += Tr::kSteps) {
+    const int n = static_cast<int>(p.seqlen - t0 < Tr::kSteps ? p.seqlen - t0 : Tr::kSteps);
+    stage_column_group<T>(s, p, p.v, b, h, t0, n, v0, 1.f);
+    __syncthreads();
+    for (int st = 0; st < n; ++st) {
+      float acc = 0.f;
+#pragma unroll
+      for (int r = 0; r < Tr::kRowsPerThread; ++r) {
+        const int c = warp + r * Tr::kNWarps;
+        if (c < K) {
+          S[r] = gla_state_step(S[r], s.decay[st][c], s.k[st][c], s.col[st][lane]);
+          acc += s.q[st][c] * S[r];
+        }
+      }
+      s.part[st][warp][lane] = acc;
+    }
+    __syncthreads();
+    reduce_column_group<T>(s, p.o, b, h, t0, n, v, active, static_cast<float>(p.scale));
+    __syncthreads();  // the next group restages s
+  }
+#pragma unroll
+  for (int r = 0; r < Tr::kRowsPerThread; ++r) {
+    const int c = warp + r * Tr::kNWarps;
+    if (active && c < K) static_cast<float*>(p.ht)[state0 + c * p.dim_v + v] = S[r];
+  }
+}
+
+// Backward, column layout, reverse in time: dS_t = exp(g_{t+1}) dS_{t+1} + scale q_t^T do_t,
+// dv_t = k_t dS_t (a sum over k: cross-warp), and dh0 = exp(g_0) dS_0.
+// grid: (B * H, ceil(V / 32)); block: kThreads.
+template <typename T>
+__global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_recurrent_gla_bwd_dv_kernel(GlaParams p) {
+  using Tr = GlaRecurrentTraits;
+  __shared__ GlaColumnSmem s;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
+  const int64_t v0 = int64_t(blockIdx.y) * 32, v = v0 + lane;
+  const bool active = v < p.dim_v;
+  const int K = static_cast<int>(p.dim_k);
+  const int64_t state0 = bh * p.dim_k * p.dim_v;
+  float dS[Tr::kRowsPerThread];
+#pragma unroll
+  for (int r = 0; r < Tr::kRowsPerThread; ++r) {
+    const int c = warp + r * Tr::kNWarps;
+    dS[r] = (p.dht && active && c < K) ? static_cast<const float*>(p.dht)[state0 + c * p.dim_v + v] : 0.f;
+  }
+  for (int64_t t1 = p.seqlen; t1 > 0; t1 -= Tr::kSteps) {
+    const int64_t t0 = t1 > Tr::kSteps ? t1 - Tr::kSteps : 0;
+    const int n = static_cast<int>(t1 - t0);
+    stage_column_group<T>(s, p, p.dout, b, h, t0, n, v0, static_cast<float>(p.scale));
+    __syncthreads();
+    for (int st = n - 1; st >= 0; --st) {
+      float acc = 0.f;
+#pragma unroll
+      for (int r = 0; r < Tr::kRowsPerThread; ++r) {
+        const int c = warp + r * Tr::kNWarps;
+        if (c < K) {
+          dS[r] = gla_state_step(dS[r], 1.f, s.q[st][c], s.col[st][lane]);
+          acc += s.k[st][c] * dS[r];
+          dS[r] *= s.decay[st][c];
+        }
+      }
+      s.part[st][warp][lane] = acc;
+    }
+    __syncthreads();
+    reduce_column_group<T>(s, p.dv, b, h, t0, n, v, active, 1.f);
+    __syncthreads();
+  }
+#pragma unroll
+  for (int r = 0; r < Tr::kRowsPerThread; ++r) {
+    const int c = warp + r * Tr::kNWarps;
+    if (active && c < K) static_cast<float*>(p.dh0)[state0 + c * p.dim_v + v] = dS[r];
+  }
+}
+
+// Backward, row layout: a forward pass recomputes S_t for dq_t = scale S_t do_t; a reverse pass carries dS for
+// dk_t = dS_t v_t and the closed-form dg (reverse cumsum of q dq - k dk, starting from sum_v S_T dS_T).
+// grid: (B * H, ceil(K / kNWarps)); block: kThreads.
+template <typename T>
+__global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_recurrent_gla_bwd_dqk_kernel(GlaParams p) {
+  using Tr = GlaRecurrentTraits;
+  __shared__ float s_v[Tr::kSteps][Tr::kMaxDim];   // (kSteps, V)
+  __shared__ float s_do[Tr::kSteps][Tr::kMaxDim];  // (kSteps, V)
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
+  const int64_t c = int64_t(blockIdx.y) * Tr::kNWarps + warp;  // this warp's key row
+  const bool row_ok = c < p.dim_k;
+  const int V = static_cast<int>(p.dim_v);
+  const int64_t state0 = bh * p.dim_k * p.dim_v;
+  const float scale = static_cast<float>(p.scale);
+  float* ws = p.workspace;  // (B, T, H, K) fp32 dq
+  auto ws_at = [&](int64_t t) { return ((b * p.seqlen + t) * p.heads + h) * p.dim_k + c; };
+  auto stage = [&](int64_t t0, int n) {
+    for (int idx = threadIdx.x; idx < Tr::kSteps * V; idx += Tr::kThreads) {
+      const int st = idx / V, e = idx % V;
+      if (st >= n) continue;
+      s_v[st][e] = to_float(gla_row<const T>(p.v, b, t0 + st, h)[e]);
+      s_do[st][e] = to_float(gla_row<const T>(p.dout, b, t0 + st, h)[e]);
+    }
+  };
+  float S[Tr::kColsPerLane], dS[Tr::kColsPerLane];
+#pragma unroll
+  for (int j = 0; j < Tr::kColsPerLane; ++j) {
+    const int e = lane + 32 * j;
+    S[j] = (p.h0 && row_ok && e < V) ? static_cast<const float*>(p.h0)[state0 + c * p.dim_v + e] : 0.f;
+    dS[j] = (p.dht && row_ok && e < V) ? static_cast<const float*>(p.dht)[state0 + c * p.dim_v + e] : 0.f;
+  }
+  for (int64_t t0 = 0; t0 < p.seqlen; t0 += Tr::kSteps) {
+    const int n = static_cast<int>(p.seqlen - t0 < Tr::kSteps ? p.seqlen - t0 : Tr::kSteps);
+    stage(t0, n);
+    __syncthreads();
+    if (row_ok) {
+      for (int st = 0; st < n; ++st) {
+        const int64_t t = t0 + st;
+        const float decay = gla_exp2(gla_log2_gate(to_float(gla_row<const T>(p.g, b, t, h)[c])));
+        const float kc = to_float(gla_row<const T>(p.k, b, t, h)[c]);
+        float part = 0.f;
+#pragma unroll
+        for (int j = 0; j < Tr::kColsPerLane; ++j) {
+          const int e = lane + 32 * j;
+          if (e < V) {
+            S[j] = gla_state_step(S[j], decay, kc, s_v[st][e]);
+            part += S[j] * s_do[st][e];
+          }
+        }
+        const float dq = scale * warp_sum(part);
+        if (lane == 0) {
+          ws[ws_at(t)] = dq;
+          gla_row<T>(p.dq, b, t, h)[c] = from_float<T>(dq);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  float part = 0.f;
+#pragma unroll
+  for (int j = 0; j < Tr::kColsPerLane; ++j) part += S[j] * dS[j];  // out-of-range columns hold zeros
+  float run = warp_sum(part);
+  for (int64_t t1 = p.seqlen; t1 > 0; t1 -= Tr::kSteps) {
+    const int64_t t0 = t1 > Tr::kSteps ? t1 - Tr::kSteps : 0;
+    const int n = static_cast<int>(t1 - t0);
+    stage(t0, n);
+    __syncthreads();
+    if (row_ok) {
+      for (int st = n - 1; st >= 0; --st) {
+        const int64_t t = t0 + st;
+        const float qc = to_float(gla_row<const T>(p.q, b, t, h)[c]);
+        const float kc = to_float(gla_row<const T>(p.k, b, t, h)[c]);
+        const float decay = gla_exp2(gla_log2_gate(to_float(gla_row<const T>(p.g, b, t, h)[c])));
+        float dpart = 0.f;
+#pragma unroll
+        for (int j = 0; j < Tr::kColsPerLane; ++j) {
+          const int e = lane + 32 * j;
+          if (e < V) {
+            dS[j] = gla_state_step(dS[j], 1.f, scale * qc, s_do[st][e]);
+            dpart += dS[j] * s_v[st][e];
+            dS[j] *= decay;
+          }
+        }
+        const float dk = warp_sum(dpart);
+        run += gla_dgate_term(qc, ws[ws_at(t)], kc, dk);  // written by lane 0 in the first pass
+        if (lane == 0) {
+          gla_row<T>(p.dk, b, t, h)[c] = from_float<T>(dk);
+          gla_row<T>(p.dg, b, t, h)[c] = from_float<T>(run);
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <DType dt>
+void fused_recurrent_gla_fwd_cuda(const GlaParams& p, cudaStream_t stream) {
+  using Tr = GlaRecurrentTraits;
+  const dim3 grid(static_cast<unsigned>(p.batch * p.heads), static_cast<unsigned>(ceil_div(p.dim_v, 32)));
+  linmix_fused_recurrent_gla_fwd_kernel<cuda_t<dt>><<<grid, Tr::kThreads, 0, stream>>>(p);
+  LINMIX_CHECK_LAUNCH();
+}
+
+template <DType dt>
+void fused_recurrent_gla_bwd_cuda(const GlaParams& p, cudaStream_t stream) {
+  using Tr = GlaRecurrentTraits;
+  const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
+  linmix_fused_recurrent_gla_bwd_dqk_kernel<cuda_t<dt>>
+      <<<dim3(bh, static_cast<unsigned>(ceil_div(p.dim_k, Tr::kNWarps))), Tr::kThreads, 0, stream>>>(p);
+  LINMIX_CHECK_LAUNCH();
+  linmix_fused_recurrent_gla_bwd_dv_kernel<cuda_t<dt>>
+      <<<dim3(bh, static_cast<unsigned>(ceil_div(p.dim_v, 32))), Tr::kThreads, 0, stream>>>(p);
+  LINMIX_CHECK_LAUNCH();
+}
+
+}  // namespace linmix

@@ -1,0 +1,39 @@
+// Gated linear attention (chunk_gla / fused_recurrent_gla): S_t = diag(exp g_t) S_{t-1} + k_t^T v_t,
+// o_t = scale q_t S_t, per (batch, head).
+#pragma once
+
+#include <cstdint>
+
+namespace linmix {
+
+// A (B, T, H, X) tensor with unit stride along X; element strides for B, T and H (64-bit).
+struct BTHView {
+  void* ptr = nullptr;
+  int64_t batch_stride = 0;
+  int64_t t_stride = 0;
+  int64_t head_stride = 0;
+};
+
+struct GlaParams {
+  int64_t batch = 0, seqlen = 0, heads = 0;
+  int64_t dim_k = 0, dim_v = 0;  // head dims K (q, k, g) and V (v, o)
+  double scale = 1.0;
+  // forward
+  BTHView q, k, g;  // (B, T, H, K); g is the log forget gate
+  BTHView v;        // (B, T, H, V)
+  BTHView o;        // (B, T, H, V) output
+  const void* h0 = nullptr;  // (B, H, K, V) contiguous, accumulation type, or null for zeros
+  void* ht = nullptr;        // (B, H, K, V) contiguous, accumulation type: the final state (always written)
+  // backward
+  BTHView dout;              // (B, T, H, V) incoming gradient of o
+  const void* dht = nullptr; // (B, H, K, V) contiguous, accumulation type, or null for zeros
+  BTHView dq, dk, dg;        // (B, T, H, K) outputs
+  BTHView dv;                // (B, T, H, V) output
+  void* dh0 = nullptr;       // (B, H, K, V) contiguous, accumulation type
+  // CUDA backward workspaces (fp32, contiguous)
+  float* workspace = nullptr;      // fused_recurrent: (B, T, H, K) copy of dq, for the dg sum
+  float* chunk_states = nullptr;   // chunk: (B * H, n_chunks + 1, K, V) state entering each chunk, then the final one
+  float* chunk_dstates = nullptr;  // chunk: (B * H, n_chunks, K, V) gradient of the state leaving each chunk
+};
+
+}  // namespace linmix

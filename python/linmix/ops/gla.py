@@ -1,0 +1,106 @@
+"""Gated linear attention: chunk_gla (chunked, tensor cores on CUDA) and fused_recurrent_gla (step by step)."""
+
+from __future__ import annotations
+
+import torch
+
+from .._native import acc_dtype, check_backend, nvtx_range
+
+
+def _fwd_fake(q, k, v, g, scale, initial_state):
+    B, T, H, K = q.shape
+    o = q.new_empty((B, T, H, v.shape[-1]))
+    ht = q.new_empty((B, H, K, v.shape[-1]), dtype=acc_dtype(q))
+    return o, ht
+
+
+def _bwd_fake(q, k, v, g, dout, dht, scale, initial_state):
+    B, T, H, K = q.shape
+    dq, dk, dg = (q.new_empty(q.shape) for _ in range(3))
+    dv = v.new_empty(v.shape)
+    dh0 = q.new_empty((B, H, K, v.shape[-1]), dtype=acc_dtype(q))
+    return dq, dk, dv, dg, dh0
+
+
+for _algo in ("chunk_gla", "fused_recurrent_gla"):
+    torch.library.register_fake(f"linmix::{_algo}_fwd")(_fwd_fake)
+    torch.library.register_fake(f"linmix::{_algo}_bwd")(_bwd_fake)
+
+
+class GlaFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, scale, initial_state, recurrent):
+        name = "fused_recurrent_gla" if recurrent else "chunk_gla"
+        fwd = torch.ops.linmix.fused_recurrent_gla_fwd if recurrent else torch.ops.linmix.chunk_gla_fwd
+        with nvtx_range(f"linmix/{name}/fwd", q):
+            o, ht = fwd(q, k, v, g, scale, initial_state)
+        ctx.save_for_backward(q, k, v, g, initial_state)
+        ctx.scale, ctx.recurrent = scale, recurrent
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, initial_state = ctx.saved_tensors
+        name = "fused_recurrent_gla" if ctx.recurrent else "chunk_gla"
+        bwd = torch.ops.linmix.fused_recurrent_gla_bwd if ctx.recurrent else torch.ops.linmix.chunk_gla_bwd
+        with nvtx_range(f"linmix/{name}/bwd", q):
+            dq, dk, dv, dg, dh0 = bwd(q, k, v, g, do.to(q.dtype), dht, ctx.scale, initial_state)
+        return dq, dk, dv, dg, None, (dh0 if initial_state is not None else None), None
+
+
+def _gla(name, recurrent, q, k, v, g, scale, initial_state, output_final_state):
+    check_backend(name, q, k, v, g, initial_state)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if initial_state is not None and q.dim() == 4:
+        initial_state = initial_state.to(acc_dtype(q))
+    o, ht = GlaFn.apply(q, k, v, g, float(scale), initial_state, recurrent)
+    return o, (ht if output_final_state else None)
+
+
+def chunk_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated linear attention, chunked (flash-linear-attention's ``chunk_gla`` contract).
+
+    ``S_t = diag(exp g_t) S_{t-1} + k_t^T v_t`` and ``o_t = scale * q_t S_t`` per batch and head,
+    with ``S_{-1} = initial_state`` (zeros if None). Computed in chunks of 64 steps (sub-chunks of 16).
+
+    Args:
+        q, k, g: (B, T, H, K); v: (B, T, H, V); float32 / float16 / bfloat16 (float64 on CPU), one dtype.
+            g is the log forget gate per key channel and should be <= 0 (e.g. ``logsigmoid(x)``).
+            g > 0 is mathematically valid (a growing state) but the exponents are then no longer
+            bounded by 0, so large positive cumulative gates overflow to inf; it is not guarded.
+        scale: multiplies q S; defaults to K ** -0.5.
+        initial_state: optional (B, H, K, V), cast to float32 (float64 for float64 inputs).
+        output_final_state: return the final state as well.
+        K and V may be anything in [1, 256].
+
+    Returns:
+        o: (B, T, H, V) in q's dtype; final_state: (B, H, K, V) float32 (float64 for float64 inputs)
+        or None. Differentiable with respect to q, k, v, g, initial_state, also through final_state.
+        The gate cumsum, the diagonal-block scores, the state and every accumulation are float32.
+    """
+    return _gla("chunk_gla", False, q, k, v, g, scale, initial_state, output_final_state)
+
+
+def fused_recurrent_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated linear attention computed step by step: the decoding / short-sequence path.
+
+    Same contract, shapes and dtypes as :func:`chunk_gla`; the state is updated once per time step.
+    """
+    return _gla("fused_recurrent_gla", True, q, k, v, g, scale, initial_state, output_final_state)

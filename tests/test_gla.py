@@ -1,0 +1,232 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import linmix
+from linmix.reference import gla_ref
+
+from conftest import DEVICES, low_precision_close
+
+ALGOS = {"chunk": linmix.chunk_gla, "recurrent": linmix.fused_recurrent_gla}
+
+
+def make(B, T, H, K, V, dtype, device, gate="medium", h0=True, requires_grad=False):
+    """Random inputs; `gate` sets the log-decay: logsigmoid scaled by 0.1 / 1 / 10, ~0, or exactly 0."""
+    f64 = dict(dtype=torch.float64)
+    q, k = torch.randn(B, T, H, K, **f64), torch.randn(B, T, H, K, **f64)
+    v = torch.randn(B, T, H, V, **f64)
+    x = torch.randn(B, T, H, K, **f64)
+    g = {
+        "mild": 0.1 * F.logsigmoid(x),
+        "medium": F.logsigmoid(x),
+        "harsh": 10 * F.logsigmoid(x),
+        "tiny": -1e-7 * torch.rand_like(x),
+        "zero": torch.zeros_like(x),
+        "positive": 0.05 * torch.rand_like(x),
+    }[gate]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    s = torch.randn(B, H, K, V, **f64).to(device, acc) if h0 else None
+    ins = [t.to(device, dtype) for t in (q, k, v, g)] + [s]
+    for t in ins:
+        if t is not None:
+            t.requires_grad_(requires_grad)
+    return ins
+
+
+def rel_err(got, want):
+    want = want.double()
+    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def run_and_grads(fn, q, k, v, g, h0, final, do, dht):
+    o, ht = fn(q, k, v, g, initial_state=h0, output_final_state=final)
+    assert (ht is not None) == final
+    loss = (o.double() * do).sum() + ((ht.double() * dht).sum() if final else 0)
+    inputs = [t for t in (q, k, v, g, h0) if t is not None]
+    return [o] + ([ht] if final else []) + list(torch.autograd.grad(loss, inputs))
+
+
+# (T, K, V, gate, with initial state, with final state): a sweep, not the full product.
+CASES = [
+    (1, 16, 16, "medium", True, True),
+    (15, 64, 16, "mild", False, True),
+    (64, 16, 64, "harsh", True, False),
+    (65, 100, 64, "medium", True, True),
+    (200, 64, 100, "harsh", True, True),
+    (200, 16, 128, "mild", False, False),
+    (65, 128, 16, "tiny", True, True),
+    (64, 64, 64, "zero", True, True),
+    (15, 100, 100, "zero", False, True),
+    (130, 32, 32, "positive", True, True),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algo", ["chunk", "recurrent"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_matches_reference(device, algo, case):
+    T, K, V, gate, with_h0, final = case
+    dtypes = [torch.float64, torch.float32] if device == "cpu" else [torch.float32]
+    for dtype in dtypes:
+        q, k, v, g, h0 = make(2, T, 2, K, V, dtype, device, gate, with_h0, requires_grad=True)
+        ro, rht = gla_ref(q, k, v, g, initial_state=h0, output_final_state=True)
+        do, dht = torch.randn_like(ro), torch.randn_like(rht)
+        got = run_and_grads(ALGOS[algo], q, k, v, g, h0, final, do, dht)
+        want = run_and_grads(gla_ref, q, k, v, g, h0, final, do, dht)
+        tol = 1e-11 if dtype == torch.float64 else 2e-5
+        names = ["o"] + (["final_state"] if final else []) + ["dq", "dk", "dv", "dg"] + (["dh0"] if with_h0 else [])
+        for name, a, b in zip(names, got, want):
+            assert torch.isfinite(a).all(), name
+            assert rel_err(a, b) < tol, f"{name}: {rel_err(a, b):.2e} (dtype {dtype})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunk_and_recurrent_agree(device):
+    q, k, v, g, h0 = make(2, 150, 3, 64, 48, torch.float32, device, "medium", requires_grad=True)
+    do = torch.randn(2, 150, 3, 48, device=device, dtype=torch.float64)
+    dht = torch.randn(2, 3, 64, 48, device=device, dtype=torch.float64)
+    a = run_and_grads(linmix.chunk_gla, q, k, v, g, h0, True, do, dht)
+    b = run_and_grads(linmix.fused_recurrent_gla, q, k, v, g, h0, True, do, dht)
+    for x, y in zip(a, b):
+        assert rel_err(x, y) < 2e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algo", ["chunk", "recurrent"])
+def test_harsh_gates_stay_finite(device, algo):
+    # Cumulative log-decays down to about -1e4 inside a chunk: every exponent must stay <= 0.
+    q, k, v, _, h0 = make(1, 130, 2, 32, 32, torch.float32, device, requires_grad=True)
+    g = torch.full_like(q, -80.0).requires_grad_()
+    o, ht = ALGOS[algo](q, k, v, g, initial_state=h0, output_final_state=True)
+    ro, rht = gla_ref(q, k, v, g, initial_state=h0, output_final_state=True)
+    assert rel_err(o, ro) < 2e-5 and rel_err(ht, rht) < 2e-5
+    (o.sum() + ht.sum()).backward()
+    for t in (q, k, v, g, h0):
+        assert torch.isfinite(t.grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("algo", ["chunk", "recurrent"])
+def test_low_precision(device, dtype, algo):
+    if device == "cpu" and dtype == torch.float16:
+        pytest.skip("covered by bfloat16 on CPU")
+    q, k, v, g, h0 = make(2, 300, 2, 64, 64, dtype, device, "medium", requires_grad=True)
+    o, ht = ALGOS[algo](q, k, v, g, initial_state=h0, output_final_state=True)
+    ro, rht = gla_ref(q, k, v, g, initial_state=h0, output_final_state=True)
+    # PyTorch's own computation in this dtype: the reference loop with inputs and state in `dtype`.
+    S, outs = h0.to(dtype), []
+    for t in range(q.shape[1]):
+        S = g[:, t].exp().unsqueeze(-1) * S + k[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2)
+        outs.append(q.shape[-1] ** -0.5 * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    low_precision_close(o, ro, torch.stack(outs, 1))
+    low_precision_close(ht, rht, S)
+    do = torch.randn_like(ro)
+    got = torch.autograd.grad((o.double() * do).sum(), (q, k, v, g))
+    want = torch.autograd.grad((ro * do).sum(), (q, k, v, g))
+    # Inputs are exact in both; what remains is fp32 accumulation and rounding the gradient to dtype
+    # (about half an eps of the largest value; measured <= 1 eps on CPU).
+    eps = torch.finfo(dtype).eps
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 4 * eps
+
+
+@pytest.mark.parametrize("algo", ["chunk", "recurrent"])
+def test_gradcheck(algo):
+    fn = ALGOS[algo]
+    for T in (5, 70):
+        q, k, v, g, h0 = make(1, T, 2, 3, 2, torch.float64, "cpu", "medium", requires_grad=True)
+
+        def f(q, k, v, g, h0):
+            o, ht = fn(q, k, v, g, scale=0.7, initial_state=h0, output_final_state=True)
+            return o, ht
+
+        assert torch.autograd.gradcheck(f, (q, k, v, g, h0))
+    assert torch.autograd.gradcheck(lambda q, k, v, g: fn(q, k, v, g)[0], (q, k, v, g))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algo", ["chunk", "recurrent"])
+def test_non_contiguous_and_odd_shapes(device, algo):
+    fn = ALGOS[algo]
+    q, k, v, g, h0 = make(3, 67, 2, 24, 40, torch.float32, device)
+    q_nc = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, T, K) memory
+    v_nc = torch.randn(3, 67, 2, 80, device=device)[..., ::2]  # non-unit channel stride
+    a = fn(q_nc, k, v_nc, g, initial_state=h0, output_final_state=True)
+    b = fn(q, k, v_nc.contiguous(), g, initial_state=h0, output_final_state=True)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algo", ["chunk", "recurrent"])
+def test_empty(device, algo):
+    fn = ALGOS[algo]
+    for B, T in [(0, 5), (2, 0)]:
+        q, k, v, g, h0 = make(B, T, 2, 8, 4, torch.float32, device, requires_grad=True)
+        o, ht = fn(q, k, v, g, initial_state=h0, output_final_state=True)
+        assert o.shape == (B, T, 2, 4) and ht.shape == (B, 2, 8, 4)
+        torch.testing.assert_close(ht, h0.detach())
+        (o.sum() + ht.sum()).backward()
+        assert q.grad.shape == q.shape and h0.grad.shape == h0.shape
+
+
+def test_opcheck():
+    q, k, v, g, h0 = make(2, 70, 2, 8, 4, torch.float32, "cpu")
+    do, dht = torch.randn(2, 70, 2, 4), torch.randn(2, 2, 8, 4)
+    for algo in ("chunk_gla", "fused_recurrent_gla"):
+        fwd, bwd = getattr(torch.ops.linmix, f"{algo}_fwd"), getattr(torch.ops.linmix, f"{algo}_bwd")
+        torch.library.opcheck(fwd, (q, k, v, g, 0.5, h0))
+        torch.library.opcheck(fwd, (q, k, v, g, 0.5, None))
+        torch.library.opcheck(bwd, (q, k, v, g, do, dht, 0.5, h0))
+        torch.library.opcheck(bwd, (q, k, v, g, do, None, 0.5, None))
+
+
+def test_compile_fullgraph():
+    q, k, v, g, h0 = make(2, 70, 2, 8, 4, torch.float32, "cpu", requires_grad=True)
+
+    def f(q, k, v, g, h0):
+        o, ht = linmix.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+        o2, _ = linmix.fused_recurrent_gla(q, k, v, g)
+        return (o * 2).sum() + ht.sum() + o2.sum()
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, g, h0)
+    out.backward()
+    gq = q.grad.clone()
+    q.grad = None
+    ref = f(q, k, v, g, h0)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gq, q.grad)
+
+
+def _bad(**over):
+    x = dict(q=torch.rand(2, 5, 3, 8), k=torch.rand(2, 5, 3, 8), v=torch.rand(2, 5, 3, 4), g=-torch.rand(2, 5, 3, 8))
+    x.update(over)
+    return x
+
+
+@pytest.mark.parametrize("algo", ["chunk", "recurrent"])
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        (dict(q=torch.rand(2, 5, 8)), "q must have shape"),
+        (dict(k=torch.rand(2, 5, 3, 7)), "k must have shape"),
+        (dict(g=torch.rand(2, 6, 3, 8)), "g must have shape"),
+        (dict(v=torch.rand(2, 5, 2, 4)), "v must have shape"),
+        (dict(v=torch.rand(2, 5, 3, 300)), "head dims K and V must be in"),
+        (dict(k=torch.rand(2, 5, 3, 8, dtype=torch.float16)), "k must have the same dtype"),
+        (dict(q=torch.rand(2, 5, 3, 8).int()), "q must be float32"),
+        (dict(initial_state=torch.rand(2, 3, 4, 8)), "initial_state must have shape"),
+    ],
+)
+def test_bad_inputs(algo, over, match):
+    with pytest.raises(RuntimeError, match=match):
+        ALGOS[algo](**_bad(**over))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_mixed_devices():
+    with pytest.raises(RuntimeError, match="same device"):
+        linmix.chunk_gla(**_bad(k=torch.rand(2, 5, 3, 8, device="cuda")))
