@@ -7,6 +7,9 @@ TORCH_LIBRARY(linmix, m) {
   // linear_scan: h_t = a_t h_{t-1} + b_t, (B, T, D) channel-last
   m.def("linear_scan_fwd(Tensor a, Tensor b, Tensor? h0, bool reverse) -> Tensor");
   m.def("linear_scan_bwd(Tensor a, Tensor h, Tensor dh, Tensor? h0, bool reverse) -> (Tensor, Tensor, Tensor)");
+  // fixed_point_rnn: dense linear RNN as the fixed point of (Householder mix, diagonal scan); u, lam (B, T, D)
+  m.def("fixed_point_rnn_fwd(Tensor u, Tensor lam, Tensor hh_u, Tensor hh_beta, int max_iter, float tol) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("fixed_point_rnn_bwd(Tensor dh, Tensor u, Tensor lam, Tensor hh_u, Tensor hh_beta, Tensor h_prev, int max_iter, float tol) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifndef LINMIX_CUDA_VERSION

@@ -1,5 +1,6 @@
 """Float64 PyTorch references: the specification every kernel is tested against."""
 
+from .fixed_point import fixed_point_dense_ref, fixed_point_iter_ref, fixed_point_step_ref
 from .linear_scan import linear_scan_ref
 
-__all__ = ["linear_scan_ref"]
+__all__ = ["fixed_point_dense_ref", "fixed_point_iter_ref", "fixed_point_step_ref", "linear_scan_ref"]
