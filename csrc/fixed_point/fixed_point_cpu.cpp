@@ -18,81 +18,111 @@
 namespace linmix {
 namespace {
 
-// One batch element's inputs, converted on the fly to the accumulation type.
+// One batch element's inputs, converted on the fly to the accumulation type, and its per-token Gram
+// matrices G_ij = u_i · u_j (computed once; every iteration reuses them).
 template <typename T, typename acc_t>
 struct Element {
   const T* u;        // (T, D)
   const T* lam;      // (T, D)
   const T* hh_u;     // (T, R, D)
   const T* hh_beta;  // (T, R)
-  int64_t T_, D, R;
+  int64_t T_, D;
+  int R;
+  std::vector<acc_t> gram;  // (T, R, R)
 
   Element(const FixedPointParams& p, int64_t bi)
       : u(static_cast<const T*>(p.u) + bi * p.seqlen * p.dim),
         lam(static_cast<const T*>(p.lam) + bi * p.seqlen * p.dim),
         hh_u(static_cast<const T*>(p.hh_u) + bi * p.seqlen * p.rank * p.dim),
         hh_beta(static_cast<const T*>(p.hh_beta) + bi * p.seqlen * p.rank),
-        T_(p.seqlen), D(p.dim), R(p.rank) {}
-
-  const T* factor(int64_t t, int64_t i) const { return hh_u + (t * R + i) * D; }
-  acc_t beta(int64_t t, int64_t i) const { return static_cast<acc_t>(hh_beta[t * R + i]); }
-  acc_t lam_at(int64_t t, int64_t d) const { return static_cast<acc_t>(lam[t * D + d]); }
-
-  acc_t dot(const T* a, const acc_t* v) const {
-    acc_t s = 0;
-    for (int64_t d = 0; d < D; ++d) s += static_cast<acc_t>(a[d]) * v[d];
-    return s;
+        T_(p.seqlen), D(p.dim), R(static_cast<int>(p.rank)), gram(p.seqlen * p.rank * p.rank) {
+    for (int64_t t = 0; t < T_; ++t) {
+      acc_t* g = gram.data() + t * R * R;
+      for (int i = 0; i < R; ++i) {
+        for (int j = 0; j <= i; ++j) {
+          acc_t sum = 0;
+          for (int64_t d = 0; d < D; ++d) sum += static_cast<acc_t>(factor(t, i)[d]) * static_cast<acc_t>(factor(t, j)[d]);
+          g[i * R + j] = g[j * R + i] = sum;
+        }
+      }
+    }
   }
-  // v <- H_i v for one factor; returns u_i · v (before the update).
-  acc_t apply_factor(int64_t t, int64_t i, acc_t* v) const {
-    const T* w = factor(t, i);
-    const acc_t c = dot(w, v);
-    const acc_t coef = householder_coef(beta(t, i), c);
-    for (int64_t d = 0; d < D; ++d) v[d] = householder_update(v[d], coef, static_cast<acc_t>(w[d]));
-    return c;
+
+  const T* factor(int64_t t, int i) const { return hh_u + (t * R + i) * D; }
+  acc_t lam_at(int64_t t, int64_t d) const { return static_cast<acc_t>(lam[t * D + d]); }
+  const acc_t* gram_at(int64_t t) const { return gram.data() + t * R * R; }
+  void betas(int64_t t, acc_t* beta) const {
+    for (int i = 0; i < R; ++i) beta[i] = static_cast<acc_t>(hh_beta[t * R + i]);
+  }
+  // a_i = u_i · v for every factor of token t.
+  void dots(int64_t t, const acc_t* v, acc_t* a) const {
+    for (int i = 0; i < R; ++i) {
+      const T* w = factor(t, i);
+      acc_t sum = 0;
+      for (int64_t d = 0; d < D; ++d) sum += static_cast<acc_t>(w[d]) * v[d];
+      a[i] = sum;
+    }
+  }
+  // ud[i] = u_i[d] for channel d of token t.
+  void channel(int64_t t, int64_t d, acc_t* ud) const {
+    for (int i = 0; i < R; ++i) ud[i] = static_cast<acc_t>(factor(t, i)[d]);
+  }
+
+  // Forward chain coefficients of token t at h_prev row hp; `v` (D) receives u - hp.
+  void forward_chain(int64_t t, const acc_t* hp, acc_t* v, acc_t* c, acc_t* k) const {
+    acc_t a[kFixedPointMaxRank], beta[kFixedPointMaxRank];
+    for (int64_t d = 0; d < D; ++d) v[d] = static_cast<acc_t>(u[t * D + d]) - hp[d];
+    dots(t, v, a);
+    betas(t, beta);
+    householder_chain_fwd(R, beta, a, gram_at(t), c, k);
   }
 
   // out = f(in), one forward iteration over (T, D) rows; returns the residual max_t ratio_t.
-  // `v` is a D-row scratch.
   acc_t iterate(const acc_t* in, acc_t* out, acc_t* v) const {
     acc_t res = 0;
     for (int64_t t = 0; t < T_; ++t) {
       const acc_t* hp = in + t * D;
       acc_t* hn = out + t * D;
       const acc_t* h_before = t > 0 ? out + (t - 1) * D : nullptr;
-      for (int64_t d = 0; d < D; ++d) v[d] = static_cast<acc_t>(u[t * D + d]) - hp[d];
-      for (int64_t i = 0; i < R; ++i) apply_factor(t, i, v);
+      acc_t c[kFixedPointMaxRank], k[kFixedPointMaxRank], ud[kFixedPointMaxRank];
+      forward_chain(t, hp, v, c, k);
       acc_t diff = 0, norm = 0;
       for (int64_t d = 0; d < D; ++d) {
         const acc_t lam_d = lam_at(t, d);
-        const acc_t h = scan_step(lam_d, h_before ? h_before[d] : acc_t(0), fixed_point_scan_input(lam_d, hp[d], v[d]));
+        channel(t, d, ud);
+        const acc_t b = fixed_point_scan_input(lam_d, static_cast<acc_t>(u[t * D + d]), householder_mix(R, k, ud));
+        const acc_t h = scan_step(lam_d, h_before ? h_before[d] : acc_t(0), b);
         hn[d] = h;
-        diff = std::max(diff, std::abs(h - hp[d]));
-        norm = std::max(norm, std::abs(h));
+        diff = nan_max(diff, std::abs(h - hp[d]));
+        norm = nan_max(norm, std::abs(h));
       }
-      res = std::max(res, fixed_point_token_ratio(diff, norm));
+      res = nan_max(res, fixed_point_token_ratio(diff, norm));
     }
     return res;
   }
 
   // One adjoint iteration s_out = Sᵀ(g + (I - Q)ᵀ((1 - lam) s_in)); returns its residual.
-  // `y`, `qty` are D-row scratch.
-  acc_t adjoint_iterate(const T* g, const acc_t* in, acc_t* out, acc_t* y, acc_t* qty) const {
+  acc_t adjoint_iterate(const T* g, const acc_t* in, acc_t* out, acc_t* y) const {
     acc_t res = 0;
     for (int64_t t = T_ - 1; t >= 0; --t) {
-      for (int64_t d = 0; d < D; ++d) qty[d] = y[d] = fixed_point_adjoint_pre(lam_at(t, d), in[t * D + d]);
-      for (int64_t i = R - 1; i >= 0; --i) apply_factor(t, i, qty);
+      acc_t a[kFixedPointMaxRank], beta[kFixedPointMaxRank], dd[kFixedPointMaxRank], k[kFixedPointMaxRank],
+          ud[kFixedPointMaxRank];
+      for (int64_t d = 0; d < D; ++d) y[d] = fixed_point_adjoint_pre(lam_at(t, d), in[t * D + d]);
+      dots(t, y, a);
+      betas(t, beta);
+      householder_chain_bwd(R, beta, a, gram_at(t), dd, k);
       const acc_t* s_after = t + 1 < T_ ? out + (t + 1) * D : nullptr;
       acc_t diff = 0, norm = 0;
       for (int64_t d = 0; d < D; ++d) {
+        channel(t, d, ud);
         const acc_t a_next = s_after ? lam_at(t + 1, d) : acc_t(0);
-        const acc_t b = fixed_point_adjoint_input(static_cast<acc_t>(g[t * D + d]), y[d], qty[d]);
+        const acc_t b = fixed_point_adjoint_input(static_cast<acc_t>(g[t * D + d]), householder_mix(R, k, ud));
         const acc_t s = scan_step(a_next, s_after ? s_after[d] : acc_t(0), b);
         out[t * D + d] = s;
-        diff = std::max(diff, std::abs(s - in[t * D + d]));
-        norm = std::max(norm, std::abs(s));
+        diff = nan_max(diff, std::abs(s - in[t * D + d]));
+        norm = nan_max(norm, std::abs(s));
       }
-      res = std::max(res, fixed_point_token_ratio(diff, norm));
+      res = nan_max(res, fixed_point_token_ratio(diff, norm));
     }
     return res;
   }
@@ -135,55 +165,46 @@ void bwd_impl(const FixedPointParams& p) {
   using acc_t = cpu_acc_t<dt>;
   const int64_t TD = p.seqlen * p.dim, D = p.dim, R = p.rank;
   at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> h_new(TD), s_a(TD), s_b(TD), y(D), e(D), vs((R + 1) * D);
+    std::vector<acc_t> h_new(TD), s_a(TD), s_b(TD), v(D), e(D);
     for (int64_t bi = begin; bi < end; ++bi) {
       const Element<T, acc_t> el(p, bi);
       const acc_t* hp = static_cast<const acc_t*>(p.h_prev) + bi * TD;
       const T* g = static_cast<const T*>(p.dh) + bi * TD;
-      el.iterate(hp, h_new.data(), y.data());  // h = f(h_prev), recomputed in the accumulation type
+      el.iterate(hp, h_new.data(), v.data());  // h = f(h_prev), recomputed in the accumulation type
 
       // Adjoint iterations on s (s^0 = 0, so the first one is the plain reverse scan of g).
       acc_t *cur = s_a.data(), *nxt = s_b.data();
       std::fill(cur, cur + TD, acc_t(0));
-      for (int k = 0; k < p.max_iter; ++k) {
-        const acc_t res = el.adjoint_iterate(g, cur, nxt, y.data(), e.data());
+      for (int it = 0; it < p.max_iter; ++it) {
+        const acc_t res = el.adjoint_iterate(g, cur, nxt, e.data());
         std::swap(cur, nxt);
         if (res < p.tol) break;
       }
       const acc_t* s = cur;
 
-      // One step's VJP per token: replay the factors keeping their inputs v_0..v_{R-1}, then walk back.
+      // One step's VJP per token (householder_vjp_channel walks the factors per channel).
       T* du = static_cast<T*>(p.du) + bi * TD;
       T* dlam = static_cast<T*>(p.dlam) + bi * TD;
       T* dhh_u = static_cast<T*>(p.dhh_u) + bi * p.seqlen * R * D;
       T* dhh_beta = static_cast<T*>(p.dhh_beta) + bi * p.seqlen * R;
       for (int64_t t = 0; t < p.seqlen; ++t) {
-        const acc_t* hp_t = hp + t * D;
-        acc_t* v = vs.data();  // row i = input of factor i; row R = Q v
-        for (int64_t d = 0; d < D; ++d) v[d] = static_cast<acc_t>(el.u[t * D + d]) - hp_t[d];
-        for (int64_t i = 0; i < R; ++i) {
-          std::copy(v + i * D, v + (i + 1) * D, v + (i + 1) * D);
-          el.apply_factor(t, i, v + (i + 1) * D);
-        }
+        acc_t c[kFixedPointMaxRank], k[kFixedPointMaxRank], dd[kFixedPointMaxRank], kk[kFixedPointMaxRank],
+            ae[kFixedPointMaxRank], beta[kFixedPointMaxRank], ud[kFixedPointMaxRank], dud[kFixedPointMaxRank];
+        el.forward_chain(t, hp + t * D, v.data(), c, k);
+        for (int64_t d = 0; d < D; ++d) e[d] = fixed_point_adjoint_pre(el.lam_at(t, d), s[t * D + d]);
+        el.dots(t, e.data(), ae);
+        el.betas(t, beta);
+        householder_chain_bwd(static_cast<int>(R), beta, ae, el.gram_at(t), dd, kk);
+        for (int64_t i = 0; i < R; ++i) dhh_beta[t * R + i] = static_cast<T>(householder_grad_beta(c[i], dd[i]));
         for (int64_t d = 0; d < D; ++d) {
-          const acc_t lam_d = el.lam_at(t, d), s_d = s[t * D + d];
+          el.channel(t, d, ud);
+          const acc_t x_tilde = static_cast<acc_t>(el.u[t * D + d]) - householder_mix(static_cast<int>(R), k, ud);
           const acc_t h_before = t > 0 ? h_new[(t - 1) * D + d] : acc_t(0);
-          dlam[t * D + d] = static_cast<T>(fixed_point_grad_lam(s_d, h_before, hp_t[d] + v[R * D + d]));
-          e[d] = fixed_point_adjoint_pre(lam_d, s_d);  // dx~ = (1 - lam) s
+          dlam[t * D + d] = static_cast<T>(fixed_point_grad_lam(s[t * D + d], h_before, x_tilde));
+          du[t * D + d] = static_cast<T>(
+              householder_vjp_channel(static_cast<int>(R), ud, beta, c, k, dd, kk, v[d], e[d], dud));
+          for (int64_t i = 0; i < R; ++i) dhh_u[(t * R + i) * D + d] = static_cast<T>(dud[i]);
         }
-        for (int64_t i = R - 1; i >= 0; --i) {
-          const T* w = el.factor(t, i);
-          const acc_t* vi = v + i * D;
-          const acc_t beta = el.beta(t, i), c = el.dot(w, vi), dd = el.dot(w, e.data());
-          dhh_beta[t * R + i] = static_cast<T>(householder_grad_beta(c, dd));
-          T* dw = dhh_u + (t * R + i) * D;
-          const acc_t coef = householder_coef(beta, dd);
-          for (int64_t d = 0; d < D; ++d) {
-            dw[d] = static_cast<T>(householder_grad_u(beta, c, dd, e[d], vi[d]));
-            e[d] = householder_update(e[d], coef, static_cast<acc_t>(w[d]));
-          }
-        }
-        for (int64_t d = 0; d < D; ++d) du[t * D + d] = static_cast<T>(e[d]);
       }
     }
   });
