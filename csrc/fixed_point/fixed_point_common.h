@@ -31,11 +31,11 @@ LINMIX_HD T nan_max(T a, T b) {
 // Forward chain: c_i = a_i - sum_{j<i} k_j G_ij, k_i = beta_i c_i. gram: (R, R) row-major.
 template <typename T, typename G>
 LINMIX_HD void householder_chain_fwd(int R, const T* beta, const T* a, const G* gram, T* c, T* k) {
-#pragma unroll
+LINMIX_UNROLL
   for (int i = 0; i < kFixedPointMaxRank; ++i) {
     if (i < R) {
       T ci = a[i];
-#pragma unroll
+LINMIX_UNROLL
       for (int j = 0; j < i; ++j) ci -= k[j] * static_cast<T>(gram[i * R + j]);
       c[i] = ci;
       k[i] = beta[i] * ci;
@@ -46,11 +46,11 @@ LINMIX_HD void householder_chain_fwd(int R, const T* beta, const T* a, const G* 
 // Transposed chain (H_R applied first): d_i = a_i - sum_{j>i} k_j G_ij, k_i = beta_i d_i.
 template <typename T, typename G>
 LINMIX_HD void householder_chain_bwd(int R, const T* beta, const T* a, const G* gram, T* d, T* k) {
-#pragma unroll
+LINMIX_UNROLL
   for (int i = kFixedPointMaxRank - 1; i >= 0; --i) {
     if (i < R) {
       T di = a[i];
-#pragma unroll
+LINMIX_UNROLL
       for (int j = i + 1; j < kFixedPointMaxRank; ++j) {
         if (j < R) di -= k[j] * static_cast<T>(gram[i * R + j]);
       }
@@ -64,7 +64,7 @@ LINMIX_HD void householder_chain_bwd(int R, const T* beta, const T* a, const G* 
 template <typename T>
 LINMIX_HD T householder_mix(int R, const T* k, const T* ud) {
   T m = T(0);
-#pragma unroll
+LINMIX_UNROLL
   for (int i = 0; i < kFixedPointMaxRank; ++i) {
     if (i < R) m += k[i] * ud[i];
   }
@@ -98,7 +98,7 @@ LINMIX_HD T householder_vjp_channel(int R, const T* ud, const T* beta, const T* 
                                     const T* kk, T v0, T e, T* dud) {
   const T e0 = e - householder_mix(R, kk, ud);
   T v = v0, ei = e0;
-#pragma unroll
+LINMIX_UNROLL
   for (int i = 0; i < kFixedPointMaxRank; ++i) {
     if (i < R) {
       ei += kk[i] * ud[i];

@@ -38,7 +38,6 @@ void check_inputs(const at::Tensor& u, const at::Tensor& lam, const at::Tensor& 
               max_iter);
   TORCH_CHECK(tol >= 0, "linmix.fixed_point_rnn: tol must be >= 0, got ", tol);
   if (u.is_cuda()) {
-    TORCH_CHECK(B <= 65535, "linmix.fixed_point_rnn: B must be at most 65535 on CUDA");
     TORCH_CHECK(D <= int64_t(65535) * 32, "linmix.fixed_point_rnn: D must be at most ", 65535 * 32, " on CUDA");
   }
 }
