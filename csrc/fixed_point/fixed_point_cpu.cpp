@@ -28,15 +28,20 @@ struct Element {
   const T* hh_beta;  // (T, R)
   int64_t T_, D;
   int R;
-  std::vector<acc_t> gram;  // (T, R, R)
+  std::vector<acc_t> gram;     // (T, R, R)
+  std::vector<acc_t> factors;  // (T, D, R): the factors channel-major, so a channel's R values are adjacent
 
   Element(const FixedPointParams& p, int64_t bi)
       : u(static_cast<const T*>(p.u) + bi * p.seqlen * p.dim),
         lam(static_cast<const T*>(p.lam) + bi * p.seqlen * p.dim),
         hh_u(static_cast<const T*>(p.hh_u) + bi * p.seqlen * p.rank * p.dim),
         hh_beta(static_cast<const T*>(p.hh_beta) + bi * p.seqlen * p.rank),
-        T_(p.seqlen), D(p.dim), R(static_cast<int>(p.rank)), gram(p.seqlen * p.rank * p.rank) {
+        T_(p.seqlen), D(p.dim), R(static_cast<int>(p.rank)), gram(p.seqlen * p.rank * p.rank),
+        factors(p.seqlen * p.dim * p.rank) {
     for (int64_t t = 0; t < T_; ++t) {
+      for (int i = 0; i < R; ++i) {
+        for (int64_t d = 0; d < D; ++d) factors[(t * D + d) * R + i] = static_cast<acc_t>(factor(t, i)[d]);
+      }
       acc_t* g = gram.data() + t * R * R;
       for (int i = 0; i < R; ++i) {
         for (int j = 0; j <= i; ++j) {
@@ -63,10 +68,8 @@ struct Element {
       a[i] = sum;
     }
   }
-  // ud[i] = u_i[d] for channel d of token t.
-  void channel(int64_t t, int64_t d, acc_t* ud) const {
-    for (int i = 0; i < R; ++i) ud[i] = static_cast<acc_t>(factor(t, i)[d]);
-  }
+  // (u_i[d])_i for channel d of token t.
+  const acc_t* channel(int64_t t, int64_t d) const { return factors.data() + (t * D + d) * R; }
 
   // Forward chain coefficients of token t at h_prev row hp; `v` (D) receives u - hp.
   void forward_chain(int64_t t, const acc_t* hp, acc_t* v, acc_t* c, acc_t* k) const {
@@ -84,12 +87,12 @@ struct Element {
       const acc_t* hp = in + t * D;
       acc_t* hn = out + t * D;
       const acc_t* h_before = t > 0 ? out + (t - 1) * D : nullptr;
-      acc_t c[kFixedPointMaxRank], k[kFixedPointMaxRank], ud[kFixedPointMaxRank];
+      acc_t c[kFixedPointMaxRank], k[kFixedPointMaxRank];
       forward_chain(t, hp, v, c, k);
       acc_t diff = 0, norm = 0;
       for (int64_t d = 0; d < D; ++d) {
         const acc_t lam_d = lam_at(t, d);
-        channel(t, d, ud);
+        const acc_t* ud = channel(t, d);
         const acc_t b = fixed_point_scan_input(lam_d, static_cast<acc_t>(u[t * D + d]), householder_mix(R, k, ud));
         const acc_t h = scan_step(lam_d, h_before ? h_before[d] : acc_t(0), b);
         hn[d] = h;
@@ -105,8 +108,7 @@ struct Element {
   acc_t adjoint_iterate(const T* g, const acc_t* in, acc_t* out, acc_t* y) const {
     acc_t res = 0;
     for (int64_t t = T_ - 1; t >= 0; --t) {
-      acc_t a[kFixedPointMaxRank], beta[kFixedPointMaxRank], dd[kFixedPointMaxRank], k[kFixedPointMaxRank],
-          ud[kFixedPointMaxRank];
+      acc_t a[kFixedPointMaxRank], beta[kFixedPointMaxRank], dd[kFixedPointMaxRank], k[kFixedPointMaxRank];
       for (int64_t d = 0; d < D; ++d) y[d] = fixed_point_adjoint_pre(lam_at(t, d), in[t * D + d]);
       dots(t, y, a);
       betas(t, beta);
@@ -114,7 +116,7 @@ struct Element {
       const acc_t* s_after = t + 1 < T_ ? out + (t + 1) * D : nullptr;
       acc_t diff = 0, norm = 0;
       for (int64_t d = 0; d < D; ++d) {
-        channel(t, d, ud);
+        const acc_t* ud = channel(t, d);
         const acc_t a_next = s_after ? lam_at(t + 1, d) : acc_t(0);
         const acc_t b = fixed_point_adjoint_input(static_cast<acc_t>(g[t * D + d]), householder_mix(R, k, ud));
         const acc_t s = scan_step(a_next, s_after ? s_after[d] : acc_t(0), b);
@@ -189,7 +191,7 @@ void bwd_impl(const FixedPointParams& p) {
       T* dhh_beta = static_cast<T*>(p.dhh_beta) + bi * p.seqlen * R;
       for (int64_t t = 0; t < p.seqlen; ++t) {
         acc_t c[kFixedPointMaxRank], k[kFixedPointMaxRank], dd[kFixedPointMaxRank], kk[kFixedPointMaxRank],
-            ae[kFixedPointMaxRank], beta[kFixedPointMaxRank], ud[kFixedPointMaxRank], dud[kFixedPointMaxRank];
+            ae[kFixedPointMaxRank], beta[kFixedPointMaxRank], dud[kFixedPointMaxRank];
         el.forward_chain(t, hp + t * D, v.data(), c, k);
         for (int64_t d = 0; d < D; ++d) e[d] = fixed_point_adjoint_pre(el.lam_at(t, d), s[t * D + d]);
         el.dots(t, e.data(), ae);
@@ -197,7 +199,7 @@ void bwd_impl(const FixedPointParams& p) {
         householder_chain_bwd(static_cast<int>(R), beta, ae, el.gram_at(t), dd, kk);
         for (int64_t i = 0; i < R; ++i) dhh_beta[t * R + i] = static_cast<T>(householder_grad_beta(c[i], dd[i]));
         for (int64_t d = 0; d < D; ++d) {
-          el.channel(t, d, ud);
+          const acc_t* ud = el.channel(t, d);
           const acc_t x_tilde = static_cast<acc_t>(el.u[t * D + d]) - householder_mix(static_cast<int>(R), k, ud);
           const acc_t h_before = t > 0 ? h_new[(t - 1) * D + d] : acc_t(0);
           dlam[t * D + d] = static_cast<T>(fixed_point_grad_lam(s[t * D + d], h_before, x_tilde));
