@@ -33,13 +33,12 @@ template <typename T, typename G>
 LINMIX_HD void householder_chain_fwd(int R, const T* beta, const T* a, const G* gram, T* c, T* k) {
 LINMIX_UNROLL
   for (int i = 0; i < kFixedPointMaxRank; ++i) {
-    if (i < R) {
-      T ci = a[i];
+    if (i >= R) break;
+    T ci = a[i];
 LINMIX_UNROLL
-      for (int j = 0; j < i; ++j) ci -= k[j] * static_cast<T>(gram[i * R + j]);
-      c[i] = ci;
-      k[i] = beta[i] * ci;
-    }
+    for (int j = 0; j < i; ++j) ci -= k[j] * static_cast<T>(gram[i * R + j]);
+    c[i] = ci;
+    k[i] = beta[i] * ci;
   }
 }
 
@@ -52,7 +51,8 @@ LINMIX_UNROLL
       T di = a[i];
 LINMIX_UNROLL
       for (int j = i + 1; j < kFixedPointMaxRank; ++j) {
-        if (j < R) di -= k[j] * static_cast<T>(gram[i * R + j]);
+        if (j >= R) break;
+        di -= k[j] * static_cast<T>(gram[i * R + j]);
       }
       d[i] = di;
       k[i] = beta[i] * di;
@@ -66,7 +66,8 @@ LINMIX_HD T householder_mix(int R, const T* k, const T* ud) {
   T m = T(0);
 LINMIX_UNROLL
   for (int i = 0; i < kFixedPointMaxRank; ++i) {
-    if (i < R) m += k[i] * ud[i];
+    if (i >= R) break;
+    m += k[i] * ud[i];
   }
   return m;
 }
@@ -100,11 +101,10 @@ LINMIX_HD T householder_vjp_channel(int R, const T* ud, const T* beta, const T* 
   T v = v0, ei = e0;
 LINMIX_UNROLL
   for (int i = 0; i < kFixedPointMaxRank; ++i) {
-    if (i < R) {
-      ei += kk[i] * ud[i];
-      dud[i] = -beta[i] * (c[i] * ei + dd[i] * v);
-      v -= k[i] * ud[i];
-    }
+    if (i >= R) break;
+    ei += kk[i] * ud[i];
+    dud[i] = -beta[i] * (c[i] * ei + dd[i] * v);
+    v -= k[i] * ud[i];
   }
   return e0;
 }
