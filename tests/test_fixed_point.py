@@ -249,8 +249,8 @@ def test_low_precision(device, dtype):
             outs.append(s)
         h_pt = torch.stack(outs, 1)
     low_precision_close(h, ref, h_pt)
-    # Gradients: one step's VJP at h^5, against float64 autograd; inputs and outputs are rounded to the
-    # dtype (eps 2^-8 for bf16), the accumulation is fp32, so within 4 eps of the largest entry (about 0.5 eps measured on the CPU).
+    # Gradients: one step's VJP at h^5, against float64 autograd. Inputs and outputs are rounded to the
+    # dtype, the accumulation is fp32: within 4 eps of the largest entry (about 0.5 eps on the CPU).
     inputs = [x.clone().requires_grad_() for x in (u, lam, hh_u, hh_beta)]
     ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
     g = torch.randn_like(ref)
