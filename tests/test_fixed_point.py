@@ -291,7 +291,8 @@ def test_compile_fullgraph():
 
 
 def _bad(**over):
-    args = dict(u=torch.rand(2, 3, 4), lam=torch.rand(2, 3, 4), hh_u=torch.rand(2, 3, 2, 4), hh_beta=torch.rand(2, 3, 2))
+    args = dict(u=torch.rand(2, 3, 4), lam=torch.rand(2, 3, 4), hh_u=torch.rand(2, 3, 2, 4),
+                hh_beta=torch.rand(2, 3, 2))
     args.update({k: v for k, v in over.items() if k in args})
     kw = {k: v for k, v in over.items() if k not in args}
     return lambda: linmix.fixed_point_rnn(**args, **kw)

@@ -45,8 +45,9 @@ struct Element {
       acc_t* g = gram.data() + t * R * R;
       for (int i = 0; i < R; ++i) {
         for (int j = 0; j <= i; ++j) {
+          const T *ui = factor(t, i), *uj = factor(t, j);
           acc_t sum = 0;
-          for (int64_t d = 0; d < D; ++d) sum += static_cast<acc_t>(factor(t, i)[d]) * static_cast<acc_t>(factor(t, j)[d]);
+          for (int64_t d = 0; d < D; ++d) sum += static_cast<acc_t>(ui[d]) * static_cast<acc_t>(uj[d]);
           g[i * R + j] = g[j * R + i] = sum;
         }
       }
