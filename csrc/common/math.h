@@ -11,6 +11,13 @@
 #define LINMIX_HD inline
 #endif
 
+// `#pragma unroll` for loops in LINMIX_HD code (nvcc honours it; host compilers would warn on it).
+#if defined(__CUDACC__)
+#define LINMIX_UNROLL _Pragma("unroll")
+#else
+#define LINMIX_UNROLL
+#endif
+
 namespace linmix {
 
 constexpr float kLog2e = 1.4426950408889634f;

@@ -1,0 +1,47 @@
+// CUDA launchers (defined in instantiate/*.cu) and their workspace layout, torch-free.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/dtype.h"
+#include "fixed_point/params.h"
+
+namespace linmix {
+
+// p.work holds fp32 words and p.flags int32 words; offsets in words. The torch glue allocates
+// work_floats / flag_ints; the launchers carve them up with the same function.
+struct FixedPointWorkspace {
+  int64_t gram = 0;      // (B, T, R, R) Householder Gram matrices
+  int64_t coef = 0;      // (B, T, R) chain coefficients of the current iteration
+  int64_t tok_diff = 0;  // (B, T) per-token max |new - old| (float bits, atomicMax)
+  int64_t tok_norm = 0;  // (B, T) per-token max |new|
+  int64_t state = 0;     // forward: (B, T, D) the second ping-pong buffer; backward: 2 x (B, T, D) adjoint s
+  int64_t h_new = 0;     // backward: (B, T, D) f(h_prev) recomputed
+  int64_t residual = 0;  // backward: (B,) adjoint residual
+  int64_t work_floats = 0;
+  int64_t done = 0, counter = 0, n_iter = 0;  // (B,) each: converged flag, finished-block count, adjoint iterations
+  int64_t flag_ints = 0;
+};
+
+inline FixedPointWorkspace fixed_point_workspace(const FixedPointParams& p, bool backward) {
+  const int64_t BT = p.batch * p.seqlen, BTD = BT * p.dim;
+  FixedPointWorkspace ws;
+  int64_t off = 0;
+  ws.gram = off, off += BT * p.rank * p.rank;
+  ws.coef = off, off += BT * p.rank;
+  ws.tok_diff = off, off += BT;
+  ws.tok_norm = off, off += BT;
+  ws.state = off, off += (backward ? 2 : 1) * BTD;
+  ws.h_new = off, off += backward ? BTD : 0;
+  ws.residual = off, off += p.batch;
+  ws.work_floats = off;
+  ws.done = 0, ws.counter = p.batch, ws.n_iter = 2 * p.batch, ws.flag_ints = 3 * p.batch;
+  return ws;
+}
+
+template <DType dt> void fixed_point_fwd_cuda(const FixedPointParams& p, cudaStream_t stream);
+template <DType dt> void fixed_point_bwd_cuda(const FixedPointParams& p, cudaStream_t stream);
+
+}  // namespace linmix

@@ -1,0 +1,143 @@
+// Torch glue for fixed_point_rnn: input checks, outputs, params, dispatch to CPU or CUDA.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/static_switch.h"
+#include "common/torch_stream.h"
+#include "fixed_point/fixed_point_common.h"
+#include "fixed_point/fixed_point_cpu.h"
+#include "fixed_point/params.h"
+#ifdef LINMIX_WITH_CUDA
+#include "fixed_point/fixed_point_cuda.h"
+#endif
+
+namespace linmix {
+namespace {
+
+at::ScalarType acc_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_inputs(const at::Tensor& u, const at::Tensor& lam, const at::Tensor& hh_u, const at::Tensor& hh_beta,
+                  int64_t max_iter, double tol) {
+  TORCH_CHECK(u.dim() == 3, "linmix.fixed_point_rnn: u must have shape (B, T, D), got ", shape_str(u.sizes()));
+  check_float_dtype(u, "u");
+  const int64_t B = u.size(0), T = u.size(1), D = u.size(2);
+  check_shape(lam, "lam", {B, T, D}, "(B, T, D) like u");
+  TORCH_CHECK(hh_u.dim() == 4, "linmix.fixed_point_rnn: hh_u must have shape (B, T, R, D), got ",
+              shape_str(hh_u.sizes()));
+  const int64_t R = hh_u.size(2);
+  check_shape(hh_u, "hh_u", {B, T, R, D}, "(B, T, R, D)");
+  TORCH_CHECK(R >= 1 && R <= kFixedPointMaxRank, "linmix.fixed_point_rnn: hh_u's rank R = hh_u.size(2) must be in [1, ",
+              kFixedPointMaxRank, "], got ", R);
+  check_shape(hh_beta, "hh_beta", {B, T, R}, "(B, T, R)");
+  for (auto [t, name] : {std::pair{&lam, "lam"}, std::pair{&hh_u, "hh_u"}, std::pair{&hh_beta, "hh_beta"}}) {
+    check_same_dtype(*t, name, u, "u");
+    check_same_device(*t, name, u, "u");
+  }
+  TORCH_CHECK(max_iter >= 1 && max_iter <= (int64_t(1) << 30), "linmix.fixed_point_rnn: max_iter must be >= 1, got ",
+              max_iter);
+  TORCH_CHECK(tol >= 0, "linmix.fixed_point_rnn: tol must be >= 0, got ", tol);
+  if (u.is_cuda()) {
+    TORCH_CHECK(D <= int64_t(65535) * 32, "linmix.fixed_point_rnn: D must be at most ", 65535 * 32, " on CUDA");
+  }
+}
+
+FixedPointParams make_params(const at::Tensor& u, const at::Tensor& lam, const at::Tensor& hh_u,
+                             const at::Tensor& hh_beta, int64_t max_iter, double tol) {
+  FixedPointParams p;
+  p.batch = u.size(0), p.seqlen = u.size(1), p.dim = u.size(2), p.rank = hh_u.size(2);
+  p.max_iter = static_cast<int>(max_iter), p.tol = tol;
+  p.u = u.data_ptr(), p.lam = lam.data_ptr(), p.hh_u = hh_u.data_ptr(), p.hh_beta = hh_beta.data_ptr();
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_rnn_fwd(
+    const at::Tensor& u_in, const at::Tensor& lam_in, const at::Tensor& hh_u_in, const at::Tensor& hh_beta_in,
+    int64_t max_iter, double tol) {
+  check_inputs(u_in, lam_in, hh_u_in, hh_beta_in, max_iter, tol);
+  const at::Tensor u = u_in.contiguous(), lam = lam_in.contiguous(), hh_u = hh_u_in.contiguous(),
+                   hh_beta = hh_beta_in.contiguous();
+  at::Tensor h = at::empty(u.sizes(), u.options());
+  at::Tensor h_prev = at::empty(u.sizes(), u.options().dtype(acc_dtype(u)));
+  at::Tensor n_iter = at::zeros({u.size(0)}, u.options().dtype(at::kInt));
+  at::Tensor residual = at::zeros({u.size(0)}, u.options().dtype(at::kFloat));
+  if (u.numel() == 0) {  // nothing to iterate: zero residual after one (empty) iteration
+    n_iter.fill_(1);
+    h_prev.zero_();
+    return {h, h_prev, n_iter, residual};
+  }
+  FixedPointParams p = make_params(u, lam, hh_u, hh_beta, max_iter, tol);
+  p.h = h.data_ptr(), p.h_prev = h_prev.data_ptr(), p.n_iter = n_iter.data_ptr<int32_t>();
+  p.residual = residual.data_ptr<float>();
+  const DType dt = to_linmix_dtype(u.scalar_type());
+  if (u.is_cpu()) {
+    fixed_point_fwd_cpu(p, dt);
+  } else {
+#ifdef LINMIX_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(u.device());
+    const FixedPointWorkspace ws = fixed_point_workspace(p, /*backward=*/false);
+    at::Tensor work = at::empty({ws.work_floats}, u.options().dtype(at::kFloat));
+    at::Tensor flags = at::empty({ws.flag_ints}, u.options().dtype(at::kInt));
+    p.work = work.data_ptr(), p.flags = flags.data_ptr();
+    LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
+      if constexpr (kDT != DType::kFloat64) fixed_point_fwd_cuda<kDT>(p, current_stream());
+    });
+#endif
+  }
+  return {h, h_prev, n_iter, residual};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_rnn_bwd(
+    const at::Tensor& dh_in, const at::Tensor& u_in, const at::Tensor& lam_in, const at::Tensor& hh_u_in,
+    const at::Tensor& hh_beta_in, const at::Tensor& h_prev_in, int64_t max_iter, double tol) {
+  check_inputs(u_in, lam_in, hh_u_in, hh_beta_in, max_iter, tol);
+  check_shape(dh_in, "dh", {u_in.size(0), u_in.size(1), u_in.size(2)}, "(B, T, D) like u");
+  check_same_dtype(dh_in, "dh", u_in, "u");
+  check_same_device(dh_in, "dh", u_in, "u");
+  check_shape(h_prev_in, "h_prev", {u_in.size(0), u_in.size(1), u_in.size(2)}, "(B, T, D) like u");
+  check_dtype(h_prev_in, "h_prev", acc_dtype(u_in));
+  check_same_device(h_prev_in, "h_prev", u_in, "u");
+  const at::Tensor u = u_in.contiguous(), lam = lam_in.contiguous(), hh_u = hh_u_in.contiguous(),
+                   hh_beta = hh_beta_in.contiguous(), dh = dh_in.contiguous(), h_prev = h_prev_in.contiguous();
+  at::Tensor du = at::empty(u.sizes(), u.options());
+  at::Tensor dlam = at::empty(u.sizes(), u.options());
+  at::Tensor dhh_u = at::zeros(hh_u.sizes(), u.options());
+  at::Tensor dhh_beta = at::zeros(hh_beta.sizes(), u.options());
+  if (u.numel() == 0) return {du, dlam, dhh_u, dhh_beta};
+  FixedPointParams p = make_params(u, lam, hh_u, hh_beta, max_iter, tol);
+  p.h_prev = const_cast<void*>(h_prev.data_ptr());
+  p.dh = dh.data_ptr(), p.du = du.data_ptr(), p.dlam = dlam.data_ptr(), p.dhh_u = dhh_u.data_ptr();
+  p.dhh_beta = dhh_beta.data_ptr();
+  const DType dt = to_linmix_dtype(u.scalar_type());
+  if (u.is_cpu()) {
+    fixed_point_bwd_cpu(p, dt);
+  } else {
+#ifdef LINMIX_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(u.device());
+    const FixedPointWorkspace ws = fixed_point_workspace(p, /*backward=*/true);
+    at::Tensor work = at::empty({ws.work_floats}, u.options().dtype(at::kFloat));
+    at::Tensor flags = at::empty({ws.flag_ints}, u.options().dtype(at::kInt));
+    p.work = work.data_ptr(), p.flags = flags.data_ptr();
+    LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
+      if constexpr (kDT != DType::kFloat64) fixed_point_bwd_cuda<kDT>(p, current_stream());
+    });
+#endif
+  }
+  return {du, dlam, dhh_u, dhh_beta};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(linmix, CPU, m) {
+  m.impl("fixed_point_rnn_fwd", &fixed_point_rnn_fwd);
+  m.impl("fixed_point_rnn_bwd", &fixed_point_rnn_bwd);
+}
+
+#ifdef LINMIX_WITH_CUDA
+TORCH_LIBRARY_IMPL(linmix, CUDA, m) {
+  m.impl("fixed_point_rnn_fwd", &fixed_point_rnn_fwd);
+  m.impl("fixed_point_rnn_bwd", &fixed_point_rnn_bwd);
+}
+#endif
+
+}  // namespace linmix

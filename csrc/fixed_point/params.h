@@ -1,0 +1,34 @@
+// fixed_point_rnn: the dense linear RNN as the fixed point of (channel mix with Q_t, diagonal scan).
+// Every tensor is contiguous (the torch glue copies otherwise); element offsets are 64-bit.
+#pragma once
+
+#include <cstdint>
+
+namespace linmix {
+
+struct FixedPointParams {
+  int64_t batch = 0, seqlen = 0, dim = 0, rank = 0;
+  int max_iter = 1;
+  double tol = 0.0;  // stop an element once its residual < tol; 0 runs exactly max_iter iterations
+  // inputs, in the activation dtype
+  const void* u = nullptr;        // (B, T, D)
+  const void* lam = nullptr;      // (B, T, D)
+  const void* hh_u = nullptr;     // (B, T, R, D) unit vectors
+  const void* hh_beta = nullptr;  // (B, T, R)
+  // forward outputs
+  void* h = nullptr;        // (B, T, D) activation dtype: the last iterate h^n = f(h^{n-1})
+  void* h_prev = nullptr;   // (B, T, D) accumulation dtype: h^{n-1}, the point the gradient linearises at
+  int32_t* n_iter = nullptr;  // (B,) iterations run
+  float* residual = nullptr;  // (B,) residual of the last iteration
+  // backward (h_prev above is an input there)
+  const void* dh = nullptr;  // (B, T, D) activation dtype
+  void* du = nullptr;        // (B, T, D)
+  void* dlam = nullptr;      // (B, T, D)
+  void* dhh_u = nullptr;     // (B, T, R, D)
+  void* dhh_beta = nullptr;  // (B, T, R)
+  // scratch in the accumulation dtype, sized by the launcher (see fixed_point_*_workspace)
+  void* work = nullptr;
+  void* flags = nullptr;  // CUDA only: per-batch int32 convergence state and block counters
+};
+
+}  // namespace linmix
