@@ -10,8 +10,21 @@ if [ -z "$OUT_DIR" ]; then echo "usage: $0 OUT_DIR" >&2; exit 2; fi
 mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"
+# A session is short (minutes of device time): build for the chip in hand only, on every core, and bound each
+# step so that the summary always comes back. Override any of these from the environment.
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+export PYTHONUNBUFFERED=1
+# SESSION_S bounds the whole script; the benchmark gets what the earlier steps leave of it.
+SESSION_S="${SESSION_S:-540}" T_BUILD="${T_BUILD:-240}" T_TESTS="${T_TESTS:-150}" T_SAN="${T_SAN:-60}"
+BENCH_ARGS="${BENCH_ARGS:---quick}"
+PYTEST_ARGS=""
+"$PY" -c "import xdist" 2>/dev/null && PYTEST_ARGS="-n 8"
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_ARGS="$PYTEST_ARGS --timeout=120"
+left() { echo $((SESSION_S - SECONDS)); }
 SUMMARY=()
+FAILED_LOGS=()
 FAILED=0
 
 step() {  # step NAME COMMAND...: run, log, time, record
@@ -25,35 +38,46 @@ step() {  # step NAME COMMAND...: run, log, time, record
         SUMMARY+=("ok     $name (${dt}s)")
     else
         SUMMARY+=("FAILED $name (exit $rc, ${dt}s): see $OUT_DIR/$name.log")
+        FAILED_LOGS+=("$OUT_DIR/$name.log")
         FAILED=1
     fi
     echo "   exit $rc after ${dt}s" | tee -a "$OUT_DIR/session.log"
     return 0
 }
 
-{ nvidia-smi; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; nvcc --version; } \
+{ nvidia-smi; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; nvcc --version; "$PY" -m pip list 2>/dev/null | grep -i -E "scikit|pybind|cmake|ninja|triton|pytest"; } \
     >"$OUT_DIR/machine.txt" 2>&1
 git rev-parse HEAD >>"$OUT_DIR/machine.txt" 2>/dev/null
 
-step build "$PY" -m pip install --no-build-isolation --no-deps -v .
+step build timeout "$T_BUILD" "$PY" -m pip install --no-build-isolation --no-deps -v .
 step build_info "$PY" -c "import linmix, json; print(json.dumps(linmix.build_info())); assert linmix.build_info()['cuda'], 'no CUDA backend'"
-step tests "$PY" -m pytest -q -ra tests
+step tests timeout "$T_TESTS" "$PY" -m pytest -q -ra --tb=short $PYTEST_ARGS tests
 SAN="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
 if [ -x "$SAN" ]; then
     # torch's caching allocator would hide out-of-bounds accesses inside its pools: allocate each tensor exactly
     for tool in memcheck racecheck; do
-        step "sanitize_$tool" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" --error-exitcode 1 \
+        step "sanitize_$tool" timeout "$T_SAN" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" --error-exitcode 1 \
             --target-processes all "$PY" -m linmix.bench.sanitize
     done
 else
     SUMMARY+=("FAILED sanitize: compute-sanitizer not found (PATH, $CUDA_HOME/bin)"); FAILED=1
 fi
-step bench "$PY" -m linmix.bench --device cuda --op all --out "$OUT_DIR/results"
+# one run per op, so that a slow op cannot take the others' results with it
+OPS=(linear_scan selective_scan chunk_gla fixed_point)
+for i in "${!OPS[@]}"; do
+    op="${OPS[$i]}"
+    share=$(( ($(left) - 10) / (${#OPS[@]} - i) ))
+    if [ "$share" -lt 20 ]; then SUMMARY+=("SKIPPED bench_$op: session time spent"); continue; fi
+    step "bench_$op" timeout "$share" "$PY" -m linmix.bench --device cuda --op "$op" $BENCH_ARGS --out "$OUT_DIR/results"
+done
 profile_cmds() { for op in selective_scan chunk_gla fixed_point linear_scan; do "$PY" -m linmix.bench --profile-cmd --op "$op"; done; }
 step profile_cmds profile_cmds
 
 echo
 echo "== summary ($OUT_DIR)"
 for line in "${SUMMARY[@]}"; do echo "$line"; done
-grep -E "^(selective_scan|chunk_gla|fixed_point|linear_scan) +linmix " "$OUT_DIR/bench.log" 2>/dev/null | head -40
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT_DIR/tests.log" 2>/dev/null | head -60
+grep -E "ERROR|error" "$OUT_DIR"/sanitize_*.log 2>/dev/null | head -20
+grep -E "^(selective_scan|chunk_gla|fixed_point|linear_scan) +linmix " "$OUT_DIR"/bench_*.log 2>/dev/null | head -40
+for log in "${FAILED_LOGS[@]}"; do echo "== tail of $log"; tail -n 25 "$log"; done
 exit $FAILED
