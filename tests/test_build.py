@@ -1,6 +1,7 @@
 import os
 import shutil
 import struct
+import subprocess
 
 import pytest
 import torch
@@ -43,3 +44,17 @@ def test_cuda_tensor_without_backend_is_clear(monkeypatch):
     monkeypatch.setattr(_native, "_HAS_CUDA", False)
     with pytest.raises(RuntimeError, match="no CUDA backend"):
         _native.check_backend("linear_scan", torch.zeros(1), FakeCudaTensor())
+
+
+@pytest.mark.skipif(shutil.which("ldd") is None, reason="needs ldd")
+def test_libstdcxx_is_shared():
+    # A static libstdc++ inside _C (a g++ wrapped with -static-libstdc++) crashes when an error message is
+    # formatted; the build must link the shared one that torch uses.
+    out = subprocess.run(["ldd", linmix._C.__file__], capture_output=True, text=True, check=True).stdout
+    assert "libstdc++" in out, out
+
+
+def test_error_message_with_numbers():
+    # The path that crashed with a static libstdc++: c10::str streaming integers into a TORCH_CHECK message.
+    with pytest.raises(RuntimeError, match=r"\(2, 3\)"):
+        linmix.linear_scan(torch.rand(2, 3), torch.rand(2, 3))
