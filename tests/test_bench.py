@@ -58,3 +58,24 @@ def test_list_and_profile_cmd(capsys):
     assert main(["--profile-cmd", "--op", "chunk_gla", "--config", "2"]) == 0
     out = capsys.readouterr().out
     assert "nsys profile" in out and "ncu --kernel-name regex:linmix_" in out and "--only 2" in out
+
+
+def test_partial_gradient_baseline_checks_and_runs():
+    # SDPA has no gate: a baseline that differentiates only q, k, v must check and time without touching g.
+    import torch
+    import torch.nn.functional as F
+
+    from linmix.bench import gla
+    from linmix.bench.__main__ import check, runner
+    from linmix.bench.baselines import Impl, attention_ref
+
+    def sdpa(x):
+        o = F.scaled_dot_product_attention(*(x[n].transpose(1, 2) for n in ("q", "k", "v")), is_causal=True)
+        return o.transpose(1, 2)
+
+    impl = Impl("sdpa-math", sdpa, ref=attention_ref, grads=("q", "k", "v"))
+    cfg = gla.configs("cpu", True)[0]
+    res = check(gla, impl, cfg, "cpu")
+    assert res["check"] == "pass", res
+    grads = runner(impl, gla.make_inputs(gla.small(cfg), "cpu"), "fwd+bwd", impl.grads)()
+    assert len(grads) == 3 and all(g is not None for g in grads)

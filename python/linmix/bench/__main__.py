@@ -48,12 +48,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return err, err / max(b.double().abs().max().item(), 1e-30)
 
 
+def _grads(op, impl) -> tuple[str, ...]:
+    """The inputs whose gradients fwd+bwd computes (and the check compares) for this implementation."""
+    return op.GRAD if impl.grads is None else impl.grads
+
+
 def check(op, impl, cfg: dict, device: str) -> dict:
     """Output (and, where the op defines them comparably, input gradients) at op.small(cfg) vs float64."""
     torch.manual_seed(0)
     scfg = op.small(cfg)
     x = op.make_inputs(scfg, device)
-    grads = op.GRAD if (op.CHECK_GRAD and "fwd+bwd" in impl.modes) else ()
+    grads = _grads(op, impl) if (op.CHECK_GRAD and "fwd+bwd" in impl.modes) else ()
     xi, xr = _leaves(x, grads), _leaves(x, grads, double=True)
     out, ref = impl.fn(xi), (impl.ref or op.reference)(xr)
     pairs = [(out, ref)]
@@ -134,7 +139,7 @@ def run(args, hw: dict) -> tuple[list[dict], list[str]]:
             ckey = (op.NAME, impl.label, shape_str(op, op.small(cfg)), cfg["dtype"])
             if ckey not in checks:
                 checks[ckey] = check(op, impl, cfg, args.device)
-            fn = runner(impl, x, mode, op.GRAD)
+            fn = runner(impl, x, mode, _grads(op, impl))
             nvtx = torch.cuda.nvtx.range(nvtx_name(op.NAME, idx, mode, impl.label)) if args.device == "cuda" else contextlib.nullcontext()
             with nvtx:
                 ms, p20, p80 = timing.bench(fn, args.device, args.quick, args.reps)

@@ -23,7 +23,8 @@ class Impl:
     `ref` / `cost` replace the op's reference and cost when the implementation computes something else (SDPA);
     `when(cfg, device)` returns a reason to skip one configuration (memory, a slow loop at long lengths);
     `modes` lists the timed modes it takes part in; `variant` names a mode of the op (fixed_point's grad_mode)
-    so speed-ups compare like with like."""
+    so speed-ups compare like with like; `grads` replaces the op's differentiated inputs when the
+    implementation uses only some of them (SDPA has no gate g)."""
 
     name: str
     fn: Callable[[Inputs], torch.Tensor] | None = None
@@ -33,6 +34,7 @@ class Impl:
     cost: Callable[[dict, str], dict] | None = None
     when: Callable[[dict, str], str | None] | None = None
     variant: str = ""
+    grads: tuple[str, ...] | None = None
 
     @property
     def label(self) -> str:
@@ -86,7 +88,7 @@ def sdpa_impls(device: str) -> list[Impl]:
         if device != "cuda":
             out.append(Impl(name, skip="SDPA flash/cuDNN backends need CUDA"))
             continue
-        out.append(Impl(name, run(backend), ref=attention_ref, cost=sdpa_cost, when=_sdpa_when))
+        out.append(Impl(name, run(backend), ref=attention_ref, cost=sdpa_cost, when=_sdpa_when, grads=("q", "k", "v")))
     return out
 
 

@@ -1,8 +1,11 @@
 """Every linmix op's forward and backward once on tiny CUDA shapes (odd lengths included), for
-`compute-sanitizer --tool memcheck|racecheck python -m linmix.bench.sanitize`. Exits non-zero on any error."""
+`compute-sanitizer --tool memcheck|racecheck python -m linmix.bench.sanitize [OP ...]`; naming ops (case-name
+prefixes such as chunk_gla or fixed_point_rnn) runs only their cases, so a slow tool can be given one op at a
+time. Exits non-zero on any error."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -64,13 +67,18 @@ def _cases(dev: str, dt: torch.dtype):
                        [u, lam, hh_u, beta])
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m linmix.bench.sanitize")
+    ap.add_argument("ops", nargs="*", help="run only the cases whose name starts with one of these")
+    args = ap.parse_args(argv)
     if not (torch.cuda.is_available() and linmix.build_info()["cuda"]):
         print("sanitize: needs a GPU and a linmix build with the CUDA backend")
         return 1
     failed = 0
     for dt in (torch.float32, torch.bfloat16):
         for name, fn, leaves in _cases("cuda", dt):
+            if args.ops and not any(name.startswith(op + " ") for op in args.ops):
+                continue
             try:
                 out = fn()
                 torch.autograd.grad(out, leaves, torch.randn_like(out), allow_unused=True)
