@@ -4,6 +4,8 @@
 #   bash bench/gpu_session.sh OUT_DIR        (or OUT=... bash bench/gpu_session.sh)
 # Through the device tool, whose $OUT takes at most 8 files, pack the folder (about 8 minutes in all):
 #   SESSION_S=555 bash bench/gpu_session.sh /tmp/gs; rc=$?; tar czf $OUT/gs.tgz -C /tmp gs; exit $rc
+# A/B against another revision on the same card: here `mkdir -p .baseline && git archive -o .baseline/main.tar
+# main`, then carry [".baseline"] and prefix the command with BASELINE_SRC=.baseline/main.tar.
 # Every step runs even when an earlier one failed; each logs to OUT_DIR/<step>.log; the summary comes last
 # and the exit status is non-zero when any step failed.
 set -u
@@ -58,7 +60,9 @@ SAN="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/c
 if [ -x "$SAN" ]; then
     # torch's caching allocator would hide out-of-bounds accesses inside its pools: allocate each tensor exactly
     SANCMD=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --error-exitcode 1 --target-processes all)
-    step sanitize_memcheck timeout "$T_SAN" "${SANCMD[@]}" --tool memcheck "$PY" -m linmix.bench.sanitize
+    for tool in memcheck synccheck; do
+        step "sanitize_$tool" timeout "$T_SAN" "${SANCMD[@]}" --tool "$tool" "$PY" -m linmix.bench.sanitize
+    done
     # racecheck is slow (it tracks every shared-memory access): one op at a time, each with its own bound
     for op in linear_scan selective_scan chunk_gla fused_recurrent_gla fixed_point_rnn; do
         step "racecheck_$op" timeout "$T_SAN" "${SANCMD[@]}" --tool racecheck "$PY" -m linmix.bench.sanitize "$op"
@@ -66,13 +70,29 @@ if [ -x "$SAN" ]; then
 else
     SUMMARY+=("FAILED sanitize: compute-sanitizer not found (PATH, $CUDA_HOME/bin)"); FAILED=1
 fi
+# Optional A/B on the same card: BASELINE_SRC is another linmix source tree or tarball (for example
+# `git archive -o .baseline/main.tar main`, with .baseline in the device call's carry); it is built beside
+# this tree and its linmix rows are timed right after this tree's, into OUT_DIR/baseline.
+BASE_SITE=""
+if [ -n "${BASELINE_SRC:-}" ]; then
+    step baseline_build timeout "$T_BUILD" env BASELINE_SRC="$BASELINE_SRC" PY="$PY" bash -c '
+        set -e; rm -rf /tmp/linmix_base /tmp/linmix_base_site; mkdir -p /tmp/linmix_base
+        if [ -f "$BASELINE_SRC" ]; then tar xf "$BASELINE_SRC" -C /tmp/linmix_base; else cp -r "$BASELINE_SRC"/. /tmp/linmix_base; fi
+        "$PY" -m pip install --no-build-isolation --no-deps --target /tmp/linmix_base_site /tmp/linmix_base'
+    [ -d /tmp/linmix_base_site/linmix ] && BASE_SITE=/tmp/linmix_base_site
+fi
 # one run per op, so that a slow op cannot take the others' results with it
 OPS=(linear_scan selective_scan chunk_gla fixed_point)
 for i in "${!OPS[@]}"; do
     op="${OPS[$i]}"
     share=$(( ($(left) - 10) / (${#OPS[@]} - i) ))
+    [ -n "$BASE_SITE" ] && share=$((share / 2))
     if [ "$share" -lt 20 ]; then SUMMARY+=("SKIPPED bench_$op: session time spent"); continue; fi
     step "bench_$op" timeout "$share" "$PY" -m linmix.bench --device cuda --op "$op" $BENCH_ARGS --out "$OUT_DIR/results"
+    if [ -n "$BASE_SITE" ]; then
+        step "baseline_$op" timeout "$share" env PYTHONPATH="$BASE_SITE" "$PY" -m linmix.bench --device cuda --op "$op" \
+            --impl linmix $BENCH_ARGS --out "$OUT_DIR/baseline"
+    fi
 done
 profile_cmds() { for op in selective_scan chunk_gla fixed_point linear_scan; do "$PY" -m linmix.bench --profile-cmd --op "$op"; done; }
 step profile_cmds profile_cmds
@@ -83,5 +103,7 @@ for line in "${SUMMARY[@]}"; do echo "$line"; done
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT_DIR/tests.log" 2>/dev/null | head -60
 grep -E "ERROR|error" "$OUT_DIR"/sanitize_*.log "$OUT_DIR"/racecheck_*.log 2>/dev/null | head -20
 grep -E "^(selective_scan|chunk_gla|fixed_point|linear_scan) +linmix " "$OUT_DIR"/bench_*.log 2>/dev/null | head -40
+[ -n "$BASE_SITE" ] && echo "== baseline ($BASELINE_SRC)" && \
+    grep -E "^(selective_scan|chunk_gla|fixed_point|linear_scan) +linmix " "$OUT_DIR"/baseline_*.log 2>/dev/null | head -40
 for log in "${FAILED_LOGS[@]}"; do echo "== tail of $log"; tail -n 25 "$log"; done
 exit $FAILED
