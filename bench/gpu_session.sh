@@ -24,7 +24,7 @@ export PYTHONUNBUFFERED=1
 SESSION_S="${SESSION_S:-560}" T_BUILD="${T_BUILD:-240}" T_TESTS="${T_TESTS:-120}" T_SAN="${T_SAN:-60}"
 BENCH_ARGS="${BENCH_ARGS:---quick}"
 PYTEST_ARGS=""
-"$PY" -c "import xdist" 2>/dev/null && PYTEST_ARGS="-n 12"
+"$PY" -c "import xdist" 2>/dev/null && PYTEST_ARGS="-n 12 --dist loadgroup"
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_ARGS="$PYTEST_ARGS --timeout=120"
 left() { echo $((SESSION_S - SECONDS)); }
 SUMMARY=()
