@@ -230,3 +230,29 @@ def test_bad_inputs(algo, over, match):
 def test_mixed_devices():
     with pytest.raises(RuntimeError, match="same device"):
         linmix.chunk_gla(**_bad(k=torch.rand(2, 5, 3, 8, device="cuda")))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fla_signature_state_v_first(device):
+    # flash-linear-attention's keyword arguments: state_v_first keeps states as (B, H, V, K)
+    q, k, v, g, s = make(2, 70, 2, 8, 5, torch.float32, device, requires_grad=True)
+    o, ht = linmix.chunk_gla(q, k, v, g, initial_state=s, output_final_state=True)
+    (o.sum() + (ht * ht).sum()).backward()
+    want = [t.grad.clone() for t in (q, k, v, g, s)]
+    for t in (q, k, v, g, s):
+        t.grad = None
+    s_vk = s.detach().transpose(-1, -2).contiguous().requires_grad_()
+    o2, ht2 = linmix.chunk_gla(q, k, v, g, initial_state=s_vk, output_final_state=True, state_v_first=True,
+                               cu_seqlens=None, cu_seqlens_cpu=None)
+    assert ht2.shape == (2, 2, 5, 8)
+    (o2.sum() + (ht2 * ht2).sum()).backward()
+    torch.testing.assert_close(o2, o)
+    torch.testing.assert_close(ht2, ht.transpose(-1, -2))
+    for got, w in zip([q.grad, k.grad, v.grad, g.grad, s_vk.grad], want[:4] + [want[4].transpose(-1, -2)]):
+        torch.testing.assert_close(got, w)
+
+
+def test_varlen_not_supported_yet():
+    q, k, v, g, _ = make(1, 10, 2, 8, 4, torch.float32, "cpu", h0=False)
+    with pytest.raises(NotImplementedError, match="cu_seqlens"):
+        linmix.chunk_gla(q, k, v, g, cu_seqlens=torch.tensor([0, 4, 10]))

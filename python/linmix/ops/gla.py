@@ -66,8 +66,11 @@ def chunk_gla(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gated linear attention, chunked (flash-linear-attention's ``chunk_gla`` contract).
+    """Gated linear attention, chunked (flash-linear-attention's ``chunk_gla`` contract and signature).
 
     ``S_t = diag(exp g_t) S_{t-1} + k_t^T v_t`` and ``o_t = scale * q_t S_t`` per batch and head,
     with ``S_{-1} = initial_state`` (zeros if None). Computed in chunks of 64 steps (sub-chunks of 16).
@@ -80,6 +83,8 @@ def chunk_gla(
         scale: multiplies q S; defaults to K ** -0.5.
         initial_state: optional (B, H, K, V), cast to float32 (float64 for float64 inputs).
         output_final_state: return the final state as well.
+        state_v_first: initial_state and final_state are (B, H, V, K) instead.
+        cu_seqlens, cu_seqlens_cpu: packed variable-length batches are not supported yet; they must be None.
         K and V may be anything in [1, 256].
 
     Returns:
@@ -87,7 +92,15 @@ def chunk_gla(
         or None. Differentiable with respect to q, k, v, g, initial_state, also through final_state.
         The gate cumsum, the diagonal-block scores, the state and every accumulation are float32.
     """
-    return _gla("chunk_gla", False, q, k, v, g, scale, initial_state, output_final_state)
+    if cu_seqlens is not None or cu_seqlens_cpu is not None:
+        raise NotImplementedError(
+            "linmix.chunk_gla: variable-length packing (cu_seqlens) is not supported yet; pass one sequence per "
+            "batch row (pad, or split the packed batch)"
+        )
+    if state_v_first and initial_state is not None:
+        initial_state = initial_state.transpose(-1, -2)
+    o, ht = _gla("chunk_gla", False, q, k, v, g, scale, initial_state, output_final_state)
+    return o, (ht.transpose(-1, -2) if state_v_first and ht is not None else ht)
 
 
 def fused_recurrent_gla(
