@@ -6,6 +6,8 @@
 #   SESSION_S=555 bash bench/gpu_session.sh /tmp/gs; rc=$?; tar czf $OUT/gs.tgz -C /tmp gs; exit $rc
 # A/B against another revision on the same card: here `mkdir -p .baseline && git archive -o .baseline/main.tar
 # main`, then carry [".baseline"] and prefix the command with BASELINE_SRC=.baseline/main.tar.
+# flash-linear-attention as a baseline: here `python3 -m pip download --no-deps --only-binary=:all: -d .whl
+# fla-core==0.6.0` (pure Python; einops and Triton are on the image), then carry [".whl"].
 # Every step runs even when an earlier one failed; each logs to OUT_DIR/<step>.log; the summary comes last
 # and the exit status is non-zero when any step failed.
 set -u
@@ -55,6 +57,13 @@ git rev-parse HEAD >>"$OUT_DIR/machine.txt" 2>/dev/null
 
 step build timeout "$T_BUILD" "$PY" -m pip install --no-build-isolation --no-deps -v .
 step build_info "$PY" -c "import linmix, json; print(json.dumps(linmix.build_info())); assert linmix.build_info()['cuda'], 'no CUDA backend'"
+# Baselines missing from the GPU image (no internet there) travel as wheels in .whl/ (carried; bench/NOTES.md
+# says how to fetch them): installed before the tests (which compare
+# against them where present) and the benchmark.
+if ls .whl/*.whl >/dev/null 2>&1; then
+    step baseline_wheels "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/linmix_wheels .whl/*.whl
+    export PYTHONPATH="/tmp/linmix_wheels${PYTHONPATH:+:$PYTHONPATH}"
+fi
 step tests timeout "$T_TESTS" env OMP_NUM_THREADS=1 "$PY" -m pytest -q -ra --tb=short $PYTEST_ARGS tests
 SAN="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
 if [ -x "$SAN" ]; then
@@ -90,7 +99,7 @@ for i in "${!OPS[@]}"; do
     if [ "$share" -lt 20 ]; then SUMMARY+=("SKIPPED bench_$op: session time spent"); continue; fi
     step "bench_$op" timeout "$share" "$PY" -m linmix.bench --device cuda --op "$op" $BENCH_ARGS --out "$OUT_DIR/results"
     if [ -n "$BASE_SITE" ]; then
-        step "baseline_$op" timeout "$share" env PYTHONPATH="$BASE_SITE" "$PY" -m linmix.bench --device cuda --op "$op" \
+        step "baseline_$op" timeout "$share" env PYTHONPATH="$BASE_SITE${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m linmix.bench --device cuda --op "$op" \
             --impl linmix $BENCH_ARGS --out "$OUT_DIR/baseline"
     fi
 done
