@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "common/math.h"
 #include "gla/params.h"
@@ -23,11 +24,38 @@ LINMIX_HD T* gla_row(const BTHView& x, int64_t b, int64_t t, int64_t h) {
   return static_cast<T*>(x.ptr) + b * x.batch_stride + t * x.t_stride + h * x.head_stride;
 }
 
+// Host fp32 exp2 as straight-line arithmetic (Cephes' exp2f polynomial, relative error about 2e-7), so the
+// CPU loops that evaluate one per (row, channel) vectorise instead of calling libm per element. Arguments
+// are clamped to [-126, 126], so 2^n is always a normal float: exponents below -126 (harsh gates) give
+// 2^-126 instead of a denormal or 0, an absolute error under 1.2e-38; NaN propagates.
+inline float gla_exp2_poly(float x) {
+  x = x < -126.f ? -126.f : x;
+  x = x > 126.f ? 126.f : x;
+  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: x + kRound holds round(x) in its low mantissa bits
+  const float t = x + kRound;
+  const float n = t - kRound;
+  const float f = x - n;  // in [-0.5, 0.5]
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.f;
+  int32_t ti, ki;
+  std::memcpy(&ti, &t, sizeof ti);
+  std::memcpy(&ki, &kRound, sizeof ki);
+  const int32_t e = (ti - ki + 127) << 23;  // the float 2^round(x)
+  float two_n;
+  std::memcpy(&two_n, &e, sizeof two_n);
+  return p * two_n;
+}
+
 LINMIX_HD float gla_exp2(float x) {
 #if defined(__CUDA_ARCH__)
   return exp2f(x);
 #else
-  return std::exp2(x);
+  return gla_exp2_poly(x);
 #endif
 }
 LINMIX_HD double gla_exp2(double x) { return std::exp2(x); }

@@ -2,8 +2,11 @@
 //
 // chunk_gla runs the same chunked algorithm as the CUDA kernels (chunks of kGlaChunk, sub-chunks of
 // kGlaSubChunk, diagonal sub-blocks elementwise, off-diagonal sub-blocks from rescaled q and k with a
-// reference point at the query sub-chunk's first row); fused_recurrent_gla steps the recurrence.
-// Rows are staged in accumulation-type buffers so every product and sum is fp32 (fp64 for fp64 inputs).
+// reference point at the query sub-chunk's first row). Every product over (chunk x K), (chunk x chunk)
+// or (K x V) tiles is one call of the BLAS GEMM the torch glue passes in (CpuGemm); what is left is
+// elementwise (gate rescaling, the diagonal sub-blocks, dg) and written so the compiler vectorises it.
+// fused_recurrent_gla steps the recurrence. Rows are staged in accumulation-type buffers so every
+// product and sum is fp32 (fp64 for fp64 inputs).
 #include "gla/gla_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -17,6 +20,8 @@
 
 namespace linmix {
 namespace {
+
+constexpr int64_t C = kGlaChunk;
 
 // Copies rows t0 .. t0+L-1 of (batch b, head h) into dst (L, n) in the accumulation type.
 template <typename T, typename acc_t>
@@ -35,99 +40,146 @@ void store_rows(const BTHView& x, int64_t b, int64_t h, int64_t t0, int64_t L, i
   }
 }
 
+// The hot elementwise loops carry `omp simd` (the build passes -fopenmp): it lets the
+// compiler vectorise the float sums (a reordering it may not do on its own) and the inlined gla_exp2.
+#define LINMIX_SIMD _Pragma("omp simd")
+#define LINMIX_SIMD_SUM(s) _Pragma("omp simd reduction(+ : s)")
+// GCC vectorised these loops on their own but not once inlined into the large chunk loops; kept out of line.
+#define LINMIX_NOINLINE __attribute__((noinline))
+
 template <typename acc_t>
 acc_t dot(const acc_t* x, const acc_t* y, int64_t n) {
   acc_t s = 0;
+  LINMIX_SIMD_SUM(s)
   for (int64_t c = 0; c < n; ++c) s += x[c] * y[c];
   return s;
+}
+
+// gla_diag_score, vectorised over the K channels.
+template <typename acc_t>
+LINMIX_NOINLINE acc_t diag_score(const acc_t* q_i, const acc_t* k_j, const acc_t* b_i, const acc_t* b_j, int64_t K) {
+  acc_t s = 0;
+  LINMIX_SIMD_SUM(s)
+  for (int64_t c = 0; c < K; ++c) s += q_i[c] * k_j[c] * gla_exp2(b_i[c] - b_j[c]);
+  return s;
+}
+
+template <typename acc_t>
+CpuGemmFn<acc_t> pick_gemm(const CpuGemm& g) {
+  if constexpr (std::is_same_v<acc_t, double>)
+    return g.f64;
+  else
+    return g.f32;
 }
 
 // Everything one chunk of one (batch, head) needs, in the accumulation type.
 template <typename acc_t>
 struct ChunkBuffers {
   int64_t K, V;
+  CpuGemmFn<acc_t> gemm_fn;
   std::vector<acc_t> q, k, b, v;  // (C, K) x3, (C, V); b = log2-scaled inclusive cumsum of g in the chunk
-  std::vector<acc_t> A;           // (C, C) intra-chunk scores, lower triangle
+  std::vector<acc_t> eb, ebl;     // (C, K): exp2(b_i) and exp2(b_last - b_i), both <= 1
+  std::vector<acc_t> A;           // (C, C) intra-chunk scores, lower triangle; the upper one stays 0
   std::vector<acc_t> xt, yt;      // (C, K) rescaled rows for the off-diagonal sub-blocks
-  std::vector<acc_t> tmp;         // (K)
-  ChunkBuffers(int64_t K_, int64_t V_)
-      : K(K_), V(V_), q(kGlaChunk * K_), k(kGlaChunk * K_), b(kGlaChunk * K_), v(kGlaChunk * V_),
-        A(kGlaChunk * kGlaChunk), xt(kGlaChunk * K_), yt(kGlaChunk * K_), tmp(K_) {}
+  std::vector<acc_t> tmp;         // (C, K)
+  ChunkBuffers(int64_t K_, int64_t V_, CpuGemmFn<acc_t> gemm)
+      : K(K_), V(V_), gemm_fn(gemm), q(C * K_), k(C * K_), b(C * K_), v(C * V_), eb(C * K_), ebl(C * K_),
+        A(C * C), xt(C * K_), yt(C * K_), tmp(C * K_) {}
 
+  void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t kk, acc_t alpha, const acc_t* a, int64_t lda,
+            const acc_t* bm, int64_t ldb, acc_t beta, acc_t* c, int64_t ldc) const {
+    if (m > 0 && n > 0 && kk > 0) gemm_fn(ta, tb, m, n, kk, alpha, a, lda, bm, ldb, beta, c, ldc);
+  }
+
+  // Loads rows t0 .. t0+L-1 and the gate factors. Only the rows the kernel reads are written.
   template <typename T>
-  void load(const GlaParams& p, int64_t bi, int64_t hi, int64_t t0, int64_t L) {
-    load_rows<T>(p.q, bi, hi, t0, L, K, q.data());
+  void load(const GlaParams& p, int64_t bi, int64_t hi, int64_t t0, int64_t L, bool with_q = true) {
+    if (with_q) load_rows<T>(p.q, bi, hi, t0, L, K, q.data());
     load_rows<T>(p.k, bi, hi, t0, L, K, k.data());
     load_rows<T>(p.v, bi, hi, t0, L, V, v.data());
     load_rows<T>(p.g, bi, hi, t0, L, K, b.data());
-    for (int64_t i = 0; i < L; ++i)
-      for (int64_t c = 0; c < K; ++c)
-        b[i * K + c] = (i ? b[(i - 1) * K + c] : acc_t(0)) + gla_log2_gate(b[i * K + c]);
+    for (int64_t c = 0; c < K; ++c) b[c] = gla_log2_gate(b[c]);
+    for (int64_t i = 1; i < L; ++i)
+      for (int64_t c = 0; c < K; ++c) b[i * K + c] = b[(i - 1) * K + c] + gla_log2_gate(b[i * K + c]);
+    const acc_t* bl = &b[(L - 1) * K];
+    for (int64_t i = 0; i < L; ++i) {
+      LINMIX_SIMD
+      for (int64_t c = 0; c < K; ++c) {
+        eb[i * K + c] = gla_exp2(b[i * K + c]);
+        ebl[i * K + c] = gla_exp2(bl[c] - b[i * K + c]);
+      }
+    }
+  }
+
+  // dst_i = src_i * f_i elementwise over rows [i0, i1) of (C, K) buffers.
+  void mul_rows(const acc_t* src, const acc_t* f, int64_t i0, int64_t i1, acc_t* dst) const {
+    LINMIX_SIMD
+    for (int64_t x = i0 * K; x < i1 * K; ++x) dst[x] = src[x] * f[x];
   }
 
   // dst_i = src_i exp2(r - b_i) (toward_r) or src_i exp2(b_i - r), rows i in [i0, i1). Callers pick r
   // so that the exponent is <= 0: r at or after row i for toward_r, at or before it otherwise.
-  void rescale(const std::vector<acc_t>& src, int64_t i0, int64_t i1, const acc_t* r, bool toward_r,
-               std::vector<acc_t>& dst) const {
-    for (int64_t i = i0; i < i1; ++i)
-      for (int64_t c = 0; c < K; ++c) {
-        const acc_t e = toward_r ? r[c] - b[i * K + c] : b[i * K + c] - r[c];
-        dst[i * K + c] = src[i * K + c] * gla_exp2(e);
+  LINMIX_NOINLINE void rescale(const acc_t* src, int64_t i0, int64_t i1, const acc_t* r, bool toward_r, acc_t* dst) const {
+    for (int64_t i = i0; i < i1; ++i) {
+      const acc_t* bi = &b[i * K];
+      if (toward_r) {
+        LINMIX_SIMD
+        for (int64_t c = 0; c < K; ++c) dst[i * K + c] = src[i * K + c] * gla_exp2(r[c] - bi[c]);
+      } else {
+        LINMIX_SIMD
+        for (int64_t c = 0; c < K; ++c) dst[i * K + c] = src[i * K + c] * gla_exp2(bi[c] - r[c]);
       }
+    }
   }
 
   // A_ij = sum_c q_ic k_jc exp2(b_ic - b_jc), j <= i < L. Off-diagonal sub-blocks: with r = b at the
   // first row of the query sub-chunk, b_i <= r <= b_j, so q~ = q exp2(b - r) and k~ = k exp2(r - b)
-  // both have exponents <= 0 and A = q~ k~^T.
+  // both have exponents <= 0 and A[i0:i1, :i0] = q~ k~^T, one GEMM per sub-chunk.
   void scores(int64_t L) {
+    std::fill(A.begin(), A.end(), acc_t(0));
     for (int64_t i0 = 0; i0 < L; i0 += kGlaSubChunk) {
       const int64_t i1 = std::min<int64_t>(i0 + kGlaSubChunk, L);
       if (i0 > 0) {
         const acc_t* r = &b[i0 * K];
-        rescale(q, i0, i1, r, false, xt);
-        rescale(k, 0, i0, r, true, yt);
-        for (int64_t i = i0; i < i1; ++i)
-          for (int64_t j = 0; j < i0; ++j) A[i * kGlaChunk + j] = dot(&xt[i * K], &yt[j * K], K);
+        rescale(q.data(), i0, i1, r, false, xt.data());
+        rescale(k.data(), 0, i0, r, true, yt.data());
+        gemm(false, true, i1 - i0, i0, K, 1, &xt[i0 * K], K, yt.data(), K, 0, &A[i0 * C], C);  // (i1-i0, i0)
       }
       for (int64_t i = i0; i < i1; ++i)
-        for (int64_t j = i0; j <= i; ++j)
-          A[i * kGlaChunk + j] = gla_diag_score(&q[i * K], &k[j * K], &b[i * K], &b[j * K], K);
+        for (int64_t j = i0; j <= i; ++j) A[i * C + j] = diag_score(&q[i * K], &k[j * K], &b[i * K], &b[j * K], K);
     }
   }
 
-  // Given dA (lower triangle), accumulates dq_i += sum_{j<=i} dA_ij k_j exp2(b_i - b_j) and
+  // Given dA (lower triangle read), accumulates dq_i += sum_{j<=i} dA_ij k_j exp2(b_i - b_j) and
   // dk_j += sum_{i>=j} dA_ij q_i exp2(b_i - b_j), with the same sub-chunk split as scores().
   void scores_backward(int64_t L, const std::vector<acc_t>& dA, acc_t* dq, acc_t* dk) {
     for (int64_t i0 = 0; i0 < L; i0 += kGlaSubChunk) {
-      const int64_t i1 = std::min<int64_t>(i0 + kGlaSubChunk, L);
+      const int64_t i1 = std::min<int64_t>(i0 + kGlaSubChunk, L), n = i1 - i0;
       if (i0 > 0) {
         const acc_t* r = &b[i0 * K];
-        rescale(q, i0, i1, r, false, xt);  // q~ (query sub-chunk)
-        rescale(k, 0, i0, r, true, yt);    // k~ (all earlier keys)
-        for (int64_t i = i0; i < i1; ++i) {
-          std::fill(tmp.begin(), tmp.end(), acc_t(0));
-          for (int64_t j = 0; j < i0; ++j) {
-            const acc_t a = dA[i * kGlaChunk + j];
-            for (int64_t c = 0; c < K; ++c) tmp[c] += a * yt[j * K + c];
-          }
-          for (int64_t c = 0; c < K; ++c) dq[i * K + c] += tmp[c] * gla_exp2(b[i * K + c] - r[c]);
-        }
-        for (int64_t j = 0; j < i0; ++j) {
-          std::fill(tmp.begin(), tmp.end(), acc_t(0));
-          for (int64_t i = i0; i < i1; ++i) {
-            const acc_t a = dA[i * kGlaChunk + j];
-            for (int64_t c = 0; c < K; ++c) tmp[c] += a * xt[i * K + c];
-          }
-          for (int64_t c = 0; c < K; ++c) dk[j * K + c] += tmp[c] * gla_exp2(r[c] - b[j * K + c]);
-        }
+        rescale(q.data(), i0, i1, r, false, xt.data());  // q~ (query sub-chunk)
+        rescale(k.data(), 0, i0, r, true, yt.data());    // k~ (all earlier keys)
+        // dq[i0:i1] += (dA[i0:i1, :i0] k~) exp2(b - r)
+        gemm(false, false, n, K, i0, 1, &dA[i0 * C], C, yt.data(), K, 0, tmp.data(), K);  // (n, K)
+        for (int64_t i = i0; i < i1; ++i)
+          LINMIX_SIMD
+          for (int64_t c = 0; c < K; ++c) dq[i * K + c] += tmp[(i - i0) * K + c] * gla_exp2(b[i * K + c] - r[c]);
+        // dk[:i0] += (dA[i0:i1, :i0]^T q~) exp2(r - b)
+        gemm(true, false, i0, K, n, 1, &dA[i0 * C], C, &xt[i0 * K], K, 0, tmp.data(), K);  // (i0, K)
+        for (int64_t j = 0; j < i0; ++j)
+          LINMIX_SIMD
+          for (int64_t c = 0; c < K; ++c) dk[j * K + c] += tmp[j * K + c] * gla_exp2(r[c] - b[j * K + c]);
       }
       for (int64_t i = i0; i < i1; ++i)
         for (int64_t j = i0; j <= i; ++j) {
-          const acc_t a = dA[i * kGlaChunk + j];
+          const acc_t a = dA[i * C + j];
+          const acc_t *bi = &b[i * K], *bj = &b[j * K], *qi = &q[i * K], *kj = &k[j * K];
+          acc_t *dqi = &dq[i * K], *dkj = &dk[j * K];
+          LINMIX_SIMD
           for (int64_t c = 0; c < K; ++c) {
-            const acc_t e = a * gla_exp2(b[i * K + c] - b[j * K + c]);
-            dq[i * K + c] += e * k[j * K + c];
-            dk[j * K + c] += e * q[i * K + c];
+            const acc_t e = a * gla_exp2(bi[c] - bj[c]);
+            dqi[c] += e * kj[c];
+            dkj[c] += e * qi[c];
           }
         }
     }
@@ -136,16 +188,12 @@ struct ChunkBuffers {
   // S <- diag(exp2 b_last) S + sum_j (k_j exp2(b_last - b_j))^T v_j   (S: (K, V))
   void advance_state(int64_t L, acc_t* S) {
     const acc_t* bl = &b[(L - 1) * K];
-    rescale(k, 0, L, bl, true, yt);
     for (int64_t c = 0; c < K; ++c) {
       const acc_t decay = gla_exp2(bl[c]);
-      acc_t* Sc = S + c * V;
-      for (int64_t e = 0; e < V; ++e) Sc[e] *= decay;
-      for (int64_t j = 0; j < L; ++j) {
-        const acc_t kc = yt[j * K + c];
-        for (int64_t e = 0; e < V; ++e) Sc[e] = gla_state_step(Sc[e], acc_t(1), kc, v[j * V + e]);
-      }
+      for (int64_t e = 0; e < V; ++e) S[c * V + e] *= decay;
     }
+    mul_rows(k.data(), ebl.data(), 0, L, yt.data());                      // k^ (L, K)
+    gemm(true, false, K, V, L, 1, yt.data(), K, v.data(), V, 1, S, V);  // S += k^T v
   }
 };
 
@@ -158,35 +206,25 @@ void init_state(const void* h0, int64_t task, int64_t KV, acc_t* S) {
 }
 
 template <DType dt>
-void chunk_fwd_impl(const GlaParams& p) {
+void chunk_fwd_impl(const GlaParams& p, const CpuGemm& gemm) {
   using T = cpu_t<dt>;
   using acc_t = cpu_acc_t<dt>;
   const int64_t K = p.dim_k, V = p.dim_v, KV = K * V;
   const acc_t scale = static_cast<acc_t>(p.scale);
   at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
-    ChunkBuffers<acc_t> cb(K, V);
-    std::vector<acc_t> S(KV), o(kGlaChunk * V);
+    ChunkBuffers<acc_t> cb(K, V, pick_gemm<acc_t>(gemm));
+    std::vector<acc_t> S(KV), o(C * V), qe(C * K);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bi = task / p.heads, hi = task % p.heads;
       init_state(p.h0, task, KV, S.data());
-      for (int64_t t0 = 0; t0 < p.seqlen; t0 += kGlaChunk) {
-        const int64_t L = std::min<int64_t>(kGlaChunk, p.seqlen - t0);
+      for (int64_t t0 = 0; t0 < p.seqlen; t0 += C) {
+        const int64_t L = std::min<int64_t>(C, p.seqlen - t0);
         cb.template load<T>(p, bi, hi, t0, L);
+        // o = scale (q exp2(b)) S + scale A v
+        cb.mul_rows(cb.q.data(), cb.eb.data(), 0, L, qe.data());
+        cb.gemm(false, false, L, V, K, scale, qe.data(), K, S.data(), V, 0, o.data(), V);
         cb.scores(L);
-        // o_i = scale (q_i exp2(b_i)) S + scale sum_{j<=i} A_ij v_j
-        for (int64_t i = 0; i < L; ++i) {
-          acc_t* oi = &o[i * V];
-          std::fill_n(oi, V, acc_t(0));
-          for (int64_t c = 0; c < K; ++c) {
-            const acc_t qc = cb.q[i * K + c] * gla_exp2(cb.b[i * K + c]);
-            for (int64_t e = 0; e < V; ++e) oi[e] += qc * S[c * V + e];
-          }
-          for (int64_t j = 0; j <= i; ++j) {
-            const acc_t a = cb.A[i * kGlaChunk + j];
-            for (int64_t e = 0; e < V; ++e) oi[e] += a * cb.v[j * V + e];
-          }
-          for (int64_t e = 0; e < V; ++e) oi[e] *= scale;
-        }
+        cb.gemm(false, false, L, V, L, scale, cb.A.data(), C, cb.v.data(), V, 1, o.data(), V);
         store_rows<T>(p.o, bi, hi, t0, L, V, o.data());
         cb.advance_state(L, S.data());
       }
@@ -204,77 +242,63 @@ void chunk_fwd_impl(const GlaParams& p) {
 //   dS_in = exp(b_last) dS + scale sum_i (q_i exp(b_i))^T do_i
 // The chunk-entry states are recomputed by a forward state pass at the start of the backward.
 template <DType dt>
-void chunk_bwd_impl(const GlaParams& p) {
+void chunk_bwd_impl(const GlaParams& p, const CpuGemm& gemm) {
   using T = cpu_t<dt>;
   using acc_t = cpu_acc_t<dt>;
   const int64_t K = p.dim_k, V = p.dim_v, KV = K * V;
-  const int64_t n_chunks = ceil_div(p.seqlen, kGlaChunk);
+  const int64_t n_chunks = ceil_div(p.seqlen, C);
   const acc_t scale = static_cast<acc_t>(p.scale);
   at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
-    ChunkBuffers<acc_t> cb(K, V);
+    ChunkBuffers<acc_t> cb(K, V, pick_gemm<acc_t>(gemm));
     std::vector<acc_t> states((n_chunks + 1) * KV);  // state entering chunk c; the last is the final state
-    std::vector<acc_t> dS(KV), dout(kGlaChunk * V), dA(kGlaChunk * kGlaChunk);
-    std::vector<acc_t> dq(kGlaChunk * K), dk(kGlaChunk * K), dv(kGlaChunk * V), dg(kGlaChunk * K);
+    std::vector<acc_t> dS(KV), dout(C * V), dA(C * C), run(K);
+    std::vector<acc_t> dq(C * K), dk(C * K), dv(C * V), dg(C * K), qe(C * K);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bi = task / p.heads, hi = task % p.heads;
       init_state(p.h0, task, KV, states.data());
       for (int64_t c = 0; c < n_chunks; ++c) {
-        const int64_t t0 = c * kGlaChunk, L = std::min<int64_t>(kGlaChunk, p.seqlen - t0);
-        cb.template load<T>(p, bi, hi, t0, L);
+        const int64_t t0 = c * C, L = std::min<int64_t>(C, p.seqlen - t0);
+        cb.template load<T>(p, bi, hi, t0, L, /*with_q=*/false);
         std::copy_n(&states[c * KV], KV, &states[(c + 1) * KV]);
         cb.advance_state(L, &states[(c + 1) * KV]);
       }
       init_state(p.dht, task, KV, dS.data());
       for (int64_t c = n_chunks - 1; c >= 0; --c) {
-        const int64_t t0 = c * kGlaChunk, L = std::min<int64_t>(kGlaChunk, p.seqlen - t0);
+        const int64_t t0 = c * C, L = std::min<int64_t>(C, p.seqlen - t0);
         const acc_t* S_in = &states[c * KV];
         const acc_t* S_out = &states[(c + 1) * KV];
         cb.template load<T>(p, bi, hi, t0, L);
         load_rows<T>(p.dout, bi, hi, t0, L, V, dout.data());
-        for (acc_t& x : dout) x *= scale;  // rows past L are never read
+        for (int64_t x = 0; x < L * V; ++x) dout[x] *= scale;
         cb.scores(L);
-        for (int64_t i = 0; i < L; ++i)
-          for (int64_t j = 0; j <= i; ++j) dA[i * kGlaChunk + j] = dot(&dout[i * V], &cb.v[j * V], V);
-        // dv
-        const acc_t* bl = &cb.b[(L - 1) * K];
-        cb.rescale(cb.k, 0, L, bl, true, cb.yt);  // k^
-        for (int64_t j = 0; j < L; ++j) {
-          acc_t* dvj = &dv[j * V];
-          std::fill_n(dvj, V, acc_t(0));
-          for (int64_t i = j; i < L; ++i) {
-            const acc_t a = cb.A[i * kGlaChunk + j];
-            for (int64_t e = 0; e < V; ++e) dvj[e] += a * dout[i * V + e];
-          }
-          for (int64_t kc = 0; kc < K; ++kc) {
-            const acc_t kh = cb.yt[j * K + kc];
-            for (int64_t e = 0; e < V; ++e) dvj[e] += kh * dS[kc * V + e];
-          }
-        }
-        // inter-chunk parts of dq and dk
-        for (int64_t i = 0; i < L; ++i)
-          for (int64_t kc = 0; kc < K; ++kc) {
-            dq[i * K + kc] = gla_exp2(cb.b[i * K + kc]) * dot(&S_in[kc * V], &dout[i * V], V);
-            dk[i * K + kc] = gla_exp2(bl[kc] - cb.b[i * K + kc]) * dot(&dS[kc * V], &cb.v[i * V], V);
-          }
+        cb.gemm(false, true, L, L, V, 1, dout.data(), V, cb.v.data(), V, 0, dA.data(), C);  // (L, L); lower read
+        // dv = A^T do + k^ dS
+        cb.mul_rows(cb.k.data(), cb.ebl.data(), 0, L, cb.yt.data());  // k^
+        cb.gemm(true, false, L, V, L, 1, cb.A.data(), C, dout.data(), V, 0, dv.data(), V);
+        cb.gemm(false, false, L, V, K, 1, cb.yt.data(), K, dS.data(), V, 1, dv.data(), V);
+        // inter-chunk parts of dq and dk: exp2(b) (do S_in^T), exp2(b_last - b) (v dS^T)
+        cb.gemm(false, true, L, K, V, 1, dout.data(), V, S_in, V, 0, dq.data(), K);
+        cb.gemm(false, true, L, K, V, 1, cb.v.data(), V, dS.data(), V, 0, dk.data(), K);
+        cb.mul_rows(dq.data(), cb.eb.data(), 0, L, dq.data());
+        cb.mul_rows(dk.data(), cb.ebl.data(), 0, L, dk.data());
         cb.scores_backward(L, dA, dq.data(), dk.data());
         // dg: reverse cumsum within the chunk plus the chunk-boundary term
-        for (int64_t kc = 0; kc < K; ++kc) {
-          acc_t run = dot(&S_out[kc * V], &dS[kc * V], V);
-          for (int64_t i = L - 1; i >= 0; --i) {
-            run += gla_dgate_term(cb.q[i * K + kc], dq[i * K + kc], cb.k[i * K + kc], dk[i * K + kc]);
-            dg[i * K + kc] = run;
+        for (int64_t kc = 0; kc < K; ++kc) run[kc] = dot(&S_out[kc * V], &dS[kc * V], V);
+        for (int64_t i = L - 1; i >= 0; --i)
+          LINMIX_SIMD
+          for (int64_t kc = 0; kc < K; ++kc) {
+            const int64_t x = i * K + kc;
+            run[kc] += gla_dgate_term(cb.q[x], dq[x], cb.k[x], dk[x]);
+            dg[x] = run[kc];
           }
-        }
-        // dS <- exp(b_last) dS + sum_i (q_i exp(b_i))^T (scale do_i)
+        // dS <- exp(b_last) dS + (q exp(b))^T (scale do)
+        const acc_t* bl = &cb.b[(L - 1) * K];
         for (int64_t kc = 0; kc < K; ++kc) {
-          acc_t* dSc = &dS[kc * V];
           const acc_t decay = gla_exp2(bl[kc]);
-          for (int64_t e = 0; e < V; ++e) dSc[e] *= decay;
-          for (int64_t i = 0; i < L; ++i) {
-            const acc_t qh = cb.q[i * K + kc] * gla_exp2(cb.b[i * K + kc]);
-            for (int64_t e = 0; e < V; ++e) dSc[e] += qh * dout[i * V + e];
-          }
+          for (int64_t e = 0; e < V; ++e) dS[kc * V + e] *= decay;
         }
+        cb.mul_rows(cb.q.data(), cb.eb.data(), 0, L, qe.data());
+        cb.gemm(true, false, K, V, L, 1, qe.data(), K, dout.data(), V, 1, dS.data(), V);
         store_rows<T>(p.dq, bi, hi, t0, L, K, dq.data());
         store_rows<T>(p.dk, bi, hi, t0, L, K, dk.data());
         store_rows<T>(p.dv, bi, hi, t0, L, V, dv.data());
@@ -379,11 +403,11 @@ void recurrent_bwd_impl(const GlaParams& p) {
 
 }  // namespace
 
-void chunk_gla_fwd_cpu(const GlaParams& p, DType dtype) {
-  LINMIX_DTYPE_SWITCH(dtype, kDT, [&] { chunk_fwd_impl<kDT>(p); });
+void chunk_gla_fwd_cpu(const GlaParams& p, DType dtype, const CpuGemm& gemm) {
+  LINMIX_DTYPE_SWITCH(dtype, kDT, [&] { chunk_fwd_impl<kDT>(p, gemm); });
 }
-void chunk_gla_bwd_cpu(const GlaParams& p, DType dtype) {
-  LINMIX_DTYPE_SWITCH(dtype, kDT, [&] { chunk_bwd_impl<kDT>(p); });
+void chunk_gla_bwd_cpu(const GlaParams& p, DType dtype, const CpuGemm& gemm) {
+  LINMIX_DTYPE_SWITCH(dtype, kDT, [&] { chunk_bwd_impl<kDT>(p, gemm); });
 }
 void fused_recurrent_gla_fwd_cpu(const GlaParams& p, DType dtype) {
   LINMIX_DTYPE_SWITCH(dtype, kDT, [&] { recurrent_fwd_impl<kDT>(p); });
