@@ -47,11 +47,12 @@ def test_cuda_tensor_without_backend_is_clear(monkeypatch):
 
 
 @pytest.mark.skipif(shutil.which("ldd") is None, reason="needs ldd")
-def test_libstdcxx_is_shared():
+def test_runtime_libraries_are_shared():
     # A static libstdc++ inside _C (a g++ wrapped with -static-libstdc++) crashes when an error message is
     # formatted; the build must link the shared one that torch uses.
     out = subprocess.run(["ldd", linmix._C.__file__], capture_output=True, text=True, check=True).stdout
     assert "libstdc++" in out, out
+    assert "libgomp" in out, out  # the OpenMP runtime at::parallel_for runs on, shared with torch
 
 
 def test_error_message_with_numbers():
