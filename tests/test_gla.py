@@ -252,10 +252,30 @@ def test_fla_signature_state_v_first(device):
         torch.testing.assert_close(got, w)
 
 
-def test_varlen_not_supported_yet():
+@pytest.mark.parametrize("algo", ["chunk", "recurrent"])
+def test_varlen_not_supported_yet(algo):
     q, k, v, g, _ = make(1, 10, 2, 8, 4, torch.float32, "cpu", h0=False)
     with pytest.raises(NotImplementedError, match="cu_seqlens"):
-        linmix.chunk_gla(q, k, v, g, cu_seqlens=torch.tensor([0, 4, 10]))
+        ALGOS[algo](q, k, v, g, cu_seqlens=torch.tensor([0, 4, 10]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fla_recurrent_keywords(device):
+    # fused_recurrent_gla with flash-linear-attention's keywords: gk, reverse, no gate, and gv refused
+    q, k, v, g, s = make(2, 37, 2, 8, 5, torch.float64 if device == "cpu" else torch.float32, device)
+    rec = linmix.fused_recurrent_gla
+    torch.testing.assert_close(rec(q, k, v, gk=g, initial_state=s)[0], rec(q, k, v, g, initial_state=s)[0])
+    torch.testing.assert_close(rec(q, k, v)[0], rec(q, k, v, torch.zeros_like(k))[0])
+    # reverse: the recurrence runs from T-1 down to 0, i.e. the reference on time-reversed inputs
+    o, ht = rec(q, k, v, gk=g, initial_state=s, output_final_state=True, reverse=True)
+    ro, rht = gla_ref(*(t.flip(1).double() for t in (q, k, v, g)), initial_state=s.double(), output_final_state=True)
+    tol = dict(rtol=1e-10, atol=1e-10) if q.dtype == torch.float64 else {}
+    torch.testing.assert_close(o.double(), ro.flip(1), **tol)
+    torch.testing.assert_close(ht.double(), rht, **tol)
+    with pytest.raises(ValueError, match="not both"):
+        rec(q, k, v, g, gk=g)
+    with pytest.raises(NotImplementedError, match="gv"):
+        rec(q, k, v, gk=g, gv=torch.zeros_like(v))
 
 
 def _fla_gla():

@@ -48,13 +48,27 @@ class GlaFn(torch.autograd.Function):
         return dq, dk, dv, dg, None, (dh0 if initial_state is not None else None), None
 
 
-def _gla(name, recurrent, q, k, v, g, scale, initial_state, output_final_state):
+def _gla(name, recurrent, q, k, v, g, scale, initial_state, output_final_state, state_v_first=False,
+         varlen=False, reverse=False):
+    if varlen:
+        raise NotImplementedError(
+            f"linmix.{name}: variable-length packing (cu_seqlens) is not supported yet; pass one sequence per "
+            "batch row (pad, or split the packed batch)"
+        )
     check_backend(name, q, k, v, g, initial_state)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if initial_state is not None and state_v_first:
+        initial_state = initial_state.transpose(-1, -2)
     if initial_state is not None and q.dim() == 4:
         initial_state = initial_state.to(acc_dtype(q))
+    if reverse:  # the recurrence from T-1 down to 0 is the forward one on time-reversed inputs
+        q, k, v, g = (t.flip(1) for t in (q, k, v, g))
     o, ht = GlaFn.apply(q, k, v, g, float(scale), initial_state, recurrent)
+    if reverse:
+        o = o.flip(1)
+    if state_v_first:
+        ht = ht.transpose(-1, -2)
     return o, (ht if output_final_state else None)
 
 
@@ -92,28 +106,38 @@ def chunk_gla(
         or None. Differentiable with respect to q, k, v, g, initial_state, also through final_state.
         The gate cumsum, the diagonal-block scores, the state and every accumulation are float32.
     """
-    if cu_seqlens is not None or cu_seqlens_cpu is not None:
-        raise NotImplementedError(
-            "linmix.chunk_gla: variable-length packing (cu_seqlens) is not supported yet; pass one sequence per "
-            "batch row (pad, or split the packed batch)"
-        )
-    if state_v_first and initial_state is not None:
-        initial_state = initial_state.transpose(-1, -2)
-    o, ht = _gla("chunk_gla", False, q, k, v, g, scale, initial_state, output_final_state)
-    return o, (ht.transpose(-1, -2) if state_v_first and ht is not None else ht)
+    return _gla("chunk_gla", False, q, k, v, g, scale, initial_state, output_final_state, state_v_first,
+                cu_seqlens is not None or cu_seqlens_cpu is not None)
 
 
 def fused_recurrent_gla(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    g: torch.Tensor,
+    g: torch.Tensor | None = None,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    reverse: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    *,
+    gk: torch.Tensor | None = None,
+    gv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention computed step by step: the decoding / short-sequence path.
 
     Same contract, shapes and dtypes as :func:`chunk_gla`; the state is updated once per time step.
+    flash-linear-attention's keywords work too: ``gk`` is ``g`` (no gate at all means no decay),
+    ``reverse=True`` runs the recurrence from T-1 down to 0, ``state_v_first`` as in :func:`chunk_gla`;
+    value gates (``gv``) and ``cu_seqlens`` are not supported yet and raise ``NotImplementedError``.
     """
-    return _gla("fused_recurrent_gla", True, q, k, v, g, scale, initial_state, output_final_state)
+    if g is not None and gk is not None:
+        raise ValueError("linmix.fused_recurrent_gla: pass the key gate as g or as gk, not both")
+    if gv is not None:
+        raise NotImplementedError("linmix.fused_recurrent_gla: value gates (gv) are not supported yet")
+    g = gk if g is None else g
+    if g is None:
+        g = torch.zeros_like(k)
+    return _gla("fused_recurrent_gla", True, q, k, v, g, scale, initial_state, output_final_state, state_v_first,
+                cu_seqlens is not None, reverse)
