@@ -284,3 +284,45 @@ def test_mixed_devices():
     args, sp = make(2, 4, 6, 3, torch.float32, "cuda", requires_grad=False)
     with pytest.raises(RuntimeError, match="same device"):
         linmix.selective_scan(**dict(args, delta=args["delta"].cpu()), delta_softplus=sp)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64])
+def test_selective_state_update(device, state_dtype):
+    # mamba-ssm's decoding step: one step of the recurrence from `state`, updated in place
+    torch.manual_seed(0)
+    b, d, n = 3, 10, 4
+    f64 = dict(dtype=torch.float64, device=device)
+    x, dt, z = torch.randn(b, d, **f64), 0.3 * torch.rand(b, d, **f64), torch.randn(b, d, **f64)
+    A, Bm, Cm = -torch.rand(d, n, **f64) - 0.5, torch.randn(b, n, **f64), torch.randn(b, n, **f64)
+    D, bias = torch.randn(d, **f64), torch.randn(d, **f64)
+    state = torch.randn(b, d, n, **f64).to(state_dtype)
+    s0 = state.double().clone()
+    delta = F.softplus(dt + bias)
+    want_state = torch.exp(delta[..., None] * A) * s0 + delta[..., None] * Bm[:, None] * x[..., None]
+    want = ((want_state * Cm[:, None]).sum(-1) + D * x) * F.silu(z)
+    dt_ = torch.float64 if device == "cpu" else torch.float32
+    out = linmix.selective_state_update(state, *(t.to(dt_) for t in (x, dt, A, Bm, Cm, D, z, bias)), dt_softplus=True)
+    tol = dict(rtol=1e-10, atol=1e-10) if dt_ == torch.float64 and state_dtype == torch.float64 else {}
+    torch.testing.assert_close(out.double(), want, **tol)
+    torch.testing.assert_close(state.double(), want_state, **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_updates_replay_the_scan(device):
+    # L decoding steps from zero give the scan's outputs and final state
+    torch.manual_seed(0)
+    args, sp = make(2, 6, 9, 3, torch.float32, device, B_kind="var", C_kind="grouped", h0=False, requires_grad=False)
+    out, last = linmix.selective_scan(**{k: v for k, v in args.items() if v is not None}, delta_softplus=sp,
+                                      return_final_state=True)
+    state = torch.zeros_like(last)
+    steps = [
+        linmix.selective_state_update(state, args["u"][..., t], args["delta"][..., t], args["A"], args["B"][..., t],
+                                      args["C"][..., t], args["D"], args["z"][..., t], args["delta_bias"], sp)
+        for t in range(args["u"].shape[-1])
+    ]
+    torch.testing.assert_close(torch.stack(steps, -1), out)
+    torch.testing.assert_close(state, last)
+    with pytest.raises(NotImplementedError, match="Mamba-1"):
+        linmix.selective_state_update(state[:, None], args["u"][:, None, :, 0], args["delta"][:, None, :, 0],
+                                      args["A"], args["B"][..., 0], args["C"][..., 0])

@@ -4,7 +4,7 @@ from ._native import build_info
 from .ops.fixed_point import fixed_point_rnn
 from .ops.gla import chunk_gla, fused_recurrent_gla
 from .ops.linear_scan import linear_scan
-from .ops.selective_scan import selective_scan, selective_scan_fn
+from .ops.selective_scan import selective_scan, selective_scan_fn, selective_state_update
 
 __version__ = "0.1.0"
 
@@ -16,4 +16,5 @@ __all__ = [
     "linear_scan",
     "selective_scan",
     "selective_scan_fn",
+    "selective_state_update",
 ]

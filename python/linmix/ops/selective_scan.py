@@ -108,3 +108,25 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     See :func:`selective_scan` for shapes and dtypes.
     """
     return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, None, return_last_state)
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One decoding step, a drop-in for ``mamba_ssm.ops.triton.selective_state_update`` (Mamba-1 layout).
+
+    Updates ``state`` (b, d, n) in place to exp(δ A) state + δ B x and returns
+    out = (C · state + D x) · silu(z), (b, d) in x's dtype, with δ = dt + dt_bias (softplus'd if
+    ``dt_softplus``). x, dt, z: (b, d); A: (d, n); B, C: (b, n) or grouped (b, g, n); D, dt_bias: (d,).
+    It is :func:`selective_scan` with L = 1 from ``initial_state=state``, so it runs the same kernels (and the
+    state arithmetic is float32 whatever ``state``'s dtype). Mamba-2's per-head layout (b, h, d, n) is not
+    supported.
+    """
+    if state.dim() != 3:
+        raise NotImplementedError(
+            "linmix.selective_state_update: only Mamba-1's state layout (b, d, n) is supported, got "
+            f"{tuple(state.shape)}"
+        )
+    out, new_state = selective_scan(x.unsqueeze(-1), dt.unsqueeze(-1), A, B.unsqueeze(-1), C.unsqueeze(-1), D,
+                                    None if z is None else z.unsqueeze(-1), dt_bias, dt_softplus,
+                                    initial_state=state, return_final_state=True)
+    state.copy_(new_state)
+    return out.squeeze(-1)
