@@ -252,11 +252,48 @@ def test_fla_signature_state_v_first(device):
         torch.testing.assert_close(got, w)
 
 
-@pytest.mark.parametrize("algo", ["chunk", "recurrent"])
-def test_varlen_not_supported_yet(algo):
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algo", ["chunk", "recurrent", "recurrent-reverse"])
+@pytest.mark.parametrize("h0", [True, False])
+def test_varlen_matches_separate_runs(device, algo, h0):
+    # cu_seqlens packs sequences (an empty one included) along T of a batch-1 tensor; each must equal its own run
+    lens = [5, 70, 0, 1, 33]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    N, T = len(lens), sum(lens)
+    q, k, v, g, _ = make(1, T, 2, 8, 4, torch.float64 if device == "cpu" else torch.float32, device, h0=False,
+                         requires_grad=True)
+    s = torch.randn(N, 2, 8, 4, dtype=q.dtype, device=device, requires_grad=True) if h0 else None
+    fn = ALGOS[algo.split("-")[0]]
+    kw = {"reverse": True} if algo.endswith("reverse") else {}
+    o, ht = fn(q, k, v, g, initial_state=s, output_final_state=True, cu_seqlens=cu, **kw)
+    (o.square().sum() + ht.square().sum()).backward()
+    got = [o, ht, q.grad, k.grad, v.grad, g.grad] + ([s.grad] if h0 else [])
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, g)] + ([s.detach().clone().requires_grad_()] if h0 else [])
+    outs, hts = [], []
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        oi, hi = fn(*(t[:, a:b] for t in leaves[:4]), initial_state=leaves[4][i : i + 1] if h0 else None,
+                    output_final_state=True, **kw)
+        outs.append(oi)
+        hts.append(hi)
+    want_o, want_ht = torch.cat(outs, 1), torch.cat(hts, 0)
+    (want_o.square().sum() + want_ht.square().sum()).backward()
+    want = [want_o, want_ht] + [t.grad for t in leaves]
+    assert ht.shape == (N, 2, 8, 4)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_varlen_bad_offsets():
     q, k, v, g, _ = make(1, 10, 2, 8, 4, torch.float32, "cpu", h0=False)
-    with pytest.raises(NotImplementedError, match="cu_seqlens"):
-        ALGOS[algo](q, k, v, g, cu_seqlens=torch.tensor([0, 4, 10]))
+    for cu, match in [(torch.tensor([0, 4, 9]), "rise from 0 to total_T"), (torch.tensor([0, 6, 4, 10]), "rise"),
+                      (torch.tensor([0.0, 10.0]), "integer")]:
+        with pytest.raises(ValueError, match=match):
+            linmix.chunk_gla(q, k, v, g, cu_seqlens=cu)
+    q2, k2, v2, g2, _ = make(2, 10, 2, 8, 4, torch.float32, "cpu", h0=False)
+    with pytest.raises(ValueError, match=r"\(1, total_T"):
+        linmix.chunk_gla(q2, k2, v2, g2, cu_seqlens=torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="one state per sequence"):
+        linmix.chunk_gla(q, k, v, g, cu_seqlens=torch.tensor([0, 4, 10]), initial_state=torch.zeros(3, 2, 8, 4))
 
 
 @pytest.mark.parametrize("device", DEVICES)

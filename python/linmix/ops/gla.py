@@ -48,13 +48,20 @@ class GlaFn(torch.autograd.Function):
         return dq, dk, dv, dg, None, (dh0 if initial_state is not None else None), None
 
 
+def _segments(name, q, cu_seqlens) -> list[tuple[int, int]]:
+    """The (start, end) of each packed sequence, checked: batch 1, 0 = c_0 <= c_1 <= ... <= c_N = T."""
+    if q.dim() != 4 or q.shape[0] != 1:
+        raise ValueError(f"linmix.{name}: with cu_seqlens, q must be (1, total_T, H, K), got {tuple(q.shape)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+        raise ValueError(f"linmix.{name}: cu_seqlens must be a 1-D integer tensor [0, ..., total_T] of N + 1 offsets")
+    c = cu_seqlens.tolist()
+    if c[0] != 0 or c[-1] != q.shape[1] or any(b < a for a, b in zip(c, c[1:])):
+        raise ValueError(f"linmix.{name}: cu_seqlens must rise from 0 to total_T = {q.shape[1]}, got {c}")
+    return list(zip(c, c[1:]))
+
+
 def _gla(name, recurrent, q, k, v, g, scale, initial_state, output_final_state, state_v_first=False,
-         varlen=False, reverse=False):
-    if varlen:
-        raise NotImplementedError(
-            f"linmix.{name}: variable-length packing (cu_seqlens) is not supported yet; pass one sequence per "
-            "batch row (pad, or split the packed batch)"
-        )
+         cu_seqlens=None, reverse=False):
     check_backend(name, q, k, v, g, initial_state)
     if scale is None:
         scale = q.shape[-1] ** -0.5
@@ -64,7 +71,22 @@ def _gla(name, recurrent, q, k, v, g, scale, initial_state, output_final_state, 
         initial_state = initial_state.to(acc_dtype(q))
     if reverse:  # the recurrence from T-1 down to 0 is the forward one on time-reversed inputs
         q, k, v, g = (t.flip(1) for t in (q, k, v, g))
-    o, ht = GlaFn.apply(q, k, v, g, float(scale), initial_state, recurrent)
+    if cu_seqlens is None:
+        o, ht = GlaFn.apply(q, k, v, g, float(scale), initial_state, recurrent)
+    else:
+        # Packed sequences: one launch per sequence, each from its own initial state (a host loop, not fused).
+        # Under reverse the tensors are time-flipped, so sequence i sits at [T - e, T - s) and the order inverts.
+        segs, T = _segments(name, q, cu_seqlens), q.shape[1]
+        if initial_state is not None and initial_state.shape[0] != len(segs):
+            raise ValueError(f"linmix.{name}: initial_state must have one state per sequence ({len(segs)}), got "
+                             f"{initial_state.shape[0]}")
+        outs = []
+        for i, (s, e) in enumerate(segs):
+            s, e = (T - e, T - s) if reverse else (s, e)
+            h0 = None if initial_state is None else initial_state[i : i + 1]
+            outs.append(GlaFn.apply(*(t[:, s:e] for t in (q, k, v, g)), float(scale), h0, recurrent))
+        o = torch.cat([x[0] for x in (outs[::-1] if reverse else outs)], 1)
+        ht = torch.cat([x[1] for x in outs], 0)
     if reverse:
         o = o.flip(1)
     if state_v_first:
@@ -98,7 +120,12 @@ def chunk_gla(
         initial_state: optional (B, H, K, V), cast to float32 (float64 for float64 inputs).
         output_final_state: return the final state as well.
         state_v_first: initial_state and final_state are (B, H, V, K) instead.
-        cu_seqlens, cu_seqlens_cpu: packed variable-length batches are not supported yet; they must be None.
+        cu_seqlens: packed variable-length sequences as in FlashAttention's varlen API: q, k, v, g are
+            (1, total_T, H, .) and cu_seqlens (N + 1,) integer offsets [0, ..., total_T]; each sequence starts
+            from its own initial_state row ((N, H, K, V), or zeros) and final_state is (N, H, K, V). It runs
+            one launch per sequence from a host loop (reading the offsets is a host sync, and
+            torch.compile cannot trace it): correct, but not fused. cu_seqlens_cpu, if given, is used
+            instead of cu_seqlens.
         K and V may be anything in [1, 256].
 
     Returns:
@@ -107,7 +134,7 @@ def chunk_gla(
         The gate cumsum, the diagonal-block scores, the state and every accumulation are float32.
     """
     return _gla("chunk_gla", False, q, k, v, g, scale, initial_state, output_final_state, state_v_first,
-                cu_seqlens is not None or cu_seqlens_cpu is not None)
+                cu_seqlens_cpu if cu_seqlens_cpu is not None else cu_seqlens)
 
 
 def fused_recurrent_gla(
@@ -129,8 +156,8 @@ def fused_recurrent_gla(
 
     Same contract, shapes and dtypes as :func:`chunk_gla`; the state is updated once per time step.
     flash-linear-attention's keywords work too: ``gk`` is ``g`` (no gate at all means no decay),
-    ``reverse=True`` runs the recurrence from T-1 down to 0, ``state_v_first`` as in :func:`chunk_gla`;
-    value gates (``gv``) and ``cu_seqlens`` are not supported yet and raise ``NotImplementedError``.
+    ``reverse=True`` runs the recurrence from T-1 down to 0, ``state_v_first`` and ``cu_seqlens`` as in
+    :func:`chunk_gla`; value gates (``gv``) are not supported yet and raise ``NotImplementedError``.
     """
     if g is not None and gk is not None:
         raise ValueError("linmix.fused_recurrent_gla: pass the key gate as g or as gk, not both")
@@ -140,4 +167,4 @@ def fused_recurrent_gla(
     if g is None:
         g = torch.zeros_like(k)
     return _gla("fused_recurrent_gla", True, q, k, v, g, scale, initial_state, output_final_state, state_v_first,
-                cu_seqlens is not None, reverse)
+                cu_seqlens, reverse)
