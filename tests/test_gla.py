@@ -285,12 +285,12 @@ def test_varlen_matches_separate_runs(device, algo, h0):
 
 def test_varlen_bad_offsets():
     q, k, v, g, _ = make(1, 10, 2, 8, 4, torch.float32, "cpu", h0=False)
-    for cu, match in [(torch.tensor([0, 4, 9]), "rise from 0 to total_T"), (torch.tensor([0, 6, 4, 10]), "rise"),
+    for cu, match in [(torch.tensor([0, 4, 9]), "rise from 0 to the packed length 10"), (torch.tensor([0, 6, 4, 10]), "rise"),
                       (torch.tensor([0.0, 10.0]), "integer")]:
         with pytest.raises(ValueError, match=match):
             linmix.chunk_gla(q, k, v, g, cu_seqlens=cu)
     q2, k2, v2, g2, _ = make(2, 10, 2, 8, 4, torch.float32, "cpu", h0=False)
-    with pytest.raises(ValueError, match=r"\(1, total_T"):
+    with pytest.raises(ValueError, match="batch size must be 1"):
         linmix.chunk_gla(q2, k2, v2, g2, cu_seqlens=torch.tensor([0, 10]))
     with pytest.raises(ValueError, match="one state per sequence"):
         linmix.chunk_gla(q, k, v, g, cu_seqlens=torch.tensor([0, 4, 10]), initial_state=torch.zeros(3, 2, 8, 4))

@@ -326,3 +326,39 @@ def test_state_updates_replay_the_scan(device):
     with pytest.raises(NotImplementedError, match="Mamba-1"):
         linmix.selective_state_update(state[:, None], args["u"][:, None, :, 0], args["delta"][:, None, :, 0],
                                       args["A"], args["B"][..., 0], args["C"][..., 0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B_kind, C_kind", [("var", "grouped"), ("fixed", "var")])
+@pytest.mark.parametrize("h0", [True, False])
+def test_varlen_matches_separate_runs(device, B_kind, C_kind, h0):
+    # cu_seqlens packs sequences (an empty one included) along L of a batch-1 input; each must equal its own run
+    lens = [7, 0, 40, 1, 23]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    N, L = len(lens), sum(lens)
+    dt = torch.float64 if device == "cpu" else torch.float32
+    args, sp = make(1, 6, L, 3, dt, device, B_kind=B_kind, C_kind=C_kind, h0=False)
+    if h0:
+        args["initial_state"] = torch.randn(N, 6, 3, dtype=dt, device=device, requires_grad=True)
+    leaves = {k: v for k, v in args.items() if v is not None}
+    out, last = linmix.selective_scan(**leaves, delta_softplus=sp, return_final_state=True, cu_seqlens=cu)
+    (out.square().sum() + last.square().sum()).backward()
+    got = [out, last] + [leaves[k].grad for k in sorted(leaves)]
+    ref = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
+    outs, lasts = [], []
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        kw = {k: (v if k in ("A", "D", "delta_bias") or (k in ("B", "C") and v.dim() == 2) else v[..., a:b])
+              for k, v in ref.items() if k != "initial_state"}
+        if h0:
+            kw["initial_state"] = ref["initial_state"][i : i + 1]
+        o, s = linmix.selective_scan(**kw, delta_softplus=sp, return_final_state=True)
+        outs.append(o)
+        lasts.append(s)
+    want_out, want_last = torch.cat(outs, -1), torch.cat(lasts, 0)
+    (want_out.square().sum() + want_last.square().sum()).backward()
+    want = [want_out, want_last] + [ref[k].grad for k in sorted(ref)]
+    assert last.shape == (N, 6, 3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="batch size must be 1"):
+        linmix.selective_scan(**make(2, 6, 5, 3, dt, device, h0=False)[0], cu_seqlens=torch.tensor([0, 5]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._native import acc_dtype, check_backend, nvtx_range
+from ._varlen import check_states, segments
 
 
 def _fwd_fake(q, k, v, g, scale, initial_state):
@@ -48,18 +49,6 @@ class GlaFn(torch.autograd.Function):
         return dq, dk, dv, dg, None, (dh0 if initial_state is not None else None), None
 
 
-def _segments(name, q, cu_seqlens) -> list[tuple[int, int]]:
-    """The (start, end) of each packed sequence, checked: batch 1, 0 = c_0 <= c_1 <= ... <= c_N = T."""
-    if q.dim() != 4 or q.shape[0] != 1:
-        raise ValueError(f"linmix.{name}: with cu_seqlens, q must be (1, total_T, H, K), got {tuple(q.shape)}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
-        raise ValueError(f"linmix.{name}: cu_seqlens must be a 1-D integer tensor [0, ..., total_T] of N + 1 offsets")
-    c = cu_seqlens.tolist()
-    if c[0] != 0 or c[-1] != q.shape[1] or any(b < a for a, b in zip(c, c[1:])):
-        raise ValueError(f"linmix.{name}: cu_seqlens must rise from 0 to total_T = {q.shape[1]}, got {c}")
-    return list(zip(c, c[1:]))
-
-
 def _gla(name, recurrent, q, k, v, g, scale, initial_state, output_final_state, state_v_first=False,
          cu_seqlens=None, reverse=False):
     check_backend(name, q, k, v, g, initial_state)
@@ -76,10 +65,9 @@ def _gla(name, recurrent, q, k, v, g, scale, initial_state, output_final_state, 
     else:
         # Packed sequences: one launch per sequence, each from its own initial state (a host loop, not fused).
         # Under reverse the tensors are time-flipped, so sequence i sits at [T - e, T - s) and the order inverts.
-        segs, T = _segments(name, q, cu_seqlens), q.shape[1]
-        if initial_state is not None and initial_state.shape[0] != len(segs):
-            raise ValueError(f"linmix.{name}: initial_state must have one state per sequence ({len(segs)}), got "
-                             f"{initial_state.shape[0]}")
+        T = q.shape[1]
+        segs = segments(name, q.shape[0], T, cu_seqlens)
+        check_states(name, initial_state, len(segs))
         outs = []
         for i, (s, e) in enumerate(segs):
             s, e = (T - e, T - s) if reverse else (s, e)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._native import acc_dtype, check_backend, nvtx_range
+from ._varlen import check_states, segments
 
 # Time steps per state checkpoint: kSelectiveScanChunk in csrc/selective_scan/params.h.
 CHUNK = 1024
@@ -64,7 +65,7 @@ def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
-                   return_final_state=False):
+                   return_final_state=False, cu_seqlens=None):
     """Selective scan (Mamba-1 S6), fused: discretisation, scan over time, output contraction and gate.
 
     Per batch b, channel d, state n, with δ = softplus(delta + delta_bias) if ``delta_softplus`` else
@@ -83,6 +84,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         delta_softplus: apply softplus to delta + delta_bias.
         initial_state: optional (b, d, n) state before the first step, cast to float32.
         return_final_state: also return the state after the last step.
+        cu_seqlens: packed variable-length sequences (FlashAttention's convention): batch b = 1, the
+            sequences concatenated along L, cu_seqlens (N + 1,) integer offsets [0, ..., L]; each sequence
+            starts from its own initial_state row ((N, d, n), or zeros) and final_state is (N, d, n). Runs
+            one launch per sequence from a host loop (a host sync; not traceable by torch.compile).
 
     Returns:
         out (b, d, L) in u's dtype, or (out, final_state) with final_state (b, d, n) float32. The state and
@@ -95,8 +100,21 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     acc = acc_dtype(u)
     B = B.unsqueeze(1) if B.dim() == 3 else _to(B, acc) if B.dim() == 2 else B
     C = C.unsqueeze(1) if C.dim() == 3 else _to(C, acc) if C.dim() == 2 else C
-    out, final_state = SelectiveScanFn.apply(u, delta, _to(A, acc), B, C, _to(D, acc), z, _to(delta_bias, acc),
-                                             _to(initial_state, acc), delta_softplus)
+    A, D, delta_bias, initial_state = (_to(t, acc) for t in (A, D, delta_bias, initial_state))
+    if cu_seqlens is None:
+        out, final_state = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+    else:
+        segs = segments("selective_scan", u.shape[0], u.shape[-1], cu_seqlens)
+        check_states("selective_scan", initial_state, len(segs))
+
+        def cut(t, s, e):  # time is the last dim of u, delta, z and variable B/C; fixed B/C (d, n) have none
+            return t if t is None or t.dim() == 2 else t[..., s:e]
+
+        runs = [SelectiveScanFn.apply(cut(u, s, e), cut(delta, s, e), A, cut(B, s, e), cut(C, s, e), D, cut(z, s, e),
+                                      delta_bias, None if initial_state is None else initial_state[i : i + 1],
+                                      delta_softplus)
+                for i, (s, e) in enumerate(segs)]
+        out, final_state = torch.cat([r[0] for r in runs], -1), torch.cat([r[1] for r in runs], 0)
     return (out, final_state) if return_final_state else out
 
 
