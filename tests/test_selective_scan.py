@@ -323,9 +323,34 @@ def test_state_updates_replay_the_scan(device):
     ]
     torch.testing.assert_close(torch.stack(steps, -1), out)
     torch.testing.assert_close(state, last)
-    with pytest.raises(NotImplementedError, match="Mamba-1"):
-        linmix.selective_state_update(state[:, None], args["u"][:, None, :, 0], args["delta"][:, None, :, 0],
-                                      args["A"], args["B"][..., 0], args["C"][..., 0])
+    with pytest.raises(ValueError, match="state must be"):
+        linmix.selective_state_update(state[0], args["u"][0, :, 0], args["delta"][0, :, 0], args["A"],
+                                      args["B"][0, ..., 0], args["C"][0, ..., 0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_selective_state_update_heads(device):
+    # Mamba-2's layout: state (b, h, p, n), per-head A broadcast over (p, n), B/C shared by groups of heads
+    torch.manual_seed(0)
+    b, h, p, n, g = 2, 4, 3, 5, 2
+    f64 = dict(dtype=torch.float64, device=device)
+    x, dt, z = torch.randn(b, h, p, **f64), torch.rand(b, h, 1, **f64).expand(b, h, p), torch.randn(b, h, p, **f64)
+    A = (-torch.rand(h, **f64) - 0.5)[:, None, None].expand(h, p, n)
+    Bm, Cm = torch.randn(b, g, n, **f64), torch.randn(b, g, n, **f64)
+    D, bias = torch.randn(h, 1, **f64).expand(h, p), torch.randn(h, 1, **f64).expand(h, p)
+    state = torch.randn(b, h, p, n, **f64)
+    s0 = state.clone()
+    delta = F.softplus(dt + bias)[..., None]  # (b, h, p, 1)
+    Bh, Ch = (t.repeat_interleave(h // g, dim=1)[:, :, None] for t in (Bm, Cm))  # (b, h, 1, n)
+    want_state = torch.exp(delta * A) * s0 + delta * Bh * x[..., None]
+    want = ((want_state * Ch).sum(-1) + D * x) * F.silu(z)
+    dt_ = torch.float64 if device == "cpu" else torch.float32
+    state = state.to(dt_)
+    out = linmix.selective_state_update(state, *(t.to(dt_) for t in (x, dt, A, Bm, Cm, D, z, bias)), dt_softplus=True)
+    tol = dict(rtol=1e-10, atol=1e-10) if dt_ == torch.float64 else {}
+    assert out.shape == (b, h, p)
+    torch.testing.assert_close(out.double(), want, **tol)
+    torch.testing.assert_close(state.double(), want_state, **tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -129,22 +129,31 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """One decoding step, a drop-in for ``mamba_ssm.ops.triton.selective_state_update`` (Mamba-1 layout).
+    """One decoding step, a drop-in for ``mamba_ssm.ops.triton.selective_state_update``.
 
-    Updates ``state`` (b, d, n) in place to exp(δ A) state + δ B x and returns
-    out = (C · state + D x) · silu(z), (b, d) in x's dtype, with δ = dt + dt_bias (softplus'd if
-    ``dt_softplus``). x, dt, z: (b, d); A: (d, n); B, C: (b, n) or grouped (b, g, n); D, dt_bias: (d,).
-    It is :func:`selective_scan` with L = 1 from ``initial_state=state``, so it runs the same kernels (and the
-    state arithmetic is float32 whatever ``state``'s dtype). Mamba-2's per-head layout (b, h, d, n) is not
-    supported.
+    Updates ``state`` in place to exp(δ A) state + δ B x and returns out = (C · state + D x) · silu(z) in x's
+    dtype, with δ = dt + dt_bias (softplus'd if ``dt_softplus``). Two layouts, as mamba-ssm's:
+
+    - Mamba-1: state (b, d, n); x, dt, z (b, d); A (d, n); B, C (b, n) or grouped (b, g, n); D, dt_bias (d,).
+    - Mamba-2 (heads): state (b, h, p, n); x, dt, z (b, h, p); A (h, p, n); B, C (b, g, n) with head i using
+      group i // (h / g); D, dt_bias (h, p). Broadcast (stride-0) A, dt, D, dt_bias are fine.
+
+    It is :func:`selective_scan` with L = 1 from ``initial_state=state`` (heads flattened into channels, the
+    groups kept), so it runs the same kernels; the state arithmetic is float32 whatever ``state``'s dtype.
     """
-    if state.dim() != 3:
-        raise NotImplementedError(
-            "linmix.selective_state_update: only Mamba-1's state layout (b, d, n) is supported, got "
-            f"{tuple(state.shape)}"
-        )
+    if state.dim() not in (3, 4):
+        raise ValueError(f"linmix.selective_state_update: state must be (b, d, n) or (b, h, p, n), got "
+                         f"{tuple(state.shape)}")
+    shape = x.shape
+    if state.dim() == 4:  # heads x head dim -> channels; (b, g, n) B/C stay grouped
+        b, h, p, n = state.shape
+        x, dt = x.reshape(b, h * p), dt.reshape(b, h * p)
+        z = None if z is None else z.reshape(b, h * p)
+        A = A.reshape(h * p, n)
+        D, dt_bias = (None if t is None else t.reshape(h * p) for t in (D, dt_bias))
     out, new_state = selective_scan(x.unsqueeze(-1), dt.unsqueeze(-1), A, B.unsqueeze(-1), C.unsqueeze(-1), D,
                                     None if z is None else z.unsqueeze(-1), dt_bias, dt_softplus,
-                                    initial_state=state, return_final_state=True)
-    state.copy_(new_state)
-    return out.squeeze(-1)
+                                    initial_state=state.reshape(x.shape[0], x.shape[1], -1),
+                                    return_final_state=True)
+    state.copy_(new_state.view(state.shape))
+    return out.squeeze(-1).view(shape)
