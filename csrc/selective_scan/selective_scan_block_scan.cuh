@@ -23,6 +23,27 @@ struct SelectiveScanTraits {
   static_assert(kChunk == kSelectiveScanChunk, "one block iteration is one checkpoint chunk");
 };
 
+// Warp-level scan of per-lane aggregates in scan order (lane 0 first; kReverse: lane 31 first). Returns the
+// inclusive prefix of this lane (the composition of every lane up to it, in scan order) and sets `excl` to the
+// exclusive one (identity for the first lane). Must be called by all 32 lanes.
+template <bool kReverse>
+__device__ __forceinline__ ScanPair<float> warp_scan_pairs(ScanPair<float> agg, ScanPair<float>& excl) {
+  constexpr unsigned kFull = 0xffffffffu;
+  const int lane = threadIdx.x % 32;
+  // Kogge-Stone inclusive scan; the neighbour's partial comes earlier in scan order.
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const float oa = kReverse ? __shfl_down_sync(kFull, agg.a, off) : __shfl_up_sync(kFull, agg.a, off);
+    const float ob = kReverse ? __shfl_down_sync(kFull, agg.b, off) : __shfl_up_sync(kFull, agg.b, off);
+    if (kReverse ? lane + off < 32 : lane >= off) agg = scan_combine(ScanPair<float>{oa, ob}, agg);
+  }
+  // Exclusive prefix of this lane = inclusive prefix of the previous lane in scan order.
+  excl.a = kReverse ? __shfl_down_sync(kFull, agg.a, 1) : __shfl_up_sync(kFull, agg.a, 1);
+  excl.b = kReverse ? __shfl_down_sync(kFull, agg.b, 1) : __shfl_up_sync(kFull, agg.b, 1);
+  if (lane == (kReverse ? 31 : 0)) excl = ScanPair<float>{1.f, 0.f};
+  return agg;
+}
+
 // Block-wide scan of per-thread aggregates with a carry. Thread j holds `agg`, the composition (in scan
 // order) of the steps of its items. Returns the value entering thread j's first item: `carry` advanced
 // through the aggregates of every thread before j in scan order. Forward scan order is thread 0 first;
@@ -34,19 +55,9 @@ struct SelectiveScanTraits {
 // Must be called by all threads of the block.
 template <int kNWarps, bool kReverse>
 __device__ __forceinline__ float block_scan_carry_in(ScanPair<float> agg, float carry, ScanPair<float>* s_warp) {
-  constexpr unsigned kFull = 0xffffffffu;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  // Kogge-Stone inclusive scan inside the warp; the neighbour's partial comes earlier in scan order.
-#pragma unroll
-  for (int off = 1; off < 32; off *= 2) {
-    const float oa = kReverse ? __shfl_down_sync(kFull, agg.a, off) : __shfl_up_sync(kFull, agg.a, off);
-    const float ob = kReverse ? __shfl_down_sync(kFull, agg.b, off) : __shfl_up_sync(kFull, agg.b, off);
-    if (kReverse ? lane + off < 32 : lane >= off) agg = scan_combine(ScanPair<float>{oa, ob}, agg);
-  }
-  // Exclusive prefix of this lane = inclusive prefix of the previous lane in scan order.
-  float ea = kReverse ? __shfl_down_sync(kFull, agg.a, 1) : __shfl_up_sync(kFull, agg.a, 1);
-  float eb = kReverse ? __shfl_down_sync(kFull, agg.b, 1) : __shfl_up_sync(kFull, agg.b, 1);
-  if (lane == (kReverse ? 31 : 0)) ea = 1.f, eb = 0.f;
+  ScanPair<float> excl;
+  agg = warp_scan_pairs<kReverse>(agg, excl);
   if (lane == (kReverse ? 0 : 31)) s_warp[warp] = agg;  // the warp's total
   __syncthreads();
   float h = carry;
@@ -55,7 +66,7 @@ __device__ __forceinline__ float block_scan_carry_in(ScanPair<float> agg, float 
   } else {
     for (int w = 0; w < warp; ++w) h = scan_step(s_warp[w].a, h, s_warp[w].b);
   }
-  return scan_step(ea, h, eb);
+  return scan_step(excl.a, h, excl.b);
 }
 
 __device__ __forceinline__ float warp_sum(float x) {
@@ -72,9 +83,10 @@ struct BCRow {
   float fixed = 0.f;
 };
 
+// State n's row given `base`, the offset at state 0 (ss_bc_offset(v, b, d, 0, dim)), hoisted out of state loops.
 template <typename T>
-__device__ __forceinline__ BCRow<T> bc_row(const BCView& v, int64_t b, int64_t d, int64_t n, int64_t dim) {
-  const int64_t off = ss_bc_offset(v, b, d, n, dim);
+__device__ __forceinline__ BCRow<T> bc_row_at(const BCView& v, int64_t base, int64_t n) {
+  const int64_t off = base + n * v.n_stride;
   BCRow<T> r;
   if (v.variable) {
     r.row = static_cast<const T*>(v.ptr) + off;
@@ -82,6 +94,11 @@ __device__ __forceinline__ BCRow<T> bc_row(const BCView& v, int64_t b, int64_t d
     r.fixed = static_cast<const float*>(v.ptr)[off];
   }
   return r;
+}
+
+template <typename T>
+__device__ __forceinline__ BCRow<T> bc_row(const BCView& v, int64_t b, int64_t d, int64_t n, int64_t dim) {
+  return bc_row_at<T>(v, ss_bc_offset(v, b, d, 0, dim), n);
 }
 
 template <typename T>
