@@ -48,8 +48,8 @@ def close(got, want, tol, what):
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
 
 
-def check_against_ref(args, softplus, tol, final=True, use_out=True):
-    out, fin = linmix.selective_scan(**args, delta_softplus=softplus, return_final_state=True)
+def check_against_ref(args, softplus, tol, final=True, use_out=True, **kw):
+    out, fin = linmix.selective_scan(**args, delta_softplus=softplus, return_final_state=True, **kw)
     rout, rfin = selective_scan_ref(**args, delta_softplus=softplus, return_final_state=True)
     assert out.dtype == args["u"].dtype and fin.dtype == args["A"].dtype
     close(out, rout, tol, "out")

@@ -1,10 +1,12 @@
 // Torch glue for selective_scan: input checks, output allocation, params, dispatch to CPU or CUDA.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
 #include "common/static_switch.h"
 #include "common/torch_stream.h"
+#include "common/unverified.h"
 #include "selective_scan/params.h"
 #include "selective_scan/selective_scan_cpu.h"
 #ifdef LINMIX_WITH_CUDA
@@ -141,6 +143,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
   return {out, ckpt, final_state};
 }
 
+#ifdef LINMIX_WITH_CUDA
+// The atomic-free tiled backward (deterministic with per-tile partials) runs only with the unverified-kernel
+// switch; the default kernel adds variable dB/dC with float atomics (fixed B/C: no atomics, deterministic).
+void bwd_cuda(SelectiveScanParams& p, DType dt, bool det, bool det_requested, const at::TensorOptions& f32) {
+  const bool variable_bc = p.B.variable || p.C.variable;
+  if (!unverified_kernels_enabled()) {
+    if (variable_bc) {
+      TORCH_CHECK(!det_requested, "linmix.selective_scan: deterministic=True with variable B or C on CUDA needs the "
+                  "atomic-free backward kernel, which has not yet been verified on a GPU; set "
+                  "LINMIX_UNVERIFIED_KERNELS=1 to use it (the default backward adds dB/dC with float atomics)");
+      if (det) {
+        at::globalContext().alertNotDeterministic(
+            "linmix.selective_scan backward with variable B or C on CUDA (float atomics; the deterministic kernel "
+            "runs with LINMIX_UNVERIFIED_KERNELS=1)");
+      }
+    }
+    LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
+      if constexpr (kDT != DType::kFloat64) selective_scan_bwd_cuda<kDT>(p, current_stream());
+    });
+    return;
+  }
+  const SelectiveScanTiling tl = selective_scan_tiling(p);
+  at::Tensor sub_states =
+      at::empty({p.batch, p.dim, kSelectiveScanChunk / kSelectiveScanSubChunk, p.dstate}, f32);
+  at::Tensor dB_tiles, dC_tiles;  // freed after the launches: the caching allocator keeps them stream-ordered
+  if (det && p.B.variable) dB_tiles = at::empty({p.batch, tl.n_tiles, p.dstate, p.seqlen}, f32);
+  if (det && p.C.variable) dC_tiles = at::empty({p.batch, tl.n_tiles, p.dstate, p.seqlen}, f32);
+  p.sub_states = sub_states.data_ptr();
+  p.dB_tiles = dB_tiles.defined() ? dB_tiles.data_ptr() : nullptr;
+  p.dC_tiles = dC_tiles.defined() ? dC_tiles.data_ptr() : nullptr;
+  LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
+    if constexpr (kDT != DType::kFloat64) selective_scan_bwd_tiled_cuda<kDT>(p, current_stream());
+  });
+}
+#endif
+
 using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                              at::Tensor, at::Tensor>;  // du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state
 
@@ -148,7 +186,7 @@ BwdResult selective_scan_bwd(const at::Tensor& u_in, const at::Tensor& delta_in,
                              const at::Tensor& B_in, const at::Tensor& C_in, const OptTensor& D_in,
                              const OptTensor& z_in, const OptTensor& delta_bias_in, const OptTensor& initial_state_in,
                              const at::Tensor& checkpoints_in, const at::Tensor& dout_in, const OptTensor& dfinal_in,
-                             bool delta_softplus) {
+                             bool delta_softplus, bool deterministic) {
   check_inputs(u_in, delta_in, A_in, B_in, C_in, D_in, z_in, delta_bias_in, initial_state_in);
   const int64_t b = u_in.size(0), d = u_in.size(1), L = u_in.size(2), n = A_in.size(1);
   check_shape(dout_in, "dout", {b, d, L}, "(b, d, L) like u");
@@ -189,9 +227,7 @@ BwdResult selective_scan_bwd(const at::Tensor& u_in, const at::Tensor& delta_in,
     } else {
 #ifdef LINMIX_WITH_CUDA
       const c10::cuda::CUDAGuard guard(u.device());
-      LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
-        if constexpr (kDT != DType::kFloat64) selective_scan_bwd_cuda<kDT>(p, current_stream());
-      });
+      bwd_cuda(p, dt, deterministic || at::globalContext().deterministicAlgorithms(), deterministic, acc_opts);
 #endif
     }
   }

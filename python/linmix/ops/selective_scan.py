@@ -22,7 +22,8 @@ def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus
 
 
 @torch.library.register_fake("linmix::selective_scan_bwd")
-def _bwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, dout, dfinal_state, delta_softplus):
+def _bwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, dout, dfinal_state, delta_softplus,
+              deterministic=False):
     b, d, L = u.shape
     n = A.shape[1]
     acc = acc_dtype(u)
@@ -37,12 +38,13 @@ def _bwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, d
 
 class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, deterministic):
         with nvtx_range("linmix/selective_scan/fwd", u):
             out, checkpoints, final_state = torch.ops.linmix.selective_scan_fwd(
                 u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints)
         ctx.delta_softplus = delta_softplus
+        ctx.deterministic = deterministic
         ctx.set_materialize_grads(False)
         return out, final_state
 
@@ -53,10 +55,10 @@ class SelectiveScanFn(torch.autograd.Function):
         with nvtx_range("linmix/selective_scan/bwd", u):
             du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state = torch.ops.linmix.selective_scan_bwd(
                 u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, dout, dfinal_state,
-                ctx.delta_softplus)
+                ctx.delta_softplus, ctx.deterministic)
         return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
                 ddelta_bias if delta_bias is not None else None,
-                dinitial_state if initial_state is not None else None, None)
+                dinitial_state if initial_state is not None else None, None, None)
 
 
 def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -65,7 +67,7 @@ def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
-                   return_final_state=False, cu_seqlens=None):
+                   return_final_state=False, cu_seqlens=None, deterministic=False):
     """Selective scan (Mamba-1 S6), fused: discretisation, scan over time, output contraction and gate.
 
     Per batch b, channel d, state n, with δ = softplus(delta + delta_bias) if ``delta_softplus`` else
@@ -88,6 +90,16 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             sequences concatenated along L, cu_seqlens (N + 1,) integer offsets [0, ..., L]; each sequence
             starts from its own initial_state row ((N, d, n), or zeros) and final_state is (N, d, n). Runs
             one launch per sequence from a host loop (a host sync; not traceable by torch.compile).
+        deterministic: bitwise-identical gradients from run to run (also implied by
+            ``torch.use_deterministic_algorithms(True)``). The CPU backward is deterministic whatever this flag
+            says: no atomics, every sum in a fixed order (one task sums a group's variable dB/dC over its
+            channels in order; per-channel partials are summed over the batch by torch).
+            On CUDA the default backward adds variable dB/dC with float atomics; the deterministic one sums
+            them per 16-channel tile into partials and reduces those in a fixed order (more memory: two fp32
+            buffers of (b, d/16, n, L)). That kernel has not yet run on a GPU, so it needs
+            ``LINMIX_UNVERIFIED_KERNELS=1``; without it ``deterministic=True`` with variable B or C raises
+            RuntimeError (fixed B/C need no atomics and run the default kernel), and under
+            ``torch.use_deterministic_algorithms`` torch's own error (or warning, with ``warn_only``) is raised.
 
     Returns:
         out (b, d, L) in u's dtype, or (out, final_state) with final_state (b, d, n) float32. The state and
@@ -102,7 +114,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     C = C.unsqueeze(1) if C.dim() == 3 else _to(C, acc) if C.dim() == 2 else C
     A, D, delta_bias, initial_state = (_to(t, acc) for t in (A, D, delta_bias, initial_state))
     if cu_seqlens is None:
-        out, final_state = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+        out, final_state = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+                                                 deterministic)
     else:
         segs = segments("selective_scan", u.shape[0], u.shape[-1], cu_seqlens)
         check_states("selective_scan", initial_state, len(segs))
@@ -112,20 +125,21 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
         runs = [SelectiveScanFn.apply(cut(u, s, e), cut(delta, s, e), A, cut(B, s, e), cut(C, s, e), D, cut(z, s, e),
                                       delta_bias, None if initial_state is None else initial_state[i : i + 1],
-                                      delta_softplus)
+                                      delta_softplus, deterministic)
                 for i, (s, e) in enumerate(segs)]
         out, final_state = torch.cat([r[0] for r in runs], -1), torch.cat([r[1] for r in runs], 0)
     return (out, final_state) if return_final_state else out
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      return_last_state=False):
+                      return_last_state=False, deterministic=False):
     """Drop-in for ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` (same signature and returns).
 
     Returns out (b, d, L), or (out, last_state) with last_state (b, d, n) float32 (differentiable here).
-    See :func:`selective_scan` for shapes and dtypes.
+    See :func:`selective_scan` for shapes, dtypes and ``deterministic`` (an addition to mamba's signature).
     """
-    return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, None, return_last_state)
+    return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, None, return_last_state,
+                          deterministic=deterministic)
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
