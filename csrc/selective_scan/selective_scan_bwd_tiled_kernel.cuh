@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(SelectiveScanTiledTraits::kThreads)
         for (int k = 0; k < kItems; ++k)
           if (k < n_valid) agg = scan_combine(agg, ss_forward_pair(r_dl[k], coef, r_b[k], r_dl[k] * r_u[k]));
         agg = warp_scan_pairs<false>(agg, excl);
-        const float h_in = h_enter(s, n);  // written by lane 0 one sub-chunk earlier, before a __syncwarp
+        const float h_in = h_enter(s, n);  // written by lane 31 one sub-chunk earlier, before a __syncwarp
         if (lane == 31) hsub[(s + 1) * N + n] = scan_step(agg.a, h_in, agg.b);
       }
       __syncwarp();  // this sub-chunk's boundary states are read by every lane next
