@@ -250,10 +250,11 @@ __global__ void __launch_bounds__(SelectiveScanTiledTraits::kThreads)
 // The deterministic second pass: out (b, g, n, L) = Σ over the group's tiles, in tile order, of the partials
 // (b, n_tiles, n, L). A group's tiles are contiguous: tiles_per_group = (d / g) / seg · tiles_per_seg.
 // grid-stride over b·g·n·L elements (64-bit).
-__global__ void __launch_bounds__(256) linmix_selective_scan_bwd_reduce_kernel(const float* __restrict__ tiles,
-                                                                                float* __restrict__ out, int64_t batch,
-                                                                                int64_t groups, int64_t n_tiles,
-                                                                                int64_t tiles_per_group, int64_t nl) {
+// A template (one instance, kThreads = 256) so each instantiate/*.cu including this header links without clashes.
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads)
+    linmix_selective_scan_bwd_reduce_kernel(const float* __restrict__ tiles, float* __restrict__ out, int64_t batch,
+                                            int64_t groups, int64_t n_tiles, int64_t tiles_per_group, int64_t nl) {
   const int64_t total = batch * groups * nl;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t e = i % nl, bg = i / nl, bi = bg / groups, g = bg % groups;
@@ -279,8 +280,9 @@ void selective_scan_bwd_tiled_cuda(const SelectiveScanParams& p, cudaStream_t st
     if (!v.variable || tiles == nullptr || nl == 0) continue;
     const int64_t per_group = p.dim / v.n_groups / tl.seg * tl.tiles_per_seg;
     const int64_t total = p.batch * v.n_groups * nl;
-    const int64_t blocks = ceil_div(total, 256) < 65535 * 16 ? ceil_div(total, 256) : 65535 * 16;
-    linmix_selective_scan_bwd_reduce_kernel<<<dim3(static_cast<unsigned>(blocks)), 256, 0, stream>>>(
+    constexpr int kThreads = 256;
+    const int64_t blocks = ceil_div(total, kThreads) < 65535 * 16 ? ceil_div(total, kThreads) : 65535 * 16;
+    linmix_selective_scan_bwd_reduce_kernel<kThreads><<<dim3(static_cast<unsigned>(blocks)), kThreads, 0, stream>>>(
         static_cast<const float*>(tiles), static_cast<float*>(which == 0 ? p.dB : p.dC), p.batch, v.n_groups,
         tl.n_tiles, per_group, nl);
     LINMIX_CHECK_LAUNCH();
