@@ -162,6 +162,105 @@ __device__ __forceinline__ void load_bc_items(const BCRow<T>& bc, int64_t t0, in
   }
 }
 
+// Per-thread pieces of the backward, shared by the per-channel and the tiled kernels. A thread owns kItems
+// consecutive steps, n_valid of them inside the sequence (possibly <= 0); steps past the end are the identity.
+
+// The steps' inputs as fp32 (0 past the end), from step t0 of the rows u, delta, dout, z (z null when absent):
+// u, the raw delta, dout; δ; dy = dout silu(z); the D terms y = D u, du = dy D; dδ = 0. Adds Σ dy u to dD.
+template <int kItems, typename T>
+__device__ __forceinline__ void bwd_load_steps(const T* u, const T* delta, const T* dout, const T* z, int64_t t0,
+                                               int64_t n_valid,
+                                               float bias, float Dv, bool softplus, float (&r_u)[kItems],
+                                               float (&r_raw)[kItems], float (&r_dout)[kItems], float (&r_dl)[kItems],
+                                               float (&r_dy)[kItems], float (&r_y)[kItems], float (&r_du)[kItems],
+                                               float (&r_ddl)[kItems], float& dD) {
+  load_items<kItems>(u + t0, n_valid, r_u, 0.f);
+  load_items<kItems>(delta + t0, n_valid, r_raw, 0.f);
+  load_items<kItems>(dout + t0, n_valid, r_dout, 0.f);
+  if (z) {
+    float r_z[kItems];
+    load_items<kItems>(z + t0, n_valid, r_z, 0.f);
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) r_dy[k] = ss_gate_dy(r_dout[k], r_z[k]);  // 0 past the end (dout = 0)
+  } else {
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) r_dy[k] = r_dout[k];
+  }
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    r_dl[k] = k < n_valid ? ss_delta(r_raw[k], bias, softplus) : 0.f;
+    r_y[k] = Dv * r_u[k];
+    r_du[k] = r_dy[k] * Dv;
+    r_ddl[k] = 0.f;
+    dD += r_dy[k] * r_u[k];
+  }
+}
+
+// One state's forward pairs of the steps: r_a = exp(δA) (1 past the end); returns their composition.
+template <int kItems>
+__device__ __forceinline__ ScanPair<float> bwd_forward_pairs(const float (&r_dl)[kItems], float coef,
+                                                             const float (&r_b)[kItems], const float (&r_u)[kItems],
+                                                             int64_t n_valid, float (&r_a)[kItems]) {
+  ScanPair<float> agg{1.f, 0.f};
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const ScanPair<float> st =
+        k < n_valid ? ss_forward_pair(r_dl[k], coef, r_b[k], r_dl[k] * r_u[k]) : ScanPair<float>{1.f, 0.f};
+    r_a[k] = st.a;
+    agg = scan_combine(agg, st);
+  }
+  return agg;
+}
+
+// Recomputes the states from h, the state before the first step: r_hp[k] = h before step k; adds C h to y.
+template <int kItems>
+__device__ __forceinline__ void bwd_recompute_states(float h, const float (&r_a)[kItems], const float (&r_b)[kItems],
+                                                     const float (&r_dl)[kItems], const float (&r_u)[kItems],
+                                                     const float (&r_c)[kItems], float (&r_hp)[kItems],
+                                                     float (&r_y)[kItems]) {
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    r_hp[k] = h;
+    h = scan_step(r_a[k], h, r_b[k] * r_dl[k] * r_u[k]);
+    r_y[k] += r_c[k] * h;
+  }
+}
+
+// The composition of the steps' adjoint pairs, backwards in time (padded steps: a = 1, C dy = 0, the identity).
+template <int kItems>
+__device__ __forceinline__ ScanPair<float> bwd_adjoint_pairs(const float (&r_a)[kItems], const float (&r_c)[kItems],
+                                                             const float (&r_dy)[kItems]) {
+  ScanPair<float> adj{1.f, 0.f};
+#pragma unroll
+  for (int k = kItems - 1; k >= 0; --k) adj = scan_combine(adj, ss_adjoint_pair(r_a[k], r_c[k] * r_dy[k]));
+  return adj;
+}
+
+// One state's gradients of the steps, given s, the adjoint entering the last step from later ones: adds into
+// du, dδ and dA, sets dB_t and dC_t (0 past the end), returns the adjoint at the first step.
+template <int kItems>
+__device__ __forceinline__ float bwd_step_grads(float s, float An, const float (&r_a)[kItems],
+                                                const float (&r_hp)[kItems], const float (&r_dl)[kItems],
+                                                const float (&r_b)[kItems], const float (&r_u)[kItems],
+                                                const float (&r_c)[kItems], const float (&r_dy)[kItems],
+                                                int64_t n_valid, float (&r_du)[kItems], float (&r_ddl)[kItems],
+                                                float& dA, float (&r_dBt)[kItems], float (&r_dCt)[kItems]) {
+#pragma unroll
+  for (int k = kItems - 1; k >= 0; --k) {
+    const float g = r_c[k] * r_dy[k] + s;  // dL/dh_t
+    s = r_a[k] * g;
+    r_dBt[k] = r_dCt[k] = 0.f;
+    if (k >= n_valid) continue;
+    const SSStepGrad<float> gr = ss_step_grad(g, r_hp[k], r_a[k], r_dl[k], An, r_b[k], r_u[k]);
+    r_dBt[k] = gr.dB;
+    r_dCt[k] = r_dy[k] * scan_step(r_a[k], r_hp[k], r_b[k] * r_dl[k] * r_u[k]);
+    r_du[k] += gr.du;
+    r_ddl[k] += gr.ddelta;
+    dA += gr.dA;
+  }
+  return s;
+}
+
 using SelectiveScanDefaultTraits = SelectiveScanTraits<128, 8>;
 
 // Dynamic shared memory beyond the default 48 KiB needs an explicit opt-in per kernel.

@@ -103,11 +103,10 @@ __global__ void __launch_bounds__(SelectiveScanTiledTraits::kThreads)
         const float coef = ss_decay_coef(A[n]);
         float r_b[kItems];
         load_bc_items<kItems>(bc_row_at<T>(p.B, b_base, n), t0, L, r_b);
-        ScanPair<float> agg{1.f, 0.f}, excl;
-#pragma unroll
-        for (int k = 0; k < kItems; ++k)
-          if (k < n_valid) agg = scan_combine(agg, ss_forward_pair(r_dl[k], coef, r_b[k], r_dl[k] * r_u[k]));
-        agg = warp_scan_pairs<false>(agg, excl);
+        float r_a[kItems];  // unused here
+        ScanPair<float> excl;
+        const ScanPair<float> agg =
+            warp_scan_pairs<false>(bwd_forward_pairs<kItems>(r_dl, coef, r_b, r_u, n_valid, r_a), excl);
         const float h_in = h_enter(s, n);  // written by lane 31 one sub-chunk earlier, before a __syncwarp
         if (lane == 31) hsub[(s + 1) * N + n] = scan_step(agg.a, h_in, agg.b);
       }
@@ -118,23 +117,9 @@ __global__ void __launch_bounds__(SelectiveScanTiledTraits::kThreads)
       const int64_t ts = tc + int64_t(s) * kSub, t0 = ts + lane * kItems, n_valid = L - t0;
       float r_u[kItems], r_dl[kItems], r_dy[kItems], r_y[kItems], r_du[kItems], r_ddl[kItems];
       if (active) {
-        load_items<kItems>(u + t0, n_valid, r_u, 0.f);
-        load_items<kItems>(delta + t0, n_valid, r_dl, 0.f);
-        load_items<kItems>(dout + t0, n_valid, r_dy, 0.f);
-        if (z) {
-          float r_z[kItems];
-          load_items<kItems>(z + t0, n_valid, r_z, 0.f);
-#pragma unroll
-          for (int k = 0; k < kItems; ++k) r_dy[k] = ss_gate_dy(r_dy[k], r_z[k]);  // 0 past the end (dout = 0)
-        }
-#pragma unroll
-        for (int k = 0; k < kItems; ++k) {
-          r_dl[k] = k < n_valid ? ss_delta(r_dl[k], bias, p.delta_softplus) : 0.f;
-          r_y[k] = Dv * r_u[k];
-          r_du[k] = r_dy[k] * Dv;
-          r_ddl[k] = 0.f;
-          r_dD += r_dy[k] * r_u[k];
-        }
+        float r_raw[kItems], r_dout[kItems];  // dead after the call: reloaded where needed, to save registers
+        bwd_load_steps<kItems>(u, delta, dout, z, t0, n_valid, bias, Dv,
+                               p.delta_softplus, r_u, r_raw, r_dout, r_dl, r_dy, r_y, r_du, r_ddl, r_dD);
       }
       for (int64_t n = 0; n < N; ++n) {
         if (active) {
@@ -143,42 +128,17 @@ __global__ void __launch_bounds__(SelectiveScanTiledTraits::kThreads)
           float r_a[kItems], r_hp[kItems], r_b[kItems], r_c[kItems];
           load_bc_items<kItems>(Brow, t0, L, r_b);
           load_bc_items<kItems>(Crow, t0, L, r_c);
-          // Recompute the states: r_hp[k] = h before step k; padded steps are the identity.
-          ScanPair<float> agg{1.f, 0.f}, excl;
-#pragma unroll
-          for (int k = 0; k < kItems; ++k) {
-            const ScanPair<float> st =
-                k < n_valid ? ss_forward_pair(r_dl[k], coef, r_b[k], r_dl[k] * r_u[k]) : ScanPair<float>{1.f, 0.f};
-            r_a[k] = st.a;
-            agg = scan_combine(agg, st);
-          }
-          warp_scan_pairs<false>(agg, excl);
-          float h = scan_step(excl.a, h_enter(s, n), excl.b);
-#pragma unroll
-          for (int k = 0; k < kItems; ++k) {
-            r_hp[k] = h;
-            h = scan_step(r_a[k], h, r_b[k] * r_dl[k] * r_u[k]);
-            r_y[k] += r_c[k] * h;
-          }
+          // Recompute the states from the sub-chunk's boundary state (r_hp[k] = h before step k).
+          ScanPair<float> excl;
+          warp_scan_pairs<false>(bwd_forward_pairs<kItems>(r_dl, coef, r_b, r_u, n_valid, r_a), excl);
+          bwd_recompute_states<kItems>(scan_step(excl.a, h_enter(s, n), excl.b), r_a, r_b, r_dl, r_u, r_c, r_hp, r_y);
           // Adjoint, backwards in time, seeded with the adjoint entering from the later sub-chunk.
-          ScanPair<float> adj{1.f, 0.f};
-#pragma unroll
-          for (int k = kItems - 1; k >= 0; --k) adj = scan_combine(adj, ss_adjoint_pair(r_a[k], r_c[k] * r_dy[k]));
-          warp_scan_pairs<true>(adj, excl);
-          float sj = scan_step(excl.a, carry[n], excl.b);
+          warp_scan_pairs<true>(bwd_adjoint_pairs<kItems>(r_a, r_c, r_dy), excl);
           float dA = 0.f, dB = 0.f, dC = 0.f, r_dBt[kItems], r_dCt[kItems];
+          const float sj = bwd_step_grads<kItems>(scan_step(excl.a, carry[n], excl.b), An, r_a, r_hp, r_dl, r_b, r_u,
+                                                  r_c, r_dy, n_valid, r_du, r_ddl, dA, r_dBt, r_dCt);
 #pragma unroll
-          for (int k = kItems - 1; k >= 0; --k) {
-            const float g = r_c[k] * r_dy[k] + sj;  // dL/dh_t
-            sj = r_a[k] * g;
-            const SSStepGrad<float> gr = ss_step_grad(g, r_hp[k], r_a[k], r_dl[k], An, r_b[k], r_u[k]);
-            const bool in = k < n_valid;
-            const float dc = in ? r_dy[k] * scan_step(r_a[k], r_hp[k], r_b[k] * r_dl[k] * r_u[k]) : 0.f;
-            r_dBt[k] = in ? gr.dB : 0.f;
-            r_dCt[k] = dc;
-            if (in) r_du[k] += gr.du, r_ddl[k] += gr.ddelta, dA += gr.dA;
-            dB += r_dBt[k], dC += dc;
-          }
+          for (int k = 0; k < kItems; ++k) dB += r_dBt[k], dC += r_dCt[k];
           __syncwarp();  // every lane has read carry[n]
           if (lane == 0) carry[n] = sj;  // the adjoint at the sub-chunk's first step
           if (exchange) {  // one 16-byte store per lane and tensor: no bank conflicts
