@@ -228,6 +228,7 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.linmix.selective_scan_fwd, (*pos, sp))
         for dfin in (None, torch.randn_like(fin)):
             torch.library.opcheck(torch.ops.linmix.selective_scan_bwd, (*pos, ckpt, torch.randn_like(out), dfin, sp))
+        torch.library.opcheck(torch.ops.linmix.selective_scan_bwd, (*pos, ckpt, torch.randn_like(out), None, sp, True))
 
 
 def test_compile_fullgraph():

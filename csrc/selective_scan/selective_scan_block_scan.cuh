@@ -263,10 +263,13 @@ __device__ __forceinline__ float bwd_step_grads(float s, float An, const float (
 
 using SelectiveScanDefaultTraits = SelectiveScanTraits<128, 8>;
 
-// Dynamic shared memory beyond the default 48 KiB needs an explicit opt-in per kernel.
+// A block's shared memory beyond the default 48 KiB needs an explicit opt-in per kernel; the 48 KiB count the
+// kernel's static shared memory plus `smem`, the dynamic part, so the opt-in looks at both.
 template <typename Kernel>
 void opt_in_smem(Kernel kernel, size_t smem) {
-  if (smem > 48 * 1024) {
+  cudaFuncAttributes attr;
+  LINMIX_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  if (attr.sharedSizeBytes + smem > 48 * 1024) {
     LINMIX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   }
 }
