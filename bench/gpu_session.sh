@@ -76,6 +76,12 @@ if [ -x "$SAN" ]; then
     for op in linear_scan selective_scan chunk_gla fused_recurrent_gla fixed_point_rnn; do
         step "racecheck_$op" timeout "$T_SAN" "${SANCMD[@]}" --tool racecheck "$PY" -m linmix.bench.sanitize "$op"
     done
+    # Unverified kernels (their tests switch LINMIX_UNVERIFIED_KERNELS=1 on themselves): the tiled selective_scan
+    # backward, atomic and deterministic, L = 129, n = 17, three B/C layouts.
+    for tool in memcheck racecheck synccheck; do
+        step "unverified_${tool}_selective_scan" timeout "$T_SAN" "${SANCMD[@]}" --tool "$tool" "$PY" -m pytest -q \
+            -p no:cacheprovider tests/test_selective_scan_tiled.py -k "cuda_tiled_matches_reference and 129-17"
+    done
 else
     SUMMARY+=("FAILED sanitize: compute-sanitizer not found (PATH, $CUDA_HOME/bin)"); FAILED=1
 fi
