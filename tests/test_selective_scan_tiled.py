@@ -5,8 +5,9 @@ tiles of one warp per channel inside segments that respect the B and C groups (p
 checkpoint every CHUNK steps, sub-chunks of LANES x ITEMS steps whose boundary states pass 1 computes with a warp
 scan, pass 2 walking the sub-chunks in reverse with the warps' Kogge-Stone scans (forward states, reverse
 adjoint) and the adjoint carried per state, dB/dC summed over a tile's channels before one atomic or a per-tile
-partial, and the second pass summing a group's tiles. It runs on CPU in CI against the reference; the CUDA tests
-run the kernel itself (LINMIX_UNVERIFIED_KERNELS=1).
+partial, and the second pass summing a group's tiles. `emulate_warp_fwd` does the same for the warp-per-channel
+forward (linmix_selective_scan_fwd_warp_kernel) and its checkpoints. They run on CPU in CI against the reference;
+the CUDA tests run the kernels themselves (LINMIX_UNVERIFIED_KERNELS=1).
 """
 
 import math
@@ -103,7 +104,6 @@ def emulate_tiled_bwd(args, softplus, dout, dfinal, deterministic, chunk, lanes,
     # The forward's checkpoints: the state after each chunk.
     n_chunks = -(-L // chunk)
     Bf = Bt.repeat_interleave(d // groups["B"], 1) if var["B"] else Bt
-    Cf = Ct.repeat_interleave(d // groups["C"], 1) if var["C"] else Ct
     ckpt, h = [], h0.clone()
     for t in range(L):
         bt = Bf[..., t] if var["B"] else Bf
@@ -220,6 +220,80 @@ def emulate_tiled_bwd(args, softplus, dout, dfinal, deterministic, chunk, lanes,
         else:
             dBC[key] = dvar[key]
     return (out["du"], out["ddelta"], dA_part.sum(0), dBC["B"], dBC["C"], dD.sum(0), out["dz"], dbias.sum(0), dh0)
+
+
+def emulate_warp_fwd(args, softplus, chunk, lanes, items):
+    """linmix_selective_scan_fwd_warp_kernel, float64: (out, checkpoints (b, d, n_chunks, n), final_state).
+
+    Every (batch, channel) is a warp, all of them at once here: sub-chunks of lanes x items steps in order, per
+    state a warp scan of the lanes' aggregates seeded with the carried state, lane 31's prefix the new carry, the
+    checkpoint written after the last sub-chunk of each chunk and of the sequence."""
+    u, delta, A = (args[k].detach().double() for k in ("u", "delta", "A"))
+    b, d, L = u.shape
+    n = A.shape[1]
+
+    def per_channel(X):  # (b, d, n, L) or fixed (1, d, n, 1)
+        X = X.detach().double()
+        if X.dim() == 2:
+            return X[None, :, :, None]
+        X = X.unsqueeze(1) if X.dim() == 3 else X
+        return X.repeat_interleave(d // X.shape[1], 1)
+
+    Bc, Cc = per_channel(args["B"]), per_channel(args["C"])
+    x = delta + (args["delta_bias"].detach().double()[:, None] if args["delta_bias"] is not None else 0.0)
+    dl_full = F.softplus(x) if softplus else x
+    Dv = args["D"].detach().double()[:, None, None] if args["D"] is not None else 0.0
+    h = (args["initial_state"].detach().double() if args["initial_state"] is not None
+         else torch.zeros(b, d, n, dtype=torch.float64))
+    sub = lanes * items
+    n_sub, per_chunk = -(-L // sub), chunk // sub
+    out, ckpts = torch.zeros(b, d, L, dtype=torch.float64), []
+    for s in range(n_sub):
+        t = s * sub + torch.arange(sub).view(lanes, items)
+        ok = t < L
+        tc = t.clamp(max=L - 1)
+        dl = torch.where(ok, dl_full[..., None, tc], 0.0)  # (b, d, 1, lanes, items)
+        uu = torch.where(ok, u[..., None, tc], 0.0)
+        Bv = torch.where(ok, Bc[..., tc if Bc.shape[-1] > 1 else torch.zeros_like(tc)], 0.0)
+        Cv = torch.where(ok, Cc[..., tc if Cc.shape[-1] > 1 else torch.zeros_like(tc)], 0.0)
+        a = torch.where(ok, torch.exp(dl * A[None, :, :, None, None]), 1.0)
+        xb = Bv * dl * uu
+        ga, gb = torch.ones_like(a[..., 0]), torch.zeros_like(a[..., 0])
+        for k in range(items):
+            ga, gb = a[..., k] * ga, a[..., k] * gb + xb[..., k]
+        (ia, ib), (ea, eb) = warp_scan(ga, gb, False)
+        hcur = ea * h[..., None] + eb
+        y = (Dv * uu[:, :, 0]).expand(b, d, lanes, items).clone()
+        for k in range(items):
+            hcur = a[..., k] * hcur + xb[..., k]
+            y[..., k] += (Cv[..., k] * hcur).sum(2)
+        h = ia[..., -1] * h + ib[..., -1]
+        if args["z"] is not None:
+            y = y * F.silu(torch.where(ok, args["z"].detach().double()[..., tc], 0.0))
+        out[..., t.flatten()[ok.flatten()]] = y.flatten(-2)[..., ok.flatten()]
+        if (s + 1) % per_chunk == 0 or s + 1 == n_sub:
+            ckpts.append(h.clone())
+    return out, torch.stack(ckpts, 2), h
+
+
+@pytest.mark.parametrize("geometry,L", [(SMALL, 1), (SMALL, 8), (SMALL, 17), (SMALL, 33), (KERNEL, 129),
+                                        (KERNEL, CHUNK + 1)])
+@pytest.mark.parametrize("kinds", [("var", "grouped", 2), ("fixed", "var", 1)])
+def test_emulation_warp_forward(geometry, L, kinds):
+    """Outputs, final state and the checkpoints the backward restarts from (the state after each chunk)."""
+    torch.manual_seed(L)
+    args, sp = make(2, 6, L, 5, torch.float64, "cpu", *kinds[:2], groups=kinds[2], requires_grad=False)
+    out, ckpt, fin = emulate_warp_fwd(args, sp, geometry["chunk"], geometry["lanes"], geometry["items"])
+    rout, rfin = selective_scan_ref(**args, delta_softplus=sp, return_final_state=True)
+    close(out, rout, 1e-12, "out")
+    close(fin, rfin, 1e-12, "final_state")
+    chunk = geometry["chunk"]
+    assert ckpt.shape[2] == -(-L // chunk)
+    for c in range(ckpt.shape[2]):
+        end = min((c + 1) * chunk, L)
+        cut = {k: (v[..., :end] if k in ("u", "delta", "z", "B", "C") and v is not None and v.dim() >= 3 else v)
+               for k, v in args.items()}
+        close(ckpt[:, :, c], selective_scan_ref(**cut, delta_softplus=sp, return_final_state=True)[1], 1e-12, "ckpt")
 
 
 def reference_grads(args, softplus, dout, dfinal):
@@ -346,6 +420,25 @@ def test_cuda_tiled_matches_reference(monkeypatch, L, n, kinds, deterministic):
     torch.manual_seed(L + n)
     args, sp = make(2, 36, L, n, torch.float32, "cuda", B_kind, C_kind, groups=groups)
     check_against_ref(args, sp, TOL[torch.float32], deterministic=deterministic)
+
+
+@cuda_only
+@pytest.mark.parametrize("L,n", [(1, 3), (129, 17), (2100, 16), (300, 256)])
+def test_cuda_warp_forward_matches_default(monkeypatch, L, n):
+    """The warp forward's out, checkpoints and final state against the verified default forward's."""
+    torch.manual_seed(L)
+    args, sp = make(3, 10, L, n, torch.float32, "cuda", "grouped", "var", groups=2, requires_grad=False)
+    a = dict(args)
+    for k in ("B", "C"):
+        if a[k].dim() == 3:
+            a[k] = a[k].unsqueeze(1)
+    pos = [a[k] for k in NAMES]
+    monkeypatch.delenv("LINMIX_UNVERIFIED_KERNELS", raising=False)
+    want = torch.ops.linmix.selective_scan_fwd(*pos, sp)
+    monkeypatch.setenv("LINMIX_UNVERIFIED_KERNELS", "1")
+    got = torch.ops.linmix.selective_scan_fwd(*pos, sp)
+    for name, g, w in zip(("out", "checkpoints", "final_state"), got, want):
+        close(g, w, 1e-5, name)
 
 
 @cuda_only

@@ -162,8 +162,9 @@ __device__ __forceinline__ void load_bc_items(const BCRow<T>& bc, int64_t t0, in
   }
 }
 
-// Per-thread pieces of the backward, shared by the per-channel and the tiled kernels. A thread owns kItems
-// consecutive steps, n_valid of them inside the sequence (possibly <= 0); steps past the end are the identity.
+// Per-thread pieces of the backward kernels (ss_thread_pairs and ss_thread_states also serve the warp forward).
+// A thread owns kItems consecutive steps, n_valid of them inside the sequence (possibly <= 0); steps past the end
+// are the identity.
 
 // The steps' inputs as fp32 (0 past the end), from step t0 of the rows u, delta, dout, z (z null when absent):
 // u, the raw delta, dout; δ; dy = dout silu(z); the D terms y = D u, du = dy D; dδ = 0. Adds Σ dy u to dD.
@@ -196,9 +197,10 @@ __device__ __forceinline__ void bwd_load_steps(const T* u, const T* delta, const
   }
 }
 
-// One state's forward pairs of the steps: r_a = exp(δA) (1 past the end); returns their composition.
+// One state's forward pairs of the steps (forward and backward): r_a = exp(δA) (1 past the end); returns their
+// composition.
 template <int kItems>
-__device__ __forceinline__ ScanPair<float> bwd_forward_pairs(const float (&r_dl)[kItems], float coef,
+__device__ __forceinline__ ScanPair<float> ss_thread_pairs(const float (&r_dl)[kItems], float coef,
                                                              const float (&r_b)[kItems], const float (&r_u)[kItems],
                                                              int64_t n_valid, float (&r_a)[kItems]) {
   ScanPair<float> agg{1.f, 0.f};
@@ -214,7 +216,7 @@ __device__ __forceinline__ ScanPair<float> bwd_forward_pairs(const float (&r_dl)
 
 // Recomputes the states from h, the state before the first step: r_hp[k] = h before step k; adds C h to y.
 template <int kItems>
-__device__ __forceinline__ void bwd_recompute_states(float h, const float (&r_a)[kItems], const float (&r_b)[kItems],
+__device__ __forceinline__ void ss_thread_states(float h, const float (&r_a)[kItems], const float (&r_b)[kItems],
                                                      const float (&r_dl)[kItems], const float (&r_u)[kItems],
                                                      const float (&r_c)[kItems], float (&r_hp)[kItems],
                                                      float (&r_y)[kItems]) {

@@ -64,10 +64,10 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_bwd_ke
       float r_a[kItems], r_hp[kItems], r_b[kItems], r_c[kItems];
       load_bc_items<kItems>(Brow, t0, L, r_b);
       load_bc_items<kItems>(Crow, t0, L, r_c);
-      const ScanPair<float> agg = bwd_forward_pairs<kItems>(r_dl, coef, r_b, r_u, n_valid, r_a);
+      const ScanPair<float> agg = ss_thread_pairs<kItems>(r_dl, coef, r_b, r_u, n_valid, r_a);
       const float h = block_scan_carry_in<kNWarps, false>(agg, h_start, s_warp + buf * kNWarps);
       buf ^= 1;
-      bwd_recompute_states<kItems>(h, r_a, r_b, r_dl, r_u, r_c, r_hp, r_y);
+      ss_thread_states<kItems>(h, r_a, r_b, r_dl, r_u, r_c, r_hp, r_y);
       // Adjoint, backwards in time.
       const ScanPair<float> adj = bwd_adjoint_pairs<kItems>(r_a, r_c, r_dy);
       float s = block_scan_carry_in<kNWarps, true>(adj, s_end, s_warp + buf * kNWarps);

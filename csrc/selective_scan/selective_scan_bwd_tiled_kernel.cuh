@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(SelectiveScanTiledTraits::kThreads)
         float r_a[kItems];  // unused here
         ScanPair<float> excl;
         const ScanPair<float> agg =
-            warp_scan_pairs<false>(bwd_forward_pairs<kItems>(r_dl, coef, r_b, r_u, n_valid, r_a), excl);
+            warp_scan_pairs<false>(ss_thread_pairs<kItems>(r_dl, coef, r_b, r_u, n_valid, r_a), excl);
         const float h_in = h_enter(s, n);  // written by lane 31 one sub-chunk earlier, before a __syncwarp
         if (lane == 31) hsub[(s + 1) * N + n] = scan_step(agg.a, h_in, agg.b);
       }
@@ -130,8 +130,8 @@ __global__ void __launch_bounds__(SelectiveScanTiledTraits::kThreads)
           load_bc_items<kItems>(Crow, t0, L, r_c);
           // Recompute the states from the sub-chunk's boundary state (r_hp[k] = h before step k).
           ScanPair<float> excl;
-          warp_scan_pairs<false>(bwd_forward_pairs<kItems>(r_dl, coef, r_b, r_u, n_valid, r_a), excl);
-          bwd_recompute_states<kItems>(scan_step(excl.a, h_enter(s, n), excl.b), r_a, r_b, r_dl, r_u, r_c, r_hp, r_y);
+          warp_scan_pairs<false>(ss_thread_pairs<kItems>(r_dl, coef, r_b, r_u, n_valid, r_a), excl);
+          ss_thread_states<kItems>(scan_step(excl.a, h_enter(s, n), excl.b), r_a, r_b, r_dl, r_u, r_c, r_hp, r_y);
           // Adjoint, backwards in time, seeded with the adjoint entering from the later sub-chunk.
           warp_scan_pairs<true>(bwd_adjoint_pairs<kItems>(r_a, r_c, r_dy), excl);
           float dA = 0.f, dB = 0.f, dC = 0.f, r_dBt[kItems], r_dCt[kItems];

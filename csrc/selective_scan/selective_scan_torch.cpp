@@ -135,8 +135,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
   } else {
 #ifdef LINMIX_WITH_CUDA
     const c10::cuda::CUDAGuard guard(u.device());
+    const bool warp_fwd = unverified_kernels_enabled();  // the warp-per-channel forward is not yet GPU-verified
     LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
-      if constexpr (kDT != DType::kFloat64) selective_scan_fwd_cuda<kDT>(p, current_stream());
+      if constexpr (kDT != DType::kFloat64) {
+        if (warp_fwd) {
+          selective_scan_fwd_warp_cuda<kDT>(p, current_stream());
+        } else {
+          selective_scan_fwd_cuda<kDT>(p, current_stream());
+        }
+      }
     });
 #endif
   }
