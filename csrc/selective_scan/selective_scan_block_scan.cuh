@@ -162,6 +162,18 @@ __device__ __forceinline__ void load_bc_items(const BCRow<T>& bc, int64_t t0, in
   }
 }
 
+// The forward's output of a thread's steps: y silu(z) (y without z), stored in the input dtype from step t0.
+template <int kItems, typename T>
+__device__ __forceinline__ void ss_store_out(T* out, const T* z, int64_t t0, int64_t n_valid, float (&r_y)[kItems]) {
+  if (z) {
+    float r_z[kItems];
+    load_items<kItems>(z + t0, n_valid, r_z, 0.f);
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) r_y[k] *= silu(r_z[k]);
+  }
+  store_items<kItems>(out + t0, n_valid, r_y);
+}
+
 // Per-thread pieces of the backward kernels (ss_thread_pairs and ss_thread_states also serve the warp forward).
 // A thread owns kItems consecutive steps, n_valid of them inside the sequence (possibly <= 0); steps past the end
 // are the identity.

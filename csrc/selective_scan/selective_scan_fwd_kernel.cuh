@@ -71,13 +71,7 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_fwd_ke
         ckpt[c * N + n] = h;
       }
     }
-    if (z) {
-      float r_z[kItems];
-      load_items<kItems>(z + t0, n_valid, r_z, 0.f);
-#pragma unroll
-      for (int k = 0; k < kItems; ++k) r_y[k] *= silu(r_z[k]);
-    }
-    store_items<kItems>(out + t0, n_valid, r_y);
+    ss_store_out<kItems>(out, z, t0, n_valid, r_y);
     __syncthreads();  // s_h written above is read by the next chunk (no scan barrier in between when n = 1)
   }
   for (int64_t n = tid; n < N; n += Traits::kThreads) static_cast<float*>(p.final_state)[bdn + n] = s_h[n];

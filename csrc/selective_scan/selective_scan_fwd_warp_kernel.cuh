@@ -81,13 +81,7 @@ __global__ void __launch_bounds__(SelectiveScanWarpFwdTraits::kThreads)
         if (chunk_end) ckpt[c * N + n] = h_out;
       }
     }
-    if (z) {
-      float r_z[kItems];
-      load_items<kItems>(z + t0, n_valid, r_z, 0.f);
-#pragma unroll
-      for (int k = 0; k < kItems; ++k) r_y[k] *= silu(r_z[k]);
-    }
-    store_items<kItems>(out + t0, n_valid, r_y);
+    ss_store_out<kItems>(out, z, t0, n_valid, r_y);
     __syncwarp();  // lane 31's h_row writes precede the next sub-chunk's reads
   }
 }
