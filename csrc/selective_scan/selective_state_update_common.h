@@ -4,7 +4,8 @@
 // Canonical layout: state (S, h, p, n) with unit stride along n, a cache of S rows of which batch row i uses
 // row idx[i] (idx = state_batch_indices, or i); x, dt, z, out (b, h, p); A (h, p, n); B, C (b, g, n) with
 // head i using group i / (h / g) (g may differ between B and C); D, dt_bias (h, p). The glue maps Mamba-1's
-// (S, d, n) state to h = d, p = 1, so B/C groups are groups of channels. Every stride is in elements and may be 0 (broadcast).
+// (S, d, n) state to h = lcm(groups of B, groups of C) heads of p = d / h channels, so B/C groups are groups
+// of channels. Every stride is in elements and may be 0 (broadcast).
 #pragma once
 
 #include <cstdint>
@@ -52,13 +53,6 @@ LINMIX_HD int64_t ssu_state_row(const SelectiveStateUpdateParams& p, int64_t b) 
   return (i < 0 || i >= p.state_rows) ? -1 : i;
 }
 
-// δ = dt + dt_bias, softplus'd (threshold 20, as torch and mamba-ssm) when asked.
-template <typename acc_t>
-LINMIX_HD acc_t ssu_delta(acc_t dt, acc_t dt_bias, bool softplus_dt) {
-  const acc_t v = dt + dt_bias;
-  return softplus_dt ? softplus(v) : v;
-}
-
 // exp(x) for the decay exp(δ A): one MUFU.EX2 on the GPU; on the host the polynomial exp2, so the state
 // loop vectorises (relative error about 2e-7; exponents below -126 ln 2 give 2^-126 instead of 0).
 LINMIX_HD float ssu_exp(float x) {
@@ -70,17 +64,51 @@ LINMIX_HD float ssu_exp(float x) {
 }
 LINMIX_HD double ssu_exp(double x) { return exp(x); }
 
+// ln(1 + t) for t in [0, 1] as straight-line arithmetic (vectorisable on the host): 2 atanh(u), u = t / (2 + t)
+// <= 1/3, by its odd series to u^13 (truncation below 2e-8 relative).
+LINMIX_HD float ssu_log1p_unit(float t) {
+  const float u = t / (2.f + t), u2 = u * u;
+  float q = 1.f / 13.f;
+  q = q * u2 + 1.f / 11.f;
+  q = q * u2 + 1.f / 9.f;
+  q = q * u2 + 1.f / 7.f;
+  q = q * u2 + 1.f / 5.f;
+  q = q * u2 + 1.f / 3.f;
+  q = q * u2 + 1.f;
+  return 2.f * u * q;
+}
+
+// softplus(v) = log(1 + e^v), the identity above 20 (torch's and mamba-ssm's threshold). The host evaluates
+// it as max(v, 0) + log1p(e^-|v|) with the polynomial exp and log1p, so the row loops vectorise.
+LINMIX_HD float ssu_softplus(float v) {
+#if defined(__CUDA_ARCH__)
+  return softplus(v);
+#else
+  const float m = v > 0.f ? v : 0.f;
+  const float sp = m + ssu_log1p_unit(ssu_exp(v > 0.f ? -v : v));
+  return v > 20.f ? v : sp;
+#endif
+}
+LINMIX_HD double ssu_softplus(double v) { return softplus(v); }
+
+// δ = dt + dt_bias, softplus'd when asked.
+template <typename acc_t>
+LINMIX_HD acc_t ssu_delta(acc_t dt, acc_t dt_bias, bool softplus_dt) {
+  const acc_t v = dt + dt_bias;
+  return softplus_dt ? ssu_softplus(v) : v;
+}
+
 // One state element: s' = exp(δ a) s + (δ x) b_n; returns s'.
 template <typename acc_t>
 LINMIX_HD acc_t ssu_state_step(acc_t s, acc_t decay, acc_t dx, acc_t b_n) {
   return decay * s + dx * b_n;
 }
 
-// The row's output from y = Σ_n C_n s'_n: (y + D x) · silu(z).
+// The row's output from y = Σ_n C_n s'_n: (y + D x) · silu(z), silu(z) = z / (1 + e^-z).
 template <typename acc_t>
 LINMIX_HD acc_t ssu_output(acc_t y, acc_t D, acc_t x, bool has_z, acc_t z) {
   const acc_t o = y + D * x;
-  return has_z ? o * silu(z) : o;
+  return has_z ? o * (z / (acc_t(1) + ssu_exp(-z))) : o;
 }
 
 }  // namespace linmix

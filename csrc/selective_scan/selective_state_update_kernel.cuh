@@ -22,6 +22,9 @@ namespace linmix {
 
 constexpr int kSsuThreads = 128;
 constexpr int kSsuVec = 4;  // contiguous states per thread per pass
+// Memory-bound: ask for 8 resident blocks (1024 threads) per SM, i.e. at most 64 registers, so enough
+// state loads are in flight to cover DRAM latency.
+constexpr int kSsuMinBlocks = 8;
 
 __device__ __forceinline__ float ssu_load(const void* ptr, DType t, int64_t i) {
   switch (t) {
@@ -37,7 +40,7 @@ struct alignas(sizeof(S) * kSsuVec) SsuVec {
 };
 
 template <typename T, typename S, int kTPR>
-__global__ void __launch_bounds__(kSsuThreads) linmix_selective_state_update_fwd_kernel(SelectiveStateUpdateParams p) {
+__global__ void __launch_bounds__(kSsuThreads, kSsuMinBlocks) linmix_selective_state_update_fwd_kernel(SelectiveStateUpdateParams p) {
   constexpr int kRowsPerBlock = kSsuThreads / kTPR;
   const int64_t rows = p.nheads * p.headdim;
   const int64_t row_blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;

@@ -5,6 +5,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -73,7 +74,7 @@ Canonical canonicalise(const at::Tensor& state, const at::Tensor& x, const at::T
   const int64_t S = state.size(0), n = state.size(-1);
   const int64_t bx = idx ? -1 : S;  // with state_batch_indices, x's batch is the indices' length
   Canonical c;
-  if (state.dim() == 3) {  // Mamba-1: channels d become heads of size 1
+  if (state.dim() == 3) {  // Mamba-1: h = lcm(g_B, g_C) heads of d / h channels (a view of every tensor)
     const int64_t d = state.size(1);
     check_shape(x, "x", {bx, d}, "(b, d) with d from state (b, d, n)");
     const int64_t b = x.size(0);
@@ -84,9 +85,11 @@ Canonical canonicalise(const at::Tensor& state, const at::Tensor& x, const at::T
     if (z) check_shape(*z, "z", {b, d}, "(b, d) like x");
     c.B = check_bc(B, "B", b, d, "channel", n, state);
     c.C = check_bc(C, "C", b, d, "channel", n, state);
-    c.state = state.unsqueeze(2), c.x = x.unsqueeze(2), c.dt = dt.unsqueeze(2), c.A = A.unsqueeze(1);
-    auto col = [](const OptTensor& t) { return t ? OptTensor(t->unsqueeze(-1)) : std::nullopt; };
-    c.D = col(D), c.z = col(z), c.dt_bias = col(dt_bias);
+    const int64_t h = std::lcm(c.B.size(1), c.C.size(1));
+    const std::vector<int64_t> hp{h, d / h};
+    auto heads = [&](const OptTensor& t, int64_t dim) { return t ? OptTensor(t->unflatten(dim, hp)) : std::nullopt; };
+    c.state = state.unflatten(1, hp), c.x = x.unflatten(1, hp), c.dt = dt.unflatten(1, hp), c.A = A.unflatten(0, hp);
+    c.D = heads(D, 0), c.z = heads(z, 1), c.dt_bias = heads(dt_bias, 0);
   } else {
     const int64_t h = state.size(1), p = state.size(2);
     check_shape(x, "x", {bx, h, p}, "(b, h, p) with h, p from state (b, h, p, n)");
@@ -177,7 +180,7 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
   const int64_t b = c.x.size(0);
   if (state_batch_indices) check_indices(*state_batch_indices, b, state);
   at::Tensor out = at::empty(c.x.sizes(), c.x.options().memory_format(at::MemoryFormat::Contiguous));
-  const at::Tensor public_out = state.dim() == 3 ? out.squeeze(2) : out;
+  const at::Tensor public_out = state.dim() == 3 ? out.flatten(1) : out;
   if (b == 0 || out.numel() == 0) return public_out;
 #ifdef LINMIX_WITH_CUDA
   if (state.is_cuda() && !unverified_kernels_enabled()) {
