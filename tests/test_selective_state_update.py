@@ -358,3 +358,21 @@ def test_cuda_graph_capture_with_indices(monkeypatch):
     torch.cuda.synchronize()
     assert_close(out, want_out, torch.float32, "out")
     assert_close(args["state"], want_state, torch.float32, "state")
+
+
+@cuda_only
+@pytest.mark.parametrize("switch", ["0", "1"])
+def test_cuda_graph_capture(monkeypatch, switch):
+    # without state_batch_indices neither CUDA path syncs, so a decode step can be captured in a graph
+    monkeypatch.setenv("LINMIX_UNVERIFIED_KERNELS", switch)
+    torch.manual_seed(0)
+    args = mamba_inputs("cuda", torch.bfloat16, 3, 128, 16, True, False, state_dtype=torch.float32)
+    want_out, want_state = selective_state_update_ref(**args, dt_softplus=True)
+    linmix.selective_state_update(**dict(args, state=args["state"].clone()), dt_softplus=True)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = linmix.selective_state_update(**args, dt_softplus=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(out, want_out, torch.bfloat16, "out")
+    assert_close(args["state"], want_state, torch.float32, "state")

@@ -144,21 +144,25 @@ void check_indices(const at::Tensor& idx, int64_t b, const at::Tensor& state) {
 }
 
 #ifdef LINMIX_WITH_CUDA
-// The GPU-verified default: selective_scan's forward with L = 1 from the gathered state rows, in fp32.
-at::Tensor update_via_selective_scan(const Canonical& c, bool dt_softplus, const OptTensor& idx, at::Tensor& out) {
-  const int64_t b = c.x.size(0), h = c.x.size(1), p = c.x.size(2), n = c.A.size(2);
-  at::Tensor rows = idx ? idx->to(at::kLong) : at::arange(b, c.x.options().dtype(at::kLong));
-  const at::Tensor live = rows.ge(0).logical_and(rows.lt(c.state.size(0))).nonzero().squeeze(1);
-  rows = rows.index_select(0, live);
+// The GPU-verified default: selective_scan's forward with L = 1 from the state rows, in fp32. Without
+// state_batch_indices it never syncs (CUDA-graph capturable); with them it selects the live rows (one sync).
+void update_via_selective_scan(const Canonical& c, bool dt_softplus, const OptTensor& idx, at::Tensor& out) {
+  const int64_t h = c.x.size(1), p = c.x.size(2), n = c.A.size(2);
+  OptTensor rows, live;
+  if (idx) {
+    const at::Tensor all = idx->to(at::kLong);
+    live = all.ge(0).logical_and(all.lt(c.state.size(0))).nonzero().squeeze(1);
+    rows = all.index_select(0, *live);
+  }
   auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat); };
-  auto sel = [&](const at::Tensor& t) { return f32(t.index_select(0, live)); };
-  const int64_t bl = live.size(0);
+  auto sel = [&](const at::Tensor& t) { return f32(live ? t.index_select(0, *live) : t); };
+  const int64_t bl = live ? live->size(0) : c.x.size(0);
   const at::Tensor u = sel(c.x).reshape({bl, h * p, 1}), delta = sel(c.dt).reshape({bl, h * p, 1});
   const at::Tensor B = sel(c.B).unsqueeze(-1), C = sel(c.C).unsqueeze(-1);
   const at::Tensor A = f32(c.A).reshape({h * p, n});
   auto flat = [&](const OptTensor& t) { return t ? OptTensor(f32(*t).reshape({h * p})) : std::nullopt; };
   const OptTensor z = c.z ? OptTensor(sel(*c.z).reshape({bl, h * p, 1})) : std::nullopt;
-  const at::Tensor h0 = f32(c.state.index_select(0, rows)).reshape({bl, h * p, n});
+  const at::Tensor h0 = f32(rows ? c.state.index_select(0, *rows) : c.state).reshape({bl, h * p, n});
   static auto fwd = c10::Dispatcher::singleton()
                         .findSchemaOrThrow("linmix::selective_scan_fwd", "")
                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
@@ -166,9 +170,15 @@ at::Tensor update_via_selective_scan(const Canonical& c, bool dt_softplus, const
                             const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                             const OptTensor&, bool)>();
   auto [y, ckpt, fin] = fwd.call(u, delta, A, B, C, flat(c.D), z, flat(c.dt_bias), h0, dt_softplus);
-  c.state.index_copy_(0, rows, fin.view({bl, h, p, n}).to(c.state.scalar_type()));
-  out.zero_().index_copy_(0, live, y.view({bl, h, p}).to(out.scalar_type()));
-  return out;
+  const at::Tensor new_state = fin.view({bl, h, p, n}).to(c.state.scalar_type());
+  const at::Tensor y_out = y.view({bl, h, p}).to(out.scalar_type());
+  if (rows) {
+    c.state.index_copy_(0, *rows, new_state);
+    out.zero_().index_copy_(0, *live, y_out);
+  } else {
+    c.state.copy_(new_state);
+    out.copy_(y_out);
+  }
 }
 #endif
 
