@@ -324,7 +324,7 @@ def test_state_updates_replay_the_scan(device):
     ]
     torch.testing.assert_close(torch.stack(steps, -1), out)
     torch.testing.assert_close(state, last)
-    with pytest.raises(ValueError, match="state must be"):
+    with pytest.raises(RuntimeError, match="state must have shape"):
         linmix.selective_state_update(state[0], args["u"][0, :, 0], args["delta"][0, :, 0], args["A"],
                                       args["B"][0, ..., 0], args["C"][0, ..., 0])
 

@@ -18,9 +18,9 @@ import torch
 import linmix
 
 from . import env, floors, report, timing
-from . import fixed_point, gla, linear_scan, selective_scan
+from . import fixed_point, gla, linear_scan, selective_scan, selective_state_update
 
-OPS = {m.NAME: m for m in (selective_scan, gla, fixed_point, linear_scan)}
+OPS = {m.NAME: m for m in (selective_scan, selective_state_update, gla, fixed_point, linear_scan)}
 TOL = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # max |err| / max |ref|, per tensor
 MODES = ("fwd", "fwd+bwd")
 

@@ -142,32 +142,49 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
                           deterministic=deterministic)
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """One decoding step, a drop-in for ``mamba_ssm.ops.triton.selective_state_update``.
+@torch.library.register_fake("linmix::selective_state_update")
+def _ssu_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
+    return x.new_empty(x.shape)
 
-    Updates ``state`` in place to exp(δ A) state + δ B x and returns out = (C · state + D x) · silu(z) in x's
-    dtype, with δ = dt + dt_bias (softplus'd if ``dt_softplus``). Two layouts, as mamba-ssm's:
 
-    - Mamba-1: state (b, d, n); x, dt, z (b, d); A (d, n); B, C (b, n) or grouped (b, g, n); D, dt_bias (d,).
-    - Mamba-2 (heads): state (b, h, p, n); x, dt, z (b, h, p); A (h, p, n); B, C (b, g, n) with head i using
-      group i // (h / g); D, dt_bias (h, p). Broadcast (stride-0) A, dt, D, dt_bias are fine.
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                           state_batch_indices=None):
+    """One decoding step of the selective SSM, a drop-in for ``mamba_ssm.ops.triton.selective_state_update``.
 
-    It is :func:`selective_scan` with L = 1 from ``initial_state=state`` (heads flattened into channels, the
-    groups kept), so it runs the same kernels; the state arithmetic is float32 whatever ``state``'s dtype.
+    Per batch row i, head h, head-dim element j, state n, with s = state[state_batch_indices[i]] (or
+    state[i]) and δ = dt + dt_bias, softplus'd (threshold 20) if ``dt_softplus``::
+
+        s[h, j, n] <- exp(δ A[h, j, n]) s[h, j, n] + δ B[i, g(h), n] x[i, h, j]      (in place)
+        out[i, h, j] = (Σ_n C[i, g(h), n] s[h, j, n] + D[h, j] x[i, h, j]) · silu(z[i, h, j])
+
+    (Mamba-1, Gu & Dao 2023, arXiv 2312.00752, zero-order hold for A, Euler for B; g(h) = h // (h_total / g)).
+
+    Layouts, as mamba-ssm's:
+
+    - Mamba-1: state (S, d, n); x, dt, z (b, d); A (d, n); B, C (b, n) or grouped (b, g, n) with d % g == 0
+      (channel i uses group i // (d / g)); D, dt_bias (d,).
+    - Mamba-2 (heads): state (S, h, p, n); x, dt, z (b, h, p); A (h, p, n); B, C (b, g, n) with h % g == 0;
+      D, dt_bias (h, p).
+
+    Any strides, broadcast (stride-0) A / dt / D / dt_bias included, except that ``state`` needs unit stride
+    along n (it is updated in place, never copied). S == b without ``state_batch_indices``.
+
+    Dtypes: x float32 / float16 / bfloat16 (float64 on CPU), z like x, out in x's dtype. state, dt, B, C, A,
+    D, dt_bias: any of those float dtypes, independently (e.g. float32 parameters and state with bfloat16
+    activations). All arithmetic is float32 (float64 for float64 x); the new state is rounded once to
+    state's dtype.
+
+    state_batch_indices: optional (b,) int32 / int64: batch row i updates state row state_batch_indices[i]
+    of the cache; a negative entry marks a padding row (out 0, no state touched; mamba-ssm's convention).
+    Entries >= S and repeated entries raise. On CUDA the check reads the indices back (one sync), except
+    under CUDA graph capture, where it is skipped and an out-of-range entry is treated as padding.
+
+    Raises RuntimeError naming the argument, its expected and actual shape / dtype / device, before anything
+    is written: the state is untouched on every error.
+
+    CPU: a fused kernel (one pass over the state). CUDA: a fused kernel with LINMIX_UNVERIFIED_KERNELS=1 (not
+    yet run on a GPU); by default the GPU-verified selective_scan forward with L = 1, in float32.
     """
-    if state.dim() not in (3, 4):
-        raise ValueError(f"linmix.selective_state_update: state must be (b, d, n) or (b, h, p, n), got "
-                         f"{tuple(state.shape)}")
-    shape = x.shape
-    if state.dim() == 4:  # heads x head dim -> channels; (b, g, n) B/C stay grouped
-        b, h, p, n = state.shape
-        x, dt = x.reshape(b, h * p), dt.reshape(b, h * p)
-        z = None if z is None else z.reshape(b, h * p)
-        A = A.reshape(h * p, n)
-        D, dt_bias = (None if t is None else t.reshape(h * p) for t in (D, dt_bias))
-    out, new_state = selective_scan(x.unsqueeze(-1), dt.unsqueeze(-1), A, B.unsqueeze(-1), C.unsqueeze(-1), D,
-                                    None if z is None else z.unsqueeze(-1), dt_bias, dt_softplus,
-                                    initial_state=state.reshape(x.shape[0], x.shape[1], -1),
-                                    return_final_state=True)
-    state.copy_(new_state.view(state.shape))
-    return out.squeeze(-1).view(shape)
+    check_backend("selective_state_update", state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    return torch.ops.linmix.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus),
+                                                   state_batch_indices)
