@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import tempfile
 import traceback
 
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 
 import linmix
 import linmix.distributed as lmd
+from linmix.bench.cp import free_port
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
@@ -173,8 +173,8 @@ def case_fixed_point(world):
             _compare(splits, inputs, [1, 1, 1, 1], lambda *xs: single(*xs), lambda *xs: parallel(*xs), 1, tol=t)
             # Same stopping iteration per batch element as the fused op (residual all-reduced over ranks).
             full_n, _ = linmix.fixed_point_rnn(*inputs, max_iter=max_iter, tol=tol, return_info=True)[1:]
-            cp_n = lmd.fixed_point_rnn(*(x.narrow(1, sum(splits[:dist.get_rank()]), splits[dist.get_rank()])
-                                         for x in inputs), max_iter=max_iter, tol=tol, return_info=True)[1]
+            cp_n = lmd.fixed_point_rnn(*_slices(world, T, kind, *inputs), max_iter=max_iter, tol=tol,
+                                       return_info=True)[1]
             assert torch.equal(full_n, cp_n), (full_n, cp_n)
 
 
@@ -194,64 +194,44 @@ class _TinyMixer(torch.nn.Module):
         return self.out(h)
 
 
-def _train_step(model, x, y, params_after):
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss = ((model(x) - y) ** 2).sum()
-    loss.backward()
-    opt.step()
-    return params_after(model)
+def _step_matches(world, seed, kind, wrap, params_of):
+    """One SGD step of a context-parallel _TinyMixer wrapped by `wrap` (each rank: its slice of the sequence,
+    loss = its slice's sum) equals a single process's step on the whole sequence with the loss divided by
+    the world size (DDP and FSDP2 average gradients over the ranks)."""
+    rank = dist.get_rank()
+    torch.manual_seed(seed)
+    dim, T = 4, 10
+    x, y = torch.randn(2, T, dim, dtype=torch.float64), torch.randn(2, T, dim, dtype=torch.float64)
+    ref = _TinyMixer(dim).double()
+    cp_group = dist.new_group(list(range(world)))  # the context-parallel collectives apart from DDP/FSDP's
+    model = _TinyMixer(dim, cp_group).double()
+    model.load_state_dict(ref.state_dict())
+    for m, xs, ys, div in ((ref, x, y, world), (wrap(model), *_slices(world, T, kind, x, y), 1)):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        (((m(xs) - ys) ** 2).sum() / div).backward()
+        opt.step()
+    for g, w in zip(params_of(model), ref.parameters()):
+        torch.testing.assert_close(g, w.detach(), **TOL[torch.float64])
+    dist.destroy_process_group(cp_group)
+
+
+def _slices(world, T, kind, *xs):
+    splits, rank = _splits(world, T, kind), dist.get_rank()
+    lo = sum(splits[:rank])
+    return [x[:, lo : lo + splits[rank]] for x in xs]
 
 
 def case_ddp_step(world):
-    """DDP over the same ranks as the context-parallel split (its own group): after one SGD step the
-    parameters equal a single process's step on the whole sequence with the loss divided by the world size
-    (DDP averages gradients; each rank's loss is its slice's sum)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    rank = dist.get_rank()
-    torch.manual_seed(4)
-    dim, T = 4, 10
-    ref = _TinyMixer(dim).double()
-    x, y = torch.randn(2, T, dim, dtype=torch.float64), torch.randn(2, T, dim, dtype=torch.float64)
-    splits = _splits(world, T, 0)
-    lo, n = sum(splits[:rank]), splits[rank]
-    cp_group = dist.new_group(list(range(world)))
-    model = _TinyMixer(dim, cp_group).double()
-    model.load_state_dict(ref.state_dict())
-    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    (((ref(x) - y) ** 2).sum() / world).backward()
-    opt.step()
-    want = [p.detach() for p in ref.parameters()]
-    ddp = DDP(model)
-    got = _train_step(ddp, x[:, lo : lo + n], y[:, lo : lo + n], lambda m: [p.detach() for p in m.module.parameters()])
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, **TOL[torch.float64])
-    dist.destroy_process_group(cp_group)
+    _step_matches(world, 4, 0, DDP, lambda m: [p.detach() for p in m.parameters()])
 
 
 def case_fsdp2_step(world):
-    """FSDP2 (fully_shard: parameters sharded over the ranks, activations not) with the sequence split over
-    the same ranks: one SGD step equals the single-process step (FSDP2 averages gradients like DDP)."""
+    """FSDP2 (fully_shard: parameters sharded over the ranks, activations not) works on CPU with gloo."""
     from torch.distributed.fsdp import fully_shard
 
-    rank = dist.get_rank()
-    torch.manual_seed(5)
-    dim, T = 4, 10
-    x, y = torch.randn(2, T, dim, dtype=torch.float64), torch.randn(2, T, dim, dtype=torch.float64)
-    ref = _TinyMixer(dim).double()
-    cp_group = dist.new_group(list(range(world)))
-    model = _TinyMixer(dim, cp_group).double()
-    model.load_state_dict(ref.state_dict())
-    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    (((ref(x) - y) ** 2).sum() / world).backward()
-    opt.step()
-    fully_shard(model)
-    splits = _splits(world, T, 1)
-    lo, n = sum(splits[:rank]), splits[rank]
-    got = _train_step(model, x[:, lo : lo + n], y[:, lo : lo + n], lambda m: [p.full_tensor() for p in m.parameters()])
-    for g, w in zip(got, ref.parameters()):
-        torch.testing.assert_close(g, w.detach(), **TOL[torch.float64])
-    dist.destroy_process_group(cp_group)
+    _step_matches(world, 5, 1, lambda m: fully_shard(m), lambda m: [p.full_tensor() for p in m.parameters()])
 
 
 def case_checkpoint(world):
@@ -264,17 +244,13 @@ def case_checkpoint(world):
     q, k = torch.randn(B, T, H, K, dtype=torch.float64), torch.randn(B, T, H, K, dtype=torch.float64)
     v = torch.randn(B, T, H, V, dtype=torch.float64)
     g = F.logsigmoid(torch.randn(B, T, H, K, dtype=torch.float64))
-    splits = _splits(world, T, 0)
-    rank = dist.get_rank()
-    lo, n = sum(splits[:rank]), splits[rank]
-
     def fn(q, k, v, g):
         o, f = lmd.chunk_gla(q, k, v, g, None, None, True)
         return (o.sin() ** 2).sum() + f.sum()
 
     grads = []
     for ckpt in (False, True):
-        xs = [x[:, lo : lo + n].clone().requires_grad_() for x in (q, k, v, g)]
+        xs = [x.clone().requires_grad_() for x in _slices(world, T, 0, q, k, v, g)]
         loss = checkpoint(fn, *xs, use_reentrant=False) if ckpt else fn(*xs)
         grads.append(torch.autograd.grad(loss, xs))
     for a, b in zip(*grads):
@@ -302,18 +278,12 @@ def _worker(rank, world, port, out_path):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world", [2, 4])
 def test_context_parallel(world):
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "errors.pt")
-        mp.spawn(_worker, args=(world, _free_port(), out_path), nprocs=world)
+        mp.spawn(_worker, args=(world, free_port(), out_path), nprocs=world)
         gathered = torch.load(out_path)
     failures = [f"rank {r} {name}:\n{tb}" for r, errs in enumerate(gathered) for name, tb in errs.items()]
     assert not failures, "\n".join(failures)

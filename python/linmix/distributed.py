@@ -329,6 +329,8 @@ def fixed_point_rnn(u, lam, hh_u, hh_beta, max_iter=32, tol=1e-4, grad_mode="one
         raise ValueError(f"linmix.distributed.fixed_point_rnn: grad_mode must be one of {_GRAD_MODES}, got "
                          f"{grad_mode!r}")
     _check_slice("fixed_point_rnn", u.shape[1])
+    if _group_info(group)[1] == 1:
+        return ops.fixed_point.fixed_point_rnn(u, lam, hh_u, hh_beta, max_iter, tol, grad_mode, return_info)
     acc = acc_dtype(u)
     u_, lam_, hh_u_, hh_beta_ = (x.to(acc) for x in (u, lam, hh_u, hh_beta))
 

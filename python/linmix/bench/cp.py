@@ -2,8 +2,9 @@
 
 N processes are spawned on this machine (gloo and one CPU thread each on the CPU; NCCL and one GPU each on
 CUDA), the sequence of every configuration is split evenly over them, and each row gives, per op and mode
-(fwd, fwd+bwd): the single-process op on the whole sequence (timed on rank 0 while the others wait), the
-context-parallel op (the slowest rank's median), the speedup, and the bytes each rank received over the
+(fwd, fwd+bwd): the single-process op on the whole sequence (timed on rank 0 while the others wait, one call
+before each context-parallel call so both see the same background load), the context-parallel op (the
+slowest rank's median), the speedup, and the bytes each rank received over the
 collectives for one call (linmix.distributed.comm_bytes). Every rank also checks its slice of the output
 against the single-process one. Results: bench/results/<device>/cp_<N>.json / .csv.
 """
@@ -15,6 +16,7 @@ import datetime
 import json
 import os
 import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -24,11 +26,11 @@ import torch.nn.functional as F
 import linmix
 import linmix.distributed as lmd
 
-from . import env, timing
+from . import env
 
 
 def _configs(quick: bool) -> list[dict]:
-    s = 4 if quick else 1
+    s = 4 if quick else 2
     return [
         dict(op="linear_scan", B=2, T=16384 // s, D=256),
         dict(op="selective_scan", b=1, d=256, n=16, L=8192 // s),
@@ -90,6 +92,16 @@ def _runner(op, cp, cfg, xs, mode):
     return fwd_bwd
 
 
+def _timed(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def _shape(cfg: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in cfg.items() if k != "op")
 
@@ -115,25 +127,33 @@ def _worker(rank: int, world: int, port: int, device: str, quick: bool, reps: in
         err = ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).reshape(1)
         dist.all_reduce(err, op=dist.ReduceOp.MAX)
         for mode in ("fwd", "fwd+bwd"):
-            single = None
-            if rank == 0:
-                single = timing.bench(_runner(op, False, cfg, full, mode), device, quick, reps)[0]
-            dist.barrier()
-            fn = _runner(op, True, cfg, mine, mode)
+            single, fn = _runner(op, False, cfg, full, mode), _runner(op, True, cfg, mine, mode)
             lmd.reset_comm_bytes()
-            fn()
+            fn()  # also the warm-up
             nbytes = lmd.comm_bytes()
-            ms = torch.tensor([timing.bench(fn, device, quick, reps)[0]], dtype=torch.float64, device=dev)
-            dist.all_reduce(ms, op=dist.ReduceOp.MAX)
             if rank == 0:
-                rows.append(dict(op=op, shape=_shape(cfg), mode=mode, ranks=world, single_ms=single, cp_ms=ms.item(),
-                                 speedup=single / ms.item(), comm_bytes_per_rank=nbytes, rel_err=err.item()))
+                single()
+            # Paired, interleaved samples (rank 0's single-process call, then every rank's context-parallel
+            # call) so both see the same background load.
+            t_single, t_cp = [], []
+            for _ in range(reps):
+                if rank == 0:
+                    t_single.append(_timed(single, device))
+                dist.barrier()
+                t_cp.append(_timed(fn, device))
+            ms = torch.tensor(t_cp, dtype=torch.float64).median().reshape(1).to(dev)
+            dist.all_reduce(ms, op=dist.ReduceOp.MAX)  # the slowest rank
+            if rank == 0:
+                one = torch.tensor(t_single, dtype=torch.float64).median().item()
+                rows.append(dict(op=op, shape=_shape(cfg), mode=mode, ranks=world, single_ms=one, cp_ms=ms.item(),
+                                 speedup=one / ms.item(), comm_bytes_per_rank=nbytes, rel_err=err.item()))
     if rank == 0:
         torch.save(rows, out_path)
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on loopback for the spawned processes' rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -146,7 +166,7 @@ def run(world: int, device: str, quick: bool, out_dir: str) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, f".cp_{world}.pt")
     reps = 5 if quick else 10  # a fixed count: every rank must make the same number of collective calls
-    mp.spawn(_worker, args=(world, _free_port(), device, quick, reps, tmp), nprocs=world)
+    mp.spawn(_worker, args=(world, free_port(), device, quick, reps, tmp), nprocs=world)
     rows = torch.load(tmp)
     os.remove(tmp)
     head = f"{'op':<16} {'shape':<30} {'mode':<8} {'ranks':>5} {'1 proc ms':>10} {'CP ms':>10} {'speedup':>8} " \
