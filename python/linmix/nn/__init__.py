@@ -1,10 +1,12 @@
 """Drop-in sequence-mixing layers built on linmix's ops (mamba-ssm's and flash-linear-attention's names)."""
 
 from .cache import InferenceParams, RecurrentCache
+from .fp_mamba import FPMamba
 from .gla import GatedLinearAttention
 from .mamba import Mamba
 
 __all__ = [
+    "FPMamba",
     "GatedLinearAttention",
     "InferenceParams",
     "Mamba",
