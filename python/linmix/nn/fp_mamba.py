@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -11,14 +12,23 @@ from torch import nn
 from .._native import acc_dtype
 from ..ops.selective_scan import selective_scan
 from ._conv import causal_conv
-from .mamba import init_dt_bias
+from .mamba import init_dt_proj
 
 GRAD_MODES = ("onestep", "implicit", "unroll")
 
 
-def _shift(y: torch.Tensor) -> torch.Tensor:
-    # (B, L, d): y_{t-1}, zeros at t = 0
-    return F.pad(y, (0, 0, 1, -1))
+class FPMambaState(NamedTuple):
+    """What FPMamba carries from one call to the next (streaming / decoding)."""
+
+    conv: torch.Tensor | None  # (B, d_inner, d_conv): the last d_conv conv inputs; None when d_conv = 0
+    ssm: torch.Tensor  # (B, d_inner, d_state): the scan state after the last token, float32 (float64)
+    y: torch.Tensor  # (B, d_inner): the last token's fixed point y, read by the next token's mixer, B/C, gate
+
+
+def _shift(y: torch.Tensor, y_first: torch.Tensor | None) -> torch.Tensor:
+    # (B, L, d): y_{t-1}, with y_first (B, d) (or zeros) at t = 0
+    prev = y.new_zeros(y[:, :1].shape) if y_first is None else y_first[:, None].to(y.dtype)
+    return torch.cat([prev, y[:, :-1]], dim=1)
 
 
 class FPMamba(nn.Module):
@@ -104,14 +114,7 @@ class FPMamba(nn.Module):
                        if d_conv > 0 else None)
         self.x_proj = nn.Linear(d, self.dt_rank, bias=False, **factory)
         self.dt_proj = nn.Linear(self.dt_rank, d, bias=True, **factory)
-        std = self.dt_rank ** -0.5 * dt_scale
-        if dt_init == "constant":
-            nn.init.constant_(self.dt_proj.weight, std)
-        elif dt_init == "random":
-            nn.init.uniform_(self.dt_proj.weight, -std, std)
-        else:
-            raise NotImplementedError(f"linmix.nn.FPMamba: dt_init must be 'random' or 'constant', got {dt_init!r}")
-        init_dt_bias(self.dt_proj.bias, dt_min, dt_max, dt_init_floor)
+        init_dt_proj(self.dt_proj, dt_init, dt_scale, dt_min, dt_max, dt_init_floor, "FPMamba")
         a = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).expand(d, d_state)
         self.A_log = nn.Parameter(torch.log(a).contiguous())
         self.D = nn.Parameter(torch.ones(d, device=device))
@@ -124,11 +127,11 @@ class FPMamba(nn.Module):
         self.z_y_proj = nn.Linear(d, d, bias=False, **factory)
         self.out_proj = nn.Linear(d, d_model, bias=bias, **factory)
 
-    def _iteration(self, consts, y: torch.Tensor) -> torch.Tensor:
-        """One fixed-point iteration f(y): y (B, L, d_inner) -> (B, L, d_inner)."""
-        x, delta, A, u_x, a_x, bc_x = consts
+    def _iteration(self, consts, y: torch.Tensor, final_state: bool = False):
+        """One fixed-point iteration f(y): y (B, L, d_inner) -> (B, L, d_inner) (and the scan's final state)."""
+        x, delta, A, u_x, a_x, bc_x, y_first, ssm0 = consts
         d, r = self.d_inner, self.mixer_rank
-        y_prev = _shift(y)
+        y_prev = _shift(y, y_first)
         u = F.silu(u_x + F.linear(y_prev, self.mixer_proj.weight[:, d:])).unflatten(-1, (r, d))  # (B, L, r, d)
         u = F.normalize(u, dim=-1)
         alpha = torch.sigmoid(a_x + F.linear(y_prev, self.mixer_gate.weight[:, d:]))  # (B, L, r)
@@ -139,8 +142,10 @@ class FPMamba(nn.Module):
         x_mix = y + v
         b, c = (bc_x + self.bc_y_proj(y_prev)).chunk(2, dim=-1)  # (B, L, n) each
         b, c = F.normalize(b, dim=-1), F.normalize(c, dim=-1)
-        out = selective_scan(x_mix.transpose(1, 2), delta, A, b.transpose(1, 2), c.transpose(1, 2), self.D)
-        return self.norm(out.transpose(1, 2))
+        out, h = selective_scan(x_mix.transpose(1, 2), delta, A, b.transpose(1, 2), c.transpose(1, 2), self.D,
+                                initial_state=ssm0, return_final_state=True)
+        y_new = self.norm(out.transpose(1, 2))
+        return (y_new, h) if final_state else y_new
 
     def _solve(self, consts, y: torch.Tensor, keep_graph: bool):
         """max_iter damped iterations from y, frozen per element after convergence; device-side throughout."""
@@ -167,15 +172,26 @@ class FPMamba(nn.Module):
                 y = y.detach()
         return y, n_iter, residual
 
-    def forward(self, hidden_states: torch.Tensor, return_info: bool = False):
-        """hidden_states (B, L, d_model) -> out (B, L, d_model), or (out, info) with ``return_info``.
+    def forward(self, hidden_states: torch.Tensor, state: FPMambaState | None = None, return_state: bool = False,
+                return_info: bool = False):
+        """hidden_states (B, L, d_model) -> out (B, L, d_model); with flags, (out, state) / (out, info) /
+        (out, state, info).
 
-        info: ``n_iter`` (B,) int32, the iterations each batch element took (max_iter where it did not
-        converge), and ``residual`` (B,) float32, its last relative residual (see the class docstring).
+        state: an :class:`FPMambaState` returned by an earlier call on the preceding tokens, to continue
+            from (streaming, and decoding one token at a time); None starts from zeros.
+        return_state: also return the state after the last token (differentiable). Its SSM state is the
+            scan state of the iteration that produced the output (for "unroll", of one more iteration
+            from the returned iterate); at a fixed point all agree, and continuing from it reproduces
+            the full forward (with tol = 0, to the fixed point's accuracy).
+        return_info: also return ``n_iter`` (B,) int32, the iterations each batch element took (max_iter
+            where it did not converge), and ``residual`` (B,), its last relative residual.
         """
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, L, d_inner) each
+        conv = None
         if self.conv1d is not None:
-            x = causal_conv(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, None)[0].transpose(1, 2)
+            x, conv = causal_conv(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
+                                  None if state is None else state.conv)
+            x = x.transpose(1, 2)
         else:
             x = F.silu(x)
         d = self.d_inner
@@ -183,26 +199,30 @@ class FPMamba(nn.Module):
         A = -torch.exp(self.A_log.to(acc_dtype(x)))
         # The x halves of the mixer's and B/C's projections are the same every iteration: computed once.
         consts = (x, delta, A, F.linear(x, self.mixer_proj.weight[:, :d]),
-                  F.linear(x, self.mixer_gate.weight[:, :d], self.mixer_gate.bias), self.bc_proj(x))
+                  F.linear(x, self.mixer_gate.weight[:, :d], self.mixer_gate.bias), self.bc_proj(x),
+                  None if state is None else state.y, None if state is None else state.ssm)
         y0 = torch.zeros_like(x)
         if self.grad_mode == "unroll":
             y, n_iter, residual = self._solve(consts, y0, keep_graph=True)
+            h = self._iteration(consts, y, final_state=True)[1] if return_state else None
         else:
             with torch.no_grad():
                 y_star, n_iter, residual = self._solve(consts, y0, keep_graph=False)
-            y = self._iteration(consts, y_star)
+            y, h = self._iteration(consts, y_star, final_state=True)
             if self.grad_mode == "implicit" and y.requires_grad:
                 y = _attach_implicit_grad(self, consts, y_star, y)
-        gate = F.silu(z + self.z_y_proj(_shift(y)))
+        gate = F.silu(z + self.z_y_proj(_shift(y, consts[6])))
         out = self.out_proj(gate * y)
-        return (out, {"n_iter": n_iter, "residual": residual.detach()}) if return_info else out
+        extras = ((FPMambaState(conv, h, y[:, -1]),) if return_state else ()) + (
+            ({"n_iter": n_iter, "residual": residual.detach()},) if return_info else ())
+        return (out, *extras) if extras else out
 
 
 def _attach_implicit_grad(layer: FPMamba, consts, y_star: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Make y = f(y*)'s backward implicit: the incoming g becomes w = g + J_yᵀ w (max_iter steps from w = g)."""
     y0 = y_star.detach().requires_grad_()
     with torch.enable_grad():
-        f0 = layer._iteration(tuple(c.detach() for c in consts), y0)
+        f0 = layer._iteration(tuple(None if c is None else c.detach() for c in consts), y0)
 
     def hook(g):
         w = g

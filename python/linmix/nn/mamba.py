@@ -13,16 +13,27 @@ from ..ops.selective_scan import selective_scan, selective_state_update
 from ._conv import causal_conv
 
 
-def init_dt_bias(bias: torch.Tensor, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
-    """Set ``bias`` so that softplus(bias) is log-uniform in [dt_min, dt_max] (floored at dt_init_floor).
+def init_dt_proj(dt_proj: nn.Linear, dt_init: str, dt_scale: float, dt_min: float, dt_max: float,
+                 dt_init_floor: float, layer: str) -> None:
+    """Mamba's dt initialisation (Gu & Dao 2023, sec. 3.6), in place.
 
-    Mamba's initialisation (Gu & Dao 2023, sec. 3.6): dt = exp(U(log dt_min, log dt_max)), then the bias is
-    softplus⁻¹(dt) = dt + log(1 - exp(-dt)).
+    weight: uniform in ±dt_scale / sqrt(dt_rank) ("random") or that constant ("constant"); bias: softplus⁻¹
+    of dt = exp(U(log dt_min, log dt_max)) floored at dt_init_floor, i.e. dt + log(1 - exp(-dt)), so that
+    softplus(bias) is log-uniform in [dt_min, dt_max]. The bias is marked ``_no_reinit`` (mamba-ssm's
+    marker: a model-level init must keep it).
     """
+    std = dt_proj.in_features ** -0.5 * dt_scale
+    if dt_init == "constant":
+        nn.init.constant_(dt_proj.weight, std)
+    elif dt_init == "random":
+        nn.init.uniform_(dt_proj.weight, -std, std)
+    else:
+        raise NotImplementedError(f"linmix.nn.{layer}: dt_init must be 'random' or 'constant', got {dt_init!r}")
     with torch.no_grad():
-        u = torch.rand(bias.shape, device=bias.device, dtype=torch.float32)
+        u = torch.rand(dt_proj.bias.shape, device=dt_proj.bias.device, dtype=torch.float32)
         dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
-        bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+    dt_proj.bias._no_reinit = True
 
 
 class Mamba(nn.Module):
@@ -64,15 +75,7 @@ class Mamba(nn.Module):
                                 bias=conv_bias, **factory)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
-        std = self.dt_rank ** -0.5 * dt_scale
-        if dt_init == "constant":
-            nn.init.constant_(self.dt_proj.weight, std)
-        elif dt_init == "random":
-            nn.init.uniform_(self.dt_proj.weight, -std, std)
-        else:
-            raise NotImplementedError(f"linmix.nn.Mamba: dt_init must be 'random' or 'constant', got {dt_init!r}")
-        init_dt_bias(self.dt_proj.bias, dt_min, dt_max, dt_init_floor)
-        self.dt_proj.bias._no_reinit = True  # mamba-ssm's marker: model-level init must keep this bias
+        init_dt_proj(self.dt_proj, dt_init, dt_scale, dt_min, dt_max, dt_init_floor, "Mamba")
 
         a = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).expand(self.d_inner, d_state)
         self.A_log = nn.Parameter(torch.log(a).contiguous())
