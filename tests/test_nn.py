@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import linmix.nn as lnn
+from conftest import low_precision_close
 
 f64 = torch.float64
 
@@ -493,3 +494,35 @@ def test_fp_mamba_state_dict_and_errors():
                     (dict(stop_quantile=1.5), "stop_quantile"), (dict(max_iter=0), "max_iter")]:
         with pytest.raises(ValueError, match=msg):
             lnn.FPMamba(12, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layers_low_precision(dtype):
+    # Error against float64 at most twice that of the same plain PyTorch module run in dtype (conftest's rule),
+    # for the full forward and for decoding.
+    torch.manual_seed(13)
+    x = torch.randn(2, 70, 32)
+    mamba = lnn.Mamba(32, d_state=8, layer_idx=0)
+    gla = lnn.GatedLinearAttention(hidden_size=32, num_heads=2, use_short_conv=True, layer_idx=0)
+    cfg = dict(num_heads=2, use_short_conv=True)
+    cases = [(mamba, lambda p, x: ref_mamba(p, x, 8, mamba.dt_rank)[0], lambda m, x: m(x)),
+             (gla, lambda p, x: ref_gla(p, x, cfg)[0], lambda m, x: m(x)[0])]
+    for module, ref, call in cases:
+        p64 = ref_params(module)
+        want = ref(p64, x.double())
+        pt = ref({k: v.detach().to(dtype) for k, v in p64.items()}, x.to(dtype))
+        module = module.to(dtype)
+        with torch.no_grad():
+            low_precision_close(call(module, x.to(dtype)), want, pt)
+    with torch.no_grad():  # bf16 / fp32 decoding keeps the SSM state in float32
+        ip = lnn.InferenceParams(70, 2)
+        outs = [mamba(x[:, :60].to(dtype), inference_params=ip)]
+        ip.seqlen_offset = 60
+        for t in range(60, 70):
+            outs.append(mamba(x[:, t : t + 1].to(dtype), inference_params=ip))
+            ip.seqlen_offset += 1
+        assert ip.key_value_memory_dict[0][1].dtype == torch.float32
+        p = ref_params(mamba)  # the dtype-rounded weights, in float64
+        want = ref_mamba(p, x.double(), 8, mamba.dt_rank)[0]
+        pt = ref_mamba({k: v.detach().to(dtype) for k, v in p.items()}, x.to(dtype), 8, mamba.dt_rank)[0]
+        low_precision_close(torch.cat(outs, 1), want, pt)
