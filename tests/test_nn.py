@@ -337,6 +337,8 @@ def test_gla_unsupported_options():
         lnn.GatedLinearAttention(hidden_size=32, mode="parallel")
     with pytest.raises(ValueError, match="divisible"):
         lnn.GatedLinearAttention(hidden_size=32, num_heads=3)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        lnn.GatedLinearAttention(hidden_size=32, num_heads=4, num_kv_heads=3)
 
 
 # --------------------------------------------------------------------------------------------- FPMamba
@@ -439,7 +441,7 @@ def test_fp_mamba_stopping_is_per_element_and_on_device():
             alone, one = m(x[b : b + 1], return_info=True)
             assert one["n_iter"].item() == info["n_iter"][b].item()
             close(out[b], alone[0], 1e-12)
-        mq = fp_layer(-4.0, 5.0, max_iter=24, tol=1e-6, stop_quantile=1.0)
+        mq = fp_layer(-4.0, 5.0, max_iter=24, tol=1e-6, stopping="batch", quantile=1.0)
         _, infoq = mq(x, return_info=True)
         assert infoq["n_iter"].unique().numel() == 1 and infoq["n_iter"][0] == info["n_iter"].max()
         m1 = fp_layer(-4.0, 5.0, max_iter=3, tol=1e-6)
@@ -451,6 +453,23 @@ def test_fp_mamba_stopping_is_per_element_and_on_device():
         mq(x)
     with pytest.raises(AssertionError, match="host"), NoHostSync():
         torch.ones(2).sum().item()  # the check can fail
+
+
+def test_fp_mamba_causal_stopping():
+    # With tol > 0, "causal" outputs for a prefix equal the full sequence's; "element" ones need not (the
+    # later tokens change the shared iteration count), which is what makes this test able to fail.
+    torch.manual_seed(14)
+    x = torch.randn(2, 12, 12, dtype=f64)
+    x[:, 8:] *= 0.3  # later tokens that converge more slowly
+    errs = {}
+    for stopping in ("causal", "element"):
+        m = fp_layer(-4.0, 5.0, max_iter=24, tol=1e-4, stopping=stopping)
+        with torch.no_grad():
+            full, info = m(x, return_info=True)
+            prefix = m(x[:, :6])
+        assert (info["residual"] < 1e-4).all()
+        errs[stopping] = (full[:, :6] - prefix).abs().max().item()
+    assert errs["causal"] < 1e-13 and errs["element"] > 1e-9, errs
 
 
 @pytest.mark.parametrize("grad_mode,d_conv", [("onestep", 4), ("unroll", 0), ("implicit", 4)])
@@ -491,7 +510,7 @@ def test_fp_mamba_state_dict_and_errors():
     default = lnn.FPMamba(12)
     assert torch.allclose(torch.sigmoid(default.mixer_gate.bias), torch.tensor(1 / (1 + math.e ** 4)))
     for kw, msg in [(dict(grad_mode="exact"), "grad_mode"), (dict(damping=0.0), "damping"),
-                    (dict(stop_quantile=1.5), "stop_quantile"), (dict(max_iter=0), "max_iter")]:
+                    (dict(quantile=1.5), "quantile"), (dict(stopping="token"), "stopping"), (dict(max_iter=0), "max_iter")]:
         with pytest.raises(ValueError, match=msg):
             lnn.FPMamba(12, **kw)
 

@@ -15,6 +15,7 @@ from ._conv import causal_conv
 from .mamba import init_dt_proj
 
 GRAD_MODES = ("onestep", "implicit", "unroll")
+STOPPING = ("element", "batch", "causal")
 
 
 class FPMambaState(NamedTuple):
@@ -48,11 +49,16 @@ class FPMamba(nn.Module):
         out_t = out_proj(silu(z_t + W_zy y_{t-1}) ⊙ y_t)
 
     The update is damped, y ← s f(y) + (1 - s) y with s = ``damping``. The loop always runs ``max_iter``
-    iterations on the device (no host synchronisation, so it traces under torch.compile); a batch element
-    stops changing once it has converged (residual max_t ‖f_t - y_t‖∞ / (‖f_t‖∞ + 1e-8) < ``tol``), or
-    all stop once the ``stop_quantile`` quantile of the batch's residuals is below tol (the authors' rule,
-    0.75 in their FP-Mamba training). tol = 0 runs exactly max_iter iterations. With tol > 0 an output can
-    depend on later tokens (they change the residual, hence the iteration count); tol = 0 is causal.
+    iterations on the device (no host synchronisation: nothing is read back, and it traces under
+    torch.compile); what has converged stops changing. With the per-token ratio
+    r_t = ‖f_t - y_t‖∞ / (‖f_t‖∞ + 1e-8) (before damping, as the authors), ``stopping`` is
+      - "element": a batch element stops once max_t r_t < ``tol``;
+      - "batch": the authors' rule: all stop once the ``quantile`` of the elements' residuals is below
+        tol (0.75 in their FP-Mamba training, 1 at evaluation);
+      - "causal": token t stops once max_{s<=t} r_s < tol, so y_t depends on tokens <= t only.
+    tol = 0 runs exactly max_iter iterations. With tol > 0 and "element" or "batch", an output depends on
+    later tokens (and for "batch", on other elements) through the shared iteration count; tol = 0 and
+    "causal" are causal (a streamed decode then matches the full forward up to the tolerance).
 
     Gradients (``grad_mode``):
         "onestep": the authors' training gradient: the loop runs without autograd and the output is one
@@ -74,8 +80,8 @@ class FPMamba(nn.Module):
         d_model, d_state (16), d_conv (4; 0 for none), expand (2), dt_rank ("auto"), dt_min, dt_max,
             dt_init, dt_scale, dt_init_floor, conv_bias, bias: as :class:`linmix.nn.Mamba`.
         mixer_rank (1): r, the number of Householder factors.
-        max_iter (16), tol (1e-3), damping (1.0, in (0, 1]), stop_quantile (None: each batch element stops
-            on its own; q in (0, 1]: all stop together when the q-quantile of residuals is below tol).
+        max_iter (16), tol (1e-3), damping (1.0, in (0, 1]), stopping ("element" | "batch" | "causal"),
+            quantile (0.75, in (0, 1], for stopping="batch"): see above.
         grad_mode ("onestep" | "implicit" | "unroll").
         norm_eps (1e-5): the LayerNorm's eps.
         mixer_gate_bias_init (-4.0): the α logits' initial bias. linmix's choice (the paper does not give
@@ -85,20 +91,22 @@ class FPMamba(nn.Module):
             iterations at d_model = 32, with or without damping).
 
     Raises:
-        ValueError: unknown grad_mode, damping outside (0, 1], stop_quantile outside (0, 1], max_iter < 1.
+        ValueError: unknown grad_mode or stopping, damping or quantile outside (0, 1], max_iter < 1.
     """
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
                  dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False, mixer_rank=1,
-                 max_iter=16, tol=1e-3, damping=1.0, stop_quantile=None, grad_mode="onestep", norm_eps=1e-5,
+                 max_iter=16, tol=1e-3, damping=1.0, stopping="element", quantile=0.75, grad_mode="onestep", norm_eps=1e-5,
                  mixer_gate_bias_init=-4.0, device=None, dtype=None):
         super().__init__()
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"linmix.nn.FPMamba: grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
         if not 0.0 < damping <= 1.0:
             raise ValueError(f"linmix.nn.FPMamba: damping must be in (0, 1], got {damping}")
-        if stop_quantile is not None and not 0.0 < stop_quantile <= 1.0:
-            raise ValueError(f"linmix.nn.FPMamba: stop_quantile must be None or in (0, 1], got {stop_quantile}")
+        if stopping not in STOPPING:
+            raise ValueError(f"linmix.nn.FPMamba: stopping must be one of {STOPPING}, got {stopping!r}")
+        if not 0.0 < quantile <= 1.0:
+            raise ValueError(f"linmix.nn.FPMamba: quantile must be in (0, 1], got {quantile}")
         if max_iter < 1:
             raise ValueError(f"linmix.nn.FPMamba: max_iter must be >= 1, got {max_iter}")
         factory = {"device": device, "dtype": dtype}
@@ -106,7 +114,7 @@ class FPMamba(nn.Module):
         self.d_inner = d = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
         self.mixer_rank = mixer_rank
-        self.max_iter, self.tol, self.damping, self.stop_quantile = max_iter, tol, damping, stop_quantile
+        self.max_iter, self.tol, self.damping, self.stopping, self.quantile = max_iter, tol, damping, stopping, quantile
         self.grad_mode = grad_mode
 
         self.in_proj = nn.Linear(d_model, 2 * d, bias=bias, **factory)
@@ -147,30 +155,32 @@ class FPMamba(nn.Module):
         y_new = self.norm(out.transpose(1, 2))
         return (y_new, h) if final_state else y_new
 
-    def _solve(self, consts, y: torch.Tensor, keep_graph: bool):
-        """max_iter damped iterations from y, frozen per element after convergence; device-side throughout."""
-        batch = y.shape[0]
-        done = torch.zeros(batch, dtype=torch.bool, device=y.device)
-        n_iter = torch.zeros(batch, dtype=torch.int32, device=y.device)
-        residual = torch.full((batch,), float("inf"), dtype=acc_dtype(y), device=y.device)
+    def _solve(self, consts, y: torch.Tensor):
+        """max_iter damped iterations from y, frozen where converged (``stopping``); device-side throughout.
+
+        Differentiable through every iteration when autograd is on ("unroll"); the other modes call it
+        under no_grad. Returns y, n_iter (B,) int32 (iterations in which any token of the element
+        changed) and residual (B,) (max over tokens of each token's last ratio before it stopped)."""
+        done = torch.zeros(y.shape[:2], dtype=torch.bool, device=y.device)  # (B, L)
+        n_iter = torch.zeros(y.shape[0], dtype=torch.int32, device=y.device)
+        ratio = torch.full(y.shape[:2], float("inf"), dtype=acc_dtype(y), device=y.device)  # (B, L)
         s = self.damping
         for _ in range(self.max_iter):
             f = self._iteration(consts, y)
-            num = (f - y).abs().amax(-1)  # (B, L)
-            res = (num / (f.abs().amax(-1) + 1e-8)).amax(-1).to(residual.dtype)  # (B,)
+            r = ((f - y).abs().amax(-1) / (f.abs().amax(-1) + 1e-8)).to(ratio.dtype)  # (B, L)
             active = ~done
             step = f if s == 1.0 else s * f + (1 - s) * y
-            y = torch.where(active[:, None, None], step, y)
-            n_iter = n_iter + active.to(torch.int32)
-            residual = torch.where(active, res, residual)
+            y = torch.where(active[..., None], step, y)
+            n_iter = n_iter + active.any(-1).to(torch.int32)
+            ratio = torch.where(active, r, ratio)
             if self.tol > 0:
-                if self.stop_quantile is None:
-                    done = done | (res < self.tol)
+                if self.stopping == "causal":
+                    done = done | (ratio.cummax(-1).values < self.tol)
+                elif self.stopping == "element":
+                    done = done | (ratio.amax(-1, keepdim=True) < self.tol)
                 else:
-                    done = done | (torch.quantile(residual, self.stop_quantile) < self.tol)
-            if not keep_graph:
-                y = y.detach()
-        return y, n_iter, residual
+                    done = done | (torch.quantile(ratio.amax(-1), self.quantile) < self.tol)
+        return y, n_iter, ratio.amax(-1)
 
     def forward(self, hidden_states: torch.Tensor, state: FPMambaState | None = None, return_state: bool = False,
                 return_info: bool = False):
@@ -203,11 +213,11 @@ class FPMamba(nn.Module):
                   None if state is None else state.y, None if state is None else state.ssm)
         y0 = torch.zeros_like(x)
         if self.grad_mode == "unroll":
-            y, n_iter, residual = self._solve(consts, y0, keep_graph=True)
+            y, n_iter, residual = self._solve(consts, y0)
             h = self._iteration(consts, y, final_state=True)[1] if return_state else None
         else:
             with torch.no_grad():
-                y_star, n_iter, residual = self._solve(consts, y0, keep_graph=False)
+                y_star, n_iter, residual = self._solve(consts, y0)
             y, h = self._iteration(consts, y_star, final_state=True)
             if self.grad_mode == "implicit" and y.requires_grad:
                 y = _attach_implicit_grad(self, consts, y_star, y)

@@ -83,7 +83,8 @@ class GatedLinearAttention(nn.Module):
         index in a :class:`~linmix.nn.RecurrentCache`).
 
     Raises:
-        ValueError: unknown mode, key/value dims not divisible by num_heads.
+        ValueError: unknown mode, key/value dims not divisible by num_heads, num_heads not a multiple of
+            num_kv_heads; (forward) past_key_values on a layer without layer_idx, a mask that is not (B, T).
         NotImplementedError: a feature_map or gate_fn name outside swish/silu/sigmoid/relu/gelu/tanh/
             logsigmoid/elu; ``cu_seqlens`` together with use_short_conv.
     """
@@ -109,6 +110,9 @@ class GatedLinearAttention(nn.Module):
         self.key_dim_per_group = self.key_dim // self.num_kv_groups
         self.value_dim_per_group = self.value_dim // self.num_kv_groups
         self.clamp_min, self.layer_idx, self.gate_logit_normalizer = clamp_min, layer_idx, gate_logit_normalizer
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"linmix.nn.GatedLinearAttention: num_heads={num_heads} must be a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
         if self.key_dim % num_heads or self.value_dim % num_heads:
             raise ValueError(f"linmix.nn.GatedLinearAttention: key dim {self.key_dim} and value dim "
                              f"{self.value_dim} must be divisible by num_heads={num_heads}")
