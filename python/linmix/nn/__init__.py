@@ -1,0 +1,15 @@
+"""Drop-in sequence-mixing layers built on linmix's ops (mamba-ssm's and flash-linear-attention's names)."""
+
+from .cache import InferenceParams, RecurrentCache
+from .fp_mamba import FPMamba, FPMambaState
+from .gla import GatedLinearAttention
+from .mamba import Mamba
+
+__all__ = [
+    "FPMamba",
+    "FPMambaState",
+    "GatedLinearAttention",
+    "InferenceParams",
+    "Mamba",
+    "RecurrentCache",
+]
