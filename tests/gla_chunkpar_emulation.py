@@ -135,7 +135,7 @@ def chunkpar_fwd(q, k, v, g, scale, h0=None, acc=torch.float32):
 def chunkpar_bwd(q, k, v, g, do, dht, scale, h0=None, acc=torch.float32):
     """Backward: dq, dk, dv, dg in q's dtype and dh0 in acc."""
     op = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else acc
-    T = q.shape[1]
+    T, out_dtype = q.shape[1], q.dtype
     qc, kc, vc, glc = _inputs(q, k, v, g, acc)
     doc = _chunked(do, acc)
     gc = _chunked(g, acc)
@@ -200,5 +200,5 @@ def chunkpar_bwd(q, k, v, g, do, dht, scale, h0=None, acc=torch.float32):
             y = _rnd(kc[..., c0 : c0 + OUT_BK] * torch.exp2(suffix_to(glc[..., c0 : c0 + OUT_BK], C)), op)
             acc_v += y @ _rnd(dH[..., c0 : c0 + OUT_BK, ev], op)
         dv[..., ev] = acc_v
-    out = [_unchunked(x, T).to(q.dtype) for x in (dq, dk, dv, dg)]
+    out = [_unchunked(x, T).to(out_dtype) for x in (dq, dk, dv, dg)]
     return (*out, dh0)
