@@ -192,10 +192,10 @@ def chunkpar_bwd(q, k, v, g, do, dht, scale, h0=None, acc=torch.float32):
     # bwd dv: one block per (chunk, V tile); A over all of K
     dv = vc.new_zeros(vc.shape)
     A = scores(qc, kc, glc, op, OUT_BK)
-    At = _rnd(torch.tril(A), op).transpose(-1, -2)
+    At = _rnd(scale * torch.tril(A), op).transpose(-1, -2)
     for e0 in range(0, V, OUT_BV):
         ev = slice(e0, e0 + OUT_BV)
-        acc_v = scale * (At @ _rnd(doc[..., ev], op))
+        acc_v = At @ _rnd(doc[..., ev], op)
         for c0 in range(0, K, OUT_BK):
             y = _rnd(kc[..., c0 : c0 + OUT_BK] * torch.exp2(suffix_to(glc[..., c0 : c0 + OUT_BK], C)), op)
             acc_v += y @ _rnd(dH[..., c0 : c0 + OUT_BK, ev], op)
