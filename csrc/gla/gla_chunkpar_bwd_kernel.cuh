@@ -153,43 +153,7 @@ __global__ void __launch_bounds__(GlaParTraits::kThreads)
 template <typename T>
 __global__ void __launch_bounds__(GlaParTraits::kThreads)
     linmix_gla_chunkpar_bwd_dv_kernel(GlaParams p, GlaChunkparWorkspace ws) {
-  using Tr = GlaParTraits;
-  constexpr int C = Tr::kChunk, BK = Tr::kOutBK, BV = Tr::kOutBV;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  auto& s = *reinterpret_cast<GlaParOutSmem<T>*>(smem_raw);
-  const int K = static_cast<int>(p.dim_k), V = static_cast<int>(p.dim_v);
-  const int64_t bh = blockIdx.x, bi = bh / p.heads, hi = bh % p.heads, n = blockIdx.z, t0 = n * C;
-  const int e0 = blockIdx.y * BV;
-  const int L = static_cast<int>(p.seqlen - t0 < C ? p.seqlen - t0 : C);
-  const int64_t N = gla_chunkpar_n_chunks(p.seqlen), KV = p.dim_k * p.dim_v;
-  const float* dh_out = ws.dstates + (bh * N + n) * KV;
-
-  for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x) s.A[idx] = 0.f;
-  for (int idx = threadIdx.x; idx < C * BV; idx += blockDim.x) s.acc[idx] = 0.f;
-  chunkpar_stage<false, T>(s.w, p.dout, bi, hi, t0, L, e0, V, BV);
-  for (int c0 = 0; c0 < K; c0 += BK) {
-    chunkpar_stage<false, T>(s.q, p.q, bi, hi, t0, L, c0, K, BK);
-    chunkpar_stage<false, T>(s.k, p.k, bi, hi, t0, L, c0, K, BK);
-    chunkpar_stage<true, T>(s.gl, p.g, bi, hi, t0, L, c0, K, BK);
-    chunkpar_stage_state(s.st, dh_out, K, V, c0, e0, BK, BV);
-    __syncthreads();
-    // inter-chunk: dv += (k exp2(S(.; C))) dH_n[c0 : c0 + BK, e0 : e0 + BV]
-    each_suffix_decay(s.gl, BK, C, [&](int j, int cc, float d) { s.x[j * BK + cc] = from_float<T>(s.k[j * BK + cc] * d); });
-    __syncthreads();
-    smem_gemm_acc<T, true, true>(s.acc, BV, s.x, BK, s.st, BV, C, BV, BK);
-    __syncthreads();
-    chunkpar_accumulate_scores<T, BK>(s.A, s.q, s.k, s.gl, s.x, s.y);
-  }
-  const float scale = static_cast<float>(p.scale);
-  for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x)
-    s.Am[idx] = from_float<T>(idx % C <= idx / C ? scale * s.A[idx] : 0.f);
-  __syncthreads();
-  smem_gemm_acc<T, false, true>(s.acc, BV, s.Am, C, s.w, BV, C, BV, C);  // dv += (scale tril(A))^T do
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < L * BV; idx += blockDim.x) {
-    const int i = idx / BV, e = idx % BV;
-    if (e0 + e < V) gla_row<T>(p.dv, bi, t0 + i, hi)[e0 + e] = from_float<T>(s.acc[idx]);
-  }
+  chunkpar_value_tile<T, true>(p, ws);
 }
 
 template <DType dt>

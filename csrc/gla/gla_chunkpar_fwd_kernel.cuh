@@ -92,10 +92,13 @@ struct GlaParOutSmem {
   alignas(128) Op Am[C * C];
 };
 
+// Phase 3 of the forward (kDv false) and the backward's dv (kDv true): one (chunk, V tile) of
+//   o  = scale ((q exp2(P(.; 0))) h_n + tril(A) v)          forward
+//   dv = (k exp2(S(.; C))) dH_n + (scale tril(A))^T do      backward
+// walking K in kOutBK slices, each adding its inter-chunk product and its part of A.
 // grid: (B * H, ceil(V / kOutBV), N); block: kThreads; dynamic shared memory GlaParOutSmem<T>.
-template <typename T>
-__global__ void __launch_bounds__(GlaParTraits::kThreads)
-    linmix_gla_chunkpar_fwd_out_kernel(GlaParams p, GlaChunkparWorkspace ws) {
+template <typename T, bool kDv>
+__device__ __forceinline__ void chunkpar_value_tile(const GlaParams& p, const GlaChunkparWorkspace& ws) {
   using Tr = GlaParTraits;
   constexpr int C = Tr::kChunk, BK = Tr::kOutBK, BV = Tr::kOutBV;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -105,34 +108,44 @@ __global__ void __launch_bounds__(GlaParTraits::kThreads)
   const int e0 = blockIdx.y * BV;
   const int L = static_cast<int>(p.seqlen - t0 < C ? p.seqlen - t0 : C);
   const int64_t N = gla_chunkpar_n_chunks(p.seqlen), KV = p.dim_k * p.dim_v;
-  const float* h = ws.states + (bh * (N + 1) + n) * KV;
+  const float* state = kDv ? ws.dstates + (bh * N + n) * KV : ws.states + (bh * (N + 1) + n) * KV;
+  const float scale = static_cast<float>(p.scale);
 
   for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x) s.A[idx] = 0.f;
   for (int idx = threadIdx.x; idx < C * BV; idx += blockDim.x) s.acc[idx] = 0.f;
-  chunkpar_stage<false, T>(s.w, p.v, bi, hi, t0, L, e0, V, BV);
+  chunkpar_stage<false, T>(s.w, kDv ? p.dout : p.v, bi, hi, t0, L, e0, V, BV);
   for (int c0 = 0; c0 < K; c0 += BK) {
     chunkpar_stage<false, T>(s.q, p.q, bi, hi, t0, L, c0, K, BK);
     chunkpar_stage<false, T>(s.k, p.k, bi, hi, t0, L, c0, K, BK);
     chunkpar_stage<true, T>(s.gl, p.g, bi, hi, t0, L, c0, K, BK);
-    chunkpar_stage_state(s.st, h, K, V, c0, e0, BK, BV);
+    chunkpar_stage_state(s.st, state, K, V, c0, e0, BK, BV);
     __syncthreads();
-    // inter-chunk: o += (q exp2(P(.; 0))) h_n[c0 : c0 + BK, e0 : e0 + BV]
-    each_prefix_decay(s.gl, BK, 0, C, [&](int i, int cc, float d) { s.x[i * BK + cc] = from_float<T>(s.q[i * BK + cc] * d); });
+    // inter-chunk: acc += (q exp2(P(.; 0))) h_n or (k exp2(S(.; C))) dH_n, rows c0 : c0 + BK, columns e0 : e0 + BV
+    if (kDv)
+      each_suffix_decay(s.gl, BK, C, [&](int j, int cc, float d) { s.x[j * BK + cc] = from_float<T>(s.k[j * BK + cc] * d); });
+    else
+      each_prefix_decay(s.gl, BK, 0, C, [&](int i, int cc, float d) { s.x[i * BK + cc] = from_float<T>(s.q[i * BK + cc] * d); });
     __syncthreads();
     smem_gemm_acc<T, true, true>(s.acc, BV, s.x, BK, s.st, BV, C, BV, BK);
     __syncthreads();
     chunkpar_accumulate_scores<T, BK>(s.A, s.q, s.k, s.gl, s.x, s.y);
   }
   for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x)
-    s.Am[idx] = from_float<T>(idx % C <= idx / C ? s.A[idx] : 0.f);
+    s.Am[idx] = from_float<T>(idx % C <= idx / C ? (kDv ? scale : 1.f) * s.A[idx] : 0.f);
   __syncthreads();
-  smem_gemm_acc<T, true, true>(s.acc, BV, s.Am, C, s.w, BV, C, BV, C);
+  smem_gemm_acc<T, !kDv, true>(s.acc, BV, s.Am, C, s.w, BV, C, BV, C);  // tril(A) v, or (scale tril(A))^T do
   __syncthreads();
-  const float scale = static_cast<float>(p.scale);
+  const BTHView& out = kDv ? p.dv : p.o;
   for (int idx = threadIdx.x; idx < L * BV; idx += blockDim.x) {
     const int i = idx / BV, e = idx % BV;
-    if (e0 + e < V) gla_row<T>(p.o, bi, t0 + i, hi)[e0 + e] = from_float<T>(scale * s.acc[idx]);
+    if (e0 + e < V) gla_row<T>(out, bi, t0 + i, hi)[e0 + e] = from_float<T>((kDv ? 1.f : scale) * s.acc[idx]);
   }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(GlaParTraits::kThreads)
+    linmix_gla_chunkpar_fwd_out_kernel(GlaParams p, GlaChunkparWorkspace ws) {
+  chunkpar_value_tile<T, false>(p, ws);
 }
 
 // Phases 1 and 2, shared by the forward and the backward's recomputation (p.ht null there).

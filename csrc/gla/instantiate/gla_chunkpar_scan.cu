@@ -5,50 +5,46 @@
 namespace linmix {
 namespace {
 
-// One state element's pass over the chunks of one (batch, head). Forward: store[n] <- state entering chunk n
-// and h <- exp2(gate_sum[n]) h + local[n] (local read from store[n]). Reverse: store[n] <- gradient of the state
-// leaving chunk n and dh <- exp2(gate_sum[n]) dh + local[n]. Returns the last carried value.
-// store: (N [+1], K, V) of this head; gsum: (N, K) of this head; idx = c * V + e.
+// One state element's pass over the chunks of one (batch, head); one thread per (batch * head, state element).
+// Forward: states[n] <- state entering chunk n and h <- exp2(gate_sum[n]) h + local[n] (local read from states[n]),
+// starting from h0; the final state into states[N] and ht. Reverse: dstates[n] <- gradient of the state leaving
+// chunk n and dh <- exp2(gate_sum[n]) dh + local[n], starting from dht; the last carried value into dh0.
 template <bool kReverse>
-__device__ float chunkpar_scan(float* store, const float* gsum, int64_t n_chunks, int64_t KV, int K, int64_t idx, int c,
-                               float carry) {
-  for (int64_t step = 0; step < n_chunks; ++step) {
-    const int64_t n = kReverse ? n_chunks - 1 - step : step;
+__device__ __forceinline__ void chunkpar_scan_element(const GlaParams& p, const GlaChunkparWorkspace& ws) {
+  const int64_t KV = p.dim_k * p.dim_v, gidx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (gidx >= p.batch * p.heads * KV) return;
+  const int64_t bh = gidx / KV, idx = gidx % KV, N = gla_chunkpar_n_chunks(p.seqlen);
+  const int K = static_cast<int>(p.dim_k), c = static_cast<int>(idx / p.dim_v);
+  const float* init = static_cast<const float*>(kReverse ? p.dht : p.h0);
+  float* store = kReverse ? ws.dstates + bh * N * KV : ws.states + bh * (N + 1) * KV;
+  const float* gsum = ws.gate_sums + bh * N * K;
+  float carry = init ? init[bh * KV + idx] : 0.f;
+  for (int64_t step = 0; step < N; ++step) {
+    const int64_t n = kReverse ? N - 1 - step : step;
     const float local = store[n * KV + idx];
     store[n * KV + idx] = carry;
     carry = gla_exp2(gsum[n * K + c]) * carry + local;
   }
-  return carry;
+  if (kReverse) {
+    static_cast<float*>(p.dh0)[bh * KV + idx] = carry;
+  } else {
+    store[N * KV + idx] = carry;
+    if (p.ht) static_cast<float*>(p.ht)[bh * KV + idx] = carry;
+  }
 }
 
 }  // namespace
 
-// grid: ceil(B * H * K * V / kScanThreads); block: kScanThreads; one thread per (batch * head, state element).
+// grid: ceil(B * H * K * V / kScanThreads); block: kScanThreads.
 __global__ void __launch_bounds__(GlaParTraits::kScanThreads)
     linmix_gla_chunkpar_fwd_scan_kernel(GlaParams p, GlaChunkparWorkspace ws) {
-  const int64_t KV = p.dim_k * p.dim_v, gidx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (gidx >= p.batch * p.heads * KV) return;
-  const int64_t bh = gidx / KV, idx = gidx % KV;
-  const int64_t N = gla_chunkpar_n_chunks(p.seqlen);
-  const int K = static_cast<int>(p.dim_k), c = static_cast<int>(idx / p.dim_v);
-  const float h0 = p.h0 ? static_cast<const float*>(p.h0)[bh * KV + idx] : 0.f;
-  float* store = ws.states + bh * (N + 1) * KV;
-  const float h = chunkpar_scan<false>(store, ws.gate_sums + bh * N * K, N, KV, K, idx, c, h0);
-  store[N * KV + idx] = h;
-  if (p.ht) static_cast<float*>(p.ht)[bh * KV + idx] = h;
+  chunkpar_scan_element<false>(p, ws);
 }
 
 // grid and block as the forward scan.
 __global__ void __launch_bounds__(GlaParTraits::kScanThreads)
     linmix_gla_chunkpar_bwd_scan_kernel(GlaParams p, GlaChunkparWorkspace ws) {
-  const int64_t KV = p.dim_k * p.dim_v, gidx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (gidx >= p.batch * p.heads * KV) return;
-  const int64_t bh = gidx / KV, idx = gidx % KV;
-  const int64_t N = gla_chunkpar_n_chunks(p.seqlen);
-  const int K = static_cast<int>(p.dim_k), c = static_cast<int>(idx / p.dim_v);
-  const float dht = p.dht ? static_cast<const float*>(p.dht)[bh * KV + idx] : 0.f;
-  static_cast<float*>(p.dh0)[bh * KV + idx] =
-      chunkpar_scan<true>(ws.dstates + bh * N * KV, ws.gate_sums + bh * N * K, N, KV, K, idx, c, dht);
+  chunkpar_scan_element<true>(p, ws);
 }
 
 void chunkpar_gla_scan_cuda(const GlaParams& p, const GlaChunkparWorkspace& ws, bool reverse, cudaStream_t stream) {
