@@ -11,6 +11,8 @@
 #include "gla/gla_cpu.h"
 #include "gla/params.h"
 #ifdef LINMIX_WITH_CUDA
+#include "common/unverified.h"
+#include "gla/gla_chunkpar.h"
 #include "gla/gla_cuda.h"
 #endif
 
@@ -113,6 +115,22 @@ constexpr CpuGemm kCpuGemm{&cpu_gemm<float>, &cpu_gemm<double>};
 
 enum class Algo { kChunk, kRecurrent };
 
+#ifdef LINMIX_WITH_CUDA
+// The chunk-parallel CUDA chunk_gla (gla_chunkpar.h), not yet run on a GPU: only with LINMIX_UNVERIFIED_KERNELS=1.
+void chunkpar_gla_cuda(const GlaParams& p, DType dt, bool backward, const at::Tensor& like) {
+  const auto f32 = like.options().dtype(at::kFloat);
+  const int64_t BH = p.batch * p.heads, N = gla_chunkpar_n_chunks(p.seqlen), KV = p.dim_k * p.dim_v;
+  const at::Tensor states = at::empty({BH, N + 1, KV}, f32), sums = at::empty({BH, N, p.dim_k}, f32);
+  const at::Tensor dstates = backward ? at::empty({BH, N, KV}, f32) : at::Tensor();
+  const GlaChunkparWorkspace ws{states.data_ptr<float>(), backward ? dstates.data_ptr<float>() : nullptr,
+                                sums.data_ptr<float>()};
+  LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
+    if constexpr (kDT != DType::kFloat64)
+      (backward ? chunkpar_gla_bwd_cuda<kDT> : chunkpar_gla_fwd_cuda<kDT>)(p, ws, current_stream());
+  });
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor> gla_fwd(Algo algo, const at::Tensor& q_in, const at::Tensor& k_in,
                                            const at::Tensor& v_in, const at::Tensor& g_in, double scale,
                                            const std::optional<at::Tensor>& h0_in) {
@@ -136,7 +154,10 @@ std::tuple<at::Tensor, at::Tensor> gla_fwd(Algo algo, const at::Tensor& q_in, co
   } else {
 #ifdef LINMIX_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
-    LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
+    if (algo == Algo::kChunk && unverified_kernels_enabled())
+      chunkpar_gla_cuda(p, dt, /*backward=*/false, q);
+    else
+      LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
       if constexpr (kDT != DType::kFloat64)
         (algo == Algo::kChunk ? chunk_gla_fwd_cuda<kDT> : fused_recurrent_gla_fwd_cuda<kDT>)(p, current_stream());
     });
@@ -180,6 +201,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gla_bwd(
   } else {
 #ifdef LINMIX_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
+    if (algo == Algo::kChunk && unverified_kernels_enabled()) {
+      chunkpar_gla_cuda(p, dt, /*backward=*/true, q);
+      return {dq, dk, dv, dg, dh0};
+    }
     const auto f32 = q.options().dtype(at::kFloat);
     at::Tensor ws0, ws1;  // fp32 workspaces (see GlaParams)
     if (algo == Algo::kChunk) {
