@@ -203,12 +203,13 @@ def _initial_or_zeros(u: torch.Tensor, initial_state: torch.Tensor | None) -> to
 
 def _check_converged(h, residual, tol, max_iter, stopping, q, on_nonconvergence) -> None:
     res = residual.detach().float().cpu()
-    res = torch.where(res.isnan(), torch.full_like(res, float("inf")), res)
-    if stopping == "batch":
-        bad = bool(torch.quantile(res, q) >= tol)
-        what = f"the {q} quantile of the batch's residuals is {torch.quantile(res, q).item():.3g}"
+    if stopping == "batch":  # non-finite residuals count as the largest float (torch.quantile would give NaN)
+        big = torch.finfo(res.dtype).max
+        quant = torch.quantile(res.nan_to_num(nan=big, posinf=big), q).item()
+        bad = quant >= tol
+        what = f"the {q} quantile of the batch's residuals is {quant:.3g}"
     else:
-        bad_mask = res >= tol
+        bad_mask = ~(res < tol)  # NaN counts as not converged
         bad = bool(bad_mask.any())
         what = f"{int(bad_mask.sum())} of {res.numel()} batch elements did not (worst residual {res.max().item():.3g})"
     if not bad and bool(h.detach().isfinite().all()):
