@@ -240,12 +240,9 @@ def test_bad_new_arguments(call, err, match):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device/backend")
-def test_cuda_new_arguments_need_the_switch(monkeypatch):
+def test_cuda_rejects_cpu_only_arguments():
     u, lam, hh_u, hh_beta = make(2, 33, 40, 2, torch.float32, "cuda", seed=25)
-    monkeypatch.delenv("LINMIX_UNVERIFIED_KERNELS", raising=False)
-    for kw in (dict(damping=0.5), dict(initial_state=torch.zeros(2, 40, device="cuda"))):
-        with pytest.raises(RuntimeError, match="LINMIX_UNVERIFIED_KERNELS"):
+    for kw in (dict(damping=0.5), dict(initial_state=torch.zeros(2, 40, device="cuda")), dict(stopping="batch"),
+               dict(stopping="causal")):
+        with pytest.raises(RuntimeError, match="CPU only so far"):
             linmix.fixed_point_rnn(u, lam, hh_u, hh_beta, **kw)
-    for stopping in ("batch", "causal"):
-        with pytest.raises(RuntimeError, match="CPU only"):
-            linmix.fixed_point_rnn(u, lam, hh_u, hh_beta, stopping=stopping)

@@ -135,3 +135,13 @@ def test_bad_arguments():
         FixedPointRNN(4, rank=17)
     with pytest.raises(ValueError, match=r"x must have shape \(B, T, 4\)"):
         FixedPointRNN(4)(torch.randn(2, 3, 5))
+
+
+def test_state_tracking_example_smoke(tmp_path):
+    from linmix.examples import state_tracking
+
+    res = state_tracking.main(["--steps", "3", "--batch", "8", "--d", "8", "--test-lens", "4,8", "--test-batch", "8",
+                               "--ranks", "1", "--out", str(tmp_path)])
+    assert set(res) == {"diagonal", "fp-householder r=1"}
+    assert (tmp_path / "results.json").exists() and (tmp_path / "accuracy_vs_length.png").exists()
+    assert all(0 <= r["test"][8]["token_acc"] <= 1 for r in res.values())

@@ -205,10 +205,11 @@ struct ForwardRun {
   }
 };
 
-// The q-quantile of the residuals with linear interpolation (torch.quantile's default); NaN counts as +inf.
+// The q-quantile of the residuals with linear interpolation (torch.quantile's default); NaN and +inf count
+// as the largest finite value (so they interpolate instead of producing NaN, and never pass a test < tol).
 template <typename acc_t>
 acc_t batch_quantile(std::vector<acc_t> r, double q) {
-  for (acc_t& x : r) x = x != x ? std::numeric_limits<acc_t>::infinity() : x;
+  for (acc_t& x : r) x = (x != x || x > std::numeric_limits<acc_t>::max()) ? std::numeric_limits<acc_t>::max() : x;
   std::sort(r.begin(), r.end());
   const double pos = q * static_cast<double>(r.size() - 1);
   const size_t lo = static_cast<size_t>(pos);

@@ -4,7 +4,6 @@
 
 #include "common/checks.h"
 #include "common/static_switch.h"
-#include "common/unverified.h"
 #include "common/torch_stream.h"
 #include "fixed_point/fixed_point_common.h"
 #include "fixed_point/fixed_point_cpu.h"
@@ -50,12 +49,12 @@ void check_inputs(const at::Tensor& u, const at::Tensor& lam, const at::Tensor& 
   TORCH_CHECK(!(causal && batch_quantile >= 0),
               "linmix.fixed_point_rnn: causal (per-token) stopping and a batch quantile exclude each other");
   if (u.is_cuda()) {
-    // The GPU-verified kernels run the plain iteration from zeros with per-element stopping; the rest is new.
-    TORCH_CHECK(batch_quantile < 0 && !causal, "linmix.fixed_point_rnn: stopping='batch' and stopping='causal' "
-                "are implemented on the CPU only so far; use stopping='element' on CUDA");
-    TORCH_CHECK(!(h0.has_value() || damping != 1.0) || unverified_kernels_enabled(),
-                "linmix.fixed_point_rnn: initial_state and damping != 1 run CUDA kernel code that has not yet been "
-                "verified on a GPU; set LINMIX_UNVERIFIED_KERNELS=1 to use it (see bench/results/README.md)");
+    // The GPU-verified kernels run the plain iteration from zeros with per-element stopping; the variants
+    // are CPU-only until CUDA code for them exists (it would start behind unverified_kernels_enabled()).
+    TORCH_CHECK(batch_quantile < 0 && !causal && !h0.has_value() && damping == 1.0,
+                "linmix.fixed_point_rnn: initial_state, damping != 1, stopping='batch' and stopping='causal' are "
+                "implemented on the CPU only so far; on CUDA use the defaults (stopping='element', damping=1, "
+                "no initial_state)");
     TORCH_CHECK(D <= int64_t(65535) * 32, "linmix.fixed_point_rnn: D must be at most ", 65535 * 32, " on CUDA");
   }
 }

@@ -55,7 +55,7 @@ class FixedPointRNN(nn.Module):
         super().__init__()
         if mixer not in MIXERS:
             raise ValueError(f"linmix.nn.FixedPointRNN: mixer must be one of {MIXERS}, got {mixer!r}")
-        if not 1 <= rank <= 16:
+        if mixer == "householder" and not 1 <= rank <= 16:
             raise ValueError(f"linmix.nn.FixedPointRNN: rank must be in [1, 16], got {rank}")
         kw = dict(device=device, dtype=dtype)
         self.d_model, self.d_inner, self.rank, self.mixer = d_model, d_inner or d_model, rank, mixer

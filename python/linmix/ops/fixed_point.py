@@ -168,8 +168,7 @@ def fixed_point_rnn(
 
     Raises:
         RuntimeError: bad shapes, dtypes, devices or ranges (named after the argument); on CUDA,
-        stopping="batch"/"causal" (CPU only so far), and initial_state or damping != 1 unless
-        LINMIX_UNVERIFIED_KERNELS=1 (their CUDA code has not run on a GPU yet).
+        initial_state, damping != 1 and stopping="batch"/"causal" (CPU only so far).
         ValueError: unknown grad_mode / stopping / on_nonconvergence.
         FixedPointConvergenceError: with on_nonconvergence="raise".
     """
