@@ -24,8 +24,10 @@ TORCH_LIBRARY(linmix, m) {
   m.def("fused_recurrent_gla_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor dout, Tensor? dht, float scale, "
         "Tensor? initial_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // fixed_point_rnn: dense linear RNN as the fixed point of (Householder mix, diagonal scan); u, lam (B, T, D)
-  m.def("fixed_point_rnn_fwd(Tensor u, Tensor lam, Tensor hh_u, Tensor hh_beta, int max_iter, float tol) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("fixed_point_rnn_bwd(Tensor dh, Tensor u, Tensor lam, Tensor hh_u, Tensor hh_beta, Tensor h_prev, int max_iter, float tol) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("fixed_point_rnn_fwd(Tensor u, Tensor lam, Tensor hh_u, Tensor hh_beta, int max_iter, float tol, "
+        "Tensor? h0=None, float damping=1.0, float batch_quantile=-1.0, bool causal=False) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("fixed_point_rnn_bwd(Tensor dh, Tensor u, Tensor lam, Tensor hh_u, Tensor hh_beta, Tensor h_prev, int max_iter, "
+        "float tol, Tensor? h0=None, float damping=1.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifndef LINMIX_CUDA_VERSION
