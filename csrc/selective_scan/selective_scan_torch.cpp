@@ -1,22 +1,17 @@
-// Torch glue for selective_scan: input checks, output allocation, params, dispatch to CPU or CUDA.
+// Torch glue for selective_scan: input checks, output allocation, params, and the launch (common/dispatch.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
-#include "common/static_switch.h"
-#include "common/torch_stream.h"
+#include "common/dispatch.h"
 #include "selective_scan/params.h"
 #include "selective_scan/selective_scan_cpu.h"
-#ifdef LINMIX_WITH_CUDA
 #include "selective_scan/selective_scan_cuda.h"
-#endif
 
 namespace linmix {
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
-
-at::ScalarType acc_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 BDLView bdl_view(const at::Tensor& t) { return BDLView{t.data_ptr(), t.stride(0), t.stride(1)}; }
 
@@ -110,6 +105,7 @@ SelectiveScanParams make_params(const at::Tensor& u, const at::Tensor& delta, co
   return p;
 }
 
+template <Backend backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
     const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in, const at::Tensor& B_in,
     const at::Tensor& C_in, const OptTensor& D_in, const OptTensor& z_in, const OptTensor& delta_bias_in,
@@ -127,23 +123,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
   at::Tensor final_state = at::empty({p.batch, p.dim, p.dstate}, acc_opts);
   p.out = bdl_view(out), p.checkpoints = ckpt.data_ptr(), p.final_state = final_state.data_ptr();
   if (p.batch * p.dim == 0) return {out, ckpt, final_state};
-  const DType dt = to_linmix_dtype(u.scalar_type());
-  if (u.is_cpu()) {
-    selective_scan_fwd_cpu(p, dt);
-  } else {
-#ifdef LINMIX_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(u.device());
-    LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
-      if constexpr (kDT != DType::kFloat64) selective_scan_fwd_cuda<kDT>(p, current_stream());
-    });
-#endif
-  }
+  launch<backend>(
+      u, [&](DType dt) { selective_scan_fwd_cpu(p, dt); },
+      [&]<DType dt>(cudaStream_t stream) { selective_scan_fwd_cuda<dt>(p, stream); });
   return {out, ckpt, final_state};
 }
 
 using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                              at::Tensor, at::Tensor>;  // du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state
 
+template <Backend backend>
 BwdResult selective_scan_bwd(const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in,
                              const at::Tensor& B_in, const at::Tensor& C_in, const OptTensor& D_in,
                              const OptTensor& z_in, const OptTensor& delta_bias_in, const OptTensor& initial_state_in,
@@ -183,17 +172,9 @@ BwdResult selective_scan_bwd(const at::Tensor& u_in, const at::Tensor& delta_in,
   p.dB = dB.data_ptr(), p.dC = dC.data_ptr(), p.dA_part = dA.data_ptr(), p.dD_part = dD.data_ptr();
   p.ddelta_bias_part = dbias.data_ptr(), p.dinitial_state = dh0.data_ptr();
   if (b * d > 0) {
-    const DType dt = to_linmix_dtype(u.scalar_type());
-    if (u.is_cpu()) {
-      selective_scan_bwd_cpu(p, dt);
-    } else {
-#ifdef LINMIX_WITH_CUDA
-      const c10::cuda::CUDAGuard guard(u.device());
-      LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
-        if constexpr (kDT != DType::kFloat64) selective_scan_bwd_cuda<kDT>(p, current_stream());
-      });
-#endif
-    }
+    launch<backend>(
+        u, [&](DType dt) { selective_scan_bwd_cpu(p, dt); },
+        [&]<DType dt>(cudaStream_t stream) { selective_scan_bwd_cuda<dt>(p, stream); });
   }
   // Deterministic reductions of the per-(b, d) partials over the batch.
   dB = B.dim() == 4 ? dB.to(B.scalar_type()) : dB.sum(0);
@@ -204,14 +185,14 @@ BwdResult selective_scan_bwd(const at::Tensor& u_in, const at::Tensor& delta_in,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linmix, CPU, m) {
-  m.impl("selective_scan_fwd", &selective_scan_fwd);
-  m.impl("selective_scan_bwd", &selective_scan_bwd);
+  m.impl("selective_scan_fwd", &selective_scan_fwd<Backend::kCPU>);
+  m.impl("selective_scan_bwd", &selective_scan_bwd<Backend::kCPU>);
 }
 
 #ifdef LINMIX_WITH_CUDA
 TORCH_LIBRARY_IMPL(linmix, CUDA, m) {
-  m.impl("selective_scan_fwd", &selective_scan_fwd);
-  m.impl("selective_scan_bwd", &selective_scan_bwd);
+  m.impl("selective_scan_fwd", &selective_scan_fwd<Backend::kCUDA>);
+  m.impl("selective_scan_bwd", &selective_scan_bwd<Backend::kCUDA>);
 }
 #endif
 
