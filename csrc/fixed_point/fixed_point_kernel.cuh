@@ -7,7 +7,7 @@
 //        the scalar chain (fixed_point_common.h, with the token's Gram matrix computed once per call)
 //        gives R coefficients k_i. It writes only those (B, T, R) scalars, not a mixed (B, T, D) row.
 //   scan (linmix_fixed_point_{fwd,bwd}_scan_kernel): the linear_scan layout, grid (B, D / 32), lanes on
-//        channels and warps on time (block_chunk_scan, reused). The scan input is rebuilt per channel
+//        channels and warps on time (block_chunk_scan, common/channel_scan.cuh). The scan input is rebuilt per channel
 //        from the coefficients, b = (1 - lam)(u - sum_i k_i u_i[d]) (adjoint: g + sum_i k_i u_i[d]), so
 //        the mixed row never round-trips through memory. Its epilogue writes the new state and the
 //        per-token max |new - old| and max |new| (warp max over 32 channels, one atomicMax per warp and
@@ -27,19 +27,20 @@
 
 #include <algorithm>
 
+#include "common/channel_scan.cuh"
 #include "common/cuda_check.h"
+#include "common/cuda_utils.cuh"
 #include "common/dtype.h"
 #include "common/math.h"
 #include "fixed_point/fixed_point_common.h"
 #include "fixed_point/fixed_point_cuda.h"
 #include "fixed_point/params.h"
-#include "linear_scan/linear_scan_kernel.cuh"
 
 namespace linmix {
 
 constexpr int kFpWarpsPerBlock = 8;  // token-per-warp kernels: 8 tokens per 256-thread block
 constexpr int kFpMaxR = kFixedPointMaxRank;
-using FixedPointScanTraits = LinearScanDefaultTraits;
+using FixedPointScanTraits = ChannelScanDefaultTraits;
 
 // Device-side views of the workspace (see FixedPointWorkspace).
 struct FixedPointWork {
@@ -61,11 +62,6 @@ struct FixedPointIter {
   bool track;        // residual + convergence flag (false: plain f(src) for every element)
 };
 
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
 __device__ __forceinline__ float warp_nan_max(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x = nan_max(x, __shfl_xor_sync(0xffffffffu, x, o));
