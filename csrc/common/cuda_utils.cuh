@@ -4,8 +4,11 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <map>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <utility>
 
 #include "common/cuda_check.h"
@@ -34,6 +37,17 @@ void opt_in_smem(Kernel kernel, size_t bytes) {
   if (bytes <= have) return;
   LINMIX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   have = bytes;
+}
+
+// The launch grid (x, y, z), checked against the hardware limits (x < 2^31, y and z <= 65535) before the
+// narrowing to unsigned; `what` says which problem sizes map to the grid, for the error message.
+inline dim3 checked_grid(const char* op, const char* what, int64_t x, int64_t y = 1, int64_t z = 1) {
+  if (x < 1 || x > 2147483647 || y < 1 || y > 65535 || z < 1 || z > 65535) {
+    throw std::runtime_error(std::string("linmix.") + op + ": the CUDA grid " + what + " = (" + std::to_string(x) +
+                             ", " + std::to_string(y) + ", " + std::to_string(z) +
+                             ") exceeds the limits (x < 2^31, y and z <= 65535)");
+  }
+  return dim3(static_cast<unsigned>(x), static_cast<unsigned>(y), static_cast<unsigned>(z));
 }
 
 }  // namespace linmix

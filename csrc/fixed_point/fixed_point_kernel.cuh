@@ -366,8 +366,8 @@ template <typename T, bool kAdjoint>
 void fixed_point_launch_iter(const FixedPointParams& p, const FixedPointWork& w, const FixedPointIter& it,
                              cudaStream_t stream) {
   using Traits = FixedPointScanTraits;
-  const unsigned tok_blocks = static_cast<unsigned>(ceil_div(p.batch * p.seqlen, kFpWarpsPerBlock));
-  const dim3 scan_grid(static_cast<unsigned>(p.batch), static_cast<unsigned>(ceil_div(p.dim, 32)));
+  const dim3 tok_blocks = checked_grid("fixed_point_rnn", "(ceil(B T / 8))", ceil_div(p.batch * p.seqlen, kFpWarpsPerBlock));
+  const dim3 scan_grid = checked_grid("fixed_point_rnn", "(B, ceil(D / 32))", p.batch, ceil_div(p.dim, 32));
   if constexpr (kAdjoint) {
     linmix_fixed_point_bwd_mix_kernel<T><<<tok_blocks, 32 * kFpWarpsPerBlock, 0, stream>>>(p, w, it);
     LINMIX_CHECK_LAUNCH();
@@ -383,7 +383,7 @@ void fixed_point_launch_iter(const FixedPointParams& p, const FixedPointWork& w,
 
 template <typename T>
 void fixed_point_launch_gram(const FixedPointParams& p, const FixedPointWork& w, cudaStream_t stream) {
-  const unsigned tok_blocks = static_cast<unsigned>(ceil_div(p.batch * p.seqlen, kFpWarpsPerBlock));
+  const dim3 tok_blocks = checked_grid("fixed_point_rnn", "(ceil(B T / 8))", ceil_div(p.batch * p.seqlen, kFpWarpsPerBlock));
   linmix_fixed_point_fwd_gram_kernel<T><<<tok_blocks, 32 * kFpWarpsPerBlock, 0, stream>>>(p, w.gram);
   LINMIX_CHECK_LAUNCH();
 }
@@ -427,7 +427,7 @@ void fixed_point_bwd_cuda(const FixedPointParams& p, cudaStream_t stream) {
   for (int l = 1; l <= p.max_iter; ++l) {
     fixed_point_launch_iter<T, true>(p, w, FixedPointIter{s_buf[(l - 1) & 1], s_buf[l & 1], l, true}, stream);
   }
-  const unsigned tok_blocks = static_cast<unsigned>(ceil_div(p.batch * p.seqlen, kFpWarpsPerBlock));
+  const dim3 tok_blocks = checked_grid("fixed_point_rnn", "(ceil(B T / 8))", ceil_div(p.batch * p.seqlen, kFpWarpsPerBlock));
   linmix_fixed_point_bwd_grads_kernel<T><<<tok_blocks, 32 * kFpWarpsPerBlock, 0, stream>>>(p, w, s_buf[0], s_buf[1],
                                                                                            h_new);
   LINMIX_CHECK_LAUNCH();

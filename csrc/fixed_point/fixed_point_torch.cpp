@@ -32,9 +32,6 @@ void check_inputs(const at::Tensor& u, const at::Tensor& lam, const at::Tensor& 
   TORCH_CHECK(max_iter >= 1 && max_iter <= (int64_t(1) << 30), "linmix.fixed_point_rnn: max_iter must be >= 1, got ",
               max_iter);
   TORCH_CHECK(tol >= 0, "linmix.fixed_point_rnn: tol must be >= 0, got ", tol);
-  if (u.is_cuda()) {
-    TORCH_CHECK(D <= int64_t(65535) * 32, "linmix.fixed_point_rnn: D must be at most ", 65535 * 32, " on CUDA");
-  }
 }
 
 FixedPointParams make_params(const at::Tensor& u, const at::Tensor& lam, const at::Tensor& hh_u,

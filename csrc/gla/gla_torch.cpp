@@ -15,8 +15,6 @@
 namespace linmix {
 namespace {
 
-constexpr int64_t kMaxHeadDim = 256;
-
 BTHView bth_view(const at::Tensor& t) { return BTHView{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 
 // Checks shared by both algorithms and directions.
@@ -29,8 +27,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   check_shape(g, "g", {B, T, H, K}, "(B, T, H, K) like q");
   check_shape(v, "v", {B, T, H, -1}, "(B, T, H, V) with q's B, T, H");
   const int64_t V = v.size(3);
-  TORCH_CHECK(K >= 1 && K <= kMaxHeadDim && V >= 1 && V <= kMaxHeadDim, "linmix.gla: head dims K and V must be in [1, ",
-              kMaxHeadDim, "], got K = ", K, ", V = ", V);
+  TORCH_CHECK(K >= 1 && K <= kGlaMaxHeadDim && V >= 1 && V <= kGlaMaxHeadDim, "linmix.gla: head dims K and V must be in [1, ",
+              kGlaMaxHeadDim, "], got K = ", K, ", V = ", V);
   for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}, std::pair{&g, "g"}}) {
     check_same_dtype(*t, name, q, "q");
     check_same_device(*t, name, q, "q");

@@ -12,6 +12,7 @@
 
 #include "common/channel_scan.cuh"
 #include "common/cuda_check.h"
+#include "common/cuda_utils.cuh"
 #include "common/dtype.h"
 #include "common/math.h"
 #include "linear_scan/params.h"
@@ -100,7 +101,7 @@ template <DType dt>
 void linear_scan_fwd_cuda(const LinearScanParams& p, cudaStream_t stream) {
   using Traits = ChannelScanDefaultTraits;
   if (p.batch == 0 || p.dim == 0) return;
-  const dim3 grid(static_cast<unsigned>(p.batch), static_cast<unsigned>(ceil_div(p.dim, 32)));
+  const dim3 grid = checked_grid("linear_scan", "(B, ceil(D / 32))", p.batch, ceil_div(p.dim, 32));
   linmix_linear_scan_fwd_kernel<Traits, cuda_t<dt>><<<grid, Traits::kThreads, 0, stream>>>(p);
   LINMIX_CHECK_LAUNCH();
 }
@@ -109,7 +110,7 @@ template <DType dt>
 void linear_scan_bwd_cuda(const LinearScanParams& p, cudaStream_t stream) {
   using Traits = ChannelScanDefaultTraits;
   if (p.batch == 0 || p.dim == 0) return;
-  const dim3 grid(static_cast<unsigned>(p.batch), static_cast<unsigned>(ceil_div(p.dim, 32)));
+  const dim3 grid = checked_grid("linear_scan", "(B, ceil(D / 32))", p.batch, ceil_div(p.dim, 32));
   linmix_linear_scan_bwd_kernel<Traits, cuda_t<dt>><<<grid, Traits::kThreads, 0, stream>>>(p);
   LINMIX_CHECK_LAUNCH();
 }

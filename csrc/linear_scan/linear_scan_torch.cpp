@@ -27,10 +27,6 @@ void check_inputs(const at::Tensor& a, const at::Tensor& b, const std::optional<
     check_dtype(*h0, "h0", acc_dtype(a));
     check_same_device(*h0, "h0", a, "a");
   }
-  if (a.is_cuda()) {
-    TORCH_CHECK(a.size(2) <= int64_t(65535) * 32, "linmix.linear_scan: D must be at most ", 65535 * 32, " on CUDA");
-    TORCH_CHECK(a.size(0) <= int64_t(2147483647), "linmix.linear_scan: batch too large");
-  }
 }
 
 template <Backend backend>

@@ -87,9 +87,6 @@ void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
   check_opt(delta_bias, "delta_bias", u, {d}, "(d,)", false);
   check_opt(z, "z", u, {b, d, L}, "(b, d, L) like u", true);
   check_opt(initial_state, "initial_state", u, {b, d, n}, "(b, d, n)", false);
-  if (u.is_cuda()) {
-    TORCH_CHECK(b * d <= int64_t(2147483647), "linmix.selective_scan: b * d must be below 2^31 on CUDA");
-  }
 }
 
 SelectiveScanParams make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
