@@ -1,5 +1,7 @@
-// Every linmix op schema, in one TORCH_LIBRARY; the per-op *_torch.cpp files add CPU/CUDA impls.
-// The pybind11 module `linmix._C` only exposes build facts: importing it runs the registrations.
+// Schemas: each op's sit beside its implementation, in a TORCH_LIBRARY_FRAGMENT(linmix) in its *_torch.cpp.
+// Order: input tensors, forward outputs the backward reuses, output grads d<name>, then scalars; named returns.
+// This file owns the namespace (the one TORCH_LIBRARY) and the pybind11 module `linmix._C`, which only exposes
+// build facts and constants: importing it runs the registrations.
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
@@ -7,32 +9,7 @@
 #include "gla/params.h"
 #include "selective_scan/params.h"
 
-TORCH_LIBRARY(linmix, m) {
-  // linear_scan: h_t = a_t h_{t-1} + b_t, (B, T, D) channel-last
-  m.def("linear_scan_fwd(Tensor a, Tensor b, Tensor? h0, bool reverse) -> Tensor");
-  m.def("linear_scan_bwd(Tensor a, Tensor h, Tensor dh, Tensor? h0, bool reverse) -> (Tensor, Tensor, Tensor)");
-  // selective_scan (Mamba-1 S6): u, delta, z (b, d, L); A (d, n); B, C (d, n) or (b, g, n, L)
-  m.def("selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-        "Tensor? delta_bias, Tensor? initial_state, bool delta_softplus) -> (Tensor out, Tensor checkpoints, "
-        "Tensor final_state)");
-  m.def("selective_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-        "Tensor? delta_bias, Tensor? initial_state, Tensor checkpoints, Tensor dout, Tensor? dfinal_state, "
-        "bool delta_softplus, bool deterministic=False) -> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, "
-        "Tensor ddelta_bias, Tensor dinitial_state)");
-  // gla: gated linear attention, q/k/g (B, T, H, K), v (B, T, H, V), state (B, H, K, V); chunked and step-by-step
-  m.def("chunk_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor? initial_state) -> (Tensor, Tensor)");
-  m.def("chunk_gla_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor dout, Tensor? dht, float scale, "
-        "Tensor? initial_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("fused_recurrent_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor? initial_state) "
-        "-> (Tensor, Tensor)");
-  m.def("fused_recurrent_gla_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor dout, Tensor? dht, float scale, "
-        "Tensor? initial_state) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // fixed_point_rnn: dense linear RNN as the fixed point of (Householder mix, diagonal scan); u, lam (B, T, D)
-  m.def("fixed_point_rnn_fwd(Tensor u, Tensor lam, Tensor hh_u, Tensor hh_beta, int max_iter, float tol, "
-        "Tensor? h0=None, float damping=1.0, float batch_quantile=-1.0, bool causal=False) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("fixed_point_rnn_bwd(Tensor dh, Tensor u, Tensor lam, Tensor hh_u, Tensor hh_beta, Tensor h_prev, int max_iter, "
-        "float tol, Tensor? h0=None, float damping=1.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
+TORCH_LIBRARY(linmix, m) {}
 
 #ifndef LINMIX_CUDA_VERSION
 #define LINMIX_CUDA_VERSION ""

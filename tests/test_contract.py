@@ -25,7 +25,7 @@ class OpCase:
     make: Callable[[str, int, int], dict]  # (device, batch, length) -> keyword inputs of `run`
     run: Callable[..., torch.Tensor]       # keyword inputs -> one output tensor
     grads: tuple[str, ...]                 # inputs that get gradients
-    opcheck: Callable[[dict], list]        # inputs -> [(op overload, args), ...]
+    opcheck: Callable[[dict], list]        # inputs -> [(op overload, keyword args), ...]
     time_dim: int                          # the sequence-length dim of the grad inputs
 
 
@@ -36,9 +36,11 @@ def _ls_make(device, B, T):
 
 
 def _ls_opcheck(x):
-    h = torch.ops.linmix.linear_scan_fwd(x["a"], x["b"], x["h0"], False)
-    return [(torch.ops.linmix.linear_scan_fwd.default, (x["a"], x["b"], x["h0"], False)),
-            (torch.ops.linmix.linear_scan_bwd.default, (x["a"], h, torch.randn_like(h), x["h0"], False))]
+    fwd = dict(a=x["a"], b=x["b"], h0=x["h0"], reverse=False)
+    h = torch.ops.linmix.linear_scan_fwd(**fwd)
+    return [(torch.ops.linmix.linear_scan_fwd.default, fwd),
+            (torch.ops.linmix.linear_scan_bwd.default,
+             dict(a=x["a"], h0=x["h0"], h=h, dh=torch.randn_like(h), reverse=False))]
 
 
 def _ss_make(device, B, T):
@@ -57,10 +59,12 @@ def _ss_run(u, delta, A, B, C, D, z):
 def _ss_opcheck(x):
     u, delta, A, D, z = x["u"], x["delta"], x["A"], x["D"], x["z"]
     B, C = x["B"].unsqueeze(1), x["C"].unsqueeze(1)
-    out, ckpt, fin = torch.ops.linmix.selective_scan_fwd(u, delta, A, B, C, D, z, None, None, True)
-    return [(torch.ops.linmix.selective_scan_fwd.default, (u, delta, A, B, C, D, z, None, None, True)),
+    inputs = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=None, initial_state=None)
+    out, ckpt, fin = torch.ops.linmix.selective_scan_fwd(**inputs, delta_softplus=True)
+    return [(torch.ops.linmix.selective_scan_fwd.default, dict(inputs, delta_softplus=True)),
             (torch.ops.linmix.selective_scan_bwd.default,
-             (u, delta, A, B, C, D, z, None, None, ckpt, torch.randn_like(out), torch.randn_like(fin), True))]
+             dict(inputs, checkpoints=ckpt, dout=torch.randn_like(out), dfinal_state=torch.randn_like(fin),
+                  delta_softplus=True))]
 
 
 def _gla_make(device, B, T):
@@ -75,10 +79,11 @@ def _gla_make(device, B, T):
 def _gla_opcheck(algo):
     def f(x):
         fwd, bwd = getattr(torch.ops.linmix, f"{algo}_fwd"), getattr(torch.ops.linmix, f"{algo}_bwd")
-        q, k, v, g, h0 = x["q"], x["k"], x["v"], x["g"], x["initial_state"]
-        o, ht = fwd(q, k, v, g, 0.5, h0)
-        return [(fwd.default, (q, k, v, g, 0.5, h0)),
-                (bwd.default, (q, k, v, g, torch.randn_like(o), torch.randn_like(ht), 0.5, h0))]
+        inputs = {name: x[name] for name in ("q", "k", "v", "g", "initial_state")}
+        out, final_state = fwd(**inputs, scale=0.5)
+        return [(fwd.default, dict(inputs, scale=0.5)),
+                (bwd.default, dict(inputs, dout=torch.randn_like(out), dfinal_state=torch.randn_like(final_state),
+                                   scale=0.5))]
     return f
 
 
@@ -96,9 +101,11 @@ def _fp_run(u, lam, hh_u, hh_beta):
 
 def _fp_opcheck(x):
     u, lam, hh_u, hh_beta = x["u"], x["lam"], x["hh_u"], x["hh_beta"]
-    h, h_prev, _, _ = torch.ops.linmix.fixed_point_rnn_fwd(u, lam, hh_u, hh_beta, 4, 0.0)
-    return [(torch.ops.linmix.fixed_point_rnn_fwd.default, (u, lam, hh_u, hh_beta, 4, 0.0)),
-            (torch.ops.linmix.fixed_point_rnn_bwd.default, (torch.randn_like(h), u, lam, hh_u, hh_beta, h_prev, 4, 0.0))]
+    inputs = dict(u=u, lam=lam, hh_u=hh_u, hh_beta=hh_beta, initial_state=None)
+    h, h_prev, _, _ = torch.ops.linmix.fixed_point_rnn_fwd(**inputs, max_iter=4, tol=0.0)
+    return [(torch.ops.linmix.fixed_point_rnn_fwd.default, dict(inputs, max_iter=4, tol=0.0)),
+            (torch.ops.linmix.fixed_point_rnn_bwd.default,
+             dict(inputs, h_prev=h_prev, dh=torch.randn_like(h), max_iter=4, tol=0.0))]
 
 
 OPS = [
@@ -125,8 +132,8 @@ def _fwd_bwd(run, x, grads):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", OPS, ids=OP_IDS)
 def test_opcheck(op, device):
-    for overload, args in op.opcheck(op.make(device, 2, 5)):
-        torch.library.opcheck(overload, args)
+    for overload, kwargs in op.opcheck(op.make(device, 2, 5)):
+        torch.library.opcheck(overload, (), kwargs)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -262,12 +262,13 @@ def test_low_precision(device, dtype):
 
 def test_opcheck():
     u, lam, hh_u, hh_beta = make(2, 9, 7, 3, torch.float32)
-    h, h_prev, _, _ = torch.ops.linmix.fixed_point_rnn_fwd(u, lam, hh_u, hh_beta, 4, 1e-4)
-    torch.library.opcheck(torch.ops.linmix.fixed_point_rnn_fwd, (u, lam, hh_u, hh_beta, 4, 1e-4))
-    torch.library.opcheck(torch.ops.linmix.fixed_point_rnn_fwd, (u, lam, hh_u, hh_beta, 3, 0.0))
+    x = dict(u=u, lam=lam, hh_u=hh_u, hh_beta=hh_beta, initial_state=None)
+    h, h_prev, _, _ = torch.ops.linmix.fixed_point_rnn_fwd(**x, max_iter=4, tol=1e-4)
+    torch.library.opcheck(torch.ops.linmix.fixed_point_rnn_fwd, (), dict(x, max_iter=4, tol=1e-4))
+    torch.library.opcheck(torch.ops.linmix.fixed_point_rnn_fwd, (), dict(x, max_iter=3, tol=0.0))
     for max_iter, tol in ((1, 0.0), (20, 1e-5)):
-        torch.library.opcheck(torch.ops.linmix.fixed_point_rnn_bwd,
-                              (torch.randn_like(h), u, lam, hh_u, hh_beta, h_prev, max_iter, tol))
+        torch.library.opcheck(torch.ops.linmix.fixed_point_rnn_bwd, (),
+                              dict(x, h_prev=h_prev, dh=torch.randn_like(h), max_iter=max_iter, tol=tol))
 
 
 def test_compile_fullgraph():

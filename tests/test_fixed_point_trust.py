@@ -178,12 +178,17 @@ def test_failure_mode_implicit_training_nan():
 def test_opcheck_new_arguments():
     u, lam, hh_u, hh_beta = make(3, 9, 7, 3, torch.float32, seed=23)
     h0 = torch.randn(3, 7)
-    for extra in ((h0, 0.7, -1.0, False), (None, 1.0, 0.5, False), (h0, 1.0, -1.0, True)):
-        torch.library.opcheck(torch.ops.linmix.fixed_point_rnn_fwd, (u, lam, hh_u, hh_beta, 5, 1e-4, *extra))
-    _, h_prev, _, _ = torch.ops.linmix.fixed_point_rnn_fwd(u, lam, hh_u, hh_beta, 4, 1e-4, h0, 0.7)
-    for args in ((20, 1e-5, h0, 0.7), (1, 0.0, None, 1.0)):
-        torch.library.opcheck(torch.ops.linmix.fixed_point_rnn_bwd,
-                              (torch.randn_like(u), u, lam, hh_u, hh_beta, h_prev, *args))
+    x = dict(u=u, lam=lam, hh_u=hh_u, hh_beta=hh_beta)
+    for state, damping, batch_quantile, causal in ((h0, 0.7, -1.0, False), (None, 1.0, 0.5, False),
+                                                   (h0, 1.0, -1.0, True)):
+        torch.library.opcheck(torch.ops.linmix.fixed_point_rnn_fwd, (),
+                              dict(x, initial_state=state, max_iter=5, tol=1e-4, damping=damping,
+                                   batch_quantile=batch_quantile, causal=causal))
+    _, h_prev, _, _ = torch.ops.linmix.fixed_point_rnn_fwd(**x, initial_state=h0, max_iter=4, tol=1e-4, damping=0.7)
+    for max_iter, tol, state, damping in ((20, 1e-5, h0, 0.7), (1, 0.0, None, 1.0)):
+        torch.library.opcheck(torch.ops.linmix.fixed_point_rnn_bwd, (),
+                              dict(x, initial_state=state, h_prev=h_prev, dh=torch.randn_like(u), max_iter=max_iter,
+                                   tol=tol, damping=damping))
 
 
 def test_compile_fullgraph_new_arguments():

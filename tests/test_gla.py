@@ -173,13 +173,14 @@ def test_empty(device, algo):
 
 def test_opcheck():
     q, k, v, g, h0 = make(2, 70, 2, 8, 4, torch.float32, "cpu")
-    do, dht = torch.randn(2, 70, 2, 4), torch.randn(2, 2, 8, 4)
+    dout, dfinal_state = torch.randn(2, 70, 2, 4), torch.randn(2, 2, 8, 4)
+    x = dict(q=q, k=k, v=v, g=g, scale=0.5)
     for algo in ("chunk_gla", "fused_recurrent_gla"):
         fwd, bwd = getattr(torch.ops.linmix, f"{algo}_fwd"), getattr(torch.ops.linmix, f"{algo}_bwd")
-        torch.library.opcheck(fwd, (q, k, v, g, 0.5, h0))
-        torch.library.opcheck(fwd, (q, k, v, g, 0.5, None))
-        torch.library.opcheck(bwd, (q, k, v, g, do, dht, 0.5, h0))
-        torch.library.opcheck(bwd, (q, k, v, g, do, None, 0.5, None))
+        torch.library.opcheck(fwd, (), dict(x, initial_state=h0))
+        torch.library.opcheck(fwd, (), dict(x, initial_state=None))
+        torch.library.opcheck(bwd, (), dict(x, initial_state=h0, dout=dout, dfinal_state=dfinal_state))
+        torch.library.opcheck(bwd, (), dict(x, initial_state=None, dout=dout, dfinal_state=None))
 
 
 def test_compile_fullgraph():

@@ -82,11 +82,12 @@ def test_empty(device):
 
 def test_opcheck():
     a, b, h0 = make(2, 9, 7, torch.float32, "cpu")
-    h = torch.ops.linmix.linear_scan_fwd(a, b, h0, False)
+    h = torch.ops.linmix.linear_scan_fwd(a=a, b=b, h0=h0, reverse=False)
     for rev in (False, True):
-        torch.library.opcheck(torch.ops.linmix.linear_scan_fwd, (a, b, h0, rev))
-        torch.library.opcheck(torch.ops.linmix.linear_scan_fwd, (a, b, None, rev))
-        torch.library.opcheck(torch.ops.linmix.linear_scan_bwd, (a, h, torch.randn_like(h), h0, rev))
+        torch.library.opcheck(torch.ops.linmix.linear_scan_fwd, (), dict(a=a, b=b, h0=h0, reverse=rev))
+        torch.library.opcheck(torch.ops.linmix.linear_scan_fwd, (), dict(a=a, b=b, h0=None, reverse=rev))
+        torch.library.opcheck(torch.ops.linmix.linear_scan_bwd, (),
+                              dict(a=a, h0=h0, h=h, dh=torch.randn_like(h), reverse=rev))
 
 
 def test_compile_fullgraph():

@@ -224,10 +224,10 @@ def test_empty_batch():
 def test_opcheck_and_compile():
     torch.manual_seed(0)
     a = _heads(b=2, h=4, p=3, n=5)
-    args = (a["state"], a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"], a["z"], a["dt_bias"], True, None)
-    torch.library.opcheck(torch.ops.linmix.selective_state_update.default, args)
+    kwargs = dict(a, state_batch_indices=None, dt_softplus=True)
+    torch.library.opcheck(torch.ops.linmix.selective_state_update.default, (), kwargs)
     idx = torch.tensor([1, 0])
-    torch.library.opcheck(torch.ops.linmix.selective_state_update.default, (*args[:-1], idx))
+    torch.library.opcheck(torch.ops.linmix.selective_state_update.default, (), dict(kwargs, state_batch_indices=idx))
 
     def step(state, x, dt, A, B, C):
         return linmix.selective_state_update(state, x, dt, A, B, C, dt_softplus=True) * 2

@@ -66,7 +66,7 @@ FixedPointParams make_params(const at::Tensor& u, const at::Tensor& lam, const a
 template <Backend backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_rnn_fwd(
     const at::Tensor& u_in, const at::Tensor& lam_in, const at::Tensor& hh_u_in, const at::Tensor& hh_beta_in,
-    int64_t max_iter, double tol, const std::optional<at::Tensor>& h0_in, double damping, double batch_quantile,
+    const std::optional<at::Tensor>& h0_in, int64_t max_iter, double tol, double damping, double batch_quantile,
     bool causal) {
   check_inputs(u_in, lam_in, hh_u_in, hh_beta_in, max_iter, tol, h0_in, damping, batch_quantile, causal);
   const at::Tensor u = u_in.contiguous(), lam = lam_in.contiguous(), hh_u = hh_u_in.contiguous(),
@@ -99,9 +99,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_rnn_fwd(
 
 template <Backend backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_rnn_bwd(
-    const at::Tensor& dh_in, const at::Tensor& u_in, const at::Tensor& lam_in, const at::Tensor& hh_u_in,
-    const at::Tensor& hh_beta_in, const at::Tensor& h_prev_in, int64_t max_iter, double tol,
-    const std::optional<at::Tensor>& h0_in, double damping) {
+    const at::Tensor& u_in, const at::Tensor& lam_in, const at::Tensor& hh_u_in, const at::Tensor& hh_beta_in,
+    const std::optional<at::Tensor>& h0_in, const at::Tensor& h_prev_in, const at::Tensor& dh_in, int64_t max_iter,
+    double tol, double damping) {
   check_inputs(u_in, lam_in, hh_u_in, hh_beta_in, max_iter, tol, h0_in, damping, -1.0, false);
   check_shape(dh_in, "dh", {u_in.size(0), u_in.size(1), u_in.size(2)}, "(B, T, D) like u");
   check_same_dtype(dh_in, "dh", u_in, "u");
@@ -137,6 +137,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_poi
 }
 
 }  // namespace
+
+// fixed_point_rnn: dense linear RNN as the fixed point of (Householder mix, diagonal scan); u, lam (B, T, D).
+// The backward reads the forward's h_prev; its max_iter and tol bound the adjoint iteration.
+TORCH_LIBRARY_FRAGMENT(linmix, m) {
+  m.def("fixed_point_rnn_fwd(Tensor u, Tensor lam, Tensor hh_u, Tensor hh_beta, Tensor? initial_state, int max_iter, "
+        "float tol, float damping=1.0, float batch_quantile=-1.0, bool causal=False) -> (Tensor h, Tensor h_prev, "
+        "Tensor n_iter, Tensor residual)");
+  m.def("fixed_point_rnn_bwd(Tensor u, Tensor lam, Tensor hh_u, Tensor hh_beta, Tensor? initial_state, Tensor h_prev, "
+        "Tensor dh, int max_iter, float tol, float damping=1.0) -> (Tensor du, Tensor dlam, Tensor dhh_u, "
+        "Tensor dhh_beta, Tensor dinitial_state)");
+}
 
 TORCH_LIBRARY_IMPL(linmix, CPU, m) {
   m.impl("fixed_point_rnn_fwd", &fixed_point_rnn_fwd<Backend::kCPU>);

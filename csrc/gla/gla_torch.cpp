@@ -3,9 +3,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <dlfcn.h>
-
 #include "common/checks.h"
+#include "common/cpu_blas.h"
 #include "common/dispatch.h"
 #include "gla/gla_common.h"
 #include "gla/gla_cpu.h"
@@ -56,51 +55,7 @@ GlaParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return p;
 }
 
-// The GEMM handed to the CPU chunk kernel (see CpuGemm). ATen's raw-pointer cpublas::gemm is not exported
-// from libtorch, and at::addmm on from_blob tiles costs microseconds of dispatch per 64x64 tile, so we call
-// the Fortran BLAS that libtorch_cpu carries (MKL in the x86 wheels exports sgemm_/dgemm_), found once with
-// dlsym. Without one, at::addmm_ on the tiles is the (correct, slower) fallback.
-using FortranGemm = void (*)(const char*, const char*, const int*, const int*, const int*, const void*, const void*,
-                             const int*, const void*, const int*, const void*, void*, const int*);
-
-void* find_blas_symbol(const char* name) {
-  for (const char* lib : {"libtorch_cpu.so", "libtorch_cpu.dylib"}) {
-    if (void* h = dlopen(lib, RTLD_LAZY | RTLD_NOLOAD)) {
-      void* f = dlsym(h, name);
-      dlclose(h);
-      if (f) return f;
-    }
-  }
-  return dlsym(RTLD_DEFAULT, name);
-}
-
-// MKL opens a nested thread team for every call, even inside at::parallel_for's region; on tiles this
-// small that is pure synchronisation (measured: 2 threads slower than 1). Each call runs on one thread.
-using MklSetLocalThreads = int (*)(int);  // MKL_Set_Num_Threads_Local, the C entry (by value)
-
-// Row-major C = alpha op(A) op(B) + beta C is column-major C^T = alpha op(B)^T op(A)^T + beta C^T, so BLAS
-// gets the operands swapped. Tile sizes here are at most 256, far inside BLAS's 32-bit ints.
-template <typename T>
-void cpu_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
-              const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  static const auto blas = reinterpret_cast<FortranGemm>(find_blas_symbol(std::is_same_v<T, double> ? "dgemm_" : "sgemm_"));
-  static const auto mkl_local = reinterpret_cast<MklSetLocalThreads>(find_blas_symbol("MKL_Set_Num_Threads_Local"));
-  if (blas) {
-    const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-    const int M = int(m), N = int(n), Kd = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
-    const int prev = mkl_local ? mkl_local(1) : 0;
-    blas(&tb, &ta, &N, &M, &Kd, &alpha, b, &lb, a, &la, &beta, c, &lc);
-    if (mkl_local) mkl_local(prev);
-    return;
-  }
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  const auto tile = [&](const T* x, bool t, int64_t rows, int64_t cols, int64_t ld) {  // op(X): (rows, cols)
-    return t ? at::from_blob(const_cast<T*>(x), {cols, rows}, {ld, 1}, opts).t()
-             : at::from_blob(const_cast<T*>(x), {rows, cols}, {ld, 1}, opts);
-  };
-  at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
-  C.addmm_(tile(a, trans_a, m, k, lda), tile(b, trans_b, k, n, ldb), beta, alpha);  // beta 0 ignores C's contents
-}
+// The GEMM handed to the CPU chunk kernel (common/cpu_blas.h).
 constexpr CpuGemm kCpuGemm{&cpu_gemm<float>, &cpu_gemm<double>};
 
 enum class Algo { kChunk, kRecurrent };
@@ -159,9 +114,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gla_bwd(
   check_same_dtype(dout_in, "dout", q_in, "q");
   check_same_device(dout_in, "dout", q_in, "q");
   if (dht_in) {
-    check_shape(*dht_in, "dht", {q_in.size(0), q_in.size(2), q_in.size(3), v_in.size(3)}, "(B, H, K, V)");
-    check_dtype(*dht_in, "dht", acc_dtype(q_in));
-    check_same_device(*dht_in, "dht", q_in, "q");
+    check_shape(*dht_in, "dfinal_state", {q_in.size(0), q_in.size(2), q_in.size(3), v_in.size(3)}, "(B, H, K, V)");
+    check_dtype(*dht_in, "dfinal_state", acc_dtype(q_in));
+    check_same_device(*dht_in, "dfinal_state", q_in, "q");
   }
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in),
                    g = last_dim_contiguous(g_in), dout = last_dim_contiguous(dout_in);
@@ -207,18 +162,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gla_bwd(
 
 template <Backend backend, Algo algo>
 std::tuple<at::Tensor, at::Tensor> fwd_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                          const at::Tensor& g, double scale, const std::optional<at::Tensor>& h0) {
-  return gla_fwd<backend>(algo, q, k, v, g, scale, h0);
+                                          const at::Tensor& g, const std::optional<at::Tensor>& initial_state,
+                                          double scale) {
+  return gla_fwd<backend>(algo, q, k, v, g, scale, initial_state);
 }
 
 template <Backend backend, Algo algo>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_op(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& dout,
-    const std::optional<at::Tensor>& dht, double scale, const std::optional<at::Tensor>& h0) {
-  return gla_bwd<backend>(algo, q, k, v, g, dout, dht, scale, h0);
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+    const std::optional<at::Tensor>& initial_state, const at::Tensor& dout,
+    const std::optional<at::Tensor>& dfinal_state, double scale) {
+  return gla_bwd<backend>(algo, q, k, v, g, dout, dfinal_state, scale, initial_state);
 }
 
 }  // namespace
+
+// gla: gated linear attention, q/k/g (B, T, H, K), v (B, T, H, V), state (B, H, K, V); chunked and step by step.
+// out and final_state are fla's o and ht (GlaParams's names).
+TORCH_LIBRARY_FRAGMENT(linmix, m) {
+  m.def("chunk_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? initial_state, float scale) "
+        "-> (Tensor out, Tensor final_state)");
+  m.def("chunk_gla_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? initial_state, Tensor dout, "
+        "Tensor? dfinal_state, float scale) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dg, Tensor dinitial_state)");
+  m.def("fused_recurrent_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? initial_state, float scale) "
+        "-> (Tensor out, Tensor final_state)");
+  m.def("fused_recurrent_gla_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? initial_state, Tensor dout, "
+        "Tensor? dfinal_state, float scale) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dg, Tensor dinitial_state)");
+}
 
 TORCH_LIBRARY_IMPL(linmix, CPU, m) {
   m.impl("chunk_gla_fwd", &fwd_op<Backend::kCPU, Algo::kChunk>);

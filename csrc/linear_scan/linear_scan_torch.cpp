@@ -49,9 +49,10 @@ at::Tensor linear_scan_fwd(const at::Tensor& a_in, const at::Tensor& b_in, const
 }
 
 template <Backend backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_bwd(const at::Tensor& a_in, const at::Tensor& h_in,
-                                                               const at::Tensor& dh_in,
-                                                               const std::optional<at::Tensor>& h0_in, bool reverse) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_bwd(const at::Tensor& a_in,
+                                                               const std::optional<at::Tensor>& h0_in,
+                                                               const at::Tensor& h_in, const at::Tensor& dh_in,
+                                                               bool reverse) {
   check_inputs(a_in, h_in, h0_in, "h");
   check_shape(dh_in, "dh", {a_in.size(0), a_in.size(1), a_in.size(2)}, "(B, T, D) like a");
   check_same_dtype(dh_in, "dh", a_in, "a");
@@ -75,6 +76,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_bwd(const at::Tensor&
 }
 
 }  // namespace
+
+// linear_scan: h_t = a_t h_{t-1} + b_t, (B, T, D) channel-last. The backward reads the forward's output h.
+TORCH_LIBRARY_FRAGMENT(linmix, m) {
+  m.def("linear_scan_fwd(Tensor a, Tensor b, Tensor? h0, bool reverse) -> Tensor h");
+  m.def("linear_scan_bwd(Tensor a, Tensor? h0, Tensor h, Tensor dh, bool reverse) -> (Tensor da, Tensor db, "
+        "Tensor dh0)");
+}
 
 TORCH_LIBRARY_IMPL(linmix, CPU, m) {
   m.impl("linear_scan_fwd", &linear_scan_fwd<Backend::kCPU>);

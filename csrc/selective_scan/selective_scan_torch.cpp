@@ -173,7 +173,7 @@ template <Backend backend>
 BwdResult selective_scan_bwd(const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in,
                              const at::Tensor& B_in, const at::Tensor& C_in, const OptTensor& D_in,
                              const OptTensor& z_in, const OptTensor& delta_bias_in, const OptTensor& initial_state_in,
-                             const at::Tensor& checkpoints_in, const at::Tensor& dout_in, const OptTensor& dfinal_in,
+                             const at::Tensor& checkpoints_in, const at::Tensor& dout_in, const OptTensor& dfinal_state_in,
                              bool delta_softplus, bool deterministic) {
   check_inputs(u_in, delta_in, A_in, B_in, C_in, D_in, z_in, delta_bias_in, initial_state_in);
   const int64_t b = u_in.size(0), d = u_in.size(1), L = u_in.size(2), n = A_in.size(1);
@@ -183,7 +183,7 @@ BwdResult selective_scan_bwd(const at::Tensor& u_in, const at::Tensor& delta_in,
   check_shape(checkpoints_in, "checkpoints", {b, d, ceil_div(L, kSelectiveScanChunk), n}, "(b, d, n_chunks, n)");
   check_dtype(checkpoints_in, "checkpoints", acc_dtype(u_in));
   check_same_device(checkpoints_in, "checkpoints", u_in, "u");
-  check_opt(dfinal_in, "dfinal_state", u_in, {b, d, n}, "(b, d, n)", false);
+  check_opt(dfinal_state_in, "dfinal_state", u_in, {b, d, n}, "(b, d, n)", false);
 
   const at::Tensor u = last_dim_contiguous(u_in), delta = last_dim_contiguous(delta_in), A = A_in.contiguous();
   // Variable B/C contiguous: the kernels address their fp32 gradient buffers (contiguous) with B/C's offsets.
@@ -192,10 +192,10 @@ BwdResult selective_scan_bwd(const at::Tensor& u_in, const at::Tensor& delta_in,
   const OptTensor D = opt_map(D_in, contiguous), z = opt_map(z_in, last_dim_contiguous);
   const OptTensor delta_bias = opt_map(delta_bias_in, contiguous), h0 = opt_map(initial_state_in, contiguous);
   const at::Tensor ckpt = checkpoints_in.contiguous(), dout = last_dim_contiguous(dout_in);
-  const OptTensor dfinal = opt_map(dfinal_in, contiguous);
+  const OptTensor dfinal_state = opt_map(dfinal_state_in, contiguous);
   SelectiveScanParams p = make_params(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus);
   p.checkpoints = ckpt.data_ptr();
-  p.dout = bdl_view(dout), p.dfinal = opt_ptr(dfinal);
+  p.dout = bdl_view(dout), p.dfinal = opt_ptr(dfinal_state);
 
   const auto acc_opts = u.options().dtype(acc_dtype(u));
   at::Tensor du = at::empty(u.sizes(), u.options()), ddelta = at::empty(u.sizes(), u.options());
@@ -221,6 +221,18 @@ BwdResult selective_scan_bwd(const at::Tensor& u_in, const at::Tensor& delta_in,
 }
 
 }  // namespace
+
+// selective_scan (Mamba-1 S6): u, delta, z (b, d, L); A (d, n); B, C (d, n) or (b, g, n, L). The backward reads
+// the forward's checkpoints.
+TORCH_LIBRARY_FRAGMENT(linmix, m) {
+  m.def("selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? delta_bias, Tensor? initial_state, bool delta_softplus) -> (Tensor out, Tensor checkpoints, "
+        "Tensor final_state)");
+  m.def("selective_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? delta_bias, Tensor? initial_state, Tensor checkpoints, Tensor dout, Tensor? dfinal_state, "
+        "bool delta_softplus, bool deterministic=False) -> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, "
+        "Tensor dC, Tensor dD, Tensor dz, Tensor ddelta_bias, Tensor dinitial_state)");
+}
 
 TORCH_LIBRARY_IMPL(linmix, CPU, m) {
   m.impl("selective_scan_fwd", &selective_scan_fwd<Backend::kCPU>);

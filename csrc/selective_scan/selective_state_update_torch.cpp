@@ -180,8 +180,8 @@ void update_via_selective_scan(const Canonical& c, bool dt_softplus, const OptTe
 template <Backend backend>
 at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, const at::Tensor& dt,
                                   const at::Tensor& A, const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
-                                  const OptTensor& z, const OptTensor& dt_bias, bool dt_softplus,
-                                  const OptTensor& state_batch_indices) {
+                                  const OptTensor& z, const OptTensor& dt_bias, const OptTensor& state_batch_indices,
+                                  bool dt_softplus) {
   const Canonical c = canonicalise(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices);
   const int64_t b = c.x.size(0);
   if (state_batch_indices) check_indices(*state_batch_indices, b, state);
@@ -231,7 +231,7 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
 TORCH_LIBRARY_FRAGMENT(linmix, m) {
   // One decoding step; state (b, d, n) or (b, h, p, n) is updated in place. See ops/selective_scan.py.
   m.def("selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
-        "Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices) -> Tensor");
+        "Tensor? z, Tensor? dt_bias, Tensor? state_batch_indices, bool dt_softplus) -> Tensor out");
 }
 
 TORCH_LIBRARY_IMPL(linmix, CPU, m) { m.impl("selective_state_update", &selective_state_update<Backend::kCPU>); }

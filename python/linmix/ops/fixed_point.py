@@ -22,7 +22,7 @@ class FixedPointConvergenceError(RuntimeError):
 
 
 @torch.library.register_fake("linmix::fixed_point_rnn_fwd")
-def _fwd_fake(u, lam, hh_u, hh_beta, max_iter, tol, h0=None, damping=1.0, batch_quantile=-1.0, causal=False):
+def _fwd_fake(u, lam, hh_u, hh_beta, initial_state, max_iter, tol, damping=1.0, batch_quantile=-1.0, causal=False):
     h = torch.empty_like(u, memory_format=torch.contiguous_format)
     h_prev = torch.empty_like(u, dtype=acc_dtype(u), memory_format=torch.contiguous_format)
     n_iter = u.new_empty((u.shape[0],), dtype=torch.int32)
@@ -31,12 +31,12 @@ def _fwd_fake(u, lam, hh_u, hh_beta, max_iter, tol, h0=None, damping=1.0, batch_
 
 
 @torch.library.register_fake("linmix::fixed_point_rnn_bwd")
-def _bwd_fake(dh, u, lam, hh_u, hh_beta, h_prev, max_iter, tol, h0=None, damping=1.0):
+def _bwd_fake(u, lam, hh_u, hh_beta, initial_state, h_prev, dh, max_iter, tol, damping=1.0):
     def like(x):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    dh0 = like(h0) if h0 is not None else u.new_empty((0,))
-    return like(u), like(lam), like(hh_u), like(hh_beta), dh0
+    dinitial_state = like(initial_state) if initial_state is not None else u.new_empty((0,))
+    return like(u), like(lam), like(hh_u), like(hh_beta), dinitial_state
 
 
 def _report(what: str, on_nonconvergence: str) -> None:
@@ -57,7 +57,8 @@ class FixedPointRNNFn(torch.autograd.Function):
     def forward(ctx, u, lam, hh_u, hh_beta, h0, max_iter, tol, grad_mode, damping, quantile, causal, on_nonconv):
         with nvtx_range("linmix/fixed_point_rnn/fwd", u):
             h, h_prev, n_iter, residual = torch.ops.linmix.fixed_point_rnn_fwd(
-                u, lam, hh_u, hh_beta, max_iter, tol, h0, damping, quantile, causal
+                u=u, lam=lam, hh_u=hh_u, hh_beta=hh_beta, initial_state=h0, max_iter=max_iter, tol=tol,
+                damping=damping, batch_quantile=quantile, causal=causal,
             )
         ctx.save_for_backward(u, lam, hh_u, hh_beta, h_prev, h0)
         # onestep: w = g, i.e. exactly one adjoint iteration; implicit: iterate w = g + J_hᵀ w like the forward.
@@ -70,8 +71,10 @@ class FixedPointRNNFn(torch.autograd.Function):
     def backward(ctx, dh, _dn, _dres):
         u, lam, hh_u, hh_beta, h_prev, h0 = ctx.saved_tensors
         with nvtx_range("linmix/fixed_point_rnn/bwd", u):
+            max_iter, tol = ctx.adjoint
             du, dlam, dhh_u, dhh_beta, dh0 = torch.ops.linmix.fixed_point_rnn_bwd(
-                dh.to(u.dtype), u, lam, hh_u, hh_beta, h_prev, *ctx.adjoint, h0, ctx.damping
+                u=u, lam=lam, hh_u=hh_u, hh_beta=hh_beta, initial_state=h0, h_prev=h_prev, dh=dh.to(u.dtype),
+                max_iter=max_iter, tol=tol, damping=ctx.damping,
             )
         grads = (du, dlam, dhh_u, dhh_beta) + ((dh0,) if h0 is not None else ())
         if ctx.on_nonconv != "ignore" and _can_check(u) and not all(bool(g.isfinite().all()) for g in grads):

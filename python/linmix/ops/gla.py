@@ -8,19 +8,19 @@ from .._native import acc_dtype, check_backend, nvtx_range
 from ._varlen import check_states, segments
 
 
-def _fwd_fake(q, k, v, g, scale, initial_state):
+def _fwd_fake(q, k, v, g, initial_state, scale):
     B, T, H, K = q.shape
-    o = q.new_empty((B, T, H, v.shape[-1]))
-    ht = q.new_empty((B, H, K, v.shape[-1]), dtype=acc_dtype(q))
-    return o, ht
+    out = q.new_empty((B, T, H, v.shape[-1]))
+    final_state = q.new_empty((B, H, K, v.shape[-1]), dtype=acc_dtype(q))
+    return out, final_state
 
 
-def _bwd_fake(q, k, v, g, dout, dht, scale, initial_state):
+def _bwd_fake(q, k, v, g, initial_state, dout, dfinal_state, scale):
     B, T, H, K = q.shape
     dq, dk, dg = (q.new_empty(q.shape) for _ in range(3))
     dv = v.new_empty(v.shape)
-    dh0 = q.new_empty((B, H, K, v.shape[-1]), dtype=acc_dtype(q))
-    return dq, dk, dv, dg, dh0
+    dinitial_state = q.new_empty((B, H, K, v.shape[-1]), dtype=acc_dtype(q))
+    return dq, dk, dv, dg, dinitial_state
 
 
 for _algo in ("chunk_gla", "fused_recurrent_gla"):
@@ -34,19 +34,20 @@ class GlaFn(torch.autograd.Function):
         name = "fused_recurrent_gla" if recurrent else "chunk_gla"
         fwd = torch.ops.linmix.fused_recurrent_gla_fwd if recurrent else torch.ops.linmix.chunk_gla_fwd
         with nvtx_range(f"linmix/{name}/fwd", q):
-            o, ht = fwd(q, k, v, g, scale, initial_state)
+            out, final_state = fwd(q=q, k=k, v=v, g=g, initial_state=initial_state, scale=scale)
         ctx.save_for_backward(q, k, v, g, initial_state)
         ctx.scale, ctx.recurrent = scale, recurrent
-        return o, ht
+        return out, final_state
 
     @staticmethod
-    def backward(ctx, do, dht):
+    def backward(ctx, dout, dfinal_state):
         q, k, v, g, initial_state = ctx.saved_tensors
         name = "fused_recurrent_gla" if ctx.recurrent else "chunk_gla"
         bwd = torch.ops.linmix.fused_recurrent_gla_bwd if ctx.recurrent else torch.ops.linmix.chunk_gla_bwd
         with nvtx_range(f"linmix/{name}/bwd", q):
-            dq, dk, dv, dg, dh0 = bwd(q, k, v, g, do.to(q.dtype), dht, ctx.scale, initial_state)
-        return dq, dk, dv, dg, None, (dh0 if initial_state is not None else None), None
+            dq, dk, dv, dg, dinitial_state = bwd(q=q, k=k, v=v, g=g, initial_state=initial_state,
+                                                 dout=dout.to(q.dtype), dfinal_state=dfinal_state, scale=ctx.scale)
+        return dq, dk, dv, dg, None, (dinitial_state if initial_state is not None else None), None
 
 
 def _gla(name, recurrent, q, k, v, g, scale, initial_state, output_final_state, state_v_first=False,

@@ -13,7 +13,7 @@ def _fwd_fake(a, b, h0, reverse):
 
 
 @torch.library.register_fake("linmix::linear_scan_bwd")
-def _bwd_fake(a, h, dh, h0, reverse):
+def _bwd_fake(a, h0, h, dh, reverse):
     da = torch.empty_like(a, memory_format=torch.contiguous_format)
     db = torch.empty_like(a, memory_format=torch.contiguous_format)
     dh0 = a.new_empty((a.shape[0], a.shape[2]), dtype=acc_dtype(a))
@@ -24,7 +24,7 @@ class LinearScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, h0, reverse):
         with nvtx_range("linmix/linear_scan/fwd", a):
-            h = torch.ops.linmix.linear_scan_fwd(a, b, h0, reverse)
+            h = torch.ops.linmix.linear_scan_fwd(a=a, b=b, h0=h0, reverse=reverse)
         ctx.save_for_backward(a, h, h0)
         ctx.reverse = reverse
         return h
@@ -33,7 +33,7 @@ class LinearScanFn(torch.autograd.Function):
     def backward(ctx, dh):
         a, h, h0 = ctx.saved_tensors
         with nvtx_range("linmix/linear_scan/bwd", a):
-            da, db, dh0 = torch.ops.linmix.linear_scan_bwd(a, h, dh.to(a.dtype), h0, ctx.reverse)
+            da, db, dh0 = torch.ops.linmix.linear_scan_bwd(a=a, h0=h0, h=h, dh=dh.to(a.dtype), reverse=ctx.reverse)
         return da, db, (dh0 if h0 is not None else None), None
 
 

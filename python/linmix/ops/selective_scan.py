@@ -42,7 +42,8 @@ class SelectiveScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, deterministic):
         with nvtx_range("linmix/selective_scan/fwd", u):
             out, checkpoints, final_state = torch.ops.linmix.selective_scan_fwd(
-                u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+                u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
+                delta_softplus=delta_softplus)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints)
         ctx.delta_softplus = delta_softplus
         ctx.deterministic = deterministic
@@ -55,8 +56,9 @@ class SelectiveScanFn(torch.autograd.Function):
         dout = torch.zeros_like(u) if dout is None else dout.to(u.dtype)
         with nvtx_range("linmix/selective_scan/bwd", u):
             du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state = torch.ops.linmix.selective_scan_bwd(
-                u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, dout, dfinal_state,
-                ctx.delta_softplus, ctx.deterministic)
+                u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
+                checkpoints=checkpoints, dout=dout, dfinal_state=dfinal_state, delta_softplus=ctx.delta_softplus,
+                deterministic=ctx.deterministic)
         return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
                 ddelta_bias if delta_bias is not None else None,
                 dinitial_state if initial_state is not None else None, None, None)
@@ -144,7 +146,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
 
 
 @torch.library.register_fake("linmix::selective_state_update")
-def _ssu_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
+def _ssu_fake(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, dt_softplus):
     return x.new_empty(x.shape)
 
 
@@ -187,5 +189,6 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     yet run on a GPU); by default the GPU-verified selective_scan forward with L = 1, in float32.
     """
     check_backend("selective_state_update", state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
-    return torch.ops.linmix.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus),
-                                                   state_batch_indices)
+    return torch.ops.linmix.selective_state_update(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
+                                                   state_batch_indices=state_batch_indices,
+                                                   dt_softplus=bool(dt_softplus))
