@@ -164,14 +164,14 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
     _, world = _group_info(group)
     acc = acc_dtype(a)
     if world == 1:
-        h = ops.linear_scan.linear_scan(a, b, h0, reverse)
+        h = ops.linear_scan.linear_scan(a, b, h0=h0, reverse=reverse)
         last = h[:, 0 if reverse else -1].to(acc)
         return (h, last) if return_final_state else h
-    h_zero = ops.linear_scan.linear_scan(a, b, None, reverse)
+    h_zero = ops.linear_scan.linear_scan(a, b, reverse=reverse)
     trans = a.to(acc).prod(1)  # (B, D)
     entering, final, pairs = _boundary(trans, h_zero[:, 0 if reverse else -1].to(acc),
                                        None if h0 is None else h0.to(acc), group, reverse)
-    h = ops.linear_scan.linear_scan(a, b, entering, reverse) if entering is not None else h_zero
+    h = ops.linear_scan.linear_scan(a, b, h0=entering, reverse=reverse) if entering is not None else h_zero
     h = _Tie.apply(h, pairs)
     return (h, final) if return_final_state else h
 
@@ -198,11 +198,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     _check_slice("selective_scan", u.shape[-1])
     _, world = _group_info(group)
     if world == 1:
-        return ops.selective_scan.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                                                 return_final_state)
+        return ops.selective_scan.selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                                 delta_softplus=delta_softplus, initial_state=initial_state,
+                                                 return_final_state=return_final_state)
     acc = acc_dtype(u)
-    _, final0 = ops.selective_scan.selective_scan(u, delta, A, B, C, None, None, delta_bias, delta_softplus, None,
-                                                  True)
+    _, final0 = ops.selective_scan.selective_scan(u, delta, A, B, C, delta_bias=delta_bias,
+                                                  delta_softplus=delta_softplus, return_final_state=True)
     dt = delta.to(acc)
     if delta_bias is not None:
         dt = dt + delta_bias.to(acc)[:, None]
@@ -210,7 +211,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         dt = F.softplus(dt)
     trans = torch.exp(A.to(acc) * dt.sum(-1)[..., None])  # (b, d, n)
     entering, final, pairs = _boundary(trans, final0, None if initial_state is None else initial_state.to(acc), group)
-    out, _ = ops.selective_scan.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, entering, True)
+    out, _ = ops.selective_scan.selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                               delta_softplus=delta_softplus, initial_state=entering,
+                                               return_final_state=True)
     out = _Tie.apply(out, pairs)
     return (out, final) if return_final_state else out
 
@@ -233,10 +236,11 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     _check_slice("chunk_gla", q.shape[1])
     _, world = _group_info(group)
     if world == 1:
-        return ops.gla.chunk_gla(q, k, v, g, scale, initial_state, output_final_state)
+        return ops.gla.chunk_gla(q, k, v, g, scale=scale, initial_state=initial_state,
+                                 output_final_state=output_final_state)
     acc = acc_dtype(q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    o, final0 = ops.gla.chunk_gla(q, k, v, g, scale, None, True)
+    o, final0 = ops.gla.chunk_gla(q, k, v, g, scale=scale, output_final_state=True)
     decay = g.to(acc).cumsum(1)  # (B, T_r, H, K)
     entering, final, pairs = _boundary(decay[:, -1].exp(), final0,
                                        None if initial_state is None else initial_state.to(acc), group)
@@ -330,7 +334,8 @@ def fixed_point_rnn(u, lam, hh_u, hh_beta, max_iter=32, tol=1e-4, grad_mode="one
                          f"{grad_mode!r}")
     _check_slice("fixed_point_rnn", u.shape[1])
     if _group_info(group)[1] == 1:
-        return ops.fixed_point.fixed_point_rnn(u, lam, hh_u, hh_beta, max_iter, tol, grad_mode, return_info)
+        return ops.fixed_point.fixed_point_rnn(u, lam, hh_u, hh_beta, max_iter=max_iter, tol=tol, grad_mode=grad_mode,
+                                               return_info=return_info)
     acc = acc_dtype(u)
     u_, lam_, hh_u_, hh_beta_ = (x.to(acc) for x in (u, lam, hh_u, hh_beta))
 

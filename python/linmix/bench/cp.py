@@ -71,7 +71,7 @@ def _call(op: str, cp: bool, cfg: dict, xs):
         return m.linear_scan(*xs)
     if op == "selective_scan":
         u, delta, A, B, C, z = xs
-        return m.selective_scan(u, delta, A, B, C, None, z, None, True)
+        return m.selective_scan(u, delta, A, B, C, z=z, delta_softplus=True)
     if op == "chunk_gla":
         return m.chunk_gla(*xs)[0]
     return m.fixed_point_rnn(*xs, max_iter=cfg["iters"], tol=0.0)

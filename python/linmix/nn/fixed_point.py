@@ -90,7 +90,7 @@ class FixedPointRNN(nn.Module):
             raise ValueError(f"linmix.nn.FixedPointRNN: x must have shape (B, T, {self.d_model}), got {tuple(x.shape)}")
         u, lam, hh_u, hh_beta = self.inputs(x)
         if self.mixer == "none":
-            h = linear_scan(lam, (1 - lam) * u, state)
+            h = linear_scan(lam, (1 - lam) * u, h0=state)
             self.last_info = None
             final = h[:, -1] if h.shape[1] else (state if state is not None else u.new_zeros(u.shape[0], u.shape[2]))
         else:

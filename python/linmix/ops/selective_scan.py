@@ -141,8 +141,8 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     Returns out (b, d, L), or (out, last_state) with last_state (b, d, n) float32 (differentiable here).
     See :func:`selective_scan` for shapes, dtypes and ``deterministic`` (an addition to mamba's signature).
     """
-    return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, None, return_last_state,
-                          deterministic=deterministic)
+    return selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                          return_final_state=return_last_state, deterministic=deterministic)
 
 
 @torch.library.register_fake("linmix::selective_state_update")
