@@ -173,8 +173,8 @@ template <Backend backend>
 BwdResult selective_scan_bwd(const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in,
                              const at::Tensor& B_in, const at::Tensor& C_in, const OptTensor& D_in,
                              const OptTensor& z_in, const OptTensor& delta_bias_in, const OptTensor& initial_state_in,
-                             const at::Tensor& checkpoints_in, const at::Tensor& dout_in, const OptTensor& dfinal_state_in,
-                             bool delta_softplus, bool deterministic) {
+                             const at::Tensor& checkpoints_in, const at::Tensor& dout_in,
+                             const OptTensor& dfinal_state_in, bool delta_softplus, bool deterministic) {
   check_inputs(u_in, delta_in, A_in, B_in, C_in, D_in, z_in, delta_bias_in, initial_state_in);
   const int64_t b = u_in.size(0), d = u_in.size(1), L = u_in.size(2), n = A_in.size(1);
   check_shape(dout_in, "dout", {b, d, L}, "(b, d, L) like u");
