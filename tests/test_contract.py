@@ -122,6 +122,41 @@ OPS = [
 OP_IDS = [op.name for op in OPS]
 
 
+
+def _is_tensor(arg):
+    t = arg.type
+    return isinstance(t, torch.TensorType) or (isinstance(t, torch.OptionalType)
+                                               and isinstance(t.getElementType(), torch.TensorType))
+
+
+@pytest.mark.parametrize("name", OP_IDS + ["selective_state_update"])
+def test_schema_convention(name):
+    """csrc/bindings.cpp's convention: named returns; tensors before scalars; a backward takes (some of) the
+    forward's tensor inputs in order, then forward outputs it reuses, then grads d<output>, then scalars, and
+    returns d<input> for every forward tensor input."""
+    def schema(op):
+        return getattr(torch.ops.linmix, op).default._schema
+
+    fwd = schema(name if name == "selective_state_update" else f"{name}_fwd")
+    schemas = [fwd] if name == "selective_state_update" else [fwd, schema(f"{name}_bwd")]
+    for sch in schemas:
+        assert all(r.name for r in sch.returns), str(sch)
+        kinds = [_is_tensor(a) for a in sch.arguments]
+        assert kinds == sorted(kinds, reverse=True), f"a tensor after a scalar: {sch}"
+    if len(schemas) == 1:
+        return
+    bwd = schemas[1]
+    inputs = [a.name for a in fwd.arguments if _is_tensor(a)]
+    outputs = [r.name for r in fwd.returns]
+    assert [r.name for r in bwd.returns] == ["d" + n for n in inputs], str(bwd)
+    names = [a.name for a in bwd.arguments if _is_tensor(a)]
+    rank = {n: (0, inputs.index(n)) for n in inputs}
+    rank.update({n: (1, outputs.index(n)) for n in outputs})
+    rank.update({"d" + n: (2, outputs.index(n)) for n in outputs})
+    assert all(n in rank for n in names) and names == sorted(names, key=rank.get), str(bwd)
+    assert any(rank[n][0] == 2 for n in names), f"no output grad: {bwd}"
+
+
 def _fwd_bwd(run, x, grads):
     x = {k: (v.detach().requires_grad_(k in grads) if torch.is_tensor(v) else v) for k, v in x.items()}
     out = run(**x)
