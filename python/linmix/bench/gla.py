@@ -22,9 +22,6 @@ CHECK_GRAD = True
 CHUNK = _C.gla_chunk  # kGlaChunk: the chunk size the floor's flop count assumes (DESIGN.md section 3)
 
 
-def missing() -> str | None:
-    return None if hasattr(R, "gla_ref") else "linmix.reference has no gla_ref (op not merged in this checkout)"
-
 
 def _cfg(B, T, H, D, dtype, in_sweep=False):
     return dict(B=B, T=T, H=H, K=D, V=D, dtype=dtype, in_sweep=in_sweep)
