@@ -1,7 +1,8 @@
-// CUDA fixed-point RNN backward kernels: the adjoint iteration (mix, scan) and the per-token gradients.
-// The backward pass also runs the forward Gram and iteration kernels (fixed_point_rnn_fwd_kernel.cuh).
+// CUDA fixed-point RNN backward: the adjoint iteration (mix, scan) and per-token gradient kernels, and the
+// launcher fixed_point_rnn_bwd_cuda, which also runs the forward Gram and iteration (fixed_point_rnn_fwd_kernel.cuh).
 #pragma once
 
+#include "fixed_point_rnn/fixed_point_rnn_fwd_kernel.cuh"
 #include "fixed_point_rnn/fixed_point_rnn_kernel_common.cuh"
 
 namespace linmix {
@@ -80,6 +81,43 @@ __global__ void __launch_bounds__(32 * kFpWarpsPerBlock)
       if (i < R) g_dhh_u[i * D + d] = from_float<T>(dud[i]);
     }
   }
+}
+
+// Launches one adjoint iteration (transposed mix then reverse scan) on s.
+template <typename T>
+void fixed_point_rnn_launch_adjoint_iter(const FixedPointRnnParams& p, const FixedPointRnnWork& w,
+                                         const FixedPointRnnIter& it, cudaStream_t stream) {
+  using Traits = FixedPointRnnScanTraits;
+  const dim3 tok_blocks = fixed_point_rnn_token_grid(p), scan_grid = fixed_point_rnn_scan_grid(p);
+  linmix_fixed_point_rnn_bwd_mix_kernel<T><<<tok_blocks, 32 * kFpWarpsPerBlock, 0, stream>>>(p, w, it);
+  LINMIX_CHECK_LAUNCH();
+  linmix_fixed_point_rnn_bwd_scan_kernel<Traits, T><<<scan_grid, Traits::kThreads, 0, stream>>>(p, w, it);
+  LINMIX_CHECK_LAUNCH();
+}
+
+template <DType dt>
+void fixed_point_rnn_bwd_cuda(const FixedPointRnnParams& p, cudaStream_t stream) {
+  using T = cuda_t<dt>;
+  const int64_t BTD = p.batch * p.seqlen * p.dim;
+  if (BTD == 0) return;
+  const FixedPointRnnWorkspace ws = fixed_point_rnn_workspace(p, /*backward=*/true);
+  const FixedPointRnnWork w = fixed_point_rnn_work(p, ws);
+  float* f = static_cast<float*>(p.work);
+  float* s_buf[2] = {f + ws.state, f + ws.state + BTD};
+  float* h_new = f + ws.h_new;
+  fixed_point_rnn_reset(p, ws, stream);
+  LINMIX_CUDA_CHECK(cudaMemsetAsync(s_buf[0], 0, BTD * sizeof(float), stream));  // s^0 = 0
+  fixed_point_rnn_launch_gram<T>(p, w, stream);
+  // h = f(h_prev) for every element (h_{t-1} enters dlam).
+  fixed_point_rnn_launch_iter<T>(
+      p, w, FixedPointRnnIter{static_cast<const float*>(p.h_prev), h_new, 0, false}, stream);
+  for (int l = 1; l <= p.max_iter; ++l) {
+    fixed_point_rnn_launch_adjoint_iter<T>(p, w, FixedPointRnnIter{s_buf[(l - 1) & 1], s_buf[l & 1], l, true}, stream);
+  }
+  const dim3 tok_blocks = fixed_point_rnn_token_grid(p);
+  linmix_fixed_point_rnn_bwd_grads_kernel<T><<<tok_blocks, 32 * kFpWarpsPerBlock, 0, stream>>>(p, w, s_buf[0],
+                                                                                               s_buf[1], h_new);
+  LINMIX_CHECK_LAUNCH();
 }
 
 }  // namespace linmix

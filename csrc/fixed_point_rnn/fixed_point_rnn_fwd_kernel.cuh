@@ -1,6 +1,8 @@
-// CUDA fixed-point RNN forward kernels: Gram matrices, the forward iteration (mix, scan) and the final
-// select. The iteration scheme is described in fixed_point_rnn_kernel_common.cuh.
+// CUDA fixed-point RNN forward: the Gram, forward iteration (mix, scan) and final select kernels, and the
+// launcher fixed_point_rnn_fwd_cuda (the host loop over iterations). The scheme: fixed_point_rnn_kernel_common.cuh.
 #pragma once
+
+#include <algorithm>
 
 #include "fixed_point_rnn/fixed_point_rnn_kernel_common.cuh"
 
@@ -61,6 +63,45 @@ __global__ void linmix_fixed_point_rnn_fwd_select_kernel(FixedPointRnnParams p, 
     static_cast<T*>(p.h)[idx] = from_float<T>(last_in_buf1 ? h1 : buf0[idx]);
     if (!last_in_buf1) buf0[idx] = h1;
   }
+}
+
+template <typename T>
+void fixed_point_rnn_launch_gram(const FixedPointRnnParams& p, const FixedPointRnnWork& w, cudaStream_t stream) {
+  const dim3 tok_blocks = fixed_point_rnn_token_grid(p);
+  linmix_fixed_point_rnn_fwd_gram_kernel<T><<<tok_blocks, 32 * kFpWarpsPerBlock, 0, stream>>>(p, w.gram);
+  LINMIX_CHECK_LAUNCH();
+}
+
+// Launches one forward iteration (mix then scan): h = f(src).
+template <typename T>
+void fixed_point_rnn_launch_iter(const FixedPointRnnParams& p, const FixedPointRnnWork& w,
+                                 const FixedPointRnnIter& it, cudaStream_t stream) {
+  using Traits = FixedPointRnnScanTraits;
+  const dim3 tok_blocks = fixed_point_rnn_token_grid(p), scan_grid = fixed_point_rnn_scan_grid(p);
+  linmix_fixed_point_rnn_fwd_mix_kernel<T><<<tok_blocks, 32 * kFpWarpsPerBlock, 0, stream>>>(p, w, it);
+  LINMIX_CHECK_LAUNCH();
+  linmix_fixed_point_rnn_fwd_scan_kernel<Traits, T><<<scan_grid, Traits::kThreads, 0, stream>>>(p, w, it);
+  LINMIX_CHECK_LAUNCH();
+}
+
+template <DType dt>
+void fixed_point_rnn_fwd_cuda(const FixedPointRnnParams& p, cudaStream_t stream) {
+  using T = cuda_t<dt>;
+  const int64_t BTD = p.batch * p.seqlen * p.dim;
+  if (BTD == 0) return;
+  const FixedPointRnnWorkspace ws = fixed_point_rnn_workspace(p, /*backward=*/false);
+  FixedPointRnnWork w = fixed_point_rnn_work(p, ws);
+  w.n_iter = p.n_iter, w.residual = p.residual;
+  float* buf[2] = {static_cast<float*>(p.h_prev), static_cast<float*>(p.work) + ws.state};
+  fixed_point_rnn_reset(p, ws, stream);
+  LINMIX_CUDA_CHECK(cudaMemsetAsync(buf[0], 0, BTD * sizeof(float), stream));  // h^0 = 0
+  fixed_point_rnn_launch_gram<T>(p, w, stream);
+  for (int l = 1; l <= p.max_iter; ++l) {
+    fixed_point_rnn_launch_iter<T>(p, w, FixedPointRnnIter{buf[(l - 1) & 1], buf[l & 1], l, true}, stream);
+  }
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(BTD, 256), 65536));
+  linmix_fixed_point_rnn_fwd_select_kernel<T><<<blocks, 256, 0, stream>>>(p, buf[1]);
+  LINMIX_CHECK_LAUNCH();
 }
 
 }  // namespace linmix

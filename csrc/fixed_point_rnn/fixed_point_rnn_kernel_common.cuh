@@ -1,6 +1,6 @@
 // CUDA fixed-point RNN, forward and backward, with the iteration loop on the device. This header holds what
 // both directions share (workspace views, the mix and scan bodies); the kernels are in
-// fixed_point_rnn_fwd_kernel.cuh and fixed_point_rnn_bwd_kernel.cuh, the host loop in fixed_point_rnn_launch.cuh.
+// fixed_point_rnn_fwd_kernel.cuh and fixed_point_rnn_bwd_kernel.cuh, each with its launcher.
 //
 // One iteration is two kernels:
 //   mix  (linmix_fixed_point_rnn_{fwd,bwd}_mix_kernel): one warp per token. The Householder chain needs the
@@ -208,6 +208,38 @@ __device__ __forceinline__ void fixed_point_rnn_scan(const FixedPointRnnParams& 
     w.done[bi] = r < static_cast<float>(p.tol) ? 1 : 0;
     w.counter[bi] = 0;
   }
+}
+
+// Host side, shared by the launchers.
+inline FixedPointRnnWork fixed_point_rnn_work(const FixedPointRnnParams& p, const FixedPointRnnWorkspace& ws) {
+  float* f = static_cast<float*>(p.work);
+  int* flags = static_cast<int*>(p.flags);
+  FixedPointRnnWork w;
+  w.gram = f + ws.gram, w.coef = f + ws.coef;
+  w.tok_diff = reinterpret_cast<unsigned int*>(f + ws.tok_diff);
+  w.tok_norm = reinterpret_cast<unsigned int*>(f + ws.tok_norm);
+  w.done = flags + ws.done, w.counter = flags + ws.counter, w.n_iter = flags + ws.n_iter;
+  w.residual = f + ws.residual;
+  return w;
+}
+
+// Zeroed per call: the per-token maxima, the flags and counters (and the given state buffer).
+inline void fixed_point_rnn_reset(const FixedPointRnnParams& p, const FixedPointRnnWorkspace& ws,
+                                  cudaStream_t stream) {
+  const int64_t BT = p.batch * p.seqlen;
+  float* f = static_cast<float*>(p.work);
+  LINMIX_CUDA_CHECK(cudaMemsetAsync(f + ws.tok_diff, 0, 2 * BT * sizeof(float), stream));  // tok_diff, tok_norm
+  LINMIX_CUDA_CHECK(cudaMemsetAsync(p.flags, 0, ws.flag_ints * sizeof(int), stream));
+}
+
+// Grid of the token-per-warp kernels (gram, mix, grads).
+inline dim3 fixed_point_rnn_token_grid(const FixedPointRnnParams& p) {
+  return checked_grid("fixed_point_rnn", "(ceil(B T / 8))", ceil_div(p.batch * p.seqlen, kFpWarpsPerBlock));
+}
+
+// Grid of the scan kernels.
+inline dim3 fixed_point_rnn_scan_grid(const FixedPointRnnParams& p) {
+  return checked_grid("fixed_point_rnn", "(B, ceil(D / 32))", p.batch, ceil_div(p.dim, 32));
 }
 
 }  // namespace linmix
