@@ -97,7 +97,7 @@ __device__ __forceinline__ BCRow<T> bc_row(const BCView& v, int64_t b, int64_t d
 }
 
 // What both backward kernels (selective_scan_bwd_kernel.cuh, selective_scan_bwd_tiled_kernel.cuh) read for
-// channel di of batch element bi, bd = bi * dim + di.
+// channel di of batch element bi: its A row, bias and D, and its (L) rows of u, delta, z and dout.
 template <typename T>
 struct SsBwdChannel {
   const float* A;  // (n)
@@ -106,23 +106,17 @@ struct SsBwdChannel {
   const T* delta;
   const T* z;  // null when absent
   const T* dout;
-  const float* ckpt;    // (n_chunks, n)
-  const float* h_init;  // (n) or null
 };
 template <typename T>
-__device__ __forceinline__ SsBwdChannel<T> ss_bwd_channel(const SelectiveScanParams& p, int64_t bi, int64_t di,
-                                                          int64_t bd) {
-  const int64_t N = p.dstate;
+__device__ __forceinline__ SsBwdChannel<T> ss_bwd_channel(const SelectiveScanParams& p, int64_t bi, int64_t di) {
   SsBwdChannel<T> c;
-  c.A = static_cast<const float*>(p.A) + di * N;
+  c.A = static_cast<const float*>(p.A) + di * p.dstate;
   c.bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[di] : 0.f;
   c.Dv = p.D ? static_cast<const float*>(p.D)[di] : 0.f;
   c.u = bdl_row<const T>(p.u, bi, di);
   c.delta = bdl_row<const T>(p.delta, bi, di);
   c.z = p.z.ptr ? bdl_row<const T>(p.z, bi, di) : nullptr;
   c.dout = bdl_row<const T>(p.dout, bi, di);
-  c.ckpt = static_cast<const float*>(p.checkpoints) + bd * p.n_chunks * N;
-  c.h_init = p.initial_state ? static_cast<const float*>(p.initial_state) + bd * N : nullptr;
   return c;
 }
 

@@ -55,7 +55,9 @@ __global__ void __launch_bounds__(SelectiveScanTiledTraits::kThreads)
                                                                           : Tr::kWarps);
   const bool active = warp < n_ch;
   const int64_t di = ch0 + (active ? warp : 0), bd = bi * p.dim + di, bdn = bd * N;
-  const auto [A, bias, Dv, u, delta, z, dout, ckpt, h_init] = ss_bwd_channel<T>(p, bi, di, bd);
+  const auto [A, bias, Dv, u, delta, z, dout] = ss_bwd_channel<T>(p, bi, di);
+  const float* ckpt = static_cast<const float*>(p.checkpoints) + bd * p.n_chunks * N;  // (n_chunks, n)
+  const float* h_init = p.initial_state ? static_cast<const float*>(p.initial_state) + bdn : nullptr;
   float* hsub = static_cast<float*>(p.sub_states) + bd * kNSub * N;  // (kNSub, n): state entering a sub-chunk
   float* carry = static_cast<float*>(p.dinitial_state) + bdn;        // (n): adjoint entering from later steps
   float* dA_part = static_cast<float*>(p.dA_part) + bdn;
