@@ -87,12 +87,8 @@ __global__ void __launch_bounds__(32 * kFpWarpsPerBlock)
 template <typename T>
 void fixed_point_rnn_launch_adjoint_iter(const FixedPointRnnParams& p, const FixedPointRnnWork& w,
                                          const FixedPointRnnIter& it, cudaStream_t stream) {
-  using Traits = FixedPointRnnScanTraits;
-  const dim3 tok_blocks = fixed_point_rnn_token_grid(p), scan_grid = fixed_point_rnn_scan_grid(p);
-  linmix_fixed_point_rnn_bwd_mix_kernel<T><<<tok_blocks, 32 * kFpWarpsPerBlock, 0, stream>>>(p, w, it);
-  LINMIX_CHECK_LAUNCH();
-  linmix_fixed_point_rnn_bwd_scan_kernel<Traits, T><<<scan_grid, Traits::kThreads, 0, stream>>>(p, w, it);
-  LINMIX_CHECK_LAUNCH();
+  fixed_point_rnn_launch_pair(linmix_fixed_point_rnn_bwd_mix_kernel<T>,
+                              linmix_fixed_point_rnn_bwd_scan_kernel<FixedPointRnnScanTraits, T>, p, w, it, stream);
 }
 
 template <DType dt>

@@ -76,12 +76,8 @@ void fixed_point_rnn_launch_gram(const FixedPointRnnParams& p, const FixedPointR
 template <typename T>
 void fixed_point_rnn_launch_iter(const FixedPointRnnParams& p, const FixedPointRnnWork& w,
                                  const FixedPointRnnIter& it, cudaStream_t stream) {
-  using Traits = FixedPointRnnScanTraits;
-  const dim3 tok_blocks = fixed_point_rnn_token_grid(p), scan_grid = fixed_point_rnn_scan_grid(p);
-  linmix_fixed_point_rnn_fwd_mix_kernel<T><<<tok_blocks, 32 * kFpWarpsPerBlock, 0, stream>>>(p, w, it);
-  LINMIX_CHECK_LAUNCH();
-  linmix_fixed_point_rnn_fwd_scan_kernel<Traits, T><<<scan_grid, Traits::kThreads, 0, stream>>>(p, w, it);
-  LINMIX_CHECK_LAUNCH();
+  fixed_point_rnn_launch_pair(linmix_fixed_point_rnn_fwd_mix_kernel<T>,
+                              linmix_fixed_point_rnn_fwd_scan_kernel<FixedPointRnnScanTraits, T>, p, w, it, stream);
 }
 
 template <DType dt>

@@ -242,4 +242,16 @@ inline dim3 fixed_point_rnn_scan_grid(const FixedPointRnnParams& p) {
   return checked_grid("fixed_point_rnn", "(B, ceil(D / 32))", p.batch, ceil_div(p.dim, 32));
 }
 
+// One iteration's two launches: the token-per-warp mix kernel, then the scan kernel (either direction's).
+using FixedPointRnnIterKernel = void (*)(FixedPointRnnParams, FixedPointRnnWork, FixedPointRnnIter);
+inline void fixed_point_rnn_launch_pair(FixedPointRnnIterKernel mix, FixedPointRnnIterKernel scan,
+                                        const FixedPointRnnParams& p, const FixedPointRnnWork& w,
+                                        const FixedPointRnnIter& it, cudaStream_t stream) {
+  const dim3 tok_blocks = fixed_point_rnn_token_grid(p), scan_grid = fixed_point_rnn_scan_grid(p);
+  mix<<<tok_blocks, 32 * kFpWarpsPerBlock, 0, stream>>>(p, w, it);
+  LINMIX_CHECK_LAUNCH();
+  scan<<<scan_grid, FixedPointRnnScanTraits::kThreads, 0, stream>>>(p, w, it);
+  LINMIX_CHECK_LAUNCH();
+}
+
 }  // namespace linmix
