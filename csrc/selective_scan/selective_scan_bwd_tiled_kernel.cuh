@@ -39,7 +39,7 @@ struct SelectiveScanTiledTraits {
   static_assert(kSmemBytes <= 48 * 1024, "static shared memory must fit the default 48 KiB");
 };
 
-// grid: (b * n_tiles); block: kThreads. Warp w handles channel tile_start + w (idle past the tile's end).
+// grid: (b * n_tiles); block: kThreads. Warp w handles channel ch0 + w, ch0 the tile's first (idle past its end).
 template <typename T>
 __global__ void __launch_bounds__(SelectiveScanTiledTraits::kThreads)
     linmix_selective_scan_bwd_tiled_kernel(SelectiveScanParams p, SelectiveScanTiling tl) {
