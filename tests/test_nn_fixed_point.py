@@ -1,6 +1,7 @@
 """linmix.nn.FixedPointRNN against a plain float64 PyTorch version of the same layer."""
 
 import io
+import json
 
 import pytest
 import torch
@@ -140,11 +141,19 @@ def test_bad_arguments():
 def test_state_tracking_example_smoke(tmp_path):
     from linmix.examples import state_tracking
 
-    res = state_tracking.main(["--steps", "3", "--batch", "8", "--d", "8", "--test-lens", "4,8", "--test-batch", "8",
-                               "--ranks", "1", "--out", str(tmp_path)])
-    assert set(res) == {"diagonal", "fp-householder r=1"}
+    res = state_tracking.main(["--steps", "3", "--batch", "8", "--d", "8", "--d-state", "4", "--test-lens", "4,8",
+                               "--test-batch", "8", "--models", "diagonal,mamba,fp-mamba,fp-rnn", "--ranks", "1",
+                               "--max-iter", "4", "--eval-max-iter", "8", "--out", str(tmp_path)])
+    assert set(res) == {"diagonal", "mamba", "fp-mamba r=1", "fp-rnn r=1"}
     assert (tmp_path / "results.json").exists() and (tmp_path / "accuracy_vs_length.png").exists()
     assert all(0 <= r["test"][8]["token_acc"] <= 1 for r in res.values())
+    assert all(1 <= res[k]["test"][8]["mean_iters"] <= 8 for k in ("fp-mamba r=1", "fp-rnn r=1"))
+    assert res["fp-mamba r=1"]["test_at_train_max_iter"][8]["mean_iters"] <= 4
+    # --append keeps the other models of the folder's results.json
+    state_tracking.main(["--steps", "2", "--batch", "4", "--d", "8", "--test-lens", "4", "--test-batch", "4",
+                         "--models", "diagonal", "--seed", "1", "--out", str(tmp_path), "--append"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["results"]) == set(res) and saved["results"]["diagonal"]["run"]["args"]["seed"] == 1
 
 
 def state_dependent_ref(layer, x, state=None):
