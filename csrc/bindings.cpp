@@ -3,6 +3,10 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "gla/gla_common.h"
+#include "gla/params.h"
+#include "selective_scan/params.h"
+
 TORCH_LIBRARY(linmix, m) {
   // linear_scan: h_t = a_t h_{t-1} + b_t, (B, T, D) channel-last
   m.def("linear_scan_fwd(Tensor a, Tensor b, Tensor? h0, bool reverse) -> Tensor");
@@ -51,4 +55,8 @@ PYBIND11_MODULE(_C, mod) {
     info["cuda_archs"] = LINMIX_CUDA_ARCHS;
     return info;
   });
+  // Constants the Python layer needs (fake kernels, benches), from the headers that define them.
+  mod.attr("selective_scan_chunk") = linmix::kSelectiveScanChunk;
+  mod.attr("gla_chunk") = linmix::kGlaChunk;
+  mod.attr("gla_max_head_dim") = linmix::kGlaMaxHeadDim;
 }

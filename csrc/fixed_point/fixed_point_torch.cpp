@@ -1,21 +1,16 @@
-// Torch glue for fixed_point_rnn: input checks, outputs, params, dispatch to CPU or CUDA.
+// Torch glue for fixed_point_rnn: input checks, outputs, params, and the launch (common/dispatch.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
-#include "common/static_switch.h"
-#include "common/torch_stream.h"
+#include "common/dispatch.h"
 #include "fixed_point/fixed_point_common.h"
 #include "fixed_point/fixed_point_cpu.h"
-#include "fixed_point/params.h"
-#ifdef LINMIX_WITH_CUDA
 #include "fixed_point/fixed_point_cuda.h"
-#endif
+#include "fixed_point/params.h"
 
 namespace linmix {
 namespace {
-
-at::ScalarType acc_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_inputs(const at::Tensor& u, const at::Tensor& lam, const at::Tensor& hh_u, const at::Tensor& hh_beta,
                   int64_t max_iter, double tol, const std::optional<at::Tensor>& h0, double damping,
@@ -48,15 +43,12 @@ void check_inputs(const at::Tensor& u, const at::Tensor& lam, const at::Tensor& 
               "linmix.fixed_point_rnn: quantile must be in [0, 1], got ", batch_quantile);
   TORCH_CHECK(!(causal && batch_quantile >= 0),
               "linmix.fixed_point_rnn: causal (per-token) stopping and a batch quantile exclude each other");
-  if (u.is_cuda()) {
-    // The GPU-verified kernels run the plain iteration from zeros with per-element stopping; the variants
-    // are CPU-only until CUDA code for them exists (it would start behind unverified_kernels_enabled()).
-    TORCH_CHECK(batch_quantile < 0 && !causal && !h0.has_value() && damping == 1.0,
-                "linmix.fixed_point_rnn: initial_state, damping != 1, stopping='batch' and stopping='causal' are "
-                "implemented on the CPU only so far; on CUDA use the defaults (stopping='element', damping=1, "
-                "no initial_state)");
-    TORCH_CHECK(D <= int64_t(65535) * 32, "linmix.fixed_point_rnn: D must be at most ", 65535 * 32, " on CUDA");
-  }
+  // The GPU-verified kernels run the plain iteration from zeros with per-element stopping; the variants are
+  // CPU-only until CUDA code for them exists (it would start behind unverified_kernels_enabled()).
+  TORCH_CHECK(!u.is_cuda() || (batch_quantile < 0 && !causal && !h0.has_value() && damping == 1.0),
+              "linmix.fixed_point_rnn: initial_state, damping != 1, stopping='batch' and stopping='causal' are "
+              "implemented on the CPU only so far; on CUDA use the defaults (stopping='element', damping=1, "
+              "no initial_state)");
 }
 
 FixedPointParams make_params(const at::Tensor& u, const at::Tensor& lam, const at::Tensor& hh_u,
@@ -71,6 +63,7 @@ FixedPointParams make_params(const at::Tensor& u, const at::Tensor& lam, const a
   return p;
 }
 
+template <Backend backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_rnn_fwd(
     const at::Tensor& u_in, const at::Tensor& lam_in, const at::Tensor& hh_u_in, const at::Tensor& hh_beta_in,
     int64_t max_iter, double tol, const std::optional<at::Tensor>& h0_in, double damping, double batch_quantile,
@@ -92,24 +85,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_rnn_fwd(
   p.batch_quantile = batch_quantile, p.causal = causal;
   p.h = h.data_ptr(), p.h_prev = h_prev.data_ptr(), p.n_iter = n_iter.data_ptr<int32_t>();
   p.residual = residual.data_ptr<float>();
-  const DType dt = to_linmix_dtype(u.scalar_type());
-  if (u.is_cpu()) {
-    fixed_point_fwd_cpu(p, dt);
-  } else {
-#ifdef LINMIX_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(u.device());
-    const FixedPointWorkspace ws = fixed_point_workspace(p, /*backward=*/false);
-    at::Tensor work = at::empty({ws.work_floats}, u.options().dtype(at::kFloat));
-    at::Tensor flags = at::empty({ws.flag_ints}, u.options().dtype(at::kInt));
-    p.work = work.data_ptr(), p.flags = flags.data_ptr();
-    LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
-      if constexpr (kDT != DType::kFloat64) fixed_point_fwd_cuda<kDT>(p, current_stream());
-    });
-#endif
-  }
+  launch<backend>(
+      u, [&](DType dt) { fixed_point_fwd_cpu(p, dt); },
+      [&]<DType dt>(cudaStream_t stream) {
+        const FixedPointWorkspace ws = fixed_point_workspace(p, /*backward=*/false);
+        at::Tensor work = at::empty({ws.work_floats}, u.options().dtype(at::kFloat));
+        at::Tensor flags = at::empty({ws.flag_ints}, u.options().dtype(at::kInt));
+        p.work = work.data_ptr(), p.flags = flags.data_ptr();
+        fixed_point_fwd_cuda<dt>(p, stream);
+      });
   return {h, h_prev, n_iter, residual};
 }
 
+template <Backend backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_rnn_bwd(
     const at::Tensor& dh_in, const at::Tensor& u_in, const at::Tensor& lam_in, const at::Tensor& hh_u_in,
     const at::Tensor& hh_beta_in, const at::Tensor& h_prev_in, int64_t max_iter, double tol,
@@ -136,35 +124,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_poi
   p.h_prev = const_cast<void*>(h_prev.data_ptr());
   p.dh = dh.data_ptr(), p.du = du.data_ptr(), p.dlam = dlam.data_ptr(), p.dhh_u = dhh_u.data_ptr();
   p.dhh_beta = dhh_beta.data_ptr();
-  const DType dt = to_linmix_dtype(u.scalar_type());
-  if (u.is_cpu()) {
-    fixed_point_bwd_cpu(p, dt);
-  } else {
-#ifdef LINMIX_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(u.device());
-    const FixedPointWorkspace ws = fixed_point_workspace(p, /*backward=*/true);
-    at::Tensor work = at::empty({ws.work_floats}, u.options().dtype(at::kFloat));
-    at::Tensor flags = at::empty({ws.flag_ints}, u.options().dtype(at::kInt));
-    p.work = work.data_ptr(), p.flags = flags.data_ptr();
-    LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
-      if constexpr (kDT != DType::kFloat64) fixed_point_bwd_cuda<kDT>(p, current_stream());
-    });
-#endif
-  }
+  launch<backend>(
+      u, [&](DType dt) { fixed_point_bwd_cpu(p, dt); },
+      [&]<DType dt>(cudaStream_t stream) {
+        const FixedPointWorkspace ws = fixed_point_workspace(p, /*backward=*/true);
+        at::Tensor work = at::empty({ws.work_floats}, u.options().dtype(at::kFloat));
+        at::Tensor flags = at::empty({ws.flag_ints}, u.options().dtype(at::kInt));
+        p.work = work.data_ptr(), p.flags = flags.data_ptr();
+        fixed_point_bwd_cuda<dt>(p, stream);
+      });
   return {du, dlam, dhh_u, dhh_beta, dh0};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linmix, CPU, m) {
-  m.impl("fixed_point_rnn_fwd", &fixed_point_rnn_fwd);
-  m.impl("fixed_point_rnn_bwd", &fixed_point_rnn_bwd);
+  m.impl("fixed_point_rnn_fwd", &fixed_point_rnn_fwd<Backend::kCPU>);
+  m.impl("fixed_point_rnn_bwd", &fixed_point_rnn_bwd<Backend::kCPU>);
 }
 
 #ifdef LINMIX_WITH_CUDA
 TORCH_LIBRARY_IMPL(linmix, CUDA, m) {
-  m.impl("fixed_point_rnn_fwd", &fixed_point_rnn_fwd);
-  m.impl("fixed_point_rnn_bwd", &fixed_point_rnn_bwd);
+  m.impl("fixed_point_rnn_fwd", &fixed_point_rnn_fwd<Backend::kCUDA>);
+  m.impl("fixed_point_rnn_bwd", &fixed_point_rnn_bwd<Backend::kCUDA>);
 }
 #endif
 

@@ -275,8 +275,8 @@ void chunk_gla_bwd_cuda(const GlaParams& p, cudaStream_t stream) {
   using T = cuda_t<dt>;
   constexpr size_t states_smem = sizeof(GlaChunkStatesSmem), grads_smem = sizeof(GlaChunkGradsSmem);
   static_assert(states_smem <= 160 * 1024 && grads_smem <= 160 * 1024, "fits an sm_80 block (163 KB opt-in)");
-  gla_set_smem(linmix_chunk_gla_bwd_states_kernel<T>, states_smem);
-  gla_set_smem(linmix_chunk_gla_bwd_grads_kernel<T>, grads_smem);
+  opt_in_smem(linmix_chunk_gla_bwd_states_kernel<T>, states_smem);
+  opt_in_smem(linmix_chunk_gla_bwd_grads_kernel<T>, grads_smem);
   const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
   const dim3 states_grid(bh, static_cast<unsigned>(ceil_div(p.dim_v, Tr::kBV)));
   for (bool reverse : {false, true}) {

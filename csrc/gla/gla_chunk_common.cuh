@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "common/cuda_check.h"
+#include "common/cuda_utils.cuh"
 #include "common/dtype.h"
 #include "gla/gla_common.h"
 #include "gla/params.h"
@@ -129,12 +130,6 @@ __device__ __forceinline__ void accumulate_scores(float (*A)[GlaChunkTraits::kCh
     A[i][j] += gla_diag_score(&s.q[i][0], &s.k[j][0], &s.b[i][0], &s.b[j][0], BK);
   }
   __syncthreads();
-}
-
-// Opts a kernel into more than 48 KB of dynamic shared memory.
-template <typename Kernel>
-inline void gla_set_smem(Kernel kernel, size_t bytes) {
-  LINMIX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
 }  // namespace linmix

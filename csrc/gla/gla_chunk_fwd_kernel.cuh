@@ -113,7 +113,7 @@ void chunk_gla_fwd_cuda(const GlaParams& p, cudaStream_t stream) {
   using T = cuda_t<dt>;
   constexpr size_t smem = sizeof(GlaChunkFwdSmem<T>);
   static_assert(smem <= 160 * 1024, "fits an sm_80 block (163 KB opt-in)");
-  gla_set_smem(linmix_chunk_gla_fwd_kernel<T>, smem);
+  opt_in_smem(linmix_chunk_gla_fwd_kernel<T>, smem);
   const dim3 grid(static_cast<unsigned>(p.batch * p.heads), static_cast<unsigned>(ceil_div(p.dim_v, Tr::kBV)));
   linmix_chunk_gla_fwd_kernel<T><<<grid, Tr::kThreads, smem, stream>>>(p);
   LINMIX_CHECK_LAUNCH();

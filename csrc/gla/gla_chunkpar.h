@@ -3,11 +3,10 @@
 // GPU session verifies them (bench/results/README.md).
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
 #include "common/dtype.h"
+#include "common/stream.h"
 #include "gla/gla_common.h"
 #include "gla/params.h"
 

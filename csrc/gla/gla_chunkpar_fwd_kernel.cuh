@@ -152,11 +152,12 @@ __global__ void __launch_bounds__(GlaParTraits::kThreads)
 template <typename T>
 void chunkpar_gla_states_cuda(const GlaParams& p, const GlaChunkparWorkspace& ws, cudaStream_t stream) {
   using Tr = GlaParTraits;
-  const unsigned BH = static_cast<unsigned>(p.batch * p.heads), N = static_cast<unsigned>(gla_chunkpar_n_chunks(p.seqlen));
   constexpr size_t smem = sizeof(GlaParStateSmem<T>);
-  gla_set_smem(linmix_gla_chunkpar_fwd_state_kernel<T>, smem);
-  const unsigned tiles = static_cast<unsigned>(ceil_div(p.dim_k, Tr::kStateBK) * ceil_div(p.dim_v, Tr::kStateBV));
-  linmix_gla_chunkpar_fwd_state_kernel<T><<<dim3(BH, tiles, N), Tr::kThreads, smem, stream>>>(p, ws);
+  opt_in_smem(linmix_gla_chunkpar_fwd_state_kernel<T>, smem);
+  const dim3 grid = checked_grid("chunk_gla", "(B H, state tiles, ceil(T / 64))", p.batch * p.heads,
+                                 ceil_div(p.dim_k, Tr::kStateBK) * ceil_div(p.dim_v, Tr::kStateBV),
+                                 gla_chunkpar_n_chunks(p.seqlen));
+  linmix_gla_chunkpar_fwd_state_kernel<T><<<grid, Tr::kThreads, smem, stream>>>(p, ws);
   LINMIX_CHECK_LAUNCH();
   chunkpar_gla_scan_cuda(p, ws, /*reverse=*/false, stream);
 }
@@ -168,9 +169,9 @@ void chunkpar_gla_fwd_cuda(const GlaParams& p, const GlaChunkparWorkspace& ws, c
   chunkpar_gla_states_cuda<T>(p, ws, stream);
   constexpr size_t smem = sizeof(GlaParOutSmem<T>);
   static_assert(smem <= 160 * 1024, "fits an sm_80 block (163 KB opt-in)");
-  gla_set_smem(linmix_gla_chunkpar_fwd_out_kernel<T>, smem);
-  const dim3 grid(static_cast<unsigned>(p.batch * p.heads), static_cast<unsigned>(ceil_div(p.dim_v, Tr::kOutBV)),
-                  static_cast<unsigned>(gla_chunkpar_n_chunks(p.seqlen)));
+  opt_in_smem(linmix_gla_chunkpar_fwd_out_kernel<T>, smem);
+  const dim3 grid = checked_grid("chunk_gla", "(B H, ceil(V / 64), ceil(T / 64))", p.batch * p.heads,
+                                 ceil_div(p.dim_v, Tr::kOutBV), gla_chunkpar_n_chunks(p.seqlen));
   linmix_gla_chunkpar_fwd_out_kernel<T><<<grid, Tr::kThreads, smem, stream>>>(p, ws);
   LINMIX_CHECK_LAUNCH();
 }

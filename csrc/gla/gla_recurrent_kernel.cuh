@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include "common/cuda_check.h"
+#include "common/cuda_utils.cuh"
 #include "common/dtype.h"
 #include "gla/gla_common.h"
 #include "gla/params.h"
@@ -29,12 +30,6 @@ struct GlaRecurrentTraits {
   static_assert(kSteps == kNWarps, "one warp reduces one step of a group");
   static_assert(kMaxDim % kNWarps == 0 && kMaxDim % 32 == 0, "register arrays cover kMaxDim exactly");
 };
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
 
 // Shared memory of the column-layout kernels: a group of steps of q, k, decay (all K channels) and one
 // 32-wide column slice of a (B, T, H, V) input, plus the per-warp partial sums.

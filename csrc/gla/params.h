@@ -6,6 +6,9 @@
 
 namespace linmix {
 
+// Largest head dim K and V; the CUDA kernels size their shared memory and register tiles for it.
+constexpr int64_t kGlaMaxHeadDim = 256;
+
 // A (B, T, H, X) tensor with unit stride along X; element strides for B, T and H (64-bit).
 struct BTHView {
   void* ptr = nullptr;

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "common/cuda_check.h"
+#include "common/cuda_utils.cuh"
 #include "common/dtype.h"
 #include "common/math.h"
 #include "selective_scan/params.h"
@@ -67,12 +68,6 @@ __device__ __forceinline__ float block_scan_carry_in(ScanPair<float> agg, float 
     for (int w = 0; w < warp; ++w) h = scan_step(s_warp[w].a, h, s_warp[w].b);
   }
   return scan_step(excl.a, h, excl.b);
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) x += __shfl_xor_sync(0xffffffffu, x, off);
-  return x;
 }
 
 // B or C of (batch, channel, state) at the times of this thread's items: a row pointer for variable
@@ -276,16 +271,5 @@ __device__ __forceinline__ float bwd_step_grads(float s, float An, const float (
 }
 
 using SelectiveScanDefaultTraits = SelectiveScanTraits<128, 8>;
-
-// A block's shared memory beyond the default 48 KiB needs an explicit opt-in per kernel; the 48 KiB count the
-// kernel's static shared memory plus `smem`, the dynamic part, so the opt-in looks at both.
-template <typename Kernel>
-void opt_in_smem(Kernel kernel, size_t smem) {
-  cudaFuncAttributes attr;
-  LINMIX_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  if (attr.sharedSizeBytes + smem > 48 * 1024) {
-    LINMIX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  }
-}
 
 }  // namespace linmix

@@ -231,7 +231,7 @@ void selective_scan_bwd_tiled_cuda(const SelectiveScanParams& p, cudaStream_t st
   if (p.batch * p.dim == 0) return;
   const SelectiveScanTiling tl = selective_scan_tiling(p);
   linmix_selective_scan_bwd_tiled_kernel<cuda_t<dt>>
-      <<<dim3(static_cast<unsigned>(p.batch * tl.n_tiles)), Tr::kThreads, 0, stream>>>(p, tl);
+      <<<checked_grid("selective_scan", "(b channel_tiles)", p.batch * tl.n_tiles), Tr::kThreads, 0, stream>>>(p, tl);
   LINMIX_CHECK_LAUNCH();
   const int64_t nl = p.dstate * p.seqlen;
   for (int which = 0; which < 2; ++which) {

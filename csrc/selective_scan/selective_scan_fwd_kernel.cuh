@@ -84,7 +84,7 @@ void selective_scan_fwd_cuda(const SelectiveScanParams& p, cudaStream_t stream) 
   const auto kernel = linmix_selective_scan_fwd_kernel<Traits, cuda_t<dt>>;
   const size_t smem = size_t(p.dstate) * sizeof(float);
   opt_in_smem(kernel, smem);
-  kernel<<<dim3(static_cast<unsigned>(p.batch * p.dim)), Traits::kThreads, smem, stream>>>(p);
+  kernel<<<checked_grid("selective_scan", "(b d)", p.batch * p.dim), Traits::kThreads, smem, stream>>>(p);
   LINMIX_CHECK_LAUNCH();
 }
 

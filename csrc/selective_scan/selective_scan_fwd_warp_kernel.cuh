@@ -90,8 +90,8 @@ template <DType dt>
 void selective_scan_fwd_warp_cuda(const SelectiveScanParams& p, cudaStream_t stream) {
   using Tr = SelectiveScanWarpFwdTraits;
   if (p.batch * p.dim == 0) return;
-  const int64_t blocks = ceil_div(p.batch * p.dim, Tr::kWarps);
-  linmix_selective_scan_fwd_warp_kernel<cuda_t<dt>><<<dim3(static_cast<unsigned>(blocks)), Tr::kThreads, 0, stream>>>(p);
+  const dim3 grid = checked_grid("selective_scan", "(ceil(b d / warps))", ceil_div(p.batch * p.dim, Tr::kWarps));
+  linmix_selective_scan_fwd_warp_kernel<cuda_t<dt>><<<grid, Tr::kThreads, 0, stream>>>(p);
   LINMIX_CHECK_LAUNCH();
 }
 

@@ -1,9 +1,8 @@
 // Declaration of the CUDA selective_state_update launcher (defined in instantiate/*.cu), torch-free.
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include "common/dtype.h"
+#include "common/stream.h"
 #include "selective_scan/selective_state_update_common.h"
 
 namespace linmix {

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "common/cuda_check.h"
+#include "common/cuda_utils.cuh"
 #include "common/dtype.h"
 #include "selective_scan/selective_state_update_common.h"
 #include "selective_scan/selective_state_update_cuda.h"
@@ -120,9 +121,8 @@ template <typename T, typename S, int kTPR>
 void ssu_launch(const SelectiveStateUpdateParams& p, cudaStream_t stream) {
   constexpr int kRowsPerBlock = kSsuThreads / kTPR;
   const int64_t row_blocks = (p.nheads * p.headdim + kRowsPerBlock - 1) / kRowsPerBlock;
-  const int64_t blocks = p.batch * row_blocks;
-  if (blocks > int64_t(2147483647)) throw std::runtime_error("linmix.selective_state_update: grid too large");
-  linmix_selective_state_update_fwd_kernel<T, S, kTPR><<<dim3(unsigned(blocks)), kSsuThreads, 0, stream>>>(p);
+  const dim3 grid = checked_grid("selective_state_update", "(b ceil(h p / rows_per_block))", p.batch * row_blocks);
+  linmix_selective_state_update_fwd_kernel<T, S, kTPR><<<grid, kSsuThreads, 0, stream>>>(p);
   LINMIX_CHECK_LAUNCH();
 }
 

@@ -10,15 +10,13 @@
 #include <vector>
 
 #include "common/checks.h"
-#include "common/static_switch.h"
-#include "common/torch_stream.h"
+#include "common/dispatch.h"
 #include "common/unverified.h"
 #include "selective_scan/selective_state_update_common.h"
 #include "selective_scan/selective_state_update_cpu.h"
+#include "selective_scan/selective_state_update_cuda.h"
 #ifdef LINMIX_WITH_CUDA
 #include <c10/cuda/CUDAGraphsC10Utils.h>
-
-#include "selective_scan/selective_state_update_cuda.h"
 #endif
 
 namespace linmix {
@@ -27,7 +25,6 @@ namespace {
 using OptTensor = std::optional<at::Tensor>;
 constexpr const char* kOp = "linmix.selective_state_update: ";
 
-at::ScalarType acc_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 Strided3 strided3(const at::Tensor& t) {
   Strided3 v;
@@ -143,7 +140,6 @@ void check_indices(const at::Tensor& idx, int64_t b, const at::Tensor& state) {
   }
 }
 
-#ifdef LINMIX_WITH_CUDA
 // The GPU-verified default: selective_scan's forward with L = 1 from the state rows, in fp32. Without
 // state_batch_indices it never syncs (CUDA-graph capturable); with them it selects the live rows (one sync).
 void update_via_selective_scan(const Canonical& c, bool dt_softplus, const OptTensor& idx, at::Tensor& out) {
@@ -180,8 +176,8 @@ void update_via_selective_scan(const Canonical& c, bool dt_softplus, const OptTe
     out.copy_(y_out);
   }
 }
-#endif
 
+template <Backend backend>
 at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, const at::Tensor& dt,
                                   const at::Tensor& A, const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
                                   const OptTensor& z, const OptTensor& dt_bias, bool dt_softplus,
@@ -192,13 +188,10 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
   at::Tensor out = at::empty(c.x.sizes(), c.x.options().memory_format(at::MemoryFormat::Contiguous));
   const at::Tensor public_out = state.dim() == 3 ? out.flatten(1) : out;
   if (b == 0 || out.numel() == 0) return public_out;
-#ifdef LINMIX_WITH_CUDA
-  if (state.is_cuda() && !unverified_kernels_enabled()) {
-    const c10::cuda::CUDAGuard guard(state.device());
+  if (backend == Backend::kCUDA && !unverified_kernels_enabled()) {
     update_via_selective_scan(c, dt_softplus, state_batch_indices, out);
     return public_out;
   }
-#endif
   // Parameters in the accumulation dtype (no-ops for the usual fp32 parameters).
   const auto acc = acc_dtype(c.x);
   const at::Tensor A_acc = c.A.to(acc);
@@ -221,21 +214,15 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
   p.dt_dtype = to_linmix_dtype(c.dt.scalar_type());
   p.B_dtype = to_linmix_dtype(c.B.scalar_type()), p.C_dtype = to_linmix_dtype(c.C.scalar_type());
   p.out = out.data_ptr();
-  const DType xdt = to_linmix_dtype(c.x.scalar_type()), sdt = to_linmix_dtype(state.scalar_type());
-  if (state.is_cpu()) {
-    selective_state_update_cpu(p, xdt, sdt);
-  } else {
-#ifdef LINMIX_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(state.device());
-    LINMIX_DTYPE_SWITCH(xdt, kX, [&] {
-      LINMIX_DTYPE_SWITCH(sdt, kS, [&] {
-        if constexpr (kX != DType::kFloat64 && kS != DType::kFloat64) {
-          selective_state_update_cuda<kX, kS>(p, current_stream());
-        }
+  const DType sdt = to_linmix_dtype(state.scalar_type());
+  launch<backend>(
+      c.x, [&](DType xdt) { selective_state_update_cpu(p, xdt, sdt); },
+      [&]<DType kX>(cudaStream_t stream) {
+        LINMIX_DTYPE_SWITCH(sdt, kS, [&] {
+          TORCH_CHECK(kS != DType::kFloat64, kOp, "a float64 state runs on the CPU backend only");
+          if constexpr (kS != DType::kFloat64) selective_state_update_cuda<kX, kS>(p, stream);
+        });
       });
-    });
-#endif
-  }
   return public_out;
 }
 
@@ -247,10 +234,10 @@ TORCH_LIBRARY_FRAGMENT(linmix, m) {
         "Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(linmix, CPU, m) { m.impl("selective_state_update", &selective_state_update); }
+TORCH_LIBRARY_IMPL(linmix, CPU, m) { m.impl("selective_state_update", &selective_state_update<Backend::kCPU>); }
 
 #ifdef LINMIX_WITH_CUDA
-TORCH_LIBRARY_IMPL(linmix, CUDA, m) { m.impl("selective_state_update", &selective_state_update); }
+TORCH_LIBRARY_IMPL(linmix, CUDA, m) { m.impl("selective_state_update", &selective_state_update<Backend::kCUDA>); }
 #endif
 
 }  // namespace linmix

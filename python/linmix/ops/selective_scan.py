@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from .. import _C
 from .._native import acc_dtype, check_backend, nvtx_range
 from ._varlen import check_states, segments
 
-# Time steps per state checkpoint: kSelectiveScanChunk in csrc/selective_scan/params.h.
-CHUNK = 1024
+# Time steps per state checkpoint: kSelectiveScanChunk in csrc/selective_scan/params.h, exported by _C.
+CHUNK = _C.selective_scan_chunk
 
 
 @torch.library.register_fake("linmix::selective_scan_fwd")
