@@ -11,7 +11,9 @@ Models (--models, each: embedding -> one layer -> LayerNorm -> MLP head):
   mamba      one linmix.nn.Mamba block (the paper's diagonal baseline);
   fp-mamba   linmix.nn.FPMamba with a rank-r Householder mixer, one model per rank in --ranks (the paper's
              A5/S5 model: the mixer, B and C read the previous iterate's y_{t-1}, LayerNorm in the loop);
-  fp-rnn     linmix.nn.FixedPointRNN(state_dependent=True), the vector-state FP-RNN, per rank in --ranks.
+  fp-rnn     linmix.nn.FixedPointRNN(state_dependent=True), the vector-state FP-RNN, per rank in --ranks;
+  fp-rnn-c   the same with contractive=True (lam in (1/2, 1)): given h_{t-1} each token's map is then a
+             contraction, so the iteration converges token after token (at most T times the per-token count).
 The fixed point is iterated at most --max-iter times in training (tol --tol) and --eval-max-iter times at
 test (the authors evaluate with a larger cap than they train with); both are recorded.
 
@@ -74,9 +76,9 @@ class Model(nn.Module):
             self.layer = Mamba(d, d_state=args.d_state)
         elif kind == "fp-mamba":
             self.layer = FPMamba(d, d_state=args.d_state, mixer_rank=rank, **fp)
-        elif kind == "fp-rnn":
+        elif kind in ("fp-rnn", "fp-rnn-c"):
             self.layer = FixedPointRNN(d, d_inner=2 * d, rank=rank, state_dependent=True, on_nonconvergence="ignore",
-                                       **fp)
+                                       contractive=kind == "fp-rnn-c", **fp)
         else:
             raise ValueError(f"state_tracking: unknown model {kind!r}; expected one of {KINDS}")
         self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, n))
@@ -97,7 +99,7 @@ class Model(nn.Module):
         return self.head(h), info
 
 
-KINDS = ("diagonal", "mamba", "fp-mamba", "fp-rnn")
+KINDS = ("diagonal", "mamba", "fp-mamba", "fp-rnn", "fp-rnn-c")
 
 
 class Progress:
