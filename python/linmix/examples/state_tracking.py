@@ -197,6 +197,27 @@ def plot(results: dict, path: str, group: str, train_len: int):
     plt.close(fig)
 
 
+def save(results: dict, args, argv) -> None:
+    """Write results.json and the plot under args.out (merged with the folder's other models if --append)."""
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "results.json")
+    run = {"command": "python -m linmix.examples.state_tracking " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "machine": platform.machine()}
+    merged = {}
+    if args.append and os.path.exists(path):  # read now, not at the start: another process may have written
+        with open(path) as f:
+            old = json.load(f)
+        if (old["group"], old["train_len"]) != (args.group, args.train_len):
+            raise SystemExit(f"state_tracking: {path} holds {old['group']} at T={old['train_len']}, not "
+                             f"{args.group} at T={args.train_len}; use another --out")
+        merged = {k: dict(v, test={int(t): a for t, a in v["test"].items()}) for k, v in old["results"].items()}
+    merged.update({k: dict(v, run=run) for k, v in results.items()})
+    with open(path, "w") as f:
+        json.dump({"group": args.group, "train_len": args.train_len, "results": merged}, f, indent=1)
+    plot(merged, os.path.join(args.out, "accuracy_vs_length.png"), args.group, args.train_len)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--group", default="s3", choices=["s3", "a5", "s5"])
@@ -232,24 +253,8 @@ def main(argv=None):
         results[name] = train_and_test(name, kind, rank, table, args)
         accs = ", ".join(f"T={t}: {v['token_acc']:.3f}" for t, v in results[name]["test"].items())
         print(f"{name}: trained {results[name]['train_seconds']:.0f}s; token accuracy {accs}", flush=True)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "results.json")
-        run = {"command": "python -m linmix.examples.state_tracking " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "machine": platform.machine()}
-        merged = {}
-        if args.append and os.path.exists(path):  # read now, not at the start: another process may have written
-            with open(path) as f:
-                old = json.load(f)
-            if (old["group"], old["train_len"]) != (args.group, args.train_len):
-                raise SystemExit(f"state_tracking: {path} holds {old['group']} at T={old['train_len']}, not "
-                                 f"{args.group} at T={args.train_len}; use another --out")
-            merged = {k: dict(v, test={int(t): a for t, a in v["test"].items()}) for k, v in old["results"].items()}
-        merged.update({k: dict(v, run=run) for k, v in results.items()})
-        with open(path, "w") as f:
-            json.dump({"group": args.group, "train_len": args.train_len, "results": merged}, f, indent=1)
-        plot(merged, os.path.join(args.out, "accuracy_vs_length.png"), args.group, args.train_len)
+        if args.out:  # after every model, so a run stopped early keeps the models it finished
+            save(results, args, argv)
     return results
 
 
