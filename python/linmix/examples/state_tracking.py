@@ -19,6 +19,9 @@ test (the authors evaluate with a larger cap than they train with); both are rec
 
     python -m linmix.examples.state_tracking --group s3 --out bench/results/cpu/state_tracking
 
+(the defaults: diagonal against fp-rnn-c at ranks 1 and 2, 3000 steps; about 15 minutes on one CPU core).
+Results and what they show: bench/results/cpu/state_tracking/README.md.
+
 writes results.json and accuracy_vs_length.png under --out; with --append, models trained by separate
 commands (or processes) accumulate in the same results.json and plot.
 """
@@ -221,16 +224,16 @@ def save(results: dict, args, argv) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--group", default="s3", choices=["s3", "a5", "s5"])
-    p.add_argument("--models", default="diagonal,mamba,fp-mamba", help=f"comma-separated, from {KINDS}")
+    p.add_argument("--models", default="diagonal,fp-rnn-c", help=f"comma-separated, from {KINDS}")
     p.add_argument("--ranks", default="1,2", help="Householder ranks of the fixed-point models")
     p.add_argument("--d", type=int, default=32, help="d_model (d_inner = 2 d_model)")
     p.add_argument("--d-state", type=int, default=16, help="state size of mamba / fp-mamba")
     p.add_argument("--grad-mode", default="onestep", help="gradient of the fixed-point models (the authors': onestep)")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--train-len", type=int, default=16)
-    p.add_argument("--test-lens", default="8,16,32,64,128")
+    p.add_argument("--test-lens", default="8,16,24,32,48,64,128")
     p.add_argument("--test-batch", type=int, default=256)
     p.add_argument("--max-iter", type=int, default=16)
     p.add_argument("--eval-max-iter", type=int, default=128)
