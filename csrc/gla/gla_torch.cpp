@@ -7,6 +7,7 @@
 #include "common/checks.h"
 #include "common/static_switch.h"
 #include "common/torch_stream.h"
+#include "common/unverified.h"
 #include "gla/gla_common.h"
 #include "gla/gla_cpu.h"
 #include "gla/params.h"
@@ -61,6 +62,7 @@ GlaParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   p.scale = scale;
   p.q = bth_view(q), p.k = bth_view(k), p.v = bth_view(v), p.g = bth_view(g);
   p.h0 = h0 ? h0->data_ptr() : nullptr;
+  p.segment_decays = unverified_kernels_enabled();  // CUDA chunk kernels exact for any gate: not yet GPU-run
   return p;
 }
 
