@@ -65,6 +65,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     export PYTHONPATH="/tmp/linmix_wheels${PYTHONPATH:+:$PYTHONPATH}"
 fi
 step tests timeout "$T_TESTS" env OMP_NUM_THREADS=1 "$PY" -m pytest -q -ra --tb=short $PYTEST_ARGS tests
+# again with the kernels that have not yet run on a GPU switched on (bench/results/README.md lists them)
+step tests_unverified timeout "$T_TESTS" env OMP_NUM_THREADS=1 LINMIX_UNVERIFIED_KERNELS=1 "$PY" -m pytest -q -ra --tb=short $PYTEST_ARGS tests
 SAN="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
 if [ -x "$SAN" ]; then
     # torch's caching allocator would hide out-of-bounds accesses inside its pools: allocate each tensor exactly
@@ -75,6 +77,16 @@ if [ -x "$SAN" ]; then
     # racecheck is slow (it tracks every shared-memory access): one op at a time, each with its own bound
     for op in linear_scan selective_scan chunk_gla fused_recurrent_gla fixed_point_rnn; do
         step "racecheck_$op" timeout "$T_SAN" "${SANCMD[@]}" --tool racecheck "$PY" -m linmix.bench.sanitize "$op"
+    done
+    # Unverified kernels (their tests switch LINMIX_UNVERIFIED_KERNELS=1 on themselves): the tiled selective_scan
+    # backward, atomic and deterministic, L = 129, n = 17, three B/C layouts.
+    for tool in memcheck racecheck synccheck; do
+        step "unverified_${tool}_selective_scan" timeout "$T_SAN" "${SANCMD[@]}" --tool "$tool" "$PY" -m pytest -q \
+            -p no:cacheprovider tests/test_selective_scan_tiled.py -k "cuda_tiled_matches_reference and 129-17"
+    done
+    for tool in memcheck racecheck; do  # the unverified chunk-parallel chunk_gla
+        step "${tool}_chunk_gla_unverified" timeout "$T_SAN" env LINMIX_UNVERIFIED_KERNELS=1 "${SANCMD[@]}" --tool "$tool" \
+            "$PY" -m linmix.bench.sanitize chunk_gla
     done
 else
     SUMMARY+=("FAILED sanitize: compute-sanitizer not found (PATH, $CUDA_HOME/bin)"); FAILED=1
@@ -91,14 +103,17 @@ if [ -n "${BASELINE_SRC:-}" ]; then
     [ -d /tmp/linmix_base_site/linmix ] && BASE_SITE=/tmp/linmix_base_site
 fi
 # one run per op, so that a slow op cannot take the others' results with it
-OPS=(linear_scan selective_scan chunk_gla fixed_point)
+# chunk_gla+unverified: chunk_gla again with LINMIX_UNVERIFIED_KERNELS=1 (the chunk-parallel kernels), into results_unverified
+OPS=(linear_scan selective_scan chunk_gla chunk_gla+unverified fixed_point)
 for i in "${!OPS[@]}"; do
-    op="${OPS[$i]}"
+    op="${OPS[$i]%+unverified}"
+    name="$op" switch="LINMIX_UNVERIFIED_KERNELS=0" results="$OUT_DIR/results"
+    [ "$op" != "${OPS[$i]}" ] && name="${op}_unverified" switch="LINMIX_UNVERIFIED_KERNELS=1" results="$OUT_DIR/results_unverified"
     share=$(( ($(left) - 10) / (${#OPS[@]} - i) ))
     [ -n "$BASE_SITE" ] && share=$((share / 2))
-    if [ "$share" -lt 20 ]; then SUMMARY+=("SKIPPED bench_$op: session time spent"); continue; fi
-    step "bench_$op" timeout "$share" "$PY" -m linmix.bench --device cuda --op "$op" $BENCH_ARGS --out "$OUT_DIR/results"
-    if [ -n "$BASE_SITE" ]; then
+    if [ "$share" -lt 20 ]; then SUMMARY+=("SKIPPED bench_$name: session time spent"); continue; fi
+    step "bench_$name" timeout "$share" env "$switch" "$PY" -m linmix.bench --device cuda --op "$op" $BENCH_ARGS --out "$results"
+    if [ -n "$BASE_SITE" ] && [ "$name" = "$op" ]; then
         step "baseline_$op" timeout "$share" env PYTHONPATH="$BASE_SITE${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m linmix.bench --device cuda --op "$op" \
             --impl linmix $BENCH_ARGS --out "$OUT_DIR/baseline"
     fi
@@ -109,7 +124,7 @@ step profile_cmds profile_cmds
 echo
 echo "== summary ($OUT_DIR)"
 for line in "${SUMMARY[@]}"; do echo "$line"; done
-grep -E "^(FAILED|ERROR)|passed|failed" "$OUT_DIR/tests.log" 2>/dev/null | head -60
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT_DIR/tests.log" "$OUT_DIR/tests_unverified.log" 2>/dev/null | head -60
 grep -E "ERROR|error" "$OUT_DIR"/sanitize_*.log "$OUT_DIR"/racecheck_*.log 2>/dev/null | head -20
 grep -E "^(selective_scan|chunk_gla|fixed_point|linear_scan) +linmix " "$OUT_DIR"/bench_*.log 2>/dev/null | head -40
 [ -n "$BASE_SITE" ] && echo "== baseline ($BASELINE_SRC)" && \

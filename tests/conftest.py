@@ -23,6 +23,28 @@ def low_precision_close(out: torch.Tensor, ref: torch.Tensor, out_pt: torch.Tens
     assert err <= rtol * err_pt + atol, f"linmix error {err:.3e} > {rtol} x PyTorch's {err_pt:.3e} + {atol}"
 
 
+# The one tolerance rule for comparisons against the float64 reference: (rtol, atol) by the dtype compared.
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-11),
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (1e-2, 1e-3),
+    torch.bfloat16: (5e-2, 1e-2),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, exact: bool = False, name: str = "output",
+                 dtype: torch.dtype | None = None) -> None:
+    """The one closeness check: bitwise (exact=True, same computation two ways: compiled vs eager, strided vs
+    contiguous) or within TOLERANCES[dtype or actual.dtype] of `expected` (e.g. the float64 reference)."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if exact:
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{name}: {m}")
+        return
+    rtol, atol = TOLERANCES[dtype or actual.dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol,
+                               msg=lambda m: f"{name}: {m}")
+
+
 def poison(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN so an unwritten output element shows up."""
     return t.fill_(float("nan"))

@@ -48,8 +48,8 @@ def close(got, want, tol, what):
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
 
 
-def check_against_ref(args, softplus, tol, final=True, use_out=True):
-    out, fin = linmix.selective_scan(**args, delta_softplus=softplus, return_final_state=True)
+def check_against_ref(args, softplus, tol, final=True, use_out=True, **kw):
+    out, fin = linmix.selective_scan(**args, delta_softplus=softplus, return_final_state=True, **kw)
     rout, rfin = selective_scan_ref(**args, delta_softplus=softplus, return_final_state=True)
     assert out.dtype == args["u"].dtype and fin.dtype == args["A"].dtype
     close(out, rout, tol, "out")
@@ -228,6 +228,7 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.linmix.selective_scan_fwd, (*pos, sp))
         for dfin in (None, torch.randn_like(fin)):
             torch.library.opcheck(torch.ops.linmix.selective_scan_bwd, (*pos, ckpt, torch.randn_like(out), dfin, sp))
+        torch.library.opcheck(torch.ops.linmix.selective_scan_bwd, (*pos, ckpt, torch.randn_like(out), None, sp, True))
 
 
 def test_compile_fullgraph():
@@ -323,7 +324,7 @@ def test_state_updates_replay_the_scan(device):
     ]
     torch.testing.assert_close(torch.stack(steps, -1), out)
     torch.testing.assert_close(state, last)
-    with pytest.raises(ValueError, match="state must be"):
+    with pytest.raises(RuntimeError, match="state must have shape"):
         linmix.selective_state_update(state[0], args["u"][0, :, 0], args["delta"][0, :, 0], args["A"],
                                       args["B"][0, ..., 0], args["C"][0, ..., 0])
 

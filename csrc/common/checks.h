@@ -1,9 +1,10 @@
-// Input validation helpers for the *_torch.cpp files (the only files that see torch types).
+// Input validation and preparation helpers for the *_torch.cpp files (the only files that see torch types).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -55,6 +56,14 @@ inline DType to_linmix_dtype(at::ScalarType dt) {
     case at::kDouble: return DType::kFloat64;
     default: TORCH_CHECK(false, "linmix: unsupported dtype ", dt);
   }
+}
+
+// The dtype of fp32 "state" tensors (initial/final states, checkpoints, fixed A/B/C/D): fp64 when the inputs
+// are fp64 (the CPU-only test dtype), fp32 for every activation dtype. The CPU twins' cpu_acc_t matches it.
+inline at::ScalarType acc_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
+  return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
 }
 
 // Strides are passed to kernels in elements; a tensor whose last dim is not unit-stride is copied.

@@ -22,16 +22,6 @@ namespace linmix {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-// exp(x) as exp2(x * log2 e): on the GPU exp2f maps to one MUFU.EX2 after the multiply.
-LINMIX_HD float exp_via_exp2(float x) {
-#if defined(__CUDA_ARCH__)
-  return exp2f(x * kLog2e);
-#else
-  return std::exp2(x * kLog2e);
-#endif
-}
-LINMIX_HD double exp_via_exp2(double x) { return std::exp(x); }
-
 // softplus with the same threshold as torch.nn.functional.softplus (beta=1, threshold=20).
 template <typename T>
 LINMIX_HD T softplus(T x) {

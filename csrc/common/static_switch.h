@@ -1,9 +1,12 @@
 // Runtime value -> compile-time constant dispatch, in one place (the FlashAttention pattern).
 #pragma once
 
+#include <stdexcept>
+
 #include "common/dtype.h"
 
-// Calls __VA_ARGS__ (a lambda-like block) with `constexpr DType NAME` bound to the runtime dtype.
+// Calls __VA_ARGS__ (a lambda-like block) with `constexpr DType NAME` bound to the runtime dtype; a value
+// outside the enum throws instead of running some other instantiation.
 #define LINMIX_DTYPE_SWITCH(DT, NAME, ...)                                 \
   [&] {                                                                    \
     switch (DT) {                                                          \
@@ -19,20 +22,11 @@
         constexpr ::linmix::DType NAME = ::linmix::DType::kBFloat16;       \
         return __VA_ARGS__();                                              \
       }                                                                    \
-      default: {                                                           \
+      case ::linmix::DType::kFloat64: {                                    \
         constexpr ::linmix::DType NAME = ::linmix::DType::kFloat64;        \
         return __VA_ARGS__();                                              \
       }                                                                    \
+      default:                                                             \
+        throw std::invalid_argument("linmix: unknown DType");              \
     }                                                                      \
-  }()
-
-#define LINMIX_BOOL_SWITCH(COND, NAME, ...) \
-  [&] {                                     \
-    if (COND) {                             \
-      constexpr bool NAME = true;           \
-      return __VA_ARGS__();                 \
-    } else {                                \
-      constexpr bool NAME = false;          \
-      return __VA_ARGS__();                 \
-    }                                       \
   }()

@@ -1,6 +1,7 @@
-// CPU fixed-point RNN: parallel over batch elements (each converges on its own); inside an element the
-// iteration is one fused pass over time: per token the Householder mix on a row of D channels, then
-// the scan step, then the token's convergence ratio. The arithmetic is fixed_point_common.h's.
+// CPU fixed-point RNN: parallel over batch elements (each converges on its own, or, with a batch quantile,
+// the batch iterates together); inside an element the iteration is one fused pass over time: per token the
+// Householder mix on a row of D channels, then the scan step, then the token's convergence ratio. The
+// arithmetic is fixed_point_common.h's.
 #include "fixed_point/fixed_point_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -8,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -30,6 +32,7 @@ struct Element {
   int R;
   std::vector<acc_t> gram;     // (T, R, R)
   std::vector<acc_t> factors;  // (T, D, R): the factors channel-major, so a channel's R values are adjacent
+  std::vector<acc_t> h0;       // (D,) the state before token 0
 
   Element(const FixedPointParams& p, int64_t bi)
       : u(static_cast<const T*>(p.u) + bi * p.seqlen * p.dim),
@@ -37,7 +40,11 @@ struct Element {
         hh_u(static_cast<const T*>(p.hh_u) + bi * p.seqlen * p.rank * p.dim),
         hh_beta(static_cast<const T*>(p.hh_beta) + bi * p.seqlen * p.rank),
         T_(p.seqlen), D(p.dim), R(static_cast<int>(p.rank)), gram(p.seqlen * p.rank * p.rank),
-        factors(p.seqlen * p.dim * p.rank) {
+        factors(p.seqlen * p.dim * p.rank), h0(p.dim, acc_t(0)) {
+    if (p.h0 != nullptr) {
+      const T* g_h0 = static_cast<const T*>(p.h0) + bi * p.dim;
+      for (int64_t d = 0; d < D; ++d) h0[d] = static_cast<acc_t>(g_h0[d]);
+    }
     for (int64_t t = 0; t < T_; ++t) {
       for (int i = 0; i < R; ++i) {
         for (int64_t d = 0; d < D; ++d) factors[(t * D + d) * R + i] = static_cast<acc_t>(factor(t, i)[d]);
@@ -81,13 +88,14 @@ struct Element {
     householder_chain_fwd(R, beta, a, gram_at(t), c, k);
   }
 
-  // out = f(in), one forward iteration over (T, D) rows; returns the residual max_t ratio_t.
-  acc_t iterate(const acc_t* in, acc_t* out, acc_t* v) const {
+  // out = f(in), one forward iteration over (T, D) rows; returns the residual max_t ratio_t and, if
+  // `ratios` is given, writes each token's ratio there.
+  acc_t iterate(const acc_t* in, acc_t* out, acc_t* v, acc_t* ratios = nullptr) const {
     acc_t res = 0;
     for (int64_t t = 0; t < T_; ++t) {
       const acc_t* hp = in + t * D;
       acc_t* hn = out + t * D;
-      const acc_t* h_before = t > 0 ? out + (t - 1) * D : nullptr;
+      const acc_t* h_before = t > 0 ? out + (t - 1) * D : h0.data();
       acc_t c[kFixedPointMaxRank], k[kFixedPointMaxRank];
       forward_chain(t, hp, v, c, k);
       acc_t diff = 0, norm = 0;
@@ -95,12 +103,14 @@ struct Element {
         const acc_t lam_d = lam_at(t, d);
         const acc_t* ud = channel(t, d);
         const acc_t b = fixed_point_scan_input(lam_d, static_cast<acc_t>(u[t * D + d]), householder_mix(R, k, ud));
-        const acc_t h = scan_step(lam_d, h_before ? h_before[d] : acc_t(0), b);
+        const acc_t h = scan_step(lam_d, h_before[d], b);
         hn[d] = h;
         diff = nan_max(diff, std::abs(h - hp[d]));
         norm = nan_max(norm, std::abs(h));
       }
-      res = nan_max(res, fixed_point_token_ratio(diff, norm));
+      const acc_t ratio = fixed_point_token_ratio(diff, norm);
+      if (ratios != nullptr) ratios[t] = ratio;
+      res = nan_max(res, ratio);
     }
     return res;
   }
@@ -131,32 +141,114 @@ struct Element {
   }
 };
 
+// z <- (1 - damping) z_old + damping z (the damped update; z holds f(z_old) on entry).
+template <typename acc_t>
+void damp(acc_t damping, const acc_t* z_old, acc_t* z, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) z[k] = (acc_t(1) - damping) * z_old[k] + damping * z[k];
+}
+
+// One batch element's forward iteration: z^0 = 0, then f_l = f(z^{l-1}) and its residual, z^l the damped
+// update. On stopping, h_prev = z^{n-1} and h = f(h_prev) = f_n. Causal (per-token) stopping records token
+// t's z^{l-1}_t at the first iteration l whose prefix residual max_{s<=t} ratio_s is below tol (a prefix
+// of tokens, growing with l) and the output is f of that record.
+template <typename T, typename acc_t>
+struct ForwardRun {
+  const FixedPointParams& p;
+  Element<T, acc_t> el;
+  std::vector<acc_t> buf, v, ratios, rec;  // buf: two (T, D) iterates
+  acc_t *cur, *nxt;                        // cur: z^{l-1}; after step(), nxt: f(cur)
+  int64_t frozen = 0;                      // causal: tokens recorded so far
+  int n = 0;
+  acc_t res = std::numeric_limits<acc_t>::infinity();
+
+  ForwardRun(const FixedPointParams& p_, int64_t bi)
+      : p(p_), el(p_, bi), buf(2 * p_.seqlen * p_.dim, acc_t(0)), v(p_.dim), ratios(p.causal ? p_.seqlen : 0),
+        rec(p.causal ? p_.seqlen * p_.dim : 0), cur(buf.data()), nxt(buf.data() + p_.seqlen * p_.dim) {}
+
+  // One iteration; returns whether this element meets its own stopping rule (or the cap).
+  bool step() {
+    res = el.iterate(cur, nxt, v.data(), p.causal ? ratios.data() : nullptr);
+    ++n;
+    bool met = res < p.tol;
+    if (p.causal) {
+      acc_t prefix = 0;
+      for (int64_t t = 0; t < el.T_; ++t) {
+        prefix = nan_max(prefix, ratios[t]);
+        if (!(prefix < p.tol)) break;
+        if (t >= frozen) std::copy(cur + t * el.D, cur + (t + 1) * el.D, rec.data() + t * el.D), frozen = t + 1;
+      }
+      met = frozen == el.T_;
+    }
+    return met || n >= p.max_iter;
+  }
+
+  // z^l from f_l, ready for the next step().
+  void advance() {
+    if (p.damping != 1.0) damp(static_cast<acc_t>(p.damping), cur, nxt, el.T_ * el.D);
+    std::swap(cur, nxt);
+  }
+
+  void finish(int64_t bi) {
+    const int64_t TD = el.T_ * el.D;
+    const acc_t* hp = cur;
+    const acc_t* out = nxt;
+    if (p.causal) {  // tokens never recorded take the last iterate; then the output is f(record)
+      std::copy(cur + frozen * el.D, cur + TD, rec.data() + frozen * el.D);
+      el.iterate(rec.data(), nxt, v.data());
+      hp = rec.data();
+    }
+    T* h = static_cast<T*>(p.h) + bi * TD;
+    for (int64_t k = 0; k < TD; ++k) h[k] = static_cast<T>(out[k]);
+    std::copy(hp, hp + TD, static_cast<acc_t*>(p.h_prev) + bi * TD);
+    p.n_iter[bi] = n;
+    p.residual[bi] = static_cast<float>(res);
+  }
+};
+
+// The q-quantile of the residuals with linear interpolation (torch.quantile's default); NaN and +inf count
+// as the largest finite value (so they interpolate instead of producing NaN, and never pass a test < tol).
+template <typename acc_t>
+acc_t batch_quantile(std::vector<acc_t> r, double q) {
+  for (acc_t& x : r) x = (x != x || x > std::numeric_limits<acc_t>::max()) ? std::numeric_limits<acc_t>::max() : x;
+  std::sort(r.begin(), r.end());
+  const double pos = q * static_cast<double>(r.size() - 1);
+  const size_t lo = static_cast<size_t>(pos);
+  const acc_t frac = static_cast<acc_t>(pos - static_cast<double>(lo));
+  return frac == acc_t(0) || lo + 1 >= r.size() ? r[lo] : r[lo] + frac * (r[lo + 1] - r[lo]);
+}
+
 template <DType dt>
 void fwd_impl(const FixedPointParams& p) {
   using T = cpu_t<dt>;
   using acc_t = cpu_acc_t<dt>;
-  const int64_t TD = p.seqlen * p.dim;
-  at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(TD), v(p.dim);
-    for (int64_t bi = begin; bi < end; ++bi) {
-      const Element<T, acc_t> el(p, bi);
-      acc_t* slot = static_cast<acc_t*>(p.h_prev) + bi * TD;  // holds h^{n-1} on return
-      acc_t *cur = slot, *nxt = scratch.data();
-      std::fill(cur, cur + TD, acc_t(0));  // h^0 = 0
-      int n = 0;
-      acc_t res = std::numeric_limits<acc_t>::infinity();
-      while (n < p.max_iter) {
-        res = el.iterate(cur, nxt, v.data());
-        ++n;
-        std::swap(cur, nxt);  // cur: h^n, nxt: h^{n-1}
-        if (res < p.tol) break;
+  using Run = ForwardRun<T, acc_t>;
+  if (p.batch_quantile < 0) {  // every element on its own
+    at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bi = begin; bi < end; ++bi) {
+        Run run(p, bi);
+        while (!run.step()) run.advance();
+        run.finish(bi);
       }
-      T* h = static_cast<T*>(p.h) + bi * TD;
-      for (int64_t k = 0; k < TD; ++k) h[k] = static_cast<T>(cur[k]);
-      if (nxt != slot) std::copy(nxt, nxt + TD, slot);
-      p.n_iter[bi] = n;
-      p.residual[bi] = static_cast<float>(res);
-    }
+    });
+    return;
+  }
+  // The authors' rule: the batch iterates together until the quantile of its residuals is below tol.
+  std::vector<std::unique_ptr<Run>> runs(p.batch);
+  at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bi = begin; bi < end; ++bi) runs[bi] = std::make_unique<Run>(p, bi);
+  });
+  std::vector<acc_t> res(p.batch);
+  for (int l = 1;; ++l) {
+    at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bi = begin; bi < end; ++bi) runs[bi]->step(), res[bi] = runs[bi]->res;
+    });
+    if (l >= p.max_iter || batch_quantile(res, p.batch_quantile) < p.tol) break;
+    at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bi = begin; bi < end; ++bi) runs[bi]->advance();
+    });
+  }
+  at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bi = begin; bi < end; ++bi) runs[bi]->finish(bi);
   });
 }
 
@@ -178,12 +270,18 @@ void bwd_impl(const FixedPointParams& p) {
       // Adjoint iterations on s (s^0 = 0, so the first one is the plain reverse scan of g).
       acc_t *cur = s_a.data(), *nxt = s_b.data();
       std::fill(cur, cur + TD, acc_t(0));
-      for (int it = 0; it < p.max_iter; ++it) {
+      for (int it = 1;; ++it) {
         const acc_t res = el.adjoint_iterate(g, cur, nxt, e.data());
+        const bool stop = it >= p.max_iter || res < p.tol;
+        if (!stop && p.damping != 1.0) damp(static_cast<acc_t>(p.damping), cur, nxt, TD);
         std::swap(cur, nxt);
-        if (res < p.tol) break;
+        if (stop) break;
       }
       const acc_t* s = cur;
+      if (p.dh0 != nullptr) {  // h0 enters token 0's scan step with coefficient lam_0
+        T* dh0 = static_cast<T*>(p.dh0) + bi * D;
+        for (int64_t d = 0; d < D; ++d) dh0[d] = static_cast<T>(el.lam_at(0, d) * s[d]);
+      }
 
       // One step's VJP per token (householder_vjp_channel walks the factors per channel).
       T* du = static_cast<T*>(p.du) + bi * TD;
@@ -202,7 +300,7 @@ void bwd_impl(const FixedPointParams& p) {
         for (int64_t d = 0; d < D; ++d) {
           const acc_t* ud = el.channel(t, d);
           const acc_t x_tilde = static_cast<acc_t>(el.u[t * D + d]) - householder_mix(static_cast<int>(R), k, ud);
-          const acc_t h_before = t > 0 ? h_new[(t - 1) * D + d] : acc_t(0);
+          const acc_t h_before = t > 0 ? h_new[(t - 1) * D + d] : el.h0[d];
           dlam[t * D + d] = static_cast<T>(fixed_point_grad_lam(s[t * D + d], h_before, x_tilde));
           du[t * D + d] = static_cast<T>(
               householder_vjp_channel(static_cast<int>(R), ud, beta, c, k, dd, kk, v[d], e[d], dud));

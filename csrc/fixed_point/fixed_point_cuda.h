@@ -1,11 +1,10 @@
 // CUDA launchers (defined in instantiate/*.cu) and their workspace layout, torch-free.
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
 #include "common/dtype.h"
+#include "common/stream.h"
 #include "fixed_point/params.h"
 
 namespace linmix {

@@ -7,7 +7,7 @@
 //        the scalar chain (fixed_point_common.h, with the token's Gram matrix computed once per call)
 //        gives R coefficients k_i. It writes only those (B, T, R) scalars, not a mixed (B, T, D) row.
 //   scan (linmix_fixed_point_{fwd,bwd}_scan_kernel): the linear_scan layout, grid (B, D / 32), lanes on
-//        channels and warps on time (block_chunk_scan, reused). The scan input is rebuilt per channel
+//        channels and warps on time (block_chunk_scan, common/channel_scan.cuh). The scan input is rebuilt per channel
 //        from the coefficients, b = (1 - lam)(u - sum_i k_i u_i[d]) (adjoint: g + sum_i k_i u_i[d]), so
 //        the mixed row never round-trips through memory. Its epilogue writes the new state and the
 //        per-token max |new - old| and max |new| (warp max over 32 channels, one atomicMax per warp and
@@ -27,19 +27,20 @@
 
 #include <algorithm>
 
+#include "common/channel_scan.cuh"
 #include "common/cuda_check.h"
+#include "common/cuda_utils.cuh"
 #include "common/dtype.h"
 #include "common/math.h"
 #include "fixed_point/fixed_point_common.h"
 #include "fixed_point/fixed_point_cuda.h"
 #include "fixed_point/params.h"
-#include "linear_scan/linear_scan_kernel.cuh"
 
 namespace linmix {
 
 constexpr int kFpWarpsPerBlock = 8;  // token-per-warp kernels: 8 tokens per 256-thread block
 constexpr int kFpMaxR = kFixedPointMaxRank;
-using FixedPointScanTraits = LinearScanDefaultTraits;
+using FixedPointScanTraits = ChannelScanDefaultTraits;
 
 // Device-side views of the workspace (see FixedPointWorkspace).
 struct FixedPointWork {
@@ -61,11 +62,6 @@ struct FixedPointIter {
   bool track;        // residual + convergence flag (false: plain f(src) for every element)
 };
 
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
 __device__ __forceinline__ float warp_nan_max(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x = nan_max(x, __shfl_xor_sync(0xffffffffu, x, o));
@@ -370,8 +366,8 @@ template <typename T, bool kAdjoint>
 void fixed_point_launch_iter(const FixedPointParams& p, const FixedPointWork& w, const FixedPointIter& it,
                              cudaStream_t stream) {
   using Traits = FixedPointScanTraits;
-  const unsigned tok_blocks = static_cast<unsigned>(ceil_div(p.batch * p.seqlen, kFpWarpsPerBlock));
-  const dim3 scan_grid(static_cast<unsigned>(p.batch), static_cast<unsigned>(ceil_div(p.dim, 32)));
+  const dim3 tok_blocks = checked_grid("fixed_point_rnn", "(ceil(B T / 8))", ceil_div(p.batch * p.seqlen, kFpWarpsPerBlock));
+  const dim3 scan_grid = checked_grid("fixed_point_rnn", "(B, ceil(D / 32))", p.batch, ceil_div(p.dim, 32));
   if constexpr (kAdjoint) {
     linmix_fixed_point_bwd_mix_kernel<T><<<tok_blocks, 32 * kFpWarpsPerBlock, 0, stream>>>(p, w, it);
     LINMIX_CHECK_LAUNCH();
@@ -387,7 +383,7 @@ void fixed_point_launch_iter(const FixedPointParams& p, const FixedPointWork& w,
 
 template <typename T>
 void fixed_point_launch_gram(const FixedPointParams& p, const FixedPointWork& w, cudaStream_t stream) {
-  const unsigned tok_blocks = static_cast<unsigned>(ceil_div(p.batch * p.seqlen, kFpWarpsPerBlock));
+  const dim3 tok_blocks = checked_grid("fixed_point_rnn", "(ceil(B T / 8))", ceil_div(p.batch * p.seqlen, kFpWarpsPerBlock));
   linmix_fixed_point_fwd_gram_kernel<T><<<tok_blocks, 32 * kFpWarpsPerBlock, 0, stream>>>(p, w.gram);
   LINMIX_CHECK_LAUNCH();
 }
@@ -431,7 +427,7 @@ void fixed_point_bwd_cuda(const FixedPointParams& p, cudaStream_t stream) {
   for (int l = 1; l <= p.max_iter; ++l) {
     fixed_point_launch_iter<T, true>(p, w, FixedPointIter{s_buf[(l - 1) & 1], s_buf[l & 1], l, true}, stream);
   }
-  const unsigned tok_blocks = static_cast<unsigned>(ceil_div(p.batch * p.seqlen, kFpWarpsPerBlock));
+  const dim3 tok_blocks = checked_grid("fixed_point_rnn", "(ceil(B T / 8))", ceil_div(p.batch * p.seqlen, kFpWarpsPerBlock));
   linmix_fixed_point_bwd_grads_kernel<T><<<tok_blocks, 32 * kFpWarpsPerBlock, 0, stream>>>(p, w, s_buf[0], s_buf[1],
                                                                                            h_new);
   LINMIX_CHECK_LAUNCH();

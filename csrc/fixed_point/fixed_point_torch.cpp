@@ -1,24 +1,20 @@
-// Torch glue for fixed_point_rnn: input checks, outputs, params, dispatch to CPU or CUDA.
+// Torch glue for fixed_point_rnn: input checks, outputs, params, and the launch (common/dispatch.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
-#include "common/static_switch.h"
-#include "common/torch_stream.h"
+#include "common/dispatch.h"
 #include "fixed_point/fixed_point_common.h"
 #include "fixed_point/fixed_point_cpu.h"
-#include "fixed_point/params.h"
-#ifdef LINMIX_WITH_CUDA
 #include "fixed_point/fixed_point_cuda.h"
-#endif
+#include "fixed_point/params.h"
 
 namespace linmix {
 namespace {
 
-at::ScalarType acc_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 void check_inputs(const at::Tensor& u, const at::Tensor& lam, const at::Tensor& hh_u, const at::Tensor& hh_beta,
-                  int64_t max_iter, double tol) {
+                  int64_t max_iter, double tol, const std::optional<at::Tensor>& h0, double damping,
+                  double batch_quantile, bool causal) {
   TORCH_CHECK(u.dim() == 3, "linmix.fixed_point_rnn: u must have shape (B, T, D), got ", shape_str(u.sizes()));
   check_float_dtype(u, "u");
   const int64_t B = u.size(0), T = u.size(1), D = u.size(2);
@@ -37,26 +33,45 @@ void check_inputs(const at::Tensor& u, const at::Tensor& lam, const at::Tensor& 
   TORCH_CHECK(max_iter >= 1 && max_iter <= (int64_t(1) << 30), "linmix.fixed_point_rnn: max_iter must be >= 1, got ",
               max_iter);
   TORCH_CHECK(tol >= 0, "linmix.fixed_point_rnn: tol must be >= 0, got ", tol);
-  if (u.is_cuda()) {
-    TORCH_CHECK(D <= int64_t(65535) * 32, "linmix.fixed_point_rnn: D must be at most ", 65535 * 32, " on CUDA");
+  if (h0.has_value()) {
+    check_shape(*h0, "initial_state", {B, D}, "(B, D)");
+    check_same_dtype(*h0, "initial_state", u, "u");
+    check_same_device(*h0, "initial_state", u, "u");
   }
+  TORCH_CHECK(damping > 0 && damping <= 1, "linmix.fixed_point_rnn: damping must be in (0, 1], got ", damping);
+  TORCH_CHECK(batch_quantile < 0 || batch_quantile <= 1,
+              "linmix.fixed_point_rnn: quantile must be in [0, 1], got ", batch_quantile);
+  TORCH_CHECK(!(causal && batch_quantile >= 0),
+              "linmix.fixed_point_rnn: causal (per-token) stopping and a batch quantile exclude each other");
+  // The GPU-verified kernels run the plain iteration from zeros with per-element stopping; the variants are
+  // CPU-only until CUDA code for them exists (it would start behind unverified_kernels_enabled()).
+  TORCH_CHECK(!u.is_cuda() || (batch_quantile < 0 && !causal && !h0.has_value() && damping == 1.0),
+              "linmix.fixed_point_rnn: initial_state, damping != 1, stopping='batch' and stopping='causal' are "
+              "implemented on the CPU only so far; on CUDA use the defaults (stopping='element', damping=1, "
+              "no initial_state)");
 }
 
 FixedPointParams make_params(const at::Tensor& u, const at::Tensor& lam, const at::Tensor& hh_u,
-                             const at::Tensor& hh_beta, int64_t max_iter, double tol) {
+                             const at::Tensor& hh_beta, int64_t max_iter, double tol, const at::Tensor& h0,
+                             double damping) {
   FixedPointParams p;
   p.batch = u.size(0), p.seqlen = u.size(1), p.dim = u.size(2), p.rank = hh_u.size(2);
   p.max_iter = static_cast<int>(max_iter), p.tol = tol;
   p.u = u.data_ptr(), p.lam = lam.data_ptr(), p.hh_u = hh_u.data_ptr(), p.hh_beta = hh_beta.data_ptr();
+  p.h0 = h0.defined() ? h0.data_ptr() : nullptr;
+  p.damping = damping;
   return p;
 }
 
+template <Backend backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_rnn_fwd(
     const at::Tensor& u_in, const at::Tensor& lam_in, const at::Tensor& hh_u_in, const at::Tensor& hh_beta_in,
-    int64_t max_iter, double tol) {
-  check_inputs(u_in, lam_in, hh_u_in, hh_beta_in, max_iter, tol);
+    int64_t max_iter, double tol, const std::optional<at::Tensor>& h0_in, double damping, double batch_quantile,
+    bool causal) {
+  check_inputs(u_in, lam_in, hh_u_in, hh_beta_in, max_iter, tol, h0_in, damping, batch_quantile, causal);
   const at::Tensor u = u_in.contiguous(), lam = lam_in.contiguous(), hh_u = hh_u_in.contiguous(),
                    hh_beta = hh_beta_in.contiguous();
+  const at::Tensor h0 = h0_in.has_value() ? h0_in->contiguous() : at::Tensor();
   at::Tensor h = at::empty(u.sizes(), u.options());
   at::Tensor h_prev = at::empty(u.sizes(), u.options().dtype(acc_dtype(u)));
   at::Tensor n_iter = at::zeros({u.size(0)}, u.options().dtype(at::kInt));
@@ -66,31 +81,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_rnn_fwd(
     h_prev.zero_();
     return {h, h_prev, n_iter, residual};
   }
-  FixedPointParams p = make_params(u, lam, hh_u, hh_beta, max_iter, tol);
+  FixedPointParams p = make_params(u, lam, hh_u, hh_beta, max_iter, tol, h0, damping);
+  p.batch_quantile = batch_quantile, p.causal = causal;
   p.h = h.data_ptr(), p.h_prev = h_prev.data_ptr(), p.n_iter = n_iter.data_ptr<int32_t>();
   p.residual = residual.data_ptr<float>();
-  const DType dt = to_linmix_dtype(u.scalar_type());
-  if (u.is_cpu()) {
-    fixed_point_fwd_cpu(p, dt);
-  } else {
-#ifdef LINMIX_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(u.device());
-    const FixedPointWorkspace ws = fixed_point_workspace(p, /*backward=*/false);
-    at::Tensor work = at::empty({ws.work_floats}, u.options().dtype(at::kFloat));
-    at::Tensor flags = at::empty({ws.flag_ints}, u.options().dtype(at::kInt));
-    p.work = work.data_ptr(), p.flags = flags.data_ptr();
-    LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
-      if constexpr (kDT != DType::kFloat64) fixed_point_fwd_cuda<kDT>(p, current_stream());
-    });
-#endif
-  }
+  launch<backend>(
+      u, [&](DType dt) { fixed_point_fwd_cpu(p, dt); },
+      [&]<DType dt>(cudaStream_t stream) {
+        const FixedPointWorkspace ws = fixed_point_workspace(p, /*backward=*/false);
+        at::Tensor work = at::empty({ws.work_floats}, u.options().dtype(at::kFloat));
+        at::Tensor flags = at::empty({ws.flag_ints}, u.options().dtype(at::kInt));
+        p.work = work.data_ptr(), p.flags = flags.data_ptr();
+        fixed_point_fwd_cuda<dt>(p, stream);
+      });
   return {h, h_prev, n_iter, residual};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_rnn_bwd(
+template <Backend backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_rnn_bwd(
     const at::Tensor& dh_in, const at::Tensor& u_in, const at::Tensor& lam_in, const at::Tensor& hh_u_in,
-    const at::Tensor& hh_beta_in, const at::Tensor& h_prev_in, int64_t max_iter, double tol) {
-  check_inputs(u_in, lam_in, hh_u_in, hh_beta_in, max_iter, tol);
+    const at::Tensor& hh_beta_in, const at::Tensor& h_prev_in, int64_t max_iter, double tol,
+    const std::optional<at::Tensor>& h0_in, double damping) {
+  check_inputs(u_in, lam_in, hh_u_in, hh_beta_in, max_iter, tol, h0_in, damping, -1.0, false);
   check_shape(dh_in, "dh", {u_in.size(0), u_in.size(1), u_in.size(2)}, "(B, T, D) like u");
   check_same_dtype(dh_in, "dh", u_in, "u");
   check_same_device(dh_in, "dh", u_in, "u");
@@ -99,44 +111,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_rnn_bwd(
   check_same_device(h_prev_in, "h_prev", u_in, "u");
   const at::Tensor u = u_in.contiguous(), lam = lam_in.contiguous(), hh_u = hh_u_in.contiguous(),
                    hh_beta = hh_beta_in.contiguous(), dh = dh_in.contiguous(), h_prev = h_prev_in.contiguous();
+  const at::Tensor h0 = h0_in.has_value() ? h0_in->contiguous() : at::Tensor();
   at::Tensor du = at::empty(u.sizes(), u.options());
   at::Tensor dlam = at::empty(u.sizes(), u.options());
   at::Tensor dhh_u = at::zeros(hh_u.sizes(), u.options());
   at::Tensor dhh_beta = at::zeros(hh_beta.sizes(), u.options());
-  if (u.numel() == 0) return {du, dlam, dhh_u, dhh_beta};
-  FixedPointParams p = make_params(u, lam, hh_u, hh_beta, max_iter, tol);
+  // dh0 = lam_0 * s_0; with no tokens the initial state passes straight through: zero gradient
+  at::Tensor dh0 = h0.defined() ? at::zeros(h0.sizes(), u.options()) : at::empty({0}, u.options());
+  if (u.numel() == 0) return {du, dlam, dhh_u, dhh_beta, dh0};
+  FixedPointParams p = make_params(u, lam, hh_u, hh_beta, max_iter, tol, h0, damping);
+  p.dh0 = h0.defined() ? dh0.data_ptr() : nullptr;
   p.h_prev = const_cast<void*>(h_prev.data_ptr());
   p.dh = dh.data_ptr(), p.du = du.data_ptr(), p.dlam = dlam.data_ptr(), p.dhh_u = dhh_u.data_ptr();
   p.dhh_beta = dhh_beta.data_ptr();
-  const DType dt = to_linmix_dtype(u.scalar_type());
-  if (u.is_cpu()) {
-    fixed_point_bwd_cpu(p, dt);
-  } else {
-#ifdef LINMIX_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(u.device());
-    const FixedPointWorkspace ws = fixed_point_workspace(p, /*backward=*/true);
-    at::Tensor work = at::empty({ws.work_floats}, u.options().dtype(at::kFloat));
-    at::Tensor flags = at::empty({ws.flag_ints}, u.options().dtype(at::kInt));
-    p.work = work.data_ptr(), p.flags = flags.data_ptr();
-    LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
-      if constexpr (kDT != DType::kFloat64) fixed_point_bwd_cuda<kDT>(p, current_stream());
-    });
-#endif
-  }
-  return {du, dlam, dhh_u, dhh_beta};
+  launch<backend>(
+      u, [&](DType dt) { fixed_point_bwd_cpu(p, dt); },
+      [&]<DType dt>(cudaStream_t stream) {
+        const FixedPointWorkspace ws = fixed_point_workspace(p, /*backward=*/true);
+        at::Tensor work = at::empty({ws.work_floats}, u.options().dtype(at::kFloat));
+        at::Tensor flags = at::empty({ws.flag_ints}, u.options().dtype(at::kInt));
+        p.work = work.data_ptr(), p.flags = flags.data_ptr();
+        fixed_point_bwd_cuda<dt>(p, stream);
+      });
+  return {du, dlam, dhh_u, dhh_beta, dh0};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linmix, CPU, m) {
-  m.impl("fixed_point_rnn_fwd", &fixed_point_rnn_fwd);
-  m.impl("fixed_point_rnn_bwd", &fixed_point_rnn_bwd);
+  m.impl("fixed_point_rnn_fwd", &fixed_point_rnn_fwd<Backend::kCPU>);
+  m.impl("fixed_point_rnn_bwd", &fixed_point_rnn_bwd<Backend::kCPU>);
 }
 
 #ifdef LINMIX_WITH_CUDA
 TORCH_LIBRARY_IMPL(linmix, CUDA, m) {
-  m.impl("fixed_point_rnn_fwd", &fixed_point_rnn_fwd);
-  m.impl("fixed_point_rnn_bwd", &fixed_point_rnn_bwd);
+  m.impl("fixed_point_rnn_fwd", &fixed_point_rnn_fwd<Backend::kCUDA>);
+  m.impl("fixed_point_rnn_bwd", &fixed_point_rnn_bwd<Backend::kCUDA>);
 }
 #endif
 

@@ -2,40 +2,36 @@
 //  1. states kernel, forward mode: recomputes the fp32 state entering every chunk (and the final one) into
 //     chunk_states, one block per (batch * head, 32 V columns), as the forward kernel does (never saved by it).
 //  2. states kernel, reverse mode: carries dS = d loss / d(state leaving chunk c) backwards,
-//     dS <- exp2(total) dS + (q exp2(from_start))^T (scale do), storing each into chunk_dstates; writes dh0.
-//  3. grads kernel, one block per (batch * head, chunk), all chunks in parallel (D(j, i): decay j -> i):
+//     dS <- exp2(b_last) dS + (q exp2(b))^T (scale do), storing each into chunk_dstates; writes dh0.
+//  3. grads kernel, one block per (batch * head, chunk), all chunks in parallel:
 //       A  = intra-chunk scores (accumulate_scores, as in the forward)      dA = tril((scale do) v^T)
-//       dv = A^T (scale do) + (k exp2(to_end)) dS_out
-//       dq = exp2(from_start) ((scale do) S_in^T) + sum_{j<=i} dA_ij k_j D(j, i)
-//       dk = exp2(to_end) (v dS_out^T) + sum_{i>=j} dA_ij q_i D(j, i)
+//       dv = A^T (scale do) + (k exp2(b_last - b)) dS_out
+//       dq = exp2(b) ((scale do) S_in^T) + sum_{j<=i} dA_ij k_j exp2(b_i - b_j)
+//       dk = exp2(b_last - b) (v dS_out^T) + sum_{i>=j} dA_ij q_i exp2(b_i - b_j)
 //       dg = reverse cumsum within the chunk of (q dq - k dk) + sum_v S_out dS_out   (closed form)
-//     The intra-chunk sums use the forward's split: off-diagonal sub-blocks through q~ = q exp2(query_side),
-//     k~ = k exp2(key_side) at the query sub-chunk's first row; diagonal sub-blocks elementwise (with
-//     segment sums: running sums over the segment, from row i outwards).
-// Every kernel takes the gate-sum form as kSegments (GlaChunkSlice).
+//     The intra-chunk sums use the forward's split: off-diagonal sub-blocks through q~ = q exp2(b - r),
+//     k~ = k exp2(r - b) with r = b at the query sub-chunk's first row; diagonal sub-blocks elementwise.
 #pragma once
 
-#include "common/static_switch.h"
 #include "gla/gla_chunk_common.cuh"
 
 namespace linmix {
 
-template <bool kSegments>
 struct GlaChunkStatesSmem {
   using Tr = GlaChunkTraits;
   alignas(128) float S[Tr::kMaxK][Tr::kBV];     // state (or its gradient) slice (K, BV)
-  GlaChunkSlice<kSegments> in;
-  alignas(128) float x[Tr::kChunk][Tr::kBK];    // k exp2(to_end) (forward mode) or q exp2(from_start) (reverse mode)
+  GlaChunkSlice in;
+  alignas(128) float x[Tr::kChunk][Tr::kBK];    // k exp2(b_last - b) (forward mode) or q exp2(b) (reverse mode)
   alignas(128) float col[Tr::kChunk][Tr::kBV];  // v (forward mode) or scale * do (reverse mode)
 };
 
-// grid: (B * H, ceil(V / kBV)); block: kThreads; dynamic shared memory: sizeof(GlaChunkStatesSmem<kSegments>).
-template <typename T, bool kSegments>
+// grid: (B * H, ceil(V / kBV)); block: kThreads; dynamic shared memory: sizeof(GlaChunkStatesSmem).
+template <typename T>
 __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd_states_kernel(GlaParams p, bool reverse) {
   using Tr = GlaChunkTraits;
   constexpr int C = Tr::kChunk, BK = Tr::kBK, BV = Tr::kBV, NT = Tr::kThreads;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  auto& s = *reinterpret_cast<GlaChunkStatesSmem<kSegments>*>(smem_raw);
+  auto& s = *reinterpret_cast<GlaChunkStatesSmem*>(smem_raw);
   const int tid = threadIdx.x;
   const int64_t bh = blockIdx.x, bi = bh / p.heads, hi = bh % p.heads;
   const int64_t v0 = int64_t(blockIdx.y) * BV;
@@ -66,15 +62,15 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd
     }
     for (int ks = 0; ks < n_kslices; ++ks) {
       const int c0 = ks * BK;
-      stage_chunk_slice<T, kSegments>(s.in, p, bi, hi, t0, L, c0, reverse, !reverse);
+      stage_chunk_slice<T>(s.in, p, bi, hi, t0, L, c0, reverse, !reverse);
       for (int idx = tid; idx < C * BK; idx += NT) {
         const int i = idx / BK, cc = idx % BK;
-        s.x[i][cc] = reverse ? s.in.q[i][cc] * gla_exp2(s.in.from_start(i, cc))
-                             : s.in.k[i][cc] * gla_exp2(s.in.to_end(i, cc));
+        s.x[i][cc] = reverse ? s.in.q[i][cc] * gla_exp2(s.in.b[i][cc])
+                             : s.in.k[i][cc] * gla_exp2(s.in.b[C - 1][cc] - s.in.b[i][cc]);
       }
       for (int idx = tid; idx < BK * BV; idx += NT) {
         const int cc = idx / BV, e = idx % BV;
-        s.S[c0 + cc][e] *= gla_exp2(s.in.total(cc));
+        s.S[c0 + cc][e] *= gla_exp2(s.in.b[C - 1][cc]);
       }
       __syncthreads();
       smem_gemm_acc<float, false, true>(&s.S[c0][0], BV, &s.x[0][0], BK, &s.col[0][0], BV, BK, BV, C);
@@ -89,13 +85,12 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd
   }
 }
 
-template <bool kSegments>
 struct GlaChunkGradsSmem {
   using Tr = GlaChunkTraits;
   static constexpr int C = Tr::kChunk, BK = Tr::kBK, BV = Tr::kBV;
   alignas(128) float A[C][C];
   alignas(128) float dA[C][C];
-  GlaChunkSlice<kSegments> in;
+  GlaChunkSlice in;
   alignas(128) float x[C][BK];
   alignas(128) float y[C][BK];
   alignas(128) float dq[C][BK];
@@ -121,13 +116,13 @@ __device__ __forceinline__ void load_state_tile(float (*dst)[GlaChunkTraits::kBV
   }
 }
 
-// grid: (B * H, n_chunks); block: kThreads; dynamic shared memory: sizeof(GlaChunkGradsSmem<kSegments>).
-template <typename T, bool kSegments>
+// grid: (B * H, n_chunks); block: kThreads; dynamic shared memory: sizeof(GlaChunkGradsSmem).
+template <typename T>
 __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd_grads_kernel(GlaParams p) {
   using Tr = GlaChunkTraits;
   constexpr int C = Tr::kChunk, BK = Tr::kBK, BV = Tr::kBV, NT = Tr::kThreads;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  auto& s = *reinterpret_cast<GlaChunkGradsSmem<kSegments>*>(smem_raw);
+  auto& s = *reinterpret_cast<GlaChunkGradsSmem*>(smem_raw);
   const int tid = threadIdx.x;
   const int64_t bh = blockIdx.x, ci = blockIdx.y, bi = bh / p.heads, hi = bh % p.heads;
   const int K = static_cast<int>(p.dim_k), V = static_cast<int>(p.dim_v);
@@ -151,7 +146,7 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd
   for (int idx = tid; idx < C * C; idx += NT) (&s.A[0][0])[idx] = (&s.dA[0][0])[idx] = 0.f;
   // A (strict upper triangle stays zero).
   for (int ks = 0; ks < n_kslices; ++ks) {
-    stage_chunk_slice<T, kSegments>(s.in, p, bi, hi, t0, L, ks * BK, true, true);
+    stage_chunk_slice<T>(s.in, p, bi, hi, t0, L, ks * BK, true, true);
     accumulate_scores<float>(s.A, s.in, s.x, s.y);
   }
   // dA = tril((scale do) v^T)
@@ -164,7 +159,7 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd
   for (int idx = tid; idx < C * C; idx += NT)
     if (idx % C > idx / C) (&s.dA[0][0])[idx] = 0.f;
   __syncthreads();
-  // dv = A^T (scale do) + (k exp2(to_end)) dS_out, per V slice
+  // dv = A^T (scale do) + (k exp2(b_last - b)) dS_out, per V slice
   for (int vs = 0; vs < n_vslices; ++vs) {
     const int64_t v0 = int64_t(vs) * BV;
     stage_cols(v0, false);
@@ -173,10 +168,10 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd
     smem_gemm_acc<float, false, true>(&s.dv[0][0], BV, &s.A[0][0], C, &s.dout[0][0], BV, C, BV, C);
     for (int ks = 0; ks < n_kslices; ++ks) {
       const int c0 = ks * BK;
-      stage_chunk_slice<T, kSegments>(s.in, p, bi, hi, t0, L, c0, false, true);  // its syncs also order the GEMM above
+      stage_chunk_slice<T>(s.in, p, bi, hi, t0, L, c0, false, true);  // its syncs also order the GEMM above
       for (int idx = tid; idx < C * BK; idx += NT) {
         const int i = idx / BK, cc = idx % BK;
-        s.x[i][cc] = s.in.k[i][cc] * gla_exp2(s.in.to_end(i, cc));
+        s.x[i][cc] = s.in.k[i][cc] * gla_exp2(s.in.b[C - 1][cc] - s.in.b[i][cc]);
       }
       load_state_tile(s.ds_out, dS_out, p.dim_k, p.dim_v, c0, v0);
       __syncthreads();
@@ -192,7 +187,7 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd
   // dq, dk, dg per K slice
   for (int ks = 0; ks < n_kslices; ++ks) {
     const int c0 = ks * BK;
-    stage_chunk_slice<T, kSegments>(s.in, p, bi, hi, t0, L, c0, true, true);
+    stage_chunk_slice<T>(s.in, p, bi, hi, t0, L, c0, true, true);
     for (int idx = tid; idx < C * BK; idx += NT) (&s.dq[0][0])[idx] = (&s.dk[0][0])[idx] = 0.f;
     if (tid < BK) s.bnd[tid] = 0.f;
     for (int vs = 0; vs < n_vslices; ++vs) {
@@ -213,22 +208,22 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd
     }
     for (int idx = tid; idx < C * BK; idx += NT) {
       const int i = idx / BK, cc = idx % BK;
-      s.dq[i][cc] *= gla_exp2(s.in.from_start(i, cc));
-      s.dk[i][cc] *= gla_exp2(s.in.to_end(i, cc));
+      s.dq[i][cc] *= gla_exp2(s.in.b[i][cc]);
+      s.dk[i][cc] *= gla_exp2(s.in.b[C - 1][cc] - s.in.b[i][cc]);
     }
     __syncthreads();
-    // Off-diagonal sub-blocks at r = 16 I: dq_I += exp2(query_side) (dA[I, :16I] k~) and
-    // dk_{:16I} += exp2(key_side) (dA[I, :16I]^T q~_I).
+    // Off-diagonal sub-blocks: with r = b at row 16 I, dq_I += exp2(b - r) (dA[I, :16I] k~) and
+    // dk_{:16I} += exp2(r - b) (dA[I, :16I]^T q~_I).
     for (int I = 1; I < C / 16; ++I) {
       const int r_row = 16 * I;
       for (int idx = tid; idx < 16 * BK; idx += NT) {
         const int ii = idx / BK, cc = idx % BK, i = r_row + ii;
-        s.x[ii][cc] = s.in.q[i][cc] * gla_exp2(s.in.query_side(i, cc, r_row));
+        s.x[ii][cc] = s.in.q[i][cc] * gla_exp2(s.in.b[i][cc] - s.in.b[r_row][cc]);
         s.tq[ii][cc] = 0.f;
       }
       for (int idx = tid; idx < r_row * BK; idx += NT) {
         const int j = idx / BK, cc = idx % BK;
-        s.y[j][cc] = s.in.k[j][cc] * gla_exp2(s.in.key_side(j, cc, r_row));
+        s.y[j][cc] = s.in.k[j][cc] * gla_exp2(s.in.b[r_row][cc] - s.in.b[j][cc]);
         s.tk[j][cc] = 0.f;
       }
       __syncthreads();
@@ -237,34 +232,21 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd
       __syncthreads();
       for (int idx = tid; idx < 16 * BK; idx += NT) {
         const int ii = idx / BK, cc = idx % BK, i = r_row + ii;
-        s.dq[i][cc] += s.tq[ii][cc] * gla_exp2(s.in.query_side(i, cc, r_row));
+        s.dq[i][cc] += s.tq[ii][cc] * gla_exp2(s.in.b[i][cc] - s.in.b[r_row][cc]);
       }
       for (int idx = tid; idx < r_row * BK; idx += NT) {
         const int j = idx / BK, cc = idx % BK;
-        s.dk[j][cc] += s.tk[j][cc] * gla_exp2(s.in.key_side(j, cc, r_row));
+        s.dk[j][cc] += s.tk[j][cc] * gla_exp2(s.in.b[r_row][cc] - s.in.b[j][cc]);
       }
       __syncthreads();
     }
     // Diagonal sub-blocks, elementwise: one thread per (row, channel) owns dq and dk there.
     for (int idx = tid; idx < C * BK; idx += NT) {
       const int i = idx / BK, cc = idx % BK, sub0 = (i / 16) * 16;
+      const float bi_c = s.in.b[i][cc];
       float aq = 0.f, ak = 0.f;
-      if constexpr (kSegments) {  // running segment sums: e = sum_{j < m <= i}, then sum_{i < m <= j}
-        float e = 0.f;
-        for (int j = i; j >= sub0; --j) {
-          aq += s.dA[i][j] * s.in.k[j][cc] * gla_exp2(e);
-          e += s.in.gs.a[j][cc];
-        }
-        e = 0.f;
-        for (int j = i; j < sub0 + 16; ++j) {
-          if (j > i) e += s.in.gs.a[j][cc];
-          ak += s.dA[j][i] * s.in.q[j][cc] * gla_exp2(e);
-        }
-      } else {
-        const float gc_i = s.in.gs.gc[i][cc];
-        for (int j = sub0; j <= i; ++j) aq += s.dA[i][j] * s.in.k[j][cc] * gla_exp2(gc_i - s.in.gs.gc[j][cc]);
-        for (int j = i; j < sub0 + 16; ++j) ak += s.dA[j][i] * s.in.q[j][cc] * gla_exp2(s.in.gs.gc[j][cc] - gc_i);
-      }
+      for (int j = sub0; j <= i; ++j) aq += s.dA[i][j] * s.in.k[j][cc] * gla_exp2(bi_c - s.in.b[j][cc]);
+      for (int j = i; j < sub0 + 16; ++j) ak += s.dA[j][i] * s.in.q[j][cc] * gla_exp2(s.in.b[j][cc] - bi_c);
       s.dq[i][cc] += aq;
       s.dk[i][cc] += ak;
     }
@@ -291,24 +273,21 @@ template <DType dt>
 void chunk_gla_bwd_cuda(const GlaParams& p, cudaStream_t stream) {
   using Tr = GlaChunkTraits;
   using T = cuda_t<dt>;
-  LINMIX_BOOL_SWITCH(p.segment_decays, kSegments, [&] {
-    constexpr size_t states_smem = sizeof(GlaChunkStatesSmem<kSegments>);
-    constexpr size_t grads_smem = sizeof(GlaChunkGradsSmem<kSegments>);
-    static_assert(states_smem <= 160 * 1024 && grads_smem <= 160 * 1024, "fits an sm_80 block (163 KB opt-in)");
-    gla_set_smem(linmix_chunk_gla_bwd_states_kernel<T, kSegments>, states_smem);
-    gla_set_smem(linmix_chunk_gla_bwd_grads_kernel<T, kSegments>, grads_smem);
-    const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
-    const dim3 states_grid(bh, static_cast<unsigned>(ceil_div(p.dim_v, Tr::kBV)));
-    for (bool reverse : {false, true}) {
-      linmix_chunk_gla_bwd_states_kernel<T, kSegments><<<states_grid, Tr::kThreads, states_smem, stream>>>(p, reverse);
-      LINMIX_CHECK_LAUNCH();
-    }
-    const int64_t n_chunks = ceil_div(p.seqlen, Tr::kChunk);
-    if (n_chunks == 0) return;
-    linmix_chunk_gla_bwd_grads_kernel<T, kSegments>
-        <<<dim3(bh, static_cast<unsigned>(n_chunks)), Tr::kThreads, grads_smem, stream>>>(p);
+  constexpr size_t states_smem = sizeof(GlaChunkStatesSmem), grads_smem = sizeof(GlaChunkGradsSmem);
+  static_assert(states_smem <= 160 * 1024 && grads_smem <= 160 * 1024, "fits an sm_80 block (163 KB opt-in)");
+  opt_in_smem(linmix_chunk_gla_bwd_states_kernel<T>, states_smem);
+  opt_in_smem(linmix_chunk_gla_bwd_grads_kernel<T>, grads_smem);
+  const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
+  const dim3 states_grid(bh, static_cast<unsigned>(ceil_div(p.dim_v, Tr::kBV)));
+  for (bool reverse : {false, true}) {
+    linmix_chunk_gla_bwd_states_kernel<T><<<states_grid, Tr::kThreads, states_smem, stream>>>(p, reverse);
     LINMIX_CHECK_LAUNCH();
-  });
+  }
+  const int64_t n_chunks = ceil_div(p.seqlen, Tr::kChunk);
+  if (n_chunks == 0) return;
+  linmix_chunk_gla_bwd_grads_kernel<T>
+      <<<dim3(bh, static_cast<unsigned>(n_chunks)), Tr::kThreads, grads_smem, stream>>>(p);
+  LINMIX_CHECK_LAUNCH();
 }
 
 }  // namespace linmix

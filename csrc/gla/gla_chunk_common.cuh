@@ -1,7 +1,6 @@
 // Pieces shared by the CUDA chunk_gla forward and backward kernels: tile sizes, a shared-memory GEMM
 // (WMMA tensor cores for fp16/bf16 operands, fp32 CUDA cores for fp32), staging of one (chunk, K slice)
-// of q, k and the gate sums (g_cumsum, or segment sums with GlaParams::segment_decays), the decays built
-// from them, and the intra-chunk score matrix.
+// of q, k and the cumulative gate, and the intra-chunk score matrix.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -10,6 +9,7 @@
 #include <type_traits>
 
 #include "common/cuda_check.h"
+#include "common/cuda_utils.cuh"
 #include "common/dtype.h"
 #include "gla/gla_common.h"
 #include "gla/params.h"
@@ -65,121 +65,46 @@ __device__ __forceinline__ void smem_gemm_acc(float* c, int ldc, const Op* a, in
   }
 }
 
-// Gate sums of one (chunk, K slice), fp32 in shared memory, in one of the two forms of gla_common.h.
-template <bool kSegments>
-struct GlaGateSums;
-template <>
-struct GlaGateSums<false> {  // g_cumsum: log2-scaled inclusive cumsum of g within the chunk (GPU-verified)
-  using Tr = GlaChunkTraits;
-  alignas(128) float gc[Tr::kChunk][Tr::kBK];
-  __device__ __forceinline__ float* raw() { return &gc[0][0]; }  // holds the log2 gates until the cumsum
-};
-template <>
-struct GlaGateSums<true> {  // segment sums (GlaParams::segment_decays)
-  using Tr = GlaChunkTraits;
-  alignas(128) float a[Tr::kChunk][Tr::kBK];    // log2 gates
-  alignas(128) float pre[Tr::kChunk][Tr::kBK];  // inclusive prefix sums from each sub-chunk's first row
-  alignas(128) float suf[Tr::kChunk][Tr::kBK];  // exclusive suffix sums to each sub-chunk's last row
-  alignas(128) float tot[kGlaSubChunks][Tr::kBK];  // sub-chunk totals
-  __device__ __forceinline__ float* raw() { return &a[0][0]; }
-};
-
-// The (chunk, K slice) inputs every chunk kernel needs, fp32 in shared memory, and the log2 decays (all <= 0)
-// the kernels take from them. With kSegments every decay is a sum over the segment it spans; without, a
-// difference of g_cumsum (the verified arithmetic, kept bit for bit).
-template <bool kSegments>
+// The (chunk, K slice) inputs every chunk kernel needs, fp32 in shared memory.
 struct GlaChunkSlice {
   using Tr = GlaChunkTraits;
   alignas(128) float q[Tr::kChunk][Tr::kBK];
   alignas(128) float k[Tr::kChunk][Tr::kBK];
-  GlaGateSums<kSegments> gs;
-
-  // From the chunk's start through row i (the query side of the inter-chunk terms).
-  __device__ __forceinline__ float from_start(int i, int cc) const {
-    if constexpr (kSegments)
-      return gla_span(&gs.tot[0][cc], Tr::kBK, 0, i / Tr::kSub) + gs.pre[i][cc];
-    else
-      return gs.gc[i][cc];
-  }
-  // After row j through the chunk's last row (the key side of the inter-chunk terms).
-  __device__ __forceinline__ float to_end(int j, int cc) const {
-    if constexpr (kSegments)
-      return gs.suf[j][cc] + gla_span(&gs.tot[0][cc], Tr::kBK, j / Tr::kSub + 1, kGlaSubChunks);
-    else
-      return gs.gc[Tr::kChunk - 1][cc] - gs.gc[j][cc];
-  }
-  // The whole chunk (the state's decay).
-  __device__ __forceinline__ float total(int cc) const {
-    if constexpr (kSegments)
-      return gla_span(&gs.tot[0][cc], Tr::kBK, 0, kGlaSubChunks);
-    else
-      return gs.gc[Tr::kChunk - 1][cc];
-  }
-  // Off-diagonal sub-blocks of the query sub-chunk starting at row r: the decay from key row j < r to query
-  // row i >= r is exp2(query_side(i)) exp2(key_side(j)). Segments split it at row r (query side [r, i], key
-  // side (j, r - 1]); g_cumsum at gc_r (query side (r, i], key side (j, r]).
-  __device__ __forceinline__ float query_side(int i, int cc, int r) const {
-    if constexpr (kSegments)
-      return gs.pre[i][cc];
-    else
-      return gs.gc[i][cc] - gs.gc[r][cc];
-  }
-  __device__ __forceinline__ float key_side(int j, int cc, int r) const {
-    if constexpr (kSegments)
-      return gs.suf[j][cc] + gla_span(&gs.tot[0][cc], Tr::kBK, j / Tr::kSub + 1, r / Tr::kSub);
-    else
-      return gs.gc[r][cc] - gs.gc[j][cc];
-  }
-  // Diagonal sub-block score A_ij (i >= j in one sub-chunk) over this slice's channels.
-  __device__ __forceinline__ float diag_score(int i, int j) const {
-    if constexpr (kSegments) {
-      const int r = i / Tr::kSub * Tr::kSub;
-      return gla_diag_score_seg(&q[i][0], &k[j][0], &gs.a[r][0], Tr::kBK, i - r, j - r, Tr::kBK);
-    } else {
-      return gla_diag_score(&q[i][0], &k[j][0], &gs.gc[i][0], &gs.gc[j][0], Tr::kBK);
-    }
-  }
+  alignas(128) float b[Tr::kChunk][Tr::kBK];  // log2-scaled inclusive cumsum of g within the chunk
 };
 
 // Stages rows [t0, t0 + L) and channels [c0, c0 + kBK) of q, k (if wanted) and g, zero-padded (g = 0 past the end,
-// so the padded rows decay nothing and the decays "to the chunk's end" end at its last real row), then the gate
-// sums. Ends synced.
-template <typename T, bool kSegments>
-__device__ __forceinline__ void stage_chunk_slice(GlaChunkSlice<kSegments>& s, const GlaParams& p, int64_t bi,
-                                                  int64_t hi, int64_t t0, int L, int c0, bool want_q, bool want_k) {
+// so b stays flat and b[kChunk - 1] is the gate at the chunk's last real row), then the cumsum. Ends synced.
+template <typename T>
+__device__ __forceinline__ void stage_chunk_slice(GlaChunkSlice& s, const GlaParams& p, int64_t bi, int64_t hi,
+                                                  int64_t t0, int L, int c0, bool want_q, bool want_k) {
   using Tr = GlaChunkTraits;
   constexpr int C = Tr::kChunk, BK = Tr::kBK;
   const int K = static_cast<int>(p.dim_k);
-  float* a = s.gs.raw();  // (C, BK) log2 gates
   for (int idx = threadIdx.x; idx < C * BK; idx += blockDim.x) {
     const int i = idx / BK, cc = idx % BK;
     const bool ok = i < L && c0 + cc < K;
     if (want_q) s.q[i][cc] = ok ? to_float(gla_row<const T>(p.q, bi, t0 + i, hi)[c0 + cc]) : 0.f;
     if (want_k) s.k[i][cc] = ok ? to_float(gla_row<const T>(p.k, bi, t0 + i, hi)[c0 + cc]) : 0.f;
-    a[idx] = ok ? gla_log2_gate(to_float(gla_row<const T>(p.g, bi, t0 + i, hi)[c0 + cc])) : 0.f;
+    s.b[i][cc] = ok ? gla_log2_gate(to_float(gla_row<const T>(p.g, bi, t0 + i, hi)[c0 + cc])) : 0.f;
   }
   __syncthreads();
-  if constexpr (kSegments) {
-    for (int idx = threadIdx.x; idx < kGlaSubChunks * BK; idx += blockDim.x) {
-      const int J = idx / BK, cc = idx % BK, r = J * Tr::kSub;
-      s.gs.tot[J][cc] = gla_subchunk_sums(&s.gs.a[r][cc], BK, Tr::kSub, &s.gs.pre[r][cc], &s.gs.suf[r][cc]);
-    }
-  } else if (threadIdx.x < BK) {
+  if (threadIdx.x < BK) {
     float run = 0.f;
     for (int i = 0; i < C; ++i) {
-      run += s.gs.gc[i][threadIdx.x];
-      s.gs.gc[i][threadIdx.x] = run;
+      run += s.b[i][threadIdx.x];
+      s.b[i][threadIdx.x] = run;
     }
   }
   __syncthreads();
 }
 
-// A (kChunk, kChunk) += this K slice's contribution to A_ij = sum_c q_ic k_jc (decay j -> i), j <= i.
-// Off-diagonal sub-blocks A[I, J<I] = q~_I k~^T with q~ = q exp2(query_side), k~ = k exp2(key_side) (both
-// exponents <= 0), through the Op-typed operand buffers x, y (kChunk, kBK); diagonal sub-blocks elementwise
-// in fp32. Ends synced; x, y are free afterwards.
-template <typename Op, bool kSegments>
-__device__ __forceinline__ void accumulate_scores(float (*A)[GlaChunkTraits::kChunk], const GlaChunkSlice<kSegments>& s,
+// A (kChunk, kChunk) += this K slice's contribution to A_ij = sum_c q_ic k_jc exp2(b_ic - b_jc), j <= i.
+// Off-diagonal sub-blocks A[I, J<I] = q~_I k~^T with reference r = b at row 16 I, q~ = q exp2(b - r),
+// k~ = k exp2(r - b) (both exponents <= 0), through the Op-typed operand buffers x, y (kChunk, kBK);
+// diagonal sub-blocks elementwise in fp32. Ends synced; x, y are free afterwards.
+template <typename Op>
+__device__ __forceinline__ void accumulate_scores(float (*A)[GlaChunkTraits::kChunk], const GlaChunkSlice& s,
                                                   Op (*x)[GlaChunkTraits::kBK], Op (*y)[GlaChunkTraits::kBK]) {
   using Tr = GlaChunkTraits;
   constexpr int C = Tr::kChunk, BK = Tr::kBK;
@@ -188,11 +113,11 @@ __device__ __forceinline__ void accumulate_scores(float (*A)[GlaChunkTraits::kCh
     const int r_row = 16 * I;
     for (int idx = tid; idx < 16 * BK; idx += nt) {
       const int ii = idx / BK, cc = idx % BK, i = r_row + ii;
-      x[ii][cc] = from_float<Op>(s.q[i][cc] * gla_exp2(s.query_side(i, cc, r_row)));
+      x[ii][cc] = from_float<Op>(s.q[i][cc] * gla_exp2(s.b[i][cc] - s.b[r_row][cc]));
     }
     for (int idx = tid; idx < r_row * BK; idx += nt) {
       const int j = idx / BK, cc = idx % BK;
-      y[j][cc] = from_float<Op>(s.k[j][cc] * gla_exp2(s.key_side(j, cc, r_row)));
+      y[j][cc] = from_float<Op>(s.k[j][cc] * gla_exp2(s.b[r_row][cc] - s.b[j][cc]));
     }
     __syncthreads();
     smem_gemm_acc<Op, true, false>(&A[r_row][0], C, &x[0][0], BK, &y[0][0], BK, 16, r_row, BK);
@@ -202,15 +127,9 @@ __device__ __forceinline__ void accumulate_scores(float (*A)[GlaChunkTraits::kCh
     const int sub = idx / 256, ii = (idx % 256) / 16, jj = idx % 16;
     if (jj > ii) continue;
     const int i = 16 * sub + ii, j = 16 * sub + jj;
-    A[i][j] += s.diag_score(i, j);
+    A[i][j] += gla_diag_score(&s.q[i][0], &s.k[j][0], &s.b[i][0], &s.b[j][0], BK);
   }
   __syncthreads();
-}
-
-// Opts a kernel into more than 48 KB of dynamic shared memory.
-template <typename Kernel>
-inline void gla_set_smem(Kernel kernel, size_t bytes) {
-  LINMIX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
 }  // namespace linmix

@@ -1,42 +1,41 @@
 // CUDA chunk_gla forward: one block per (batch * head, 32-column slice of V) walks the chunks in order,
 // carrying its (K, 32) slice of the state in shared memory (fp32). Per chunk of 64 steps and per 32-channel
 // slice of K (everything but the score matrix A decomposes over key channels):
-//   gate sums of the chunk (fp32; GlaChunkSlice: g_cumsum, or segment sums with p.segment_decays)
+//   b      = log2-scaled cumsum of g over the chunk (fp32)
 //   A     += off-diagonal 16x16 sub-blocks on tensor cores, diagonal ones elementwise (accumulate_scores)
-//   o     += (q exp2(from_start)) S         (tensor cores; S rounded to the input dtype as an operand)
-//   S      = exp2(total) S + (k exp2(to_end))^T v   (tensor cores, fp32 accumulate in place)
+//   o     += (q exp2(b)) S                  (tensor cores; S rounded to the input dtype as an operand)
+//   S      = exp2(b_last) S + (k exp2(b_last - b))^T v   (tensor cores, fp32 accumulate in place)
 // then o += tril(A) v (tensor cores) and o is written scaled. fp16/bf16 inputs use WMMA 16x16x16 with fp32
 // accumulation; fp32 inputs take the same path with fp32 CUDA-core products (no tf32: the fp32 tests
-// ask for ~1e-5). Rows past T and channels past K or V are zero-padded (g = 0 there: no decay).
+// ask for ~1e-5). Rows past T and channels past K or V are zero-padded (g = 0 there, so b stays flat).
 #pragma once
 
-#include "common/static_switch.h"
 #include "gla/gla_chunk_common.cuh"
 
 namespace linmix {
 
 // Shared memory of one block; every member is a whole number of 32-byte WMMA-aligned rows.
-template <typename Op, bool kSegments>
+template <typename Op>
 struct GlaChunkFwdSmem {
   using Tr = GlaChunkTraits;
   alignas(128) float S[Tr::kMaxK][Tr::kBV];      // state slice (K, BV), rows >= K stay zero
   alignas(128) float A[Tr::kChunk][Tr::kChunk];  // scores of the chunk, lower triangle
   alignas(128) float o[Tr::kChunk][Tr::kBV];     // output accumulator
-  GlaChunkSlice<kSegments> in;                   // q, k, gate sums of the current (chunk, K slice)
-  alignas(128) Op x[Tr::kChunk][Tr::kBK];        // operand buffers (q~ / q exp2(from_start), k~ / k exp2(to_end))
+  GlaChunkSlice in;                              // q, k, b of the current (chunk, K slice)
+  alignas(128) Op x[Tr::kChunk][Tr::kBK];        // operand buffers (q~ / q exp2(b), k~ / k exp2(b_last - b))
   alignas(128) Op y[Tr::kChunk][Tr::kBK];
   alignas(128) Op v[Tr::kChunk][Tr::kBV];
   alignas(128) Op St[Tr::kBK][Tr::kBV];          // operand copy of the current K slice of S
   alignas(128) Op Am[Tr::kChunk][Tr::kChunk];    // tril(A) as an operand
 };
 
-// grid: (B * H, ceil(V / kBV)); block: kThreads; dynamic shared memory: sizeof(GlaChunkFwdSmem<T, kSegments>).
-template <typename T, bool kSegments>
+// grid: (B * H, ceil(V / kBV)); block: kThreads; dynamic shared memory: sizeof(GlaChunkFwdSmem<T>).
+template <typename T>
 __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_fwd_kernel(GlaParams p) {
   using Tr = GlaChunkTraits;
   constexpr int C = Tr::kChunk, BK = Tr::kBK, BV = Tr::kBV, NT = Tr::kThreads;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  auto& s = *reinterpret_cast<GlaChunkFwdSmem<T, kSegments>*>(smem_raw);
+  auto& s = *reinterpret_cast<GlaChunkFwdSmem<T>*>(smem_raw);
   const int tid = threadIdx.x;
   const int64_t bh = blockIdx.x, bi = bh / p.heads, hi = bh % p.heads;
   const int64_t v0 = int64_t(blockIdx.y) * BV;
@@ -59,12 +58,12 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_fwd
     }
     for (int ks = 0; ks < n_kslices; ++ks) {
       const int c0 = ks * BK;
-      stage_chunk_slice<T, kSegments>(s.in, p, bi, hi, t0, L, c0, true, true);
+      stage_chunk_slice<T>(s.in, p, bi, hi, t0, L, c0, true, true);
       accumulate_scores<T>(s.A, s.in, s.x, s.y);
-      // Inter-chunk output: o += (q exp2(from_start)) S[c0 : c0 + BK].
+      // Inter-chunk output: o += (q exp2(b)) S[c0 : c0 + BK].
       for (int idx = tid; idx < C * BK; idx += NT) {
         const int i = idx / BK, cc = idx % BK;
-        s.x[i][cc] = from_float<T>(s.in.q[i][cc] * gla_exp2(s.in.from_start(i, cc)));
+        s.x[i][cc] = from_float<T>(s.in.q[i][cc] * gla_exp2(s.in.b[i][cc]));
       }
       for (int idx = tid; idx < BK * BV; idx += NT) {
         const int cc = idx / BV, e = idx % BV;
@@ -73,14 +72,14 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_fwd
       __syncthreads();
       smem_gemm_acc<T, true, true>(&s.o[0][0], BV, &s.x[0][0], BK, &s.St[0][0], BV, C, BV, BK);
       __syncthreads();
-      // State: S[c0 : c0 + BK] = exp2(total) S + (k exp2(to_end))^T v.
+      // State: S[c0 : c0 + BK] = exp2(b_last) S + (k exp2(b_last - b))^T v.
       for (int idx = tid; idx < C * BK; idx += NT) {
         const int i = idx / BK, cc = idx % BK;
-        s.y[i][cc] = from_float<T>(s.in.k[i][cc] * gla_exp2(s.in.to_end(i, cc)));
+        s.y[i][cc] = from_float<T>(s.in.k[i][cc] * gla_exp2(s.in.b[C - 1][cc] - s.in.b[i][cc]));
       }
       for (int idx = tid; idx < BK * BV; idx += NT) {
         const int cc = idx / BV, e = idx % BV;
-        s.S[c0 + cc][e] *= gla_exp2(s.in.total(cc));
+        s.S[c0 + cc][e] *= gla_exp2(s.in.b[C - 1][cc]);
       }
       __syncthreads();
       smem_gemm_acc<T, false, true>(&s.S[c0][0], BV, &s.y[0][0], BK, &s.v[0][0], BV, BK, BV, C);
@@ -112,14 +111,12 @@ template <DType dt>
 void chunk_gla_fwd_cuda(const GlaParams& p, cudaStream_t stream) {
   using Tr = GlaChunkTraits;
   using T = cuda_t<dt>;
-  LINMIX_BOOL_SWITCH(p.segment_decays, kSegments, [&] {
-    constexpr size_t smem = sizeof(GlaChunkFwdSmem<T, kSegments>);
-    static_assert(smem <= 160 * 1024, "fits an sm_80 block (163 KB opt-in)");
-    gla_set_smem(linmix_chunk_gla_fwd_kernel<T, kSegments>, smem);
-    const dim3 grid(static_cast<unsigned>(p.batch * p.heads), static_cast<unsigned>(ceil_div(p.dim_v, Tr::kBV)));
-    linmix_chunk_gla_fwd_kernel<T, kSegments><<<grid, Tr::kThreads, smem, stream>>>(p);
-    LINMIX_CHECK_LAUNCH();
-  });
+  constexpr size_t smem = sizeof(GlaChunkFwdSmem<T>);
+  static_assert(smem <= 160 * 1024, "fits an sm_80 block (163 KB opt-in)");
+  opt_in_smem(linmix_chunk_gla_fwd_kernel<T>, smem);
+  const dim3 grid(static_cast<unsigned>(p.batch * p.heads), static_cast<unsigned>(ceil_div(p.dim_v, Tr::kBV)));
+  linmix_chunk_gla_fwd_kernel<T><<<grid, Tr::kThreads, smem, stream>>>(p);
+  LINMIX_CHECK_LAUNCH();
 }
 
 }  // namespace linmix

@@ -2,16 +2,16 @@
 //
 // Gates enter as log2 gates a_t = log2(e) g_t <= 0; the decay from step j to step i >= j is
 // exp2(sum_{j < m <= i} a_m). Two ways to form that sum:
-//  - segment sums (what the CPU and the CUDA kernels with GlaParams::segment_decays compute): every
-//    decay is exp2 of a sum taken directly over the segment it spans, built from per-sub-chunk prefix
-//    sums (query side), suffix sums (key side), whole-sub-chunk totals, and pairwise running sums on the
-//    diagonal sub-blocks (Mamba-2's segsum). Every summand is <= 0, so nothing cancels: a decay is
-//    accurate to a few ulp whatever the other gates are, and a gate of -inf anywhere in the segment
-//    gives exactly 0 (never -inf - -inf).
-//  - differences of the chunk's running cumsum g_cumsum (gc_i = sum_{m <= i} a_m, the GPU-verified CUDA
-//    path): exp2(gc_i - gc_j). It cancels catastrophically after a large gate (NaN for -inf, the decay
-//    dropped for -3.4e37, 2.7e-4 relative error for -1e4 in fp32), and stays until a GPU session
-//    verifies the segment-sum kernels.
+//  - segment sums (the CPU twin and the chunk-parallel CUDA kernels, gla_chunkpar_common.cuh): every decay is
+//    exp2 of a sum taken directly over the segment it spans, built from per-sub-chunk prefix sums (query side),
+//    suffix sums (key side), whole-sub-chunk totals, and pairwise running sums on the diagonal sub-blocks
+//    (Mamba-2's segsum). Every summand is <= 0, so nothing cancels: a decay is accurate to a few ulp whatever
+//    the other gates are, and a gate of -inf anywhere in the segment gives exactly 0 (never -inf - -inf).
+//  - differences of the chunk's running cumsum gc_i = sum_{m <= i} a_m (the GPU-verified chunk kernels,
+//    gla_chunk_common.cuh, the CUDA default until the chunk-parallel kernels are verified): exp2(gc_i - gc_j).
+//    It cancels catastrophically after a large gate (NaN for -inf, the decay dropped for -3.4e37, 2.7e-4
+//    relative error for -1e4 in fp32).
+// Gate gradients come from the closed form (gla_dgate_term), exactly 0 where the decay underflows (gla_gate_grad).
 #pragma once
 
 #include <cmath>
@@ -33,7 +33,7 @@ LINMIX_HD T* gla_row(const BTHView& x, int64_t b, int64_t t, int64_t h) {
   return static_cast<T*>(x.ptr) + b * x.batch_stride + t * x.t_stride + h * x.head_stride;
 }
 
-// exp2 for the kernels; exp2(-inf) = 0. (The CPU loops use gla_exp2_cpu, gla/gla_exp2_cpu.h.)
+// exp2 for the kernels; exp2(-inf) = 0. (The CPU loops use exp2_cpu, common/exp2_cpu.h.)
 LINMIX_HD float gla_exp2(float x) {
 #if defined(__CUDA_ARCH__)
   return exp2f(x);
@@ -86,21 +86,6 @@ LINMIX_HD acc_t gla_diag_score(const Q* q_i, const Kt* k_j, const acc_t* gc_i, c
   return s;
 }
 
-// One diagonal-block score, segment-sum form: A_ij = sum_k q_ik k_jk exp2(sum_{j < m <= i} a_mk), with the
-// segment summed directly per channel. a points at row 0 of the sub-chunk's log2 gates (row stride
-// a_stride, channel stride 1), i and j are rows inside it.
-template <typename acc_t, typename Q, typename Kt>
-LINMIX_HD acc_t gla_diag_score_seg(const Q* q_i, const Kt* k_j, const acc_t* a, int64_t a_stride, int i, int j,
-                                   int64_t K) {
-  acc_t s = 0;
-  for (int64_t c = 0; c < K; ++c) {
-    acc_t seg = 0;
-    for (int m = j + 1; m <= i; ++m) seg += a[m * a_stride + c];
-    s += static_cast<acc_t>(q_i[c]) * static_cast<acc_t>(k_j[c]) * gla_exp2(seg);
-  }
-  return s;
-}
-
 // One state element over one step of the recurrence: S <- decay S + k v, decay = exp2(g2) of the
 // key channel (computed once per channel and step, not per element).
 template <typename acc_t>
@@ -113,6 +98,17 @@ LINMIX_HD acc_t gla_state_step(acc_t S, acc_t decay, acc_t k, acc_t v) {
 template <typename acc_t>
 LINMIX_HD acc_t gla_dgate_term(acc_t q, acc_t dq, acc_t k, acc_t dk) {
   return q * dq - k * dk;
+}
+
+// The gradient of the log gate g_t of one key channel, given `closed`, the closed form (the reverse cumsum of
+// gla_dgate_term plus the boundary term). Exactly, d loss / d g_t = exp(g_t) (h_{t-1} . dH_t); the closed form's
+// terms cancel, so it leaves a rounding residue where that product is 0. Where the decay exp2(log2_gate) is below
+// the smallest normal acc_t (2^-126 in fp32, 2^-1022 in fp64; a gate of -inf, -1e30 or -1e4 included) the
+// gradient is smaller than that times |h_{t-1} . dH_t| and is returned as exactly 0.
+template <typename acc_t>
+LINMIX_HD acc_t gla_gate_grad(acc_t closed, acc_t log2_gate) {
+  constexpr acc_t kMinNormalLog2 = sizeof(acc_t) == sizeof(double) ? acc_t(-1022) : acc_t(-126);
+  return log2_gate < kMinNormalLog2 ? acc_t(0) : closed;
 }
 
 }  // namespace linmix

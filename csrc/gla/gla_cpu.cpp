@@ -1,7 +1,7 @@
 // CPU gated linear attention: parallel over (batch, head) with at::parallel_for.
 //
-// chunk_gla runs the same chunked algorithm as the CUDA kernels with GlaParams::segment_decays (chunks of
-// kGlaChunk, sub-chunks of kGlaSubChunk, diagonal sub-blocks elementwise from direct segment sums,
+// chunk_gla runs the chunked algorithm of the CUDA kernels with the segment-sum decays of the chunk-parallel ones
+// (chunks of kGlaChunk, sub-chunks of kGlaSubChunk, diagonal sub-blocks elementwise from direct segment sums,
 // off-diagonal sub-blocks from q and k rescaled by sub-chunk prefix and suffix sums, split at the query
 // sub-chunk's first row; see gla_common.h). Every product over (chunk x K), (chunk x chunk)
 // or (K x V) tiles is one call of the BLAS GEMM the torch glue passes in (CpuGemm); what is left is
@@ -17,8 +17,8 @@
 
 #include "common/cpu_types.h"
 #include "common/static_switch.h"
+#include "common/exp2_cpu.h"
 #include "gla/gla_common.h"
-#include "gla/gla_exp2_cpu.h"
 
 namespace linmix {
 namespace {
@@ -77,7 +77,7 @@ LINMIX_NOINLINE void diag_scores_row(const acc_t* q_i, const acc_t* k, const acc
     acc_t s = 0;
     LINMIX_SIMD_SUM(s)
     for (int64_t c = 0; c < K; ++c) {
-      s += q_i[c] * kj[c] * gla_exp2_cpu(e[c]);
+      s += q_i[c] * kj[c] * exp2_cpu(e[c]);
       e[c] += aj[c];
     }
     A_row[j] = s;
@@ -95,7 +95,7 @@ LINMIX_NOINLINE void diag_scores_row_backward(const acc_t* q_i, const acc_t* k, 
     const acc_t d = dA_row[j];
     LINMIX_SIMD
     for (int64_t c = 0; c < K; ++c) {
-      const acc_t w = d * gla_exp2_cpu(e[c]);
+      const acc_t w = d * exp2_cpu(e[c]);
       dq_i[c] += w * kj[c];
       dkj[c] += w * q_i[c];
       e[c] += aj[c];
@@ -148,7 +148,7 @@ struct ChunkBuffers {
     }
     for (int64_t c = 0; c < K; ++c) {
       for (int64_t J = 0; J < n_sub; ++J) before[J * K + c] = gla_span(&tot[c], K, 0, int(J));
-      etot[c] = gla_exp2_cpu(gla_span(&tot[c], K, 0, int(n_sub)));
+      etot[c] = exp2_cpu(gla_span(&tot[c], K, 0, int(n_sub)));
     }
     for (int64_t J = 0; J < n_sub; ++J) {
       for (int64_t c = 0; c < K; ++c) tmp[c] = gla_span(&tot[c], K, int(J) + 1, int(n_sub));  // after sub-chunk J
@@ -157,9 +157,9 @@ struct ChunkBuffers {
         LINMIX_SIMD
         for (int64_t c = 0; c < K; ++c) {
           const int64_t x = i * K + c;
-          eq[x] = gla_exp2_cpu(bef[c] + pre[x]);
-          ek[x] = gla_exp2_cpu(suf[x] + aft[c]);
-          epre[x] = gla_exp2_cpu(pre[x]);
+          eq[x] = exp2_cpu(bef[c] + pre[x]);
+          ek[x] = exp2_cpu(suf[x] + aft[c]);
+          epre[x] = exp2_cpu(pre[x]);
         }
       }
     }
@@ -182,7 +182,7 @@ struct ChunkBuffers {
         LINMIX_SIMD
         for (int64_t c = 0; c < K; ++c) {
           const int64_t x = j * K + c;
-          fk[x] = gla_exp2_cpu(suf[x] + mid[c]);
+          fk[x] = exp2_cpu(suf[x] + mid[c]);
           yt[x] = k[x] * fk[x];
         }
       }
@@ -276,7 +276,7 @@ void chunk_fwd_impl(const GlaParams& p, const CpuGemm& gemm) {
 //   dv_j  = scale sum_{i>=j} A_ij do_i + k^_j dS   (k^_j = k_j ek_j)
 //   dq_i  = scale eq_i (S_in do_i) + sum_{j<=i} dA_ij k_j D(j, i)
 //   dk_j  = sum_{i>=j} dA_ij q_i D(j, i) + ek_j (dS v_j)
-//   dg_t  = sum_{s>=t in chunk} (q dq - k dk)_s + sum_v (S_out dS)[:, v]   (closed form)
+//   dg_t  = sum_{s>=t in chunk} (q dq - k dk)_s + sum_v (S_out dS)[:, v]   (closed form; gla_gate_grad)
 //   dS_in = etot dS + scale sum_i (q_i eq_i)^T do_i
 // The chunk-entry states are recomputed by a forward state pass at the start of the backward.
 template <DType dt>
@@ -327,7 +327,7 @@ void chunk_bwd_impl(const GlaParams& p, const CpuGemm& gemm) {
           for (int64_t kc = 0; kc < K; ++kc) {
             const int64_t x = i * K + kc;
             run[kc] += gla_dgate_term(cb.q[x], dq[x], cb.k[x], dk[x]);
-            dg[x] = run[kc];
+            dg[x] = gla_gate_grad(run[kc], cb.a[x]);
           }
         // dS <- exp(b_last) dS + (q exp(b))^T (scale do)
         for (int64_t kc = 0; kc < K; ++kc)
@@ -363,7 +363,7 @@ void recurrent_fwd_impl(const GlaParams& p) {
         load_rows<T>(p.v, bi, hi, t, 1, V, v.data());
         std::fill(o.begin(), o.end(), acc_t(0));
         for (int64_t c = 0; c < K; ++c) {
-          const acc_t decay = gla_exp2_cpu(gla_log2_gate(g[c]));
+          const acc_t decay = exp2_cpu(gla_log2_gate(g[c]));
           acc_t* Sc = &S[c * V];
           for (int64_t e = 0; e < V; ++e) {
             Sc[e] = gla_state_step(Sc[e], decay, k[c], v[e]);
@@ -380,7 +380,7 @@ void recurrent_fwd_impl(const GlaParams& p) {
 
 // fused_recurrent_gla backward: a forward pass recomputes S_t for dq_t = scale S_t do_t; a reverse pass
 // carries dS_t = exp(g_{t+1}) dS_{t+1} + scale q_t^T do_t for dk_t = dS_t v_t and dv_t = k_t dS_t;
-// dg is the closed form over the whole sequence: reverse cumsum of (q dq - k dk) + sum_v S_T dS_T.
+// dg is the closed form over the whole sequence: reverse cumsum of (q dq - k dk) + sum_v S_T dS_T (gla_gate_grad).
 template <DType dt>
 void recurrent_bwd_impl(const GlaParams& p) {
   using T = cpu_t<dt>;
@@ -388,7 +388,7 @@ void recurrent_bwd_impl(const GlaParams& p) {
   const int64_t K = p.dim_k, V = p.dim_v, KV = K * V;
   const acc_t scale = static_cast<acc_t>(p.scale);
   at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> S(KV), dS(KV), q(K), k(K), g(K), v(V), dout(V), dk(K), dv(V), run(K);
+    std::vector<acc_t> S(KV), dS(KV), q(K), k(K), g(K), v(V), dout(V), dk(K), dv(V), run(K), dg(K);
     std::vector<acc_t> dq(p.seqlen * K);  // kept in the accumulation type for the dg sum
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bi = task / p.heads, hi = task % p.heads;
@@ -399,7 +399,7 @@ void recurrent_bwd_impl(const GlaParams& p) {
         load_rows<T>(p.v, bi, hi, t, 1, V, v.data());
         load_rows<T>(p.dout, bi, hi, t, 1, V, dout.data());
         for (int64_t c = 0; c < K; ++c) {
-          const acc_t decay = gla_exp2_cpu(gla_log2_gate(g[c]));
+          const acc_t decay = exp2_cpu(gla_log2_gate(g[c]));
           acc_t* Sc = &S[c * V];
           for (int64_t e = 0; e < V; ++e) Sc[e] = gla_state_step(Sc[e], decay, k[c], v[e]);
           dq[t * K + c] = scale * dot(Sc, dout.data(), V);
@@ -424,12 +424,13 @@ void recurrent_bwd_impl(const GlaParams& p) {
           }
           dk[c] = dot(dSc, v.data(), V);
           run[c] += gla_dgate_term(q[c], dq[t * K + c], k[c], dk[c]);
-          const acc_t decay = gla_exp2_cpu(gla_log2_gate(g[c]));
+          const acc_t a = gla_log2_gate(g[c]), decay = exp2_cpu(a);
+          dg[c] = gla_gate_grad(run[c], a);
           for (int64_t e = 0; e < V; ++e) dSc[e] *= decay;
         }
         store_rows<T>(p.dk, bi, hi, t, 1, K, dk.data());
         store_rows<T>(p.dv, bi, hi, t, 1, V, dv.data());
-        store_rows<T>(p.dg, bi, hi, t, 1, K, run.data());
+        store_rows<T>(p.dg, bi, hi, t, 1, K, dg.data());
       }
       std::copy_n(dS.data(), KV, static_cast<acc_t*>(p.dh0) + task * KV);
     }

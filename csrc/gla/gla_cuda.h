@@ -1,9 +1,8 @@
 // Declarations of the CUDA launchers (defined in instantiate/*.cu), torch-free.
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include "common/dtype.h"
+#include "common/stream.h"
 #include "gla/params.h"
 
 namespace linmix {

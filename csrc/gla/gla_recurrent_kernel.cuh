@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include "common/cuda_check.h"
+#include "common/cuda_utils.cuh"
 #include "common/dtype.h"
 #include "gla/gla_common.h"
 #include "gla/params.h"
@@ -29,12 +30,6 @@ struct GlaRecurrentTraits {
   static_assert(kSteps == kNWarps, "one warp reduces one step of a group");
   static_assert(kMaxDim % kNWarps == 0 && kMaxDim % 32 == 0, "register arrays cover kMaxDim exactly");
 };
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
 
 // Shared memory of the column-layout kernels: a group of steps of q, k, decay (all K channels) and one
 // 32-wide column slice of a (B, T, H, V) input, plus the per-warp partial sums.
@@ -175,7 +170,7 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_rec
 }
 
 // Backward, row layout: a forward pass recomputes S_t for dq_t = scale S_t do_t; a reverse pass carries dS for
-// dk_t = dS_t v_t and the closed-form dg (reverse cumsum of q dq - k dk, starting from sum_v S_T dS_T).
+// dk_t = dS_t v_t and the closed-form dg (reverse cumsum of q dq - k dk, starting from sum_v S_T dS_T; gla_gate_grad).
 // grid: (B * H, ceil(K / kNWarps)); block: kThreads.
 template <typename T>
 __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_recurrent_gla_bwd_dqk_kernel(GlaParams p) {
@@ -247,7 +242,7 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_rec
         const int64_t t = t0 + st;
         const float qc = to_float(gla_row<const T>(p.q, b, t, h)[c]);
         const float kc = to_float(gla_row<const T>(p.k, b, t, h)[c]);
-        const float decay = gla_exp2(gla_log2_gate(to_float(gla_row<const T>(p.g, b, t, h)[c])));
+        const float a = gla_log2_gate(to_float(gla_row<const T>(p.g, b, t, h)[c])), decay = gla_exp2(a);
         float dpart = 0.f;
 #pragma unroll
         for (int j = 0; j < Tr::kColsPerLane; ++j) {
@@ -262,7 +257,7 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_rec
         run += gla_dgate_term(qc, ws[ws_at(t)], kc, dk);  // written by lane 0 in the first pass
         if (lane == 0) {
           gla_row<T>(p.dk, b, t, h)[c] = from_float<T>(dk);
-          gla_row<T>(p.dg, b, t, h)[c] = from_float<T>(run);
+          gla_row<T>(p.dg, b, t, h)[c] = from_float<T>(gla_gate_grad(run, a));
         }
       }
     }

@@ -1,28 +1,23 @@
-// Torch glue for chunk_gla and fused_recurrent_gla: input checks, outputs, params, dispatch.
+// Torch glue for chunk_gla and fused_recurrent_gla: input checks, outputs, params, and the launch
+// (common/dispatch.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <dlfcn.h>
 
 #include "common/checks.h"
-#include "common/static_switch.h"
-#include "common/torch_stream.h"
-#include "common/unverified.h"
+#include "common/dispatch.h"
 #include "gla/gla_common.h"
 #include "gla/gla_cpu.h"
-#include "gla/params.h"
-#ifdef LINMIX_WITH_CUDA
+#include "common/unverified.h"
+#include "gla/gla_chunkpar.h"
 #include "gla/gla_cuda.h"
-#endif
+#include "gla/params.h"
 
 namespace linmix {
 namespace {
 
-constexpr int64_t kMaxHeadDim = 256;
-
 BTHView bth_view(const at::Tensor& t) { return BTHView{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
-
-at::ScalarType acc_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Checks shared by both algorithms and directions.
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
@@ -34,8 +29,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   check_shape(g, "g", {B, T, H, K}, "(B, T, H, K) like q");
   check_shape(v, "v", {B, T, H, -1}, "(B, T, H, V) with q's B, T, H");
   const int64_t V = v.size(3);
-  TORCH_CHECK(K >= 1 && K <= kMaxHeadDim && V >= 1 && V <= kMaxHeadDim, "linmix.gla: head dims K and V must be in [1, ",
-              kMaxHeadDim, "], got K = ", K, ", V = ", V);
+  TORCH_CHECK(K >= 1 && K <= kGlaMaxHeadDim && V >= 1 && V <= kGlaMaxHeadDim, "linmix.gla: head dims K and V must be in [1, ",
+              kGlaMaxHeadDim, "], got K = ", K, ", V = ", V);
   for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}, std::pair{&g, "g"}}) {
     check_same_dtype(*t, name, q, "q");
     check_same_device(*t, name, q, "q");
@@ -51,10 +46,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
 }
 
-std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
-  return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
-}
-
 GlaParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, double scale,
                       const std::optional<at::Tensor>& h0) {
   GlaParams p;
@@ -62,7 +53,6 @@ GlaParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   p.scale = scale;
   p.q = bth_view(q), p.k = bth_view(k), p.v = bth_view(v), p.g = bth_view(g);
   p.h0 = h0 ? h0->data_ptr() : nullptr;
-  p.segment_decays = unverified_kernels_enabled();  // CUDA chunk kernels exact for any gate: not yet GPU-run
   return p;
 }
 
@@ -115,6 +105,19 @@ constexpr CpuGemm kCpuGemm{&cpu_gemm<float>, &cpu_gemm<double>};
 
 enum class Algo { kChunk, kRecurrent };
 
+// The chunk-parallel CUDA chunk_gla (gla_chunkpar.h), not yet run on a GPU: only with LINMIX_UNVERIFIED_KERNELS=1.
+template <DType dt>
+void chunkpar_gla_cuda(const GlaParams& p, bool backward, const at::Tensor& like, cudaStream_t stream) {
+  const auto f32 = like.options().dtype(at::kFloat);
+  const int64_t BH = p.batch * p.heads, N = gla_chunkpar_n_chunks(p.seqlen), KV = p.dim_k * p.dim_v;
+  const at::Tensor states = at::empty({BH, N + 1, KV}, f32), sums = at::empty({BH, N, p.dim_k}, f32);
+  const at::Tensor dstates = backward ? at::empty({BH, N, KV}, f32) : at::Tensor();
+  const GlaChunkparWorkspace ws{states.data_ptr<float>(), backward ? dstates.data_ptr<float>() : nullptr,
+                                sums.data_ptr<float>()};
+  (backward ? chunkpar_gla_bwd_cuda<dt> : chunkpar_gla_fwd_cuda<dt>)(p, ws, stream);
+}
+
+template <Backend backend>
 std::tuple<at::Tensor, at::Tensor> gla_fwd(Algo algo, const at::Tensor& q_in, const at::Tensor& k_in,
                                            const at::Tensor& v_in, const at::Tensor& g_in, double scale,
                                            const std::optional<at::Tensor>& h0_in) {
@@ -129,24 +132,24 @@ std::tuple<at::Tensor, at::Tensor> gla_fwd(Algo algo, const at::Tensor& q_in, co
   GlaParams p = make_params(q, k, v, g, scale, h0);
   p.o = bth_view(o);
   p.ht = ht.data_ptr();
-  const DType dt = to_linmix_dtype(q.scalar_type());
-  if (q.is_cpu()) {
-    if (algo == Algo::kChunk)
-      chunk_gla_fwd_cpu(p, dt, kCpuGemm);
-    else
-      fused_recurrent_gla_fwd_cpu(p, dt);
-  } else {
-#ifdef LINMIX_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(q.device());
-    LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
-      if constexpr (kDT != DType::kFloat64)
-        (algo == Algo::kChunk ? chunk_gla_fwd_cuda<kDT> : fused_recurrent_gla_fwd_cuda<kDT>)(p, current_stream());
-    });
-#endif
-  }
+  launch<backend>(
+      q,
+      [&](DType dt) {
+        if (algo == Algo::kChunk)
+          chunk_gla_fwd_cpu(p, dt, kCpuGemm);
+        else
+          fused_recurrent_gla_fwd_cpu(p, dt);
+      },
+      [&]<DType dt>(cudaStream_t stream) {
+        if (algo == Algo::kChunk && unverified_kernels_enabled())
+          chunkpar_gla_cuda<dt>(p, /*backward=*/false, q, stream);
+        else
+          (algo == Algo::kChunk ? chunk_gla_fwd_cuda<dt> : fused_recurrent_gla_fwd_cuda<dt>)(p, stream);
+      });
   return {o, ht};
 }
 
+template <Backend backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gla_bwd(
     Algo algo, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& g_in,
     const at::Tensor& dout_in, const std::optional<at::Tensor>& dht_in, double scale,
@@ -173,63 +176,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gla_bwd(
   p.dht = dht ? dht->data_ptr() : nullptr;
   p.dq = bth_view(dq), p.dk = bth_view(dk), p.dv = bth_view(dv), p.dg = bth_view(dg);
   p.dh0 = dh0.data_ptr();
-  const DType dt = to_linmix_dtype(q.scalar_type());
-  if (q.is_cpu()) {
-    if (algo == Algo::kChunk)
-      chunk_gla_bwd_cpu(p, dt, kCpuGemm);
-    else
-      fused_recurrent_gla_bwd_cpu(p, dt);
-  } else {
-#ifdef LINMIX_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(q.device());
-    const auto f32 = q.options().dtype(at::kFloat);
-    at::Tensor ws0, ws1;  // fp32 workspaces (see GlaParams)
-    if (algo == Algo::kChunk) {
-      const int64_t n_chunks = (q.size(1) + kGlaChunk - 1) / kGlaChunk;
-      ws0 = at::empty({B * H, n_chunks + 1, K, V}, f32);
-      ws1 = at::empty({B * H, n_chunks, K, V}, f32);
-      p.chunk_states = ws0.data_ptr<float>(), p.chunk_dstates = ws1.data_ptr<float>();
-    } else {
-      ws0 = at::empty(q.sizes(), f32);
-      p.workspace = ws0.data_ptr<float>();
-    }
-    LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
-      if constexpr (kDT != DType::kFloat64)
-        (algo == Algo::kChunk ? chunk_gla_bwd_cuda<kDT> : fused_recurrent_gla_bwd_cuda<kDT>)(p, current_stream());
-    });
-#endif
-  }
+  launch<backend>(
+      q,
+      [&](DType dt) {
+        if (algo == Algo::kChunk)
+          chunk_gla_bwd_cpu(p, dt, kCpuGemm);
+        else
+          fused_recurrent_gla_bwd_cpu(p, dt);
+      },
+      [&]<DType dt>(cudaStream_t stream) {
+        if (algo == Algo::kChunk && unverified_kernels_enabled()) {
+          chunkpar_gla_cuda<dt>(p, /*backward=*/true, q, stream);
+          return;
+        }
+        const auto f32 = q.options().dtype(at::kFloat);
+        at::Tensor ws0, ws1;  // fp32 workspaces (see GlaParams)
+        if (algo == Algo::kChunk) {
+          const int64_t n_chunks = (q.size(1) + kGlaChunk - 1) / kGlaChunk;
+          ws0 = at::empty({B * H, n_chunks + 1, K, V}, f32);
+          ws1 = at::empty({B * H, n_chunks, K, V}, f32);
+          p.chunk_states = ws0.data_ptr<float>(), p.chunk_dstates = ws1.data_ptr<float>();
+        } else {
+          ws0 = at::empty(q.sizes(), f32);
+          p.workspace = ws0.data_ptr<float>();
+        }
+        (algo == Algo::kChunk ? chunk_gla_bwd_cuda<dt> : fused_recurrent_gla_bwd_cuda<dt>)(p, stream);
+      });
   return {dq, dk, dv, dg, dh0};
 }
 
-template <Algo algo>
+template <Backend backend, Algo algo>
 std::tuple<at::Tensor, at::Tensor> fwd_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                           const at::Tensor& g, double scale, const std::optional<at::Tensor>& h0) {
-  return gla_fwd(algo, q, k, v, g, scale, h0);
+  return gla_fwd<backend>(algo, q, k, v, g, scale, h0);
 }
 
-template <Algo algo>
+template <Backend backend, Algo algo>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_op(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& dout,
     const std::optional<at::Tensor>& dht, double scale, const std::optional<at::Tensor>& h0) {
-  return gla_bwd(algo, q, k, v, g, dout, dht, scale, h0);
+  return gla_bwd<backend>(algo, q, k, v, g, dout, dht, scale, h0);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linmix, CPU, m) {
-  m.impl("chunk_gla_fwd", &fwd_op<Algo::kChunk>);
-  m.impl("chunk_gla_bwd", &bwd_op<Algo::kChunk>);
-  m.impl("fused_recurrent_gla_fwd", &fwd_op<Algo::kRecurrent>);
-  m.impl("fused_recurrent_gla_bwd", &bwd_op<Algo::kRecurrent>);
+  m.impl("chunk_gla_fwd", &fwd_op<Backend::kCPU, Algo::kChunk>);
+  m.impl("chunk_gla_bwd", &bwd_op<Backend::kCPU, Algo::kChunk>);
+  m.impl("fused_recurrent_gla_fwd", &fwd_op<Backend::kCPU, Algo::kRecurrent>);
+  m.impl("fused_recurrent_gla_bwd", &bwd_op<Backend::kCPU, Algo::kRecurrent>);
 }
 
 #ifdef LINMIX_WITH_CUDA
 TORCH_LIBRARY_IMPL(linmix, CUDA, m) {
-  m.impl("chunk_gla_fwd", &fwd_op<Algo::kChunk>);
-  m.impl("chunk_gla_bwd", &bwd_op<Algo::kChunk>);
-  m.impl("fused_recurrent_gla_fwd", &fwd_op<Algo::kRecurrent>);
-  m.impl("fused_recurrent_gla_bwd", &bwd_op<Algo::kRecurrent>);
+  m.impl("chunk_gla_fwd", &fwd_op<Backend::kCUDA, Algo::kChunk>);
+  m.impl("chunk_gla_bwd", &bwd_op<Backend::kCUDA, Algo::kChunk>);
+  m.impl("fused_recurrent_gla_fwd", &fwd_op<Backend::kCUDA, Algo::kRecurrent>);
+  m.impl("fused_recurrent_gla_bwd", &bwd_op<Backend::kCUDA, Algo::kRecurrent>);
 }
 #endif
 

@@ -6,6 +6,9 @@
 
 namespace linmix {
 
+// Largest head dim K and V; the CUDA kernels size their shared memory and register tiles for it.
+constexpr int64_t kGlaMaxHeadDim = 256;
+
 // A (B, T, H, X) tensor with unit stride along X; element strides for B, T and H (64-bit).
 struct BTHView {
   void* ptr = nullptr;
@@ -18,10 +21,6 @@ struct GlaParams {
   int64_t batch = 0, seqlen = 0, heads = 0;
   int64_t dim_k = 0, dim_v = 0;  // head dims K (q, k, g) and V (v, o)
   double scale = 1.0;
-  // CUDA chunk kernels: build every decay from sums over the segment it spans (exact for any g <= 0, -inf
-  // included) instead of differences of the chunk's g_cumsum. Not yet run on a GPU: set from
-  // unverified_kernels_enabled() (LINMIX_UNVERIFIED_KERNELS=1). The CPU always uses segment sums.
-  bool segment_decays = false;
   // forward
   BTHView q, k, g;  // (B, T, H, K); g is the log forget gate
   BTHView v;        // (B, T, H, V)

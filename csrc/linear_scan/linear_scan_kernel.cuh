@@ -5,50 +5,19 @@
 // of the block: warp w owns kItems consecutive steps of the current chunk and scans them in registers;
 // the per-warp (prod a, h) aggregates are combined through shared memory, and a running carry per
 // channel crosses chunks. Lanes never need to exchange data (they hold different channels), so the
-// cross-step combine is the shared-memory pass, not shuffles.
+// cross-step combine is the shared-memory pass, not shuffles (block_chunk_scan, common/channel_scan.cuh).
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include "common/channel_scan.cuh"
 #include "common/cuda_check.h"
+#include "common/cuda_utils.cuh"
 #include "common/dtype.h"
 #include "common/math.h"
 #include "linear_scan/params.h"
 
 namespace linmix {
-
-template <int kNWarps_, int kItems_>
-struct LinearScanTraits {
-  static constexpr int kNWarps = kNWarps_;
-  static constexpr int kItems = kItems_;
-  static constexpr int kThreads = 32 * kNWarps;
-  static constexpr int kChunk = kNWarps * kItems;  // time steps per block iteration
-  static_assert(kNWarps >= 1 && kNWarps <= 32, "one aggregate slot per warp in shared memory");
-  static_assert(kItems >= 1, "each thread scans at least one step");
-};
-
-// Inclusive scan of one chunk for the channel owned by this lane: on entry r_b[k] holds b_k and
-// r_a[k] the coefficient a_k of step (warp * kItems + k); on exit r_b[k] holds h_k. `carry` is h just
-// before the chunk on entry and h after the chunk's last step on exit. All threads must call it.
-template <typename Traits>
-__device__ __forceinline__ void block_chunk_scan(const float (&r_a)[Traits::kItems], float (&r_b)[Traits::kItems],
-                                                 float& carry, ScanPair<float>* s_agg /* (kNWarps, 32) */) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  ScanPair<float> agg{1.f, 0.f};
-#pragma unroll
-  for (int k = 0; k < Traits::kItems; ++k) agg = scan_combine(agg, ScanPair<float>{r_a[k], r_b[k]});
-  s_agg[warp * 32 + lane] = agg;
-  __syncthreads();
-  float h = carry;
-  for (int w = 0; w < warp; ++w) h = scan_step(s_agg[w * 32 + lane].a, h, s_agg[w * 32 + lane].b);
-#pragma unroll
-  for (int k = 0; k < Traits::kItems; ++k) {
-    h = scan_step(r_a[k], h, r_b[k]);
-    r_b[k] = h;
-  }
-  for (int w = 0; w < Traits::kNWarps; ++w) carry = scan_step(s_agg[w * 32 + lane].a, carry, s_agg[w * 32 + lane].b);
-  __syncthreads();  // s_agg is rewritten by the next chunk
-}
 
 template <typename T>
 __device__ __forceinline__ const T* btd_ptr(const BTDView& v, int64_t b, int64_t t, int64_t d) {
@@ -128,22 +97,20 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_linear_scan_bwd_kerne
   }
 }
 
-using LinearScanDefaultTraits = LinearScanTraits<8, 8>;
-
 template <DType dt>
 void linear_scan_fwd_cuda(const LinearScanParams& p, cudaStream_t stream) {
-  using Traits = LinearScanDefaultTraits;
+  using Traits = ChannelScanDefaultTraits;
   if (p.batch == 0 || p.dim == 0) return;
-  const dim3 grid(static_cast<unsigned>(p.batch), static_cast<unsigned>(ceil_div(p.dim, 32)));
+  const dim3 grid = checked_grid("linear_scan", "(B, ceil(D / 32))", p.batch, ceil_div(p.dim, 32));
   linmix_linear_scan_fwd_kernel<Traits, cuda_t<dt>><<<grid, Traits::kThreads, 0, stream>>>(p);
   LINMIX_CHECK_LAUNCH();
 }
 
 template <DType dt>
 void linear_scan_bwd_cuda(const LinearScanParams& p, cudaStream_t stream) {
-  using Traits = LinearScanDefaultTraits;
+  using Traits = ChannelScanDefaultTraits;
   if (p.batch == 0 || p.dim == 0) return;
-  const dim3 grid(static_cast<unsigned>(p.batch), static_cast<unsigned>(ceil_div(p.dim, 32)));
+  const dim3 grid = checked_grid("linear_scan", "(B, ceil(D / 32))", p.batch, ceil_div(p.dim, 32));
   linmix_linear_scan_bwd_kernel<Traits, cuda_t<dt>><<<grid, Traits::kThreads, 0, stream>>>(p);
   LINMIX_CHECK_LAUNCH();
 }

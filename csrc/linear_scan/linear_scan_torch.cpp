@@ -1,15 +1,12 @@
-// Torch glue for linear_scan: input checks, output allocation, params, dispatch to CPU or CUDA.
+// Torch glue for linear_scan: input checks, output allocation, params, and the launch (common/dispatch.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
-#include "common/static_switch.h"
-#include "common/torch_stream.h"
+#include "common/dispatch.h"
 #include "linear_scan/linear_scan_cpu.h"
-#include "linear_scan/params.h"
-#ifdef LINMIX_WITH_CUDA
 #include "linear_scan/linear_scan_cuda.h"
-#endif
+#include "linear_scan/params.h"
 
 namespace linmix {
 namespace {
@@ -17,8 +14,6 @@ namespace {
 BTDView btd_view(const at::Tensor& t) {
   return BTDView{t.data_ptr(), t.stride(0), t.stride(1)};
 }
-
-at::ScalarType acc_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Checks shared by forward and backward; returns (B, T, D).
 void check_inputs(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& h0, const char* b_name) {
@@ -32,17 +27,14 @@ void check_inputs(const at::Tensor& a, const at::Tensor& b, const std::optional<
     check_dtype(*h0, "h0", acc_dtype(a));
     check_same_device(*h0, "h0", a, "a");
   }
-  if (a.is_cuda()) {
-    TORCH_CHECK(a.size(2) <= int64_t(65535) * 32, "linmix.linear_scan: D must be at most ", 65535 * 32, " on CUDA");
-    TORCH_CHECK(a.size(0) <= int64_t(2147483647), "linmix.linear_scan: batch too large");
-  }
 }
 
+template <Backend backend>
 at::Tensor linear_scan_fwd(const at::Tensor& a_in, const at::Tensor& b_in, const std::optional<at::Tensor>& h0_in,
                            bool reverse) {
   check_inputs(a_in, b_in, h0_in, "b");
   const at::Tensor a = last_dim_contiguous(a_in), b = last_dim_contiguous(b_in);
-  const std::optional<at::Tensor> h0 = h0_in ? std::optional<at::Tensor>(h0_in->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> h0 = contiguous_opt(h0_in);
   at::Tensor h = at::empty(a.sizes(), a.options());
   LinearScanParams p;
   p.batch = a.size(0), p.seqlen = a.size(1), p.dim = a.size(2);
@@ -50,20 +42,13 @@ at::Tensor linear_scan_fwd(const at::Tensor& a_in, const at::Tensor& b_in, const
   p.a = btd_view(a), p.b = btd_view(b), p.h = btd_view(h);
   p.h0 = h0 ? h0->data_ptr() : nullptr;
   if (h.numel() == 0) return h;
-  const DType dt = to_linmix_dtype(a.scalar_type());
-  if (a.is_cpu()) {
-    linear_scan_fwd_cpu(p, dt);
-  } else {
-#ifdef LINMIX_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(a.device());
-    LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
-      if constexpr (kDT != DType::kFloat64) linear_scan_fwd_cuda<kDT>(p, current_stream());
-    });
-#endif
-  }
+  launch<backend>(
+      a, [&](DType dt) { linear_scan_fwd_cpu(p, dt); },
+      [&]<DType dt>(cudaStream_t stream) { linear_scan_fwd_cuda<dt>(p, stream); });
   return h;
 }
 
+template <Backend backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_bwd(const at::Tensor& a_in, const at::Tensor& h_in,
                                                                const at::Tensor& dh_in,
                                                                const std::optional<at::Tensor>& h0_in, bool reverse) {
@@ -72,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_bwd(const at::Tensor&
   check_same_dtype(dh_in, "dh", a_in, "a");
   check_same_device(dh_in, "dh", a_in, "a");
   const at::Tensor a = last_dim_contiguous(a_in), h = last_dim_contiguous(h_in), dh = last_dim_contiguous(dh_in);
-  const std::optional<at::Tensor> h0 = h0_in ? std::optional<at::Tensor>(h0_in->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> h0 = contiguous_opt(h0_in);
   at::Tensor da = at::empty(a.sizes(), a.options());
   at::Tensor db = at::empty(a.sizes(), a.options());
   at::Tensor dh0 = at::zeros({a.size(0), a.size(2)}, a.options().dtype(acc_dtype(a)));
@@ -83,31 +68,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_bwd(const at::Tensor&
   p.a = btd_view(a), p.h = btd_view(h), p.dh = btd_view(dh), p.da = btd_view(da), p.db = btd_view(db);
   p.h0 = h0 ? h0->data_ptr() : nullptr;
   p.dh0 = dh0.data_ptr();
-  const DType dt = to_linmix_dtype(a.scalar_type());
-  if (a.is_cpu()) {
-    linear_scan_bwd_cpu(p, dt);
-  } else {
-#ifdef LINMIX_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(a.device());
-    LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
-      if constexpr (kDT != DType::kFloat64) linear_scan_bwd_cuda<kDT>(p, current_stream());
-    });
-#endif
-  }
+  launch<backend>(
+      a, [&](DType dt) { linear_scan_bwd_cpu(p, dt); },
+      [&]<DType dt>(cudaStream_t stream) { linear_scan_bwd_cuda<dt>(p, stream); });
   return {da, db, dh0};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linmix, CPU, m) {
-  m.impl("linear_scan_fwd", &linear_scan_fwd);
-  m.impl("linear_scan_bwd", &linear_scan_bwd);
+  m.impl("linear_scan_fwd", &linear_scan_fwd<Backend::kCPU>);
+  m.impl("linear_scan_bwd", &linear_scan_bwd<Backend::kCPU>);
 }
 
 #ifdef LINMIX_WITH_CUDA
 TORCH_LIBRARY_IMPL(linmix, CUDA, m) {
-  m.impl("linear_scan_fwd", &linear_scan_fwd);
-  m.impl("linear_scan_bwd", &linear_scan_bwd);
+  m.impl("linear_scan_fwd", &linear_scan_fwd<Backend::kCUDA>);
+  m.impl("linear_scan_bwd", &linear_scan_bwd<Backend::kCUDA>);
 }
 #endif
 

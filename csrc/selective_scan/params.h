@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <numeric>
 
 namespace linmix {
 
@@ -57,6 +58,33 @@ struct SelectiveScanParams {
   void* dD_part = nullptr;      // (b, d) partials
   void* ddelta_bias_part = nullptr;  // (b, d) partials
   void* dinitial_state = nullptr;    // (b, d, n)
+
+  // Atomic-free (tiled) backward only, see selective_scan_bwd_tiled_kernel.cuh:
+  void* sub_states = nullptr;  // (b, d, kSelectiveScanChunk / kSelectiveScanSubChunk, n) fp32 scratch
+  // Per-tile partials of variable dB/dC, (b, n_tiles, n, L) fp32, summed per group by a second, fixed-order
+  // pass (deterministic); null: the tile adds its sums into dB/dC with one fp32 atomic per element.
+  void* dB_tiles = nullptr;
+  void* dC_tiles = nullptr;
 };
+
+// The atomic-free backward's channel tiles. The channels are cut into segments that each lie inside one
+// group of B and one of C (seg = gcd of the two group sizes, a fixed B/C counting as one group of d), and each
+// segment into tiles of kSelectiveScanTile channels, the last one partial. A tile never straddles a group.
+constexpr int64_t kSelectiveScanTile = 16;       // channels per block (one warp each)
+constexpr int64_t kSelectiveScanSubChunk = 128;  // steps per warp pass (32 lanes x 4 items)
+
+struct SelectiveScanTiling {
+  int64_t seg = 1, tiles_per_seg = 1, n_tiles = 0;  // n_tiles per batch row
+};
+
+inline SelectiveScanTiling selective_scan_tiling(const SelectiveScanParams& p) {
+  const int64_t sb = p.B.variable ? p.dim / p.B.n_groups : p.dim;
+  const int64_t sc = p.C.variable ? p.dim / p.C.n_groups : p.dim;
+  SelectiveScanTiling t;
+  t.seg = std::gcd(sb, sc);
+  t.tiles_per_seg = (t.seg + kSelectiveScanTile - 1) / kSelectiveScanTile;
+  t.n_tiles = p.dim / t.seg * t.tiles_per_seg;
+  return t;
+}
 
 }  // namespace linmix

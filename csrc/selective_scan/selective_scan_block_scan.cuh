@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "common/cuda_check.h"
+#include "common/cuda_utils.cuh"
 #include "common/dtype.h"
 #include "common/math.h"
 #include "selective_scan/params.h"
@@ -23,6 +24,27 @@ struct SelectiveScanTraits {
   static_assert(kChunk == kSelectiveScanChunk, "one block iteration is one checkpoint chunk");
 };
 
+// Warp-level scan of per-lane aggregates in scan order (lane 0 first; kReverse: lane 31 first). Returns the
+// inclusive prefix of this lane (the composition of every lane up to it, in scan order) and sets `excl` to the
+// exclusive one (identity for the first lane). Must be called by all 32 lanes.
+template <bool kReverse>
+__device__ __forceinline__ ScanPair<float> warp_scan_pairs(ScanPair<float> agg, ScanPair<float>& excl) {
+  constexpr unsigned kFull = 0xffffffffu;
+  const int lane = threadIdx.x % 32;
+  // Kogge-Stone inclusive scan; the neighbour's partial comes earlier in scan order.
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const float oa = kReverse ? __shfl_down_sync(kFull, agg.a, off) : __shfl_up_sync(kFull, agg.a, off);
+    const float ob = kReverse ? __shfl_down_sync(kFull, agg.b, off) : __shfl_up_sync(kFull, agg.b, off);
+    if (kReverse ? lane + off < 32 : lane >= off) agg = scan_combine(ScanPair<float>{oa, ob}, agg);
+  }
+  // Exclusive prefix of this lane = inclusive prefix of the previous lane in scan order.
+  excl.a = kReverse ? __shfl_down_sync(kFull, agg.a, 1) : __shfl_up_sync(kFull, agg.a, 1);
+  excl.b = kReverse ? __shfl_down_sync(kFull, agg.b, 1) : __shfl_up_sync(kFull, agg.b, 1);
+  if (lane == (kReverse ? 31 : 0)) excl = ScanPair<float>{1.f, 0.f};
+  return agg;
+}
+
 // Block-wide scan of per-thread aggregates with a carry. Thread j holds `agg`, the composition (in scan
 // order) of the steps of its items. Returns the value entering thread j's first item: `carry` advanced
 // through the aggregates of every thread before j in scan order. Forward scan order is thread 0 first;
@@ -34,19 +56,9 @@ struct SelectiveScanTraits {
 // Must be called by all threads of the block.
 template <int kNWarps, bool kReverse>
 __device__ __forceinline__ float block_scan_carry_in(ScanPair<float> agg, float carry, ScanPair<float>* s_warp) {
-  constexpr unsigned kFull = 0xffffffffu;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  // Kogge-Stone inclusive scan inside the warp; the neighbour's partial comes earlier in scan order.
-#pragma unroll
-  for (int off = 1; off < 32; off *= 2) {
-    const float oa = kReverse ? __shfl_down_sync(kFull, agg.a, off) : __shfl_up_sync(kFull, agg.a, off);
-    const float ob = kReverse ? __shfl_down_sync(kFull, agg.b, off) : __shfl_up_sync(kFull, agg.b, off);
-    if (kReverse ? lane + off < 32 : lane >= off) agg = scan_combine(ScanPair<float>{oa, ob}, agg);
-  }
-  // Exclusive prefix of this lane = inclusive prefix of the previous lane in scan order.
-  float ea = kReverse ? __shfl_down_sync(kFull, agg.a, 1) : __shfl_up_sync(kFull, agg.a, 1);
-  float eb = kReverse ? __shfl_down_sync(kFull, agg.b, 1) : __shfl_up_sync(kFull, agg.b, 1);
-  if (lane == (kReverse ? 31 : 0)) ea = 1.f, eb = 0.f;
+  ScanPair<float> excl;
+  agg = warp_scan_pairs<kReverse>(agg, excl);
   if (lane == (kReverse ? 0 : 31)) s_warp[warp] = agg;  // the warp's total
   __syncthreads();
   float h = carry;
@@ -55,13 +67,7 @@ __device__ __forceinline__ float block_scan_carry_in(ScanPair<float> agg, float 
   } else {
     for (int w = 0; w < warp; ++w) h = scan_step(s_warp[w].a, h, s_warp[w].b);
   }
-  return scan_step(ea, h, eb);
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) x += __shfl_xor_sync(0xffffffffu, x, off);
-  return x;
+  return scan_step(excl.a, h, excl.b);
 }
 
 // B or C of (batch, channel, state) at the times of this thread's items: a row pointer for variable
@@ -72,9 +78,10 @@ struct BCRow {
   float fixed = 0.f;
 };
 
+// State n's row given `base`, the offset at state 0 (ss_bc_offset(v, b, d, 0, dim)), hoisted out of state loops.
 template <typename T>
-__device__ __forceinline__ BCRow<T> bc_row(const BCView& v, int64_t b, int64_t d, int64_t n, int64_t dim) {
-  const int64_t off = ss_bc_offset(v, b, d, n, dim);
+__device__ __forceinline__ BCRow<T> bc_row_at(const BCView& v, int64_t base, int64_t n) {
+  const int64_t off = base + n * v.n_stride;
   BCRow<T> r;
   if (v.variable) {
     r.row = static_cast<const T*>(v.ptr) + off;
@@ -82,6 +89,11 @@ __device__ __forceinline__ BCRow<T> bc_row(const BCView& v, int64_t b, int64_t d
     r.fixed = static_cast<const float*>(v.ptr)[off];
   }
   return r;
+}
+
+template <typename T>
+__device__ __forceinline__ BCRow<T> bc_row(const BCView& v, int64_t b, int64_t d, int64_t n, int64_t dim) {
+  return bc_row_at<T>(v, ss_bc_offset(v, b, d, 0, dim), n);
 }
 
 template <typename T>
@@ -145,14 +157,119 @@ __device__ __forceinline__ void load_bc_items(const BCRow<T>& bc, int64_t t0, in
   }
 }
 
-using SelectiveScanDefaultTraits = SelectiveScanTraits<128, 8>;
+// The forward's output of a thread's steps: y silu(z) (y without z), stored in the input dtype from step t0.
+template <int kItems, typename T>
+__device__ __forceinline__ void ss_store_out(T* out, const T* z, int64_t t0, int64_t n_valid, float (&r_y)[kItems]) {
+  if (z) {
+    float r_z[kItems];
+    load_items<kItems>(z + t0, n_valid, r_z, 0.f);
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) r_y[k] *= silu(r_z[k]);
+  }
+  store_items<kItems>(out + t0, n_valid, r_y);
+}
 
-// Dynamic shared memory beyond the default 48 KiB needs an explicit opt-in per kernel.
-template <typename Kernel>
-void opt_in_smem(Kernel kernel, size_t smem) {
-  if (smem > 48 * 1024) {
-    LINMIX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+// Per-thread pieces of the backward kernels (ss_thread_pairs and ss_thread_states also serve the warp forward).
+// A thread owns kItems consecutive steps, n_valid of them inside the sequence (possibly <= 0); steps past the end
+// are the identity.
+
+// The steps' inputs as fp32 (0 past the end), from step t0 of the rows u, delta, dout, z (z null when absent):
+// u, the raw delta, dout; δ; dy = dout silu(z); the D terms y = D u, du = dy D; dδ = 0. Adds Σ dy u to dD.
+template <int kItems, typename T>
+__device__ __forceinline__ void bwd_load_steps(const T* u, const T* delta, const T* dout, const T* z, int64_t t0,
+                                               int64_t n_valid,
+                                               float bias, float Dv, bool softplus, float (&r_u)[kItems],
+                                               float (&r_raw)[kItems], float (&r_dout)[kItems], float (&r_dl)[kItems],
+                                               float (&r_dy)[kItems], float (&r_y)[kItems], float (&r_du)[kItems],
+                                               float (&r_ddl)[kItems], float& dD) {
+  load_items<kItems>(u + t0, n_valid, r_u, 0.f);
+  load_items<kItems>(delta + t0, n_valid, r_raw, 0.f);
+  load_items<kItems>(dout + t0, n_valid, r_dout, 0.f);
+  if (z) {
+    float r_z[kItems];
+    load_items<kItems>(z + t0, n_valid, r_z, 0.f);
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) r_dy[k] = ss_gate_dy(r_dout[k], r_z[k]);  // 0 past the end (dout = 0)
+  } else {
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) r_dy[k] = r_dout[k];
+  }
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    r_dl[k] = k < n_valid ? ss_delta(r_raw[k], bias, softplus) : 0.f;
+    r_y[k] = Dv * r_u[k];
+    r_du[k] = r_dy[k] * Dv;
+    r_ddl[k] = 0.f;
+    dD += r_dy[k] * r_u[k];
   }
 }
+
+// One state's forward pairs of the steps (forward and backward): r_a = exp(δA) (1 past the end); returns their
+// composition.
+template <int kItems>
+__device__ __forceinline__ ScanPair<float> ss_thread_pairs(const float (&r_dl)[kItems], float coef,
+                                                             const float (&r_b)[kItems], const float (&r_u)[kItems],
+                                                             int64_t n_valid, float (&r_a)[kItems]) {
+  ScanPair<float> agg{1.f, 0.f};
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const ScanPair<float> st =
+        k < n_valid ? ss_forward_pair(r_dl[k], coef, r_b[k], r_dl[k] * r_u[k]) : ScanPair<float>{1.f, 0.f};
+    r_a[k] = st.a;
+    agg = scan_combine(agg, st);
+  }
+  return agg;
+}
+
+// Recomputes the states from h, the state before the first step: r_hp[k] = h before step k; adds C h to y.
+template <int kItems>
+__device__ __forceinline__ void ss_thread_states(float h, const float (&r_a)[kItems], const float (&r_b)[kItems],
+                                                     const float (&r_dl)[kItems], const float (&r_u)[kItems],
+                                                     const float (&r_c)[kItems], float (&r_hp)[kItems],
+                                                     float (&r_y)[kItems]) {
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    r_hp[k] = h;
+    h = scan_step(r_a[k], h, r_b[k] * r_dl[k] * r_u[k]);
+    r_y[k] += r_c[k] * h;
+  }
+}
+
+// The composition of the steps' adjoint pairs, backwards in time (padded steps: a = 1, C dy = 0, the identity).
+template <int kItems>
+__device__ __forceinline__ ScanPair<float> bwd_adjoint_pairs(const float (&r_a)[kItems], const float (&r_c)[kItems],
+                                                             const float (&r_dy)[kItems]) {
+  ScanPair<float> adj{1.f, 0.f};
+#pragma unroll
+  for (int k = kItems - 1; k >= 0; --k) adj = scan_combine(adj, ss_adjoint_pair(r_a[k], r_c[k] * r_dy[k]));
+  return adj;
+}
+
+// One state's gradients of the steps, given s, the adjoint entering the last step from later ones: adds into
+// du, dδ and dA, sets dB_t and dC_t (0 past the end), returns the adjoint at the first step.
+template <int kItems>
+__device__ __forceinline__ float bwd_step_grads(float s, float An, const float (&r_a)[kItems],
+                                                const float (&r_hp)[kItems], const float (&r_dl)[kItems],
+                                                const float (&r_b)[kItems], const float (&r_u)[kItems],
+                                                const float (&r_c)[kItems], const float (&r_dy)[kItems],
+                                                int64_t n_valid, float (&r_du)[kItems], float (&r_ddl)[kItems],
+                                                float& dA, float (&r_dBt)[kItems], float (&r_dCt)[kItems]) {
+#pragma unroll
+  for (int k = kItems - 1; k >= 0; --k) {
+    const float g = r_c[k] * r_dy[k] + s;  // dL/dh_t
+    s = r_a[k] * g;
+    r_dBt[k] = r_dCt[k] = 0.f;
+    if (k >= n_valid) continue;
+    const SSStepGrad<float> gr = ss_step_grad(g, r_hp[k], r_a[k], r_dl[k], An, r_b[k], r_u[k]);
+    r_dBt[k] = gr.dB;
+    r_dCt[k] = r_dy[k] * scan_step(r_a[k], r_hp[k], r_b[k] * r_dl[k] * r_u[k]);
+    r_du[k] += gr.du;
+    r_ddl[k] += gr.ddelta;
+    dA += gr.dA;
+  }
+  return s;
+}
+
+using SelectiveScanDefaultTraits = SelectiveScanTraits<128, 8>;
 
 }  // namespace linmix

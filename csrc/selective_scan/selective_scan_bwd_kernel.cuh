@@ -53,26 +53,8 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_bwd_ke
     const int64_t n_valid = L - t0;  // items of this thread inside the sequence (may be <= 0)
     float r_u[kItems], r_raw[kItems], r_dl[kItems], r_dout[kItems], r_dy[kItems], r_y[kItems], r_du[kItems],
         r_ddl[kItems];
-    load_items<kItems>(u + t0, n_valid, r_u, 0.f);
-    load_items<kItems>(delta + t0, n_valid, r_raw, 0.f);
-    load_items<kItems>(dout + t0, n_valid, r_dout, 0.f);
-    if (z) {
-      float r_z[kItems];
-      load_items<kItems>(z + t0, n_valid, r_z, 0.f);
-#pragma unroll
-      for (int k = 0; k < kItems; ++k) r_dy[k] = ss_gate_dy(r_dout[k], r_z[k]);  // 0 past the end (dout = 0)
-    } else {
-#pragma unroll
-      for (int k = 0; k < kItems; ++k) r_dy[k] = r_dout[k];
-    }
-#pragma unroll
-    for (int k = 0; k < kItems; ++k) {
-      r_dl[k] = k < n_valid ? ss_delta(r_raw[k], bias, p.delta_softplus) : 0.f;
-      r_y[k] = Dv * r_u[k];
-      r_du[k] = r_dy[k] * Dv;
-      r_ddl[k] = 0.f;
-      r_dD += r_dy[k] * r_u[k];
-    }
+    bwd_load_steps<kItems>(u, delta, dout, z, t0, n_valid, bias, Dv, p.delta_softplus,
+                           r_u, r_raw, r_dout, r_dl, r_dy, r_y, r_du, r_ddl, r_dD);
     for (int64_t n = 0; n < N; ++n) {
       const float An = A[n], coef = ss_decay_coef(An);
       const BCRow<T> Brow = bc_row<T>(p.B, bi, di, n, p.dim), Crow = bc_row<T>(p.C, bi, di, n, p.dim);
@@ -82,31 +64,17 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_bwd_ke
       float r_a[kItems], r_hp[kItems], r_b[kItems], r_c[kItems];
       load_bc_items<kItems>(Brow, t0, L, r_b);
       load_bc_items<kItems>(Crow, t0, L, r_c);
-      ScanPair<float> agg{1.f, 0.f};
-#pragma unroll
-      for (int k = 0; k < kItems; ++k) {
-        const ScanPair<float> st =
-            k < n_valid ? ss_forward_pair(r_dl[k], coef, r_b[k], r_dl[k] * r_u[k]) : ScanPair<float>{1.f, 0.f};
-        r_a[k] = st.a;
-        agg = scan_combine(agg, st);
-      }
-      float h = block_scan_carry_in<kNWarps, false>(agg, h_start, s_warp + buf * kNWarps);
+      const ScanPair<float> agg = ss_thread_pairs<kItems>(r_dl, coef, r_b, r_u, n_valid, r_a);
+      const float h = block_scan_carry_in<kNWarps, false>(agg, h_start, s_warp + buf * kNWarps);
       buf ^= 1;
-#pragma unroll
-      for (int k = 0; k < kItems; ++k) {
-        r_hp[k] = h;
-        h = scan_step(r_a[k], h, r_b[k] * r_dl[k] * r_u[k]);
-        r_y[k] += r_c[k] * h;
-      }
-      // Adjoint, backwards in time; padded steps are the identity (a = 1, C dy = 0).
-      ScanPair<float> adj{1.f, 0.f};
-#pragma unroll
-      for (int k = kItems - 1; k >= 0; --k) adj = scan_combine(adj, ss_adjoint_pair(r_a[k], r_c[k] * r_dy[k]));
+      ss_thread_states<kItems>(h, r_a, r_b, r_dl, r_u, r_c, r_hp, r_y);
+      // Adjoint, backwards in time.
+      const ScanPair<float> adj = bwd_adjoint_pairs<kItems>(r_a, r_c, r_dy);
       float s = block_scan_carry_in<kNWarps, true>(adj, s_end, s_warp + buf * kNWarps);
       buf ^= 1;
       float dA = 0.f, dB = 0.f, dC = 0.f;
 #pragma unroll
-      for (int k = kItems - 1; k >= 0; --k) {
+      for (int k = kItems - 1; k >= 0; --k) {  // bwd_step_grads, with the atomics inside the loop (fewer registers)
         const float g = r_c[k] * r_dy[k] + s;  // dL/dh_t
         s = r_a[k] * g;
         if (k >= n_valid) continue;
@@ -177,7 +145,7 @@ void selective_scan_bwd_cuda(const SelectiveScanParams& p, cudaStream_t stream) 
   const auto kernel = linmix_selective_scan_bwd_kernel<Traits, cuda_t<dt>>;
   const size_t smem = size_t(1 + 3 * Traits::kNWarps) * size_t(p.dstate) * sizeof(float);
   opt_in_smem(kernel, smem);
-  kernel<<<dim3(static_cast<unsigned>(p.batch * p.dim)), Traits::kThreads, smem, stream>>>(p);
+  kernel<<<checked_grid("selective_scan", "(b d)", p.batch * p.dim), Traits::kThreads, smem, stream>>>(p);
   LINMIX_CHECK_LAUNCH();
 }
 

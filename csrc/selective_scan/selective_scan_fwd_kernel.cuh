@@ -71,13 +71,7 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_fwd_ke
         ckpt[c * N + n] = h;
       }
     }
-    if (z) {
-      float r_z[kItems];
-      load_items<kItems>(z + t0, n_valid, r_z, 0.f);
-#pragma unroll
-      for (int k = 0; k < kItems; ++k) r_y[k] *= silu(r_z[k]);
-    }
-    store_items<kItems>(out + t0, n_valid, r_y);
+    ss_store_out<kItems>(out, z, t0, n_valid, r_y);
     __syncthreads();  // s_h written above is read by the next chunk (no scan barrier in between when n = 1)
   }
   for (int64_t n = tid; n < N; n += Traits::kThreads) static_cast<float*>(p.final_state)[bdn + n] = s_h[n];
@@ -90,7 +84,7 @@ void selective_scan_fwd_cuda(const SelectiveScanParams& p, cudaStream_t stream) 
   const auto kernel = linmix_selective_scan_fwd_kernel<Traits, cuda_t<dt>>;
   const size_t smem = size_t(p.dstate) * sizeof(float);
   opt_in_smem(kernel, smem);
-  kernel<<<dim3(static_cast<unsigned>(p.batch * p.dim)), Traits::kThreads, smem, stream>>>(p);
+  kernel<<<checked_grid("selective_scan", "(b d)", p.batch * p.dim), Traits::kThreads, smem, stream>>>(p);
   LINMIX_CHECK_LAUNCH();
 }
 

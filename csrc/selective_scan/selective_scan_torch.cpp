@@ -1,22 +1,19 @@
-// Torch glue for selective_scan: input checks, output allocation, params, dispatch to CPU or CUDA.
+// Torch glue for selective_scan: input checks, output allocation, params, and the launch (common/dispatch.h).
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
-#include "common/static_switch.h"
-#include "common/torch_stream.h"
+#include "common/dispatch.h"
+#include "common/unverified.h"
 #include "selective_scan/params.h"
 #include "selective_scan/selective_scan_cpu.h"
-#ifdef LINMIX_WITH_CUDA
 #include "selective_scan/selective_scan_cuda.h"
-#endif
 
 namespace linmix {
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
-
-at::ScalarType acc_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 BDLView bdl_view(const at::Tensor& t) { return BDLView{t.data_ptr(), t.stride(0), t.stride(1)}; }
 
@@ -92,9 +89,6 @@ void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
   check_opt(delta_bias, "delta_bias", u, {d}, "(d,)", false);
   check_opt(z, "z", u, {b, d, L}, "(b, d, L) like u", true);
   check_opt(initial_state, "initial_state", u, {b, d, n}, "(b, d, n)", false);
-  if (u.is_cuda()) {
-    TORCH_CHECK(b * d <= int64_t(2147483647), "linmix.selective_scan: b * d must be below 2^31 on CUDA");
-  }
 }
 
 SelectiveScanParams make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
@@ -110,6 +104,7 @@ SelectiveScanParams make_params(const at::Tensor& u, const at::Tensor& delta, co
   return p;
 }
 
+template <Backend backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
     const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in, const at::Tensor& B_in,
     const at::Tensor& C_in, const OptTensor& D_in, const OptTensor& z_in, const OptTensor& delta_bias_in,
@@ -127,28 +122,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
   at::Tensor final_state = at::empty({p.batch, p.dim, p.dstate}, acc_opts);
   p.out = bdl_view(out), p.checkpoints = ckpt.data_ptr(), p.final_state = final_state.data_ptr();
   if (p.batch * p.dim == 0) return {out, ckpt, final_state};
-  const DType dt = to_linmix_dtype(u.scalar_type());
-  if (u.is_cpu()) {
-    selective_scan_fwd_cpu(p, dt);
-  } else {
-#ifdef LINMIX_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(u.device());
-    LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
-      if constexpr (kDT != DType::kFloat64) selective_scan_fwd_cuda<kDT>(p, current_stream());
-    });
-#endif
-  }
+  launch<backend>(
+      u, [&](DType dt) { selective_scan_fwd_cpu(p, dt); },
+      [&]<DType dt>(cudaStream_t stream) {
+        if (unverified_kernels_enabled()) {  // the warp-per-channel forward is not yet GPU-verified
+          selective_scan_fwd_warp_cuda<dt>(p, stream);
+        } else {
+          selective_scan_fwd_cuda<dt>(p, stream);
+        }
+      });
   return {out, ckpt, final_state};
+}
+
+// The atomic-free tiled backward (deterministic with per-tile partials) runs only with the unverified-kernel
+// switch; the default kernel adds variable dB/dC with float atomics (fixed B/C: no atomics, deterministic).
+template <DType dt>
+void bwd_cuda(SelectiveScanParams& p, bool det, bool det_requested, const at::TensorOptions& f32,
+              cudaStream_t stream) {
+  const bool variable_bc = p.B.variable || p.C.variable;
+  if (!unverified_kernels_enabled()) {
+    if (variable_bc) {
+      TORCH_CHECK(!det_requested, "linmix.selective_scan: deterministic=True with variable B or C on CUDA needs the "
+                  "atomic-free backward kernel, which has not yet been verified on a GPU; set "
+                  "LINMIX_UNVERIFIED_KERNELS=1 to use it (the default backward adds dB/dC with float atomics)");
+      if (det) {
+        at::globalContext().alertNotDeterministic(
+            "linmix.selective_scan backward with variable B or C on CUDA (float atomics; the deterministic kernel "
+            "runs with LINMIX_UNVERIFIED_KERNELS=1)");
+      }
+    }
+    selective_scan_bwd_cuda<dt>(p, stream);
+    return;
+  }
+  const SelectiveScanTiling tl = selective_scan_tiling(p);
+  at::Tensor sub_states =
+      at::empty({p.batch, p.dim, kSelectiveScanChunk / kSelectiveScanSubChunk, p.dstate}, f32);
+  at::Tensor dB_tiles, dC_tiles;  // freed after the launches: the caching allocator keeps them stream-ordered
+  if (det && p.B.variable) dB_tiles = at::empty({p.batch, tl.n_tiles, p.dstate, p.seqlen}, f32);
+  if (det && p.C.variable) dC_tiles = at::empty({p.batch, tl.n_tiles, p.dstate, p.seqlen}, f32);
+  p.sub_states = sub_states.data_ptr();
+  p.dB_tiles = dB_tiles.defined() ? dB_tiles.data_ptr() : nullptr;
+  p.dC_tiles = dC_tiles.defined() ? dC_tiles.data_ptr() : nullptr;
+  selective_scan_bwd_tiled_cuda<dt>(p, stream);
 }
 
 using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                              at::Tensor, at::Tensor>;  // du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state
 
+template <Backend backend>
 BwdResult selective_scan_bwd(const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in,
                              const at::Tensor& B_in, const at::Tensor& C_in, const OptTensor& D_in,
                              const OptTensor& z_in, const OptTensor& delta_bias_in, const OptTensor& initial_state_in,
                              const at::Tensor& checkpoints_in, const at::Tensor& dout_in, const OptTensor& dfinal_in,
-                             bool delta_softplus) {
+                             bool delta_softplus, bool deterministic) {
   check_inputs(u_in, delta_in, A_in, B_in, C_in, D_in, z_in, delta_bias_in, initial_state_in);
   const int64_t b = u_in.size(0), d = u_in.size(1), L = u_in.size(2), n = A_in.size(1);
   check_shape(dout_in, "dout", {b, d, L}, "(b, d, L) like u");
@@ -183,17 +209,10 @@ BwdResult selective_scan_bwd(const at::Tensor& u_in, const at::Tensor& delta_in,
   p.dB = dB.data_ptr(), p.dC = dC.data_ptr(), p.dA_part = dA.data_ptr(), p.dD_part = dD.data_ptr();
   p.ddelta_bias_part = dbias.data_ptr(), p.dinitial_state = dh0.data_ptr();
   if (b * d > 0) {
-    const DType dt = to_linmix_dtype(u.scalar_type());
-    if (u.is_cpu()) {
-      selective_scan_bwd_cpu(p, dt);
-    } else {
-#ifdef LINMIX_WITH_CUDA
-      const c10::cuda::CUDAGuard guard(u.device());
-      LINMIX_DTYPE_SWITCH(dt, kDT, [&] {
-        if constexpr (kDT != DType::kFloat64) selective_scan_bwd_cuda<kDT>(p, current_stream());
-      });
-#endif
-    }
+    const bool det = deterministic || at::globalContext().deterministicAlgorithms();
+    launch<backend>(
+        u, [&](DType dt) { selective_scan_bwd_cpu(p, dt); },
+        [&]<DType dt>(cudaStream_t stream) { bwd_cuda<dt>(p, det, deterministic, acc_opts, stream); });
   }
   // Deterministic reductions of the per-(b, d) partials over the batch.
   dB = B.dim() == 4 ? dB.to(B.scalar_type()) : dB.sum(0);
@@ -204,14 +223,14 @@ BwdResult selective_scan_bwd(const at::Tensor& u_in, const at::Tensor& delta_in,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linmix, CPU, m) {
-  m.impl("selective_scan_fwd", &selective_scan_fwd);
-  m.impl("selective_scan_bwd", &selective_scan_bwd);
+  m.impl("selective_scan_fwd", &selective_scan_fwd<Backend::kCPU>);
+  m.impl("selective_scan_bwd", &selective_scan_bwd<Backend::kCPU>);
 }
 
 #ifdef LINMIX_WITH_CUDA
 TORCH_LIBRARY_IMPL(linmix, CUDA, m) {
-  m.impl("selective_scan_fwd", &selective_scan_fwd);
-  m.impl("selective_scan_bwd", &selective_scan_bwd);
+  m.impl("selective_scan_fwd", &selective_scan_fwd<Backend::kCUDA>);
+  m.impl("selective_scan_bwd", &selective_scan_bwd<Backend::kCUDA>);
 }
 #endif
 

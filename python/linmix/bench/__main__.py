@@ -18,9 +18,9 @@ import torch
 import linmix
 
 from . import env, floors, report, timing
-from . import fixed_point, gla, linear_scan, selective_scan
+from . import fixed_point, gla, linear_scan, selective_scan, selective_state_update
 
-OPS = {m.NAME: m for m in (selective_scan, gla, fixed_point, linear_scan)}
+OPS = {m.NAME: m for m in (selective_scan, selective_state_update, gla, fixed_point, linear_scan)}
 TOL = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # max |err| / max |ref|, per tensor
 MODES = ("fwd", "fwd+bwd")
 
@@ -208,6 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default torch's; 1 gives stable numbers on a busy machine)")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--cp", type=int, default=None, metavar="N",
+                    help="time the context-parallel ops on N local processes against the single-process op")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -221,6 +223,11 @@ def main(argv=None) -> int:
         return 0
     if args.device == "cuda" and not cuda_ok:
         ap.error("--device cuda needs a GPU and a linmix build with the CUDA backend")
+    if args.cp:
+        from . import cp
+
+        print("wrote " + ", ".join(cp.run(args.cp, args.device, args.quick, args.out or default_out(args.device))))
+        return 0
     meta = env.collect(args.device)
     meta["args"] = vars(args)
     meta["hardware"] = floors.hardware(args.device)

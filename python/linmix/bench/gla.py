@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import linmix.reference as R
+from linmix import _C
 
 from .baselines import Impl, linmix_impl, optional, sdpa_impls
 
@@ -18,7 +19,7 @@ SHAPE = ("B", "T", "H", "K", "V")
 SWEEP = "T"
 GRAD = ("q", "k", "v", "g")
 CHECK_GRAD = True
-CHUNK = 64  # the chunk size the floor's flop count assumes (DESIGN.md section 3)
+CHUNK = _C.gla_chunk  # kGlaChunk: the chunk size the floor's flop count assumes (DESIGN.md section 3)
 
 
 def missing() -> str | None:

@@ -4,6 +4,7 @@ mamba-ssm's CUDA kernel and PyTorch."""
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -77,12 +78,23 @@ def _ref_when(cfg: dict, device: str) -> str | None:
     return f"float64 loop reference timed only at L <= {limit}" if cfg["L"] > limit else None
 
 
+def _deterministic_when(cfg: dict, device: str) -> str | None:
+    if device != "cuda":
+        return "the CPU backward is deterministic already (the linmix row)"
+    if os.environ.get("LINMIX_UNVERIFIED_KERNELS") != "1":
+        return "the deterministic CUDA backward is unverified: runs with LINMIX_UNVERIFIED_KERNELS=1"
+    return None
+
+
 def impls(device: str) -> list[Impl]:
     mamba, why = optional("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
     if mamba is not None and device != "cuda":
         why = "mamba-ssm's selective_scan_fn is CUDA only"
     return [
         linmix_impl("linmix", "selective_scan", lambda f, x: f(*(x[n] for n in ARGS), delta_softplus=True)),
+        linmix_impl("linmix deterministic", "selective_scan",
+                    lambda f, x: f(*(x[n] for n in ARGS), delta_softplus=True, deterministic=True),
+                    when=_deterministic_when),
         Impl("mamba-ssm", lambda x: mamba(*(x[n] for n in ARGS), delta_softplus=True)) if why is None else Impl("mamba-ssm", skip=why),
         Impl("torch (doubling scan, fp32)", lambda x: sscan_torch(*(x[n] for n in ARGS)), when=_torch_when),
         Impl("torch reference (float64 loop)", lambda x: reference(x).to(x["u"].dtype), when=_ref_when),

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .._native import acc_dtype, check_backend, nvtx_range
 
 _GRAD_MODES = ("onestep", "implicit")
+_STOPPING = ("element", "batch", "causal")
+_ON_NONCONVERGENCE = ("ignore", "warn", "raise")
+
+
+class FixedPointConvergenceWarning(RuntimeWarning):
+    """The fixed-point iteration of linmix.fixed_point_rnn stopped at max_iter without meeting its rule."""
+
+
+class FixedPointConvergenceError(RuntimeError):
+    """Raised instead of FixedPointConvergenceWarning with on_nonconvergence="raise"."""
 
 
 @torch.library.register_fake("linmix::fixed_point_rnn_fwd")
-def _fwd_fake(u, lam, hh_u, hh_beta, max_iter, tol):
+def _fwd_fake(u, lam, hh_u, hh_beta, max_iter, tol, h0=None, damping=1.0, batch_quantile=-1.0, causal=False):
     h = torch.empty_like(u, memory_format=torch.contiguous_format)
     h_prev = torch.empty_like(u, dtype=acc_dtype(u), memory_format=torch.contiguous_format)
     n_iter = u.new_empty((u.shape[0],), dtype=torch.int32)
@@ -19,30 +31,57 @@ def _fwd_fake(u, lam, hh_u, hh_beta, max_iter, tol):
 
 
 @torch.library.register_fake("linmix::fixed_point_rnn_bwd")
-def _bwd_fake(dh, u, lam, hh_u, hh_beta, h_prev, max_iter, tol):
+def _bwd_fake(dh, u, lam, hh_u, hh_beta, h_prev, max_iter, tol, h0=None, damping=1.0):
     def like(x):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    return like(u), like(lam), like(hh_u), like(hh_beta)
+    dh0 = like(h0) if h0 is not None else u.new_empty((0,))
+    return like(u), like(lam), like(hh_u), like(hh_beta), dh0
+
+
+def _report(what: str, on_nonconvergence: str) -> None:
+    if on_nonconvergence == "raise":
+        raise FixedPointConvergenceError(what)
+    warnings.warn(what, FixedPointConvergenceWarning, stacklevel=4)
+
+
+def _can_check(x: torch.Tensor) -> bool:
+    """Reading a result on the host is possible (not while tracing or capturing a CUDA graph)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 class FixedPointRNNFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, lam, hh_u, hh_beta, max_iter, tol, grad_mode):
+    def forward(ctx, u, lam, hh_u, hh_beta, h0, max_iter, tol, grad_mode, damping, quantile, causal, on_nonconv):
         with nvtx_range("linmix/fixed_point_rnn/fwd", u):
-            h, h_prev, n_iter, residual = torch.ops.linmix.fixed_point_rnn_fwd(u, lam, hh_u, hh_beta, max_iter, tol)
-        ctx.save_for_backward(u, lam, hh_u, hh_beta, h_prev)
+            h, h_prev, n_iter, residual = torch.ops.linmix.fixed_point_rnn_fwd(
+                u, lam, hh_u, hh_beta, max_iter, tol, h0, damping, quantile, causal
+            )
+        ctx.save_for_backward(u, lam, hh_u, hh_beta, h_prev, h0)
         # onestep: w = g, i.e. exactly one adjoint iteration; implicit: iterate w = g + J_hᵀ w like the forward.
         ctx.adjoint = (1, 0.0) if grad_mode == "onestep" else (max_iter, tol)
+        ctx.damping, ctx.on_nonconv = damping, on_nonconv
         ctx.mark_non_differentiable(n_iter, residual)
         return h, n_iter, residual
 
     @staticmethod
     def backward(ctx, dh, _dn, _dres):
-        u, lam, hh_u, hh_beta, h_prev = ctx.saved_tensors
+        u, lam, hh_u, hh_beta, h_prev, h0 = ctx.saved_tensors
         with nvtx_range("linmix/fixed_point_rnn/bwd", u):
-            grads = torch.ops.linmix.fixed_point_rnn_bwd(dh.to(u.dtype), u, lam, hh_u, hh_beta, h_prev, *ctx.adjoint)
-        return (*grads, None, None, None)
+            du, dlam, dhh_u, dhh_beta, dh0 = torch.ops.linmix.fixed_point_rnn_bwd(
+                dh.to(u.dtype), u, lam, hh_u, hh_beta, h_prev, *ctx.adjoint, h0, ctx.damping
+            )
+        grads = (du, dlam, dhh_u, dhh_beta) + ((dh0,) if h0 is not None else ())
+        if ctx.on_nonconv != "ignore" and _can_check(u) and not all(bool(g.isfinite().all()) for g in grads):
+            _report(
+                "linmix.fixed_point_rnn: the backward produced non-finite gradients"
+                + (" (the implicit adjoint iteration diverged: the forward map is not a contraction here; see the"
+                   " convergence condition in the docstring)" if ctx.adjoint[0] > 1 else ""),
+                ctx.on_nonconv,
+            )
+        return du, dlam, dhh_u, dhh_beta, (dh0 if h0 is not None else None), *([None] * 7)
 
 
 def fixed_point_rnn(
@@ -54,33 +93,131 @@ def fixed_point_rnn(
     tol: float = 1e-4,
     grad_mode: str = "onestep",
     return_info: bool = False,
+    *,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    damping: float = 1.0,
+    stopping: str = "element",
+    quantile: float = 0.9,
+    on_nonconvergence: str = "ignore",
 ):
     """Fixed-point RNN: the dense linear RNN reached by iterating (Householder channel mix, diagonal scan).
 
-    From h^0 = 0, iteration l computes x~_t = h_t + Q_t (u_t - h_t) with h = h^{l-1} and
-    Q_t = H_{t,R} ⋯ H_{t,1}, H_{t,i} = I - hh_beta[t,i] hh_u[t,i] hh_u[t,i]ᵀ (H_{t,1} applied first),
-    then h^l_t = lam_t h^l_{t-1} + (1 - lam_t) x~_t. Each batch element stops once
-    max_t |h^l_t - h^{l-1}_t|_inf / |h^l_t|_inf < tol (tol=0: exactly max_iter iterations), or at max_iter;
-    the loop runs on the device without host synchronisation. The fixed point solves
-    (diag(lam_t) + (I - diag(lam_t)) Q_t) h_t = lam_t h_{t-1} + (1 - lam_t) Q_t u_t.
+    Math (Movahedi et al., "Fixed-Point RNNs", arXiv 2503.10799, Sec. 3 / Eq. 8). With
+    Q_t = H_{t,R} ⋯ H_{t,1}, H_{t,i} = I - hh_beta[t,i] hh_u[t,i] hh_u[t,i]ᵀ (H_{t,1} applied first), one
+    iteration is f(z)_t = lam_t f(z)_{t-1} + (1 - lam_t) (z_t + Q_t (u_t - z_t)), with f(z)_{-1} = h0 (the
+    initial state, zeros by default): a channel mix per token, then one diagonal scan. From z^0 = 0 the
+    iterates are z^l = (1 - damping) z^{l-1} + damping f(z^{l-1}). After n iterations the output is
+    h = f(z^{n-1}) (so with damping = 1 it is z^n). The fixed point solves
+    (diag(lam_t) + (I - diag(lam_t)) Q_t) h_t = lam_t h_{t-1} + (1 - lam_t) Q_t u_t, a dense linear RNN.
+
+    Stopping. An element's residual at iteration l is max_t |f_t - z^{l-1}_t|_inf / |f_t|_inf with
+    f = f(z^{l-1}) (taken before damping, as the authors do). tol = 0 runs exactly max_iter iterations.
+      - stopping="element" (default): each batch element stops once its residual < tol, or at max_iter.
+      - stopping="batch": the authors' rule (their FixedPointOptimizer): the whole batch iterates together
+        until the `quantile` of the per-element residuals is < tol (q = 0.9 in their FP-RNN training,
+        0.75 for FP-Mamba, 1 at evaluation); elements above the quantile are left unconverged by design.
+      - stopping="causal": per-token stopping. Token t keeps z^{l-1}_t from the first iteration l at which
+        max_{s<=t} ratio_s < tol (its own and earlier tokens' ratios), and h = f(that record).
+    Causality: with tol > 0 and stopping "element" or "batch", the iteration count is shared by all tokens
+    (and, for "batch", all elements), so h_t depends on later tokens u_{>t} (and on other batch elements)
+    through it. With tol = 0 or stopping="causal", h_t depends only on tokens <= t, so a streaming decode
+    computes the same outputs as one forward up to the stopping tolerance.
+
+    Convergence (derived for this iteration). The map f is affine in z: z -> J z + c, with J block
+    lower-triangular in time and diagonal blocks J_tt = diag(1 - lam_t)(I - Q_t). Hence:
+      - The undamped iteration converges from any start iff rho_t = spectral_radius(diag(1 - lam_t)(I - Q_t))
+        < 1 for every token t. A sufficient check: (1 - min_d lam_{t,d}) * min(2, sum_i beta_{t,i}) < 1,
+        because every factor has |H_i| <= 1 for beta in [0, 2], so |I - Q_t|_2 <= min(2, sum_i beta_i).
+        In particular lam > 1/2 guarantees convergence for any beta in [0, 2); beta in [0, 2) with
+        lam near 0 does NOT (rank 1: rho_t = beta_t * sum_d (1 - lam_{t,d}) u_{t,d}^2, up to 2).
+      - Even then the rate is not rho: J is non-normal (the scan couples tokens), so the error can grow
+        for up to about T iterations before it decays (the paper's l* ~ T on A5). A monotone contraction
+        with factor kappa = max_t |I - Q_t|_2 < 1 (in the norm max_t |z_t|_2) holds when lam_t is the same
+        for all channels of a token (rank 1: kappa = max beta < 1, the paper's Thm 3.1 condition).
+      - Damping 0 < damping < 1 moves each eigenvalue mu of J to 1 - damping + damping * mu: it rescues
+        negative or complex mu (rank >= 2 mixers) but not real mu > 1 (rank 1 with small lam), and it slows
+        convergence where mu is already small.
+    When the loop ends at max_iter without meeting the rule, the returned residual says so (>= tol):
+    on_nonconvergence="warn" warns (FixedPointConvergenceWarning), "raise" raises
+    FixedPointConvergenceError; both read the residual on the host (one synchronisation) and are skipped
+    under torch.compile and CUDA-graph capture. They also check the backward for non-finite gradients
+    (the implicit adjoint diverges exactly when the forward map is not a contraction).
 
     Args:
         u, lam: (B, T, D); lam in (0, 1). float32 / float16 / bfloat16 (float64 on CPU), one dtype for all inputs.
         hh_u: (B, T, R, D) unit vectors, used as given (the caller normalises), 1 <= R <= 16.
         hh_beta: (B, T, R), in [0, 2).
         max_iter: iteration cap (>= 1). tol: relative residual to stop at (>= 0).
-        grad_mode: "onestep": the output is h^n = f(h^{n-1}) with h^{n-1} detached, and gradients are one
+        grad_mode: "onestep": the output is h = f(z^{n-1}) with z^{n-1} detached, and gradients are one
             iteration's VJP (the authors' training gradient). "implicit": the exact gradient of the fixed
-            point, solving w = g + J_hᵀ w by adjoint iterations (same max_iter / tol), then one VJP with w.
+            point, solving w = g + J_hᵀ w by adjoint iterations (same max_iter / tol / damping), then one VJP.
         return_info: also return the per-batch iteration count and residual.
+        initial_state: (B, D) state before token 0, u's dtype and device (None: zeros); differentiable.
+            Chunked or token-by-token decoding passes the previous chunk's final state here.
+        output_final_state: also return the final state h[:, -1] ((B, D); initial_state when T = 0).
+        damping: in (0, 1]; 1 is the plain iteration.
+        stopping: "element" | "batch" | "causal", see above. quantile: in [0, 1], for stopping="batch".
+        on_nonconvergence: "ignore" (default: the returned residual is the record) | "warn" | "raise".
 
     Returns:
         h: (B, T, D) in u's dtype (state and accumulation in float32, float64 for float64 inputs),
-        differentiable w.r.t. u, lam, hh_u, hh_beta; with return_info, also n_iter (B,) int32 and
-        residual (B,) float32.
+        differentiable w.r.t. u, lam, hh_u, hh_beta (and initial_state); then final_state (B, D) if
+        output_final_state; then n_iter (B,) int32 and residual (B,) float32 if return_info. The element
+        met the stopping rule iff residual < tol (stopping="batch": iff the quantile of residual < tol).
+
+    Raises:
+        RuntimeError: bad shapes, dtypes, devices or ranges (named after the argument); on CUDA,
+        initial_state, damping != 1 and stopping="batch"/"causal" (CPU only so far).
+        ValueError: unknown grad_mode / stopping / on_nonconvergence.
+        FixedPointConvergenceError: with on_nonconvergence="raise".
     """
-    check_backend("fixed_point_rnn", u, lam, hh_u, hh_beta)
+    check_backend("fixed_point_rnn", u, lam, hh_u, hh_beta, initial_state)
     if grad_mode not in _GRAD_MODES:
         raise ValueError(f"linmix.fixed_point_rnn: grad_mode must be one of {_GRAD_MODES}, got {grad_mode!r}")
-    h, n_iter, residual = FixedPointRNNFn.apply(u, lam, hh_u, hh_beta, int(max_iter), float(tol), grad_mode)
-    return (h, n_iter, residual) if return_info else h
+    if stopping not in _STOPPING:
+        raise ValueError(f"linmix.fixed_point_rnn: stopping must be one of {_STOPPING}, got {stopping!r}")
+    if on_nonconvergence not in _ON_NONCONVERGENCE:
+        raise ValueError(
+            f"linmix.fixed_point_rnn: on_nonconvergence must be one of {_ON_NONCONVERGENCE}, got {on_nonconvergence!r}"
+        )
+    q = float(quantile) if stopping == "batch" else -1.0
+    h, n_iter, residual = FixedPointRNNFn.apply(
+        u, lam, hh_u, hh_beta, initial_state, int(max_iter), float(tol), grad_mode, float(damping), q,
+        stopping == "causal", on_nonconvergence,
+    )
+    if on_nonconvergence != "ignore" and tol > 0 and _can_check(u) and u.shape[0] > 0:
+        _check_converged(h, residual, float(tol), int(max_iter), stopping, q, on_nonconvergence)
+    out = (h,)
+    if output_final_state:
+        out += (h[:, -1] if h.shape[1] > 0 else _initial_or_zeros(u, initial_state),)
+    if return_info:
+        out += (n_iter, residual)
+    return out if len(out) > 1 else h
+
+
+def _initial_or_zeros(u: torch.Tensor, initial_state: torch.Tensor | None) -> torch.Tensor:
+    return initial_state if initial_state is not None else u.new_zeros(u.shape[0], u.shape[2])
+
+
+def _check_converged(h, residual, tol, max_iter, stopping, q, on_nonconvergence) -> None:
+    res = residual.detach().float().cpu()
+    if stopping == "batch":  # non-finite residuals count as the largest float (torch.quantile would give NaN)
+        big = torch.finfo(res.dtype).max
+        quant = torch.quantile(res.nan_to_num(nan=big, posinf=big), q).item()
+        bad = quant >= tol
+        what = f"the {q} quantile of the batch's residuals is {quant:.3g}"
+    else:
+        bad_mask = ~(res < tol)  # NaN counts as not converged
+        bad = bool(bad_mask.any())
+        what = f"{int(bad_mask.sum())} of {res.numel()} batch elements did not (worst residual {res.max().item():.3g})"
+    if not bad and bool(h.detach().isfinite().all()):
+        return
+    _report(
+        f"linmix.fixed_point_rnn: the fixed-point iteration did not converge within max_iter={max_iter} to "
+        f"tol={tol:g}: {what}"
+        + ("" if bool(h.detach().isfinite().all()) else "; the output has non-finite values")
+        + ". The output is then not the fixed point: raise max_iter, try damping < 1, or keep the inputs in "
+        "the convergence range (docstring: rho(diag(1 - lam_t)(I - Q_t)) < 1 for every token, e.g. lam > 1/2).",
+        on_nonconvergence,
+    )

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from .. import _C
 from .._native import acc_dtype, check_backend, nvtx_range
 from ._varlen import check_states, segments
 
-# Time steps per state checkpoint: kSelectiveScanChunk in csrc/selective_scan/params.h.
-CHUNK = 1024
+# Time steps per state checkpoint: kSelectiveScanChunk in csrc/selective_scan/params.h, exported by _C.
+CHUNK = _C.selective_scan_chunk
 
 
 @torch.library.register_fake("linmix::selective_scan_fwd")
@@ -22,7 +23,8 @@ def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus
 
 
 @torch.library.register_fake("linmix::selective_scan_bwd")
-def _bwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, dout, dfinal_state, delta_softplus):
+def _bwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, dout, dfinal_state, delta_softplus,
+              deterministic=False):
     b, d, L = u.shape
     n = A.shape[1]
     acc = acc_dtype(u)
@@ -37,12 +39,13 @@ def _bwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, d
 
 class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, deterministic):
         with nvtx_range("linmix/selective_scan/fwd", u):
             out, checkpoints, final_state = torch.ops.linmix.selective_scan_fwd(
                 u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints)
         ctx.delta_softplus = delta_softplus
+        ctx.deterministic = deterministic
         ctx.set_materialize_grads(False)
         return out, final_state
 
@@ -53,10 +56,10 @@ class SelectiveScanFn(torch.autograd.Function):
         with nvtx_range("linmix/selective_scan/bwd", u):
             du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state = torch.ops.linmix.selective_scan_bwd(
                 u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, dout, dfinal_state,
-                ctx.delta_softplus)
+                ctx.delta_softplus, ctx.deterministic)
         return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
                 ddelta_bias if delta_bias is not None else None,
-                dinitial_state if initial_state is not None else None, None)
+                dinitial_state if initial_state is not None else None, None, None)
 
 
 def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -65,7 +68,7 @@ def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
-                   return_final_state=False, cu_seqlens=None):
+                   return_final_state=False, cu_seqlens=None, deterministic=False):
     """Selective scan (Mamba-1 S6), fused: discretisation, scan over time, output contraction and gate.
 
     Per batch b, channel d, state n, with δ = softplus(delta + delta_bias) if ``delta_softplus`` else
@@ -88,6 +91,16 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             sequences concatenated along L, cu_seqlens (N + 1,) integer offsets [0, ..., L]; each sequence
             starts from its own initial_state row ((N, d, n), or zeros) and final_state is (N, d, n). Runs
             one launch per sequence from a host loop (a host sync; not traceable by torch.compile).
+        deterministic: bitwise-identical gradients from run to run (also implied by
+            ``torch.use_deterministic_algorithms(True)``). The CPU backward is deterministic whatever this flag
+            says: no atomics, every sum in a fixed order (one task sums a group's variable dB/dC over its
+            channels in order; per-channel partials are summed over the batch by torch).
+            On CUDA the default backward adds variable dB/dC with float atomics; the deterministic one sums
+            them per 16-channel tile into partials and reduces those in a fixed order (more memory: two fp32
+            buffers of (b, d/16, n, L)). That kernel has not yet run on a GPU, so it needs
+            ``LINMIX_UNVERIFIED_KERNELS=1``; without it ``deterministic=True`` with variable B or C raises
+            RuntimeError (fixed B/C need no atomics and run the default kernel), and under
+            ``torch.use_deterministic_algorithms`` torch's own error (or warning, with ``warn_only``) is raised.
 
     Returns:
         out (b, d, L) in u's dtype, or (out, final_state) with final_state (b, d, n) float32. The state and
@@ -102,7 +115,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     C = C.unsqueeze(1) if C.dim() == 3 else _to(C, acc) if C.dim() == 2 else C
     A, D, delta_bias, initial_state = (_to(t, acc) for t in (A, D, delta_bias, initial_state))
     if cu_seqlens is None:
-        out, final_state = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+        out, final_state = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+                                                 deterministic)
     else:
         segs = segments("selective_scan", u.shape[0], u.shape[-1], cu_seqlens)
         check_states("selective_scan", initial_state, len(segs))
@@ -112,48 +126,66 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
         runs = [SelectiveScanFn.apply(cut(u, s, e), cut(delta, s, e), A, cut(B, s, e), cut(C, s, e), D, cut(z, s, e),
                                       delta_bias, None if initial_state is None else initial_state[i : i + 1],
-                                      delta_softplus)
+                                      delta_softplus, deterministic)
                 for i, (s, e) in enumerate(segs)]
         out, final_state = torch.cat([r[0] for r in runs], -1), torch.cat([r[1] for r in runs], 0)
     return (out, final_state) if return_final_state else out
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      return_last_state=False):
+                      return_last_state=False, deterministic=False):
     """Drop-in for ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` (same signature and returns).
 
     Returns out (b, d, L), or (out, last_state) with last_state (b, d, n) float32 (differentiable here).
-    See :func:`selective_scan` for shapes and dtypes.
+    See :func:`selective_scan` for shapes, dtypes and ``deterministic`` (an addition to mamba's signature).
     """
-    return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, None, return_last_state)
+    return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, None, return_last_state,
+                          deterministic=deterministic)
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """One decoding step, a drop-in for ``mamba_ssm.ops.triton.selective_state_update``.
+@torch.library.register_fake("linmix::selective_state_update")
+def _ssu_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
+    return x.new_empty(x.shape)
 
-    Updates ``state`` in place to exp(δ A) state + δ B x and returns out = (C · state + D x) · silu(z) in x's
-    dtype, with δ = dt + dt_bias (softplus'd if ``dt_softplus``). Two layouts, as mamba-ssm's:
 
-    - Mamba-1: state (b, d, n); x, dt, z (b, d); A (d, n); B, C (b, n) or grouped (b, g, n); D, dt_bias (d,).
-    - Mamba-2 (heads): state (b, h, p, n); x, dt, z (b, h, p); A (h, p, n); B, C (b, g, n) with head i using
-      group i // (h / g); D, dt_bias (h, p). Broadcast (stride-0) A, dt, D, dt_bias are fine.
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                           state_batch_indices=None):
+    """One decoding step of the selective SSM, a drop-in for ``mamba_ssm.ops.triton.selective_state_update``.
 
-    It is :func:`selective_scan` with L = 1 from ``initial_state=state`` (heads flattened into channels, the
-    groups kept), so it runs the same kernels; the state arithmetic is float32 whatever ``state``'s dtype.
+    Per batch row i, head h, head-dim element j, state n, with s = state[state_batch_indices[i]] (or
+    state[i]) and δ = dt + dt_bias, softplus'd (threshold 20) if ``dt_softplus``::
+
+        s[h, j, n] <- exp(δ A[h, j, n]) s[h, j, n] + δ B[i, g(h), n] x[i, h, j]      (in place)
+        out[i, h, j] = (Σ_n C[i, g(h), n] s[h, j, n] + D[h, j] x[i, h, j]) · silu(z[i, h, j])
+
+    (Mamba-1, Gu & Dao 2023, arXiv 2312.00752, zero-order hold for A, Euler for B; g(h) = h // (h_total / g)).
+
+    Layouts, as mamba-ssm's:
+
+    - Mamba-1: state (S, d, n); x, dt, z (b, d); A (d, n); B, C (b, n) or grouped (b, g, n) with d % g == 0
+      (channel i uses group i // (d / g)); D, dt_bias (d,).
+    - Mamba-2 (heads): state (S, h, p, n); x, dt, z (b, h, p); A (h, p, n); B, C (b, g, n) with h % g == 0;
+      D, dt_bias (h, p).
+
+    Any strides, broadcast (stride-0) A / dt / D / dt_bias included, except that ``state`` needs unit stride
+    along n (it is updated in place, never copied). S == b without ``state_batch_indices``.
+
+    Dtypes: x float32 / float16 / bfloat16 (float64 on CPU), z like x, out in x's dtype. state, dt, B, C, A,
+    D, dt_bias: any of those float dtypes, independently (e.g. float32 parameters and state with bfloat16
+    activations). All arithmetic is float32 (float64 for float64 x); the new state is rounded once to
+    state's dtype.
+
+    state_batch_indices: optional (b,) int32 / int64: batch row i updates state row state_batch_indices[i]
+    of the cache; a negative entry marks a padding row (out 0, no state touched; mamba-ssm's convention).
+    Entries >= S and repeated entries raise. On CUDA the check reads the indices back (one sync), except
+    under CUDA graph capture, where it is skipped and an out-of-range entry is treated as padding.
+
+    Raises RuntimeError naming the argument, its expected and actual shape / dtype / device, before anything
+    is written: the state is untouched on every error.
+
+    CPU: a fused kernel (one pass over the state). CUDA: a fused kernel with LINMIX_UNVERIFIED_KERNELS=1 (not
+    yet run on a GPU); by default the GPU-verified selective_scan forward with L = 1, in float32.
     """
-    if state.dim() not in (3, 4):
-        raise ValueError(f"linmix.selective_state_update: state must be (b, d, n) or (b, h, p, n), got "
-                         f"{tuple(state.shape)}")
-    shape = x.shape
-    if state.dim() == 4:  # heads x head dim -> channels; (b, g, n) B/C stay grouped
-        b, h, p, n = state.shape
-        x, dt = x.reshape(b, h * p), dt.reshape(b, h * p)
-        z = None if z is None else z.reshape(b, h * p)
-        A = A.reshape(h * p, n)
-        D, dt_bias = (None if t is None else t.reshape(h * p) for t in (D, dt_bias))
-    out, new_state = selective_scan(x.unsqueeze(-1), dt.unsqueeze(-1), A, B.unsqueeze(-1), C.unsqueeze(-1), D,
-                                    None if z is None else z.unsqueeze(-1), dt_bias, dt_softplus,
-                                    initial_state=state.reshape(x.shape[0], x.shape[1], -1),
-                                    return_final_state=True)
-    state.copy_(new_state.view(state.shape))
-    return out.squeeze(-1).view(shape)
+    check_backend("selective_state_update", state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    return torch.ops.linmix.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus),
+                                                   state_batch_indices)

@@ -3,7 +3,7 @@
 from .fixed_point import fixed_point_dense_ref, fixed_point_iter_ref, fixed_point_step_ref
 from .gla import gla_ref
 from .linear_scan import linear_scan_ref
-from .selective_scan import selective_scan_ref
+from .selective_scan import selective_scan_ref, selective_state_update_ref
 
 __all__ = [
     "fixed_point_dense_ref",
@@ -12,4 +12,5 @@ __all__ = [
     "gla_ref",
     "linear_scan_ref",
     "selective_scan_ref",
+    "selective_state_update_ref",
 ]

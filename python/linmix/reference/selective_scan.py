@@ -45,3 +45,33 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     if z is not None:
         y = y * F.silu(z.double())
     return (y, h) if return_final_state else y
+
+
+def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                               state_batch_indices=None):
+    """One decoding step in float64, the spec of linmix.selective_state_update (same arguments and layouts).
+
+    Returns (out, new_state): out in float64 with x's shape; new_state a float64 copy of the whole state with
+    the indexed rows stepped (padding rows, negative indices, untouched). Nothing is updated in place.
+    """
+    heads = state.dim() == 4
+    f = lambda t: None if t is None else t.double()  # noqa: E731
+    S, x, dt, A, B, C, D, z, dt_bias = (f(t) for t in (state, x, dt, A, B, C, D, z, dt_bias))
+    if not heads:  # Mamba-1: channels are heads of size 1
+        S, x, dt, z = S.unsqueeze(2), x.unsqueeze(-1), dt.unsqueeze(-1), None if z is None else z.unsqueeze(-1)
+        A, D, dt_bias = A.unsqueeze(1), None if D is None else D[:, None], None if dt_bias is None else dt_bias[:, None]
+    B, C = (t.unsqueeze(1) if t.dim() == 2 else t for t in (B, C))
+    b, h = x.shape[:2]
+    rows = torch.arange(b) if state_batch_indices is None else state_batch_indices.long().cpu()
+    live = (rows >= 0).nonzero().squeeze(1)
+    delta = dt + (0 if dt_bias is None else dt_bias)
+    delta = F.softplus(delta) if dt_softplus else delta
+    Bh, Ch = (t.repeat_interleave(h // t.shape[1], dim=1)[:, :, None] for t in (B, C))  # (b, h, 1, n)
+    s = S[rows.clamp(min=0).to(S.device)]
+    s = torch.exp(delta[..., None] * A) * s + delta[..., None] * Bh * x[..., None]
+    out = (s * Ch).sum(-1) + (0 if D is None else D * x)
+    out = out * F.silu(z) if z is not None else out
+    out[(rows < 0).to(out.device)] = 0
+    new = S.clone()
+    new[rows[live].to(S.device)] = s[live.to(S.device)]
+    return (out, new) if heads else (out.squeeze(-1), new.squeeze(2))

@@ -1,5 +1,6 @@
-// Host-only fp32 exp2 for the CPU GLA loops (gla_cpu.cpp): straight-line arithmetic, so the loops that evaluate
-// one per (row, channel) vectorise instead of calling libm per element. Not for device code.
+// Host-only exp2 for the CPU loops that evaluate one per element (the GLA CPU twin, gla/gla_cpu.cpp; the
+// selective_state_update decay, selective_scan/selective_state_update_common.h): fp32 as straight-line
+// arithmetic, so those loops vectorise instead of calling libm per element. Not for device code.
 #pragma once
 
 #include <cmath>
@@ -10,9 +11,9 @@ namespace linmix {
 
 // Cephes' exp2f polynomial, relative error about 2e-7. Exponents below -126 (a decay across a harsh or
 // infinite gate) give exactly 0 instead of a denormal, an absolute error under 2^-126 = 1.2e-38, so
-// exp2(-inf) = 0; arguments above 126 are clamped (the GLA kernels never pass one: every exponent is <= 0).
+// exp2(-inf) = 0; arguments above 126 are clamped to 126 (the callers' exponents are decays, <= 0).
 // NaN propagates.
-inline float gla_exp2_cpu(float x) {
+inline float exp2_cpu(float x) {
   const bool underflow = x < -126.f;
   x = underflow ? -126.f : x;
   x = x > 126.f ? 126.f : x;
@@ -35,6 +36,6 @@ inline float gla_exp2_cpu(float x) {
   std::memcpy(&two_n, &e, sizeof two_n);
   return underflow ? 0.f : p * two_n;
 }
-inline double gla_exp2_cpu(double x) { return std::exp2(x); }
+inline double exp2_cpu(double x) { return std::exp2(x); }
 
 }  // namespace linmix

@@ -1,0 +1,188 @@
+"""python -m linmix.bench --cp N: the context-parallel ops on N local processes against the single-process op.
+
+N processes are spawned on this machine (gloo and one CPU thread each on the CPU; NCCL and one GPU each on
+CUDA), the sequence of every configuration is split evenly over them, and each row gives, per op and mode
+(fwd, fwd+bwd): the single-process op on the whole sequence (timed on rank 0 while the others wait, one call
+before each context-parallel call so both see the same background load), the context-parallel op (the
+slowest rank's median), the speedup, and the bytes each rank received over the
+collectives for one call (linmix.distributed.comm_bytes). Every rank also checks its slice of the output
+against the single-process one. Results: bench/results/<device>/cp_<N>.json / .csv.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import linmix
+import linmix.distributed as lmd
+
+from . import env
+
+
+def _configs(quick: bool) -> list[dict]:
+    s = 4 if quick else 2
+    return [
+        dict(op="linear_scan", B=2, T=16384 // s, D=256),
+        dict(op="selective_scan", b=1, d=256, n=16, L=8192 // s),
+        dict(op="chunk_gla", B=1, T=8192 // s, H=4, K=64, V=64),
+        dict(op="fixed_point_rnn", B=1, T=4096 // s, D=64, R=2, iters=8),
+    ]
+
+
+def _inputs(cfg: dict, device: str) -> tuple[list[torch.Tensor], list[int | None]]:
+    """Full-sequence inputs (float32) and each one's time dim (None: replicated)."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    op = cfg["op"]
+    if op == "linear_scan":
+        B, T, D = cfg["B"], cfg["T"], cfg["D"]
+        xs, dims = [torch.sigmoid(r(B, T, D) + 2), r(B, T, D)], [1, 1]
+    elif op == "selective_scan":
+        b, d, n, L = cfg["b"], cfg["d"], cfg["n"], cfg["L"]
+        xs = [r(b, d, L), r(b, d, L) - 1, -torch.rand(d, n, generator=g) - 0.5, r(b, n, L), r(b, n, L), r(b, d, L)]
+        dims = [2, 2, None, 2, 2, 2]
+    elif op == "chunk_gla":
+        B, T, H, K, V = (cfg[k] for k in "BTHKV")
+        xs, dims = [r(B, T, H, K), r(B, T, H, K), r(B, T, H, V), F.logsigmoid(r(B, T, H, K) + 3)], [1, 1, 1, 1]
+    else:
+        B, T, D, R = cfg["B"], cfg["T"], cfg["D"], cfg["R"]
+        xs = [r(B, T, D), 0.5 + 0.4 * torch.rand(B, T, D, generator=g), F.normalize(r(B, T, R, D), dim=-1),
+              torch.rand(B, T, R, generator=g)]
+        dims = [1, 1, 1, 1]
+    return [x.to(device) for x in xs], dims
+
+
+def _call(op: str, cp: bool, cfg: dict, xs):
+    m = lmd if cp else linmix
+    if op == "linear_scan":
+        return m.linear_scan(*xs)
+    if op == "selective_scan":
+        u, delta, A, B, C, z = xs
+        return m.selective_scan(u, delta, A, B, C, None, z, None, True)
+    if op == "chunk_gla":
+        return m.chunk_gla(*xs)[0]
+    return m.fixed_point_rnn(*xs, max_iter=cfg["iters"], tol=0.0)
+
+
+def _runner(op, cp, cfg, xs, mode):
+    if mode == "fwd":
+        def fwd():
+            with torch.no_grad():
+                return _call(op, cp, cfg, xs)
+        return fwd
+    leaves = [x.detach().requires_grad_() for x in xs]
+    with torch.no_grad():
+        dout = torch.randn_like(_call(op, cp, cfg, leaves))
+
+    def fwd_bwd():
+        return torch.autograd.grad(_call(op, cp, cfg, leaves), leaves, dout)
+    return fwd_bwd
+
+
+def _timed(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _shape(cfg: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in cfg.items() if k != "op")
+
+
+def _worker(rank: int, world: int, port: int, device: str, quick: bool, reps: int, out_path: str):
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    else:
+        torch.set_num_threads(1)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world, timeout=datetime.timedelta(minutes=10))
+    dev = f"cuda:{rank}" if device == "cuda" else "cpu"
+    rows = []
+    for cfg in _configs(quick):
+        op = cfg["op"]
+        full, dims = _inputs(cfg, dev)
+        T = full[0].shape[dims[0]]
+        lo, hi = rank * T // world, (rank + 1) * T // world
+        mine = [x if d is None else x.narrow(d, lo, hi - lo).contiguous() for x, d in zip(full, dims)]
+        with torch.no_grad():
+            want = _call(op, False, cfg, full).narrow(dims[0], lo, hi - lo)
+            got = _call(op, True, cfg, mine)
+        err = ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).reshape(1)
+        dist.all_reduce(err, op=dist.ReduceOp.MAX)
+        for mode in ("fwd", "fwd+bwd"):
+            single, fn = _runner(op, False, cfg, full, mode), _runner(op, True, cfg, mine, mode)
+            lmd.reset_comm_bytes()
+            fn()  # also the warm-up
+            nbytes = lmd.comm_bytes()
+            if rank == 0:
+                single()
+            # Paired, interleaved samples (rank 0's single-process call, then every rank's context-parallel
+            # call) so both see the same background load.
+            t_single, t_cp = [], []
+            for _ in range(reps):
+                if rank == 0:
+                    t_single.append(_timed(single, device))
+                dist.barrier()
+                t_cp.append(_timed(fn, device))
+            ms = torch.tensor(t_cp, dtype=torch.float64).median().reshape(1).to(dev)
+            dist.all_reduce(ms, op=dist.ReduceOp.MAX)  # the slowest rank
+            if rank == 0:
+                one = torch.tensor(t_single, dtype=torch.float64).median().item()
+                rows.append(dict(op=op, shape=_shape(cfg), mode=mode, ranks=world, single_ms=one, cp_ms=ms.item(),
+                                 speedup=one / ms.item(), comm_bytes_per_rank=nbytes, rel_err=err.item()))
+    if rank == 0:
+        torch.save(rows, out_path)
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A free TCP port on loopback for the spawned processes' rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(world: int, device: str, quick: bool, out_dir: str) -> list[str]:
+    """Spawn `world` processes, time every configuration, print the table and write cp_<world>.json / .csv."""
+    if device == "cuda" and torch.cuda.device_count() < world:
+        raise SystemExit(f"--cp {world} on CUDA needs {world} GPUs, {torch.cuda.device_count()} present")
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, f".cp_{world}.pt")
+    reps = 5 if quick else 10  # a fixed count: every rank must make the same number of collective calls
+    mp.spawn(_worker, args=(world, free_port(), device, quick, reps, tmp), nprocs=world)
+    rows = torch.load(tmp)
+    os.remove(tmp)
+    head = f"{'op':<16} {'shape':<30} {'mode':<8} {'ranks':>5} {'1 proc ms':>10} {'CP ms':>10} {'speedup':>8} " \
+           f"{'comm B/rank':>12}  rel err"
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        print(f"{r['op']:<16} {r['shape']:<30} {r['mode']:<8} {r['ranks']:>5} {r['single_ms']:>10.3f} "
+              f"{r['cp_ms']:>10.3f} {r['speedup']:>8.2f} {r['comm_bytes_per_rank']:>12}  {r['rel_err']:.1e}")
+    meta = env.collect(device)
+    meta["args"] = dict(cp=world, quick=quick, reps=reps, threads_per_rank=1 if device == "cpu" else None)
+    tag = f"cp_{world}" + ("_quick" if quick else "")
+    jpath, cpath = os.path.join(out_dir, f"{tag}.json"), os.path.join(out_dir, f"{tag}.csv")
+    with open(jpath, "w") as f:
+        json.dump({"env": meta, "rows": rows}, f, indent=1, default=str)
+    with open(cpath, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return [jpath, cpath]

@@ -1,0 +1,17 @@
+"""Drop-in sequence-mixing layers built on linmix's ops (mamba-ssm's and flash-linear-attention's names)."""
+
+from .cache import InferenceParams, RecurrentCache
+from .fixed_point import FixedPointRNN
+from .fp_mamba import FPMamba, FPMambaState
+from .gla import GatedLinearAttention
+from .mamba import Mamba
+
+__all__ = [
+    "FPMamba",
+    "FPMambaState",
+    "FixedPointRNN",
+    "GatedLinearAttention",
+    "InferenceParams",
+    "Mamba",
+    "RecurrentCache",
+]
