@@ -205,7 +205,10 @@ class FPMamba(nn.Module):
         else:
             x = F.silu(x)
         d = self.d_inner
-        delta = F.softplus(self.dt_proj(self.x_proj(x))).transpose(1, 2)  # (B, d, L), fixed across iterations
+        # (B, d, L), fixed across iterations. Made contiguous before the softplus so that its backward sees one
+        # layout: with a (B, d, L) gradient and a (B, L, d) input, torch 2.14's fake-tensor strides for
+        # softplus_backward differ from eager's and a compiled backward fails at a view.
+        delta = F.softplus(self.dt_proj(self.x_proj(x)).transpose(1, 2).contiguous())
         A = -torch.exp(self.A_log.to(acc_dtype(x)))
         # The x halves of the mixer's and B/C's projections are the same every iteration: computed once.
         consts = (x, delta, A, F.linear(x, self.mixer_proj.weight[:, :d]),
