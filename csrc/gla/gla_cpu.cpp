@@ -43,7 +43,7 @@ void store_rows(const BTHView& x, int64_t b, int64_t h, int64_t t0, int64_t L, i
 }
 
 // The hot elementwise loops carry `omp simd` (the build passes -fopenmp): it lets the
-// compiler vectorise the float sums (a reordering it may not do on its own) and the inlined gla_exp2.
+// compiler vectorise the float sums (a reordering it may not do on its own) and the inlined exp2_cpu.
 #define LINMIX_SIMD _Pragma("omp simd")
 #define LINMIX_SIMD_SUM(s) _Pragma("omp simd reduction(+ : s)")
 // GCC vectorised these loops on their own but not once inlined into the large chunk loops; kept out of line.
