@@ -104,7 +104,7 @@ if [ -n "${BASELINE_SRC:-}" ]; then
 fi
 # one run per op, so that a slow op cannot take the others' results with it
 # chunk_gla+unverified: chunk_gla again with LINMIX_UNVERIFIED_KERNELS=1 (the chunk-parallel kernels), into results_unverified
-OPS=(linear_scan selective_scan chunk_gla chunk_gla+unverified fixed_point)
+OPS=(linear_scan selective_scan chunk_gla chunk_gla+unverified fixed_point_rnn)
 for i in "${!OPS[@]}"; do
     op="${OPS[$i]%+unverified}"
     name="$op" switch="LINMIX_UNVERIFIED_KERNELS=0" results="$OUT_DIR/results"
@@ -118,7 +118,7 @@ for i in "${!OPS[@]}"; do
             --impl linmix $BENCH_ARGS --out "$OUT_DIR/baseline"
     fi
 done
-profile_cmds() { for op in selective_scan chunk_gla fixed_point linear_scan; do "$PY" -m linmix.bench --profile-cmd --op "$op"; done; }
+profile_cmds() { for op in selective_scan chunk_gla fixed_point_rnn linear_scan; do "$PY" -m linmix.bench --profile-cmd --op "$op"; done; }
 step profile_cmds profile_cmds
 
 echo
@@ -126,8 +126,8 @@ echo "== summary ($OUT_DIR)"
 for line in "${SUMMARY[@]}"; do echo "$line"; done
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT_DIR/tests.log" "$OUT_DIR/tests_unverified.log" 2>/dev/null | head -60
 grep -E "ERROR|error" "$OUT_DIR"/sanitize_*.log "$OUT_DIR"/racecheck_*.log 2>/dev/null | head -20
-grep -E "^(selective_scan|chunk_gla|fixed_point|linear_scan) +linmix " "$OUT_DIR"/bench_*.log 2>/dev/null | head -40
+grep -E "^(selective_scan|chunk_gla|fixed_point_rnn|linear_scan) +linmix " "$OUT_DIR"/bench_*.log 2>/dev/null | head -40
 [ -n "$BASE_SITE" ] && echo "== baseline ($BASELINE_SRC)" && \
-    grep -E "^(selective_scan|chunk_gla|fixed_point|linear_scan) +linmix " "$OUT_DIR"/baseline_*.log 2>/dev/null | head -40
+    grep -E "^(selective_scan|chunk_gla|fixed_point_rnn|linear_scan) +linmix " "$OUT_DIR"/baseline_*.log 2>/dev/null | head -40
 for log in "${FAILED_LOGS[@]}"; do echo "== tail of $log"; tail -n 25 "$log"; done
 exit $FAILED

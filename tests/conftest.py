@@ -9,7 +9,9 @@ import linmix
 
 HAS_CUDA = torch.cuda.is_available() and linmix.build_info()["cuda"]
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device/backend"))]
+# Marks a test that needs a CUDA device and linmix's CUDA backend; DEVICES parametrises over cpu and cuda.
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device/backend")
+DEVICES = ["cpu", pytest.param("cuda", marks=cuda_only)]
 
 
 def low_precision_close(out: torch.Tensor, ref: torch.Tensor, out_pt: torch.Tensor, rtol: float = 2.0, atol: float = 1e-5):

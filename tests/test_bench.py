@@ -47,7 +47,7 @@ def test_bench_all_ops(tmp_path):
     rows, skipped = _rows(tmp_path / "bench_quick.json")
     ops = {r["op"] for r in rows}
     # every op either ran or is skipped with its reason
-    for op in ("linear_scan", "selective_scan", "chunk_gla", "fixed_point"):
+    for op in ("linear_scan", "selective_scan", "chunk_gla", "fixed_point_rnn"):
         assert op in ops or any(s.startswith(op) for s in skipped), op
     assert all(r["check"].startswith("pass") for r in rows)
 

@@ -5,7 +5,7 @@ import linmix
 from linmix.reference import fixed_point_dense_ref, fixed_point_iter_ref, fixed_point_step_ref, linear_scan_ref
 from linmix.reference.fixed_point import householder_apply_ref, householder_dense_ref
 
-from conftest import DEVICES, HAS_CUDA, low_precision_close
+from conftest import DEVICES, cuda_only, low_precision_close
 
 CONVERGED = dict(max_iter=3000, tol=1e-13)  # float64: run to the fixed point
 
@@ -114,7 +114,7 @@ def test_stopping_rule(device):
     torch.testing.assert_close(res.double().cpu(), residual_history(*args64, 3)[:, -1], rtol=1e-5, atol=0)
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device/backend")
+@cuda_only
 def test_cuda_graph_capture():
     # The iteration loop has no host synchronisation, so the whole call can be captured and replayed.
     inputs = make(3, 64, 40, 2, torch.float32, "cuda", seed=8)

@@ -12,7 +12,7 @@ from linmix.ops.fixed_point import FixedPointConvergenceError, FixedPointConverg
 from linmix.reference import fixed_point_dense_ref, fixed_point_step_ref
 from linmix.reference.fixed_point import fixed_point_iter_ref, fixed_point_iterate_ref, fixed_point_solve_ref
 
-from conftest import HAS_CUDA
+from conftest import cuda_only
 from test_fixed_point import make
 
 
@@ -239,7 +239,7 @@ def test_bad_new_arguments(call, err, match):
         call()
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device/backend")
+@cuda_only
 def test_cuda_rejects_cpu_only_arguments():
     u, lam, hh_u, hh_beta = make(2, 33, 40, 2, torch.float32, "cuda", seed=25)
     for kw in (dict(damping=0.5), dict(initial_state=torch.zeros(2, 40, device="cuda")), dict(stopping="batch"),

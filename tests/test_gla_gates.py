@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import linmix
 from linmix.reference import gla_ref
 
-from conftest import DEVICES, HAS_CUDA
+from conftest import DEVICES, cuda_only
 from test_gla import ALGOS, rel_err, run_and_grads
 
 INF = float("inf")
@@ -213,7 +213,7 @@ def check_against_reference(fn, ins, dtype, seed=1):
         assert rel_err(a, b) < TOL[dtype], f"{name}: {rel_err(a, b):.2e} (dtype {dtype})"
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device/backend")
+@cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_switch_off_keeps_old_path_on_ordinary_gates(dtype, monkeypatch):
     # Switch off: the GPU-verified g_cumsum chunk kernels, right on ordinary gates; switch on: the chunk-parallel
@@ -231,7 +231,7 @@ def test_cuda_switch_off_keeps_old_path_on_ordinary_gates(dtype, monkeypatch):
         assert rel_err(a, b) < TOL[dtype]
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device/backend")
+@cuda_only
 def test_cuda_switch_selects_segment_kernels(monkeypatch):
     # Only the segment-sum (chunk-parallel) kernels are exact for -inf: the switch must actually change the kernel.
     q, k, v = (torch.ones(1, 1, 1, 1, device="cuda") for _ in range(3))

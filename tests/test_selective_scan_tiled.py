@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import linmix
 from linmix.reference import selective_scan_ref
 
-from conftest import HAS_CUDA
+from conftest import cuda_only
 from test_selective_scan import NAMES, TOL, check_against_ref, close, make
 
 PARAMS_H = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "selective_scan" / "params.h"
@@ -404,9 +404,6 @@ def test_selective_scan_fn_deterministic_flag():
     del args["initial_state"]
     out = linmix.selective_scan_fn(**args, delta_softplus=sp, deterministic=True)
     torch.testing.assert_close(out, linmix.selective_scan_fn(**args, delta_softplus=sp))
-
-
-cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device/backend")
 
 
 @cuda_only

@@ -11,7 +11,7 @@ import torch
 import linmix
 from linmix.reference import selective_state_update_ref
 
-from conftest import DEVICES, HAS_CUDA
+from conftest import DEVICES, cuda_only
 
 EPS = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
 
@@ -323,8 +323,6 @@ def test_threads_per_row_matches_kernel():
 
 
 # ---- CUDA: the unverified fused kernel (switch on) and the default selective_scan route ----
-
-cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device/backend")
 
 
 @cuda_only

@@ -3,6 +3,8 @@
 
 #include <cstdint>
 
+#include "common/math.h"
+
 namespace linmix {
 
 // A (B, T, D) tensor with unit stride along D; element strides for B and T (64-bit).
@@ -24,6 +26,12 @@ struct LinearScanParams {
   BTDView da, db;           // (B, T, D) outputs
   void* dh0 = nullptr;      // (B, D) contiguous, accumulation type
 };
+
+// Row t of batch b of a (B, T, D) view, for the CPU and CUDA backends; T may be const-qualified.
+template <typename T>
+LINMIX_HD T* btd_row(const BTDView& v, int64_t b, int64_t t) {
+  return static_cast<T*>(v.ptr) + b * v.batch_stride + t * v.t_stride;
+}
 
 // Scan position s (0 = first step of the recurrence) -> time index.
 inline constexpr int64_t scan_time(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }

@@ -96,13 +96,28 @@ __device__ __forceinline__ BCRow<T> bc_row(const BCView& v, int64_t b, int64_t d
   return bc_row_at<T>(v, ss_bc_offset(v, b, d, 0, dim), n);
 }
 
+// What both backward kernels (selective_scan_bwd_kernel.cuh, selective_scan_bwd_tiled_kernel.cuh) read for
+// channel di of batch element bi: its A row, bias and D, and its (L) rows of u, delta, z and dout.
 template <typename T>
-__device__ __forceinline__ const T* bdl_row(const BDLView& v, int64_t b, int64_t d) {
-  return static_cast<const T*>(v.ptr) + b * v.batch_stride + d * v.dim_stride;
-}
+struct SsBwdChannel {
+  const float* A;  // (n)
+  float bias, Dv;
+  const T* u;  // (L) rows
+  const T* delta;
+  const T* z;  // null when absent
+  const T* dout;
+};
 template <typename T>
-__device__ __forceinline__ T* bdl_row_mut(const BDLView& v, int64_t b, int64_t d) {
-  return static_cast<T*>(v.ptr) + b * v.batch_stride + d * v.dim_stride;
+__device__ __forceinline__ SsBwdChannel<T> ss_bwd_channel(const SelectiveScanParams& p, int64_t bi, int64_t di) {
+  SsBwdChannel<T> c;
+  c.A = static_cast<const float*>(p.A) + di * p.dstate;
+  c.bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[di] : 0.f;
+  c.Dv = p.D ? static_cast<const float*>(p.D)[di] : 0.f;
+  c.u = bdl_row<const T>(p.u, bi, di);
+  c.delta = bdl_row<const T>(p.delta, bi, di);
+  c.z = p.z.ptr ? bdl_row<const T>(p.z, bi, di) : nullptr;
+  c.dout = bdl_row<const T>(p.dout, bi, di);
+  return c;
 }
 
 // A thread's kItems consecutive elements starting at p (n_valid of them in range, possibly <= 0) as fp32,

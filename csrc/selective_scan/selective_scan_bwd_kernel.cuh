@@ -29,16 +29,10 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_bwd_ke
   __shared__ float s_red[2][kNWarps];  // per-warp sums of dD, ddelta_bias
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int64_t bd = blockIdx.x, bi = bd / p.dim, di = bd % p.dim, bdn = bd * N;
-  const float* A = static_cast<const float*>(p.A) + di * N;  // (n)
-  const float bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[di] : 0.f;
-  const float Dv = p.D ? static_cast<const float*>(p.D)[di] : 0.f;
-  const T* u = bdl_row<T>(p.u, bi, di);  // (L) rows
-  const T* delta = bdl_row<T>(p.delta, bi, di);
-  const T* z = p.z.ptr ? bdl_row<T>(p.z, bi, di) : nullptr;
-  const T* dout = bdl_row<T>(p.dout, bi, di);
-  T* du_out = bdl_row_mut<T>(p.du, bi, di);
-  T* ddelta_out = bdl_row_mut<T>(p.ddelta, bi, di);
-  T* dz_out = z ? bdl_row_mut<T>(p.dz, bi, di) : nullptr;
+  const auto [A, bias, Dv, u, delta, z, dout] = ss_bwd_channel<T>(p, bi, di);
+  T* du_out = bdl_row<T>(p.du, bi, di);
+  T* ddelta_out = bdl_row<T>(p.ddelta, bi, di);
+  T* dz_out = z ? bdl_row<T>(p.dz, bi, di) : nullptr;
   const float* ckpt = static_cast<const float*>(p.checkpoints) + bd * p.n_chunks * N;  // (n_chunks, n)
   const float* h_init = p.initial_state ? static_cast<const float*>(p.initial_state) + bdn : nullptr;
 

@@ -39,7 +39,7 @@ struct SelectiveScanTiledTraits {
   static_assert(kSmemBytes <= 48 * 1024, "static shared memory must fit the default 48 KiB");
 };
 
-// grid: (b * n_tiles); block: kThreads. Warp w handles channel tile_start + w (idle past the tile's end).
+// grid: (b * n_tiles); block: kThreads. Warp w handles channel ch0 + w, ch0 the tile's first (idle past its end).
 template <typename T>
 __global__ void __launch_bounds__(SelectiveScanTiledTraits::kThreads)
     linmix_selective_scan_bwd_tiled_kernel(SelectiveScanParams p, SelectiveScanTiling tl) {
@@ -55,13 +55,7 @@ __global__ void __launch_bounds__(SelectiveScanTiledTraits::kThreads)
                                                                           : Tr::kWarps);
   const bool active = warp < n_ch;
   const int64_t di = ch0 + (active ? warp : 0), bd = bi * p.dim + di, bdn = bd * N;
-  const float* A = static_cast<const float*>(p.A) + di * N;  // (n)
-  const float bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[di] : 0.f;
-  const float Dv = p.D ? static_cast<const float*>(p.D)[di] : 0.f;
-  const T* u = bdl_row<T>(p.u, bi, di);  // (L) rows
-  const T* delta = bdl_row<T>(p.delta, bi, di);
-  const T* z = p.z.ptr ? bdl_row<T>(p.z, bi, di) : nullptr;
-  const T* dout = bdl_row<T>(p.dout, bi, di);
+  const auto [A, bias, Dv, u, delta, z, dout] = ss_bwd_channel<T>(p, bi, di);
   const float* ckpt = static_cast<const float*>(p.checkpoints) + bd * p.n_chunks * N;  // (n_chunks, n)
   const float* h_init = p.initial_state ? static_cast<const float*>(p.initial_state) + bdn : nullptr;
   float* hsub = static_cast<float*>(p.sub_states) + bd * kNSub * N;  // (kNSub, n): state entering a sub-chunk
@@ -185,7 +179,7 @@ __global__ void __launch_bounds__(SelectiveScanTiledTraits::kThreads)
           load_items<kItems>(dout + t0, n_valid, r_dz, 0.f);
 #pragma unroll
           for (int k = 0; k < kItems; ++k) r_dz[k] = ss_gate_dz(r_dz[k], r_y[k], r_z[k]);
-          store_items<kItems>(bdl_row_mut<T>(p.dz, bi, di) + t0, n_valid, r_dz);
+          store_items<kItems>(bdl_row<T>(p.dz, bi, di) + t0, n_valid, r_dz);
         }
         float r_raw[kItems];  // reloaded rather than kept live through the state loop
         load_items<kItems>(delta + t0, n_valid, r_raw, 0.f);
@@ -194,8 +188,8 @@ __global__ void __launch_bounds__(SelectiveScanTiledTraits::kThreads)
           r_ddl[k] = k < n_valid ? r_ddl[k] * ss_delta_grad(r_raw[k], bias, p.delta_softplus) : 0.f;
           r_dbias += r_ddl[k];
         }
-        store_items<kItems>(bdl_row_mut<T>(p.ddelta, bi, di) + t0, n_valid, r_ddl);
-        store_items<kItems>(bdl_row_mut<T>(p.du, bi, di) + t0, n_valid, r_du);
+        store_items<kItems>(bdl_row<T>(p.ddelta, bi, di) + t0, n_valid, r_ddl);
+        store_items<kItems>(bdl_row<T>(p.du, bi, di) + t0, n_valid, r_du);
       }
     }
     __syncwarp();  // pass 2's reads of sub_states precede the next chunk's pass 1 writes

@@ -1,5 +1,5 @@
 // One dtype x direction per file so ninja compiles them in parallel.
-#include "linear_scan/linear_scan_kernel.cuh"
+#include "linear_scan/linear_scan_bwd_kernel.cuh"
 
 namespace linmix {
 template void linear_scan_bwd_cuda<DType::kBFloat16>(const LinearScanParams&, cudaStream_t);

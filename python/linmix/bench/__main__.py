@@ -18,9 +18,9 @@ import torch
 import linmix
 
 from . import env, floors, report, timing
-from . import fixed_point, gla, linear_scan, selective_scan, selective_state_update
+from . import fixed_point_rnn, gla, linear_scan, selective_scan, selective_state_update
 
-OPS = {m.NAME: m for m in (selective_scan, selective_state_update, gla, fixed_point, linear_scan)}
+OPS = {m.NAME: m for m in (selective_scan, selective_state_update, gla, fixed_point_rnn, linear_scan)}
 TOL = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # max |err| / max |ref|, per tensor
 MODES = ("fwd", "fwd+bwd")
 
@@ -97,10 +97,6 @@ def plan(args) -> list[tuple]:
     work, skipped = [], []
     for name in (OPS if args.op == "all" else [args.op]):
         op = OPS[name]
-        why = op.missing()
-        if why:
-            skipped.append(f"{name}: all implementations ({why})")
-            continue
         cfgs = list(enumerate(op.configs(args.device, args.quick)))
         if args.only is not None:
             cfgs = [c for c in cfgs if c[0] == args.only]

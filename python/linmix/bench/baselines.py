@@ -22,7 +22,7 @@ class Impl:
 
     `ref` / `cost` replace the op's reference and cost when the implementation computes something else (SDPA);
     `when(cfg, device)` returns a reason to skip one configuration (memory, a slow loop at long lengths);
-    `modes` lists the timed modes it takes part in; `variant` names a mode of the op (fixed_point's grad_mode)
+    `modes` lists the timed modes it takes part in; `variant` names a mode of the op (fixed_point_rnn's grad_mode)
     so speed-ups compare like with like; `grads` replaces the op's differentiated inputs when the
     implementation uses only some of them (SDPA has no gate g)."""
 
@@ -42,9 +42,7 @@ class Impl:
 
 
 def linmix_impl(name: str, attr: str, call: Callable, **kw) -> Impl:
-    """linmix's own op, skipped when this checkout does not have it yet."""
-    if not hasattr(linmix, attr):
-        return Impl(name, skip=f"linmix has no `{attr}` (op not merged in this checkout)")
+    """linmix's own op `linmix.<attr>`, called as call(op, inputs)."""
     return Impl(name, lambda x: call(getattr(linmix, attr), x), **kw)
 
 

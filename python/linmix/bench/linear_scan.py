@@ -16,9 +16,6 @@ GRAD = ("a", "b")
 CHECK_GRAD = True
 
 
-def missing() -> str | None:
-    return None if hasattr(R, "linear_scan_ref") else "linmix.reference has no linear_scan_ref"
-
 
 def configs(device: str, quick: bool) -> list[dict]:
     if device == "cuda":

@@ -20,7 +20,7 @@ def add_speedups(rows: list[dict]) -> None:
 
     linmix_ms = {key(r): r["ms"] for r in rows if r["impl_name"] == "linmix"}
     for r in rows:
-        k = key(r)  # linmix.<other op> rows (fixed_point's linear_scan pass) are yardsticks, not competitors
+        k = key(r)  # linmix.<other op> rows (fixed_point_rnn's linear_scan pass) are yardsticks, not competitors
         ok = k in linmix_ms and not r["impl_name"].startswith("linmix.")
         r["linmix_speedup"] = r["ms"] / linmix_ms[k] if ok else None
 

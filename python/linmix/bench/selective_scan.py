@@ -22,9 +22,6 @@ CHECK_GRAD = True
 ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
-def missing() -> str | None:
-    return None if hasattr(R, "selective_scan_ref") else "linmix.reference has no selective_scan_ref (op not merged in this checkout)"
-
 
 def configs(device: str, quick: bool) -> list[dict]:
     if device == "cuda":

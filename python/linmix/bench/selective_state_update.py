@@ -23,9 +23,6 @@ ARGS = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
 HEADDIM = 64  # Mamba-2's head dim
 
 
-def missing() -> str | None:
-    return None if hasattr(R, "selective_state_update_ref") else "linmix.reference has no selective_state_update_ref"
-
 
 def configs(device: str, quick: bool) -> list[dict]:
     """The decode table. CPU: fp32 throughout. CUDA: bf16 activations, fp32 state and parameters (mamba's

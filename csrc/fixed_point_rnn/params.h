@@ -6,7 +6,7 @@
 
 namespace linmix {
 
-struct FixedPointParams {
+struct FixedPointRnnParams {
   int64_t batch = 0, seqlen = 0, dim = 0, rank = 0;
   int max_iter = 1;
   double tol = 0.0;  // stop an element once its residual < tol; 0 runs exactly max_iter iterations
@@ -32,7 +32,7 @@ struct FixedPointParams {
   void* dhh_u = nullptr;     // (B, T, R, D)
   void* dhh_beta = nullptr;  // (B, T, R)
   void* dh0 = nullptr;       // (B, D) when h0 is given
-  // scratch in the accumulation dtype, sized by the launcher (see fixed_point_*_workspace)
+  // scratch in the accumulation dtype, sized by the launcher (see fixed_point_rnn_*_workspace)
   void* work = nullptr;
   void* flags = nullptr;  // CUDA only: per-batch int32 convergence state and block counters
 };

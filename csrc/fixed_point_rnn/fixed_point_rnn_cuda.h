@@ -5,13 +5,13 @@
 
 #include "common/dtype.h"
 #include "common/stream.h"
-#include "fixed_point/params.h"
+#include "fixed_point_rnn/params.h"
 
 namespace linmix {
 
 // p.work holds fp32 words and p.flags int32 words; offsets in words. The torch glue allocates
 // work_floats / flag_ints; the launchers carve them up with the same function.
-struct FixedPointWorkspace {
+struct FixedPointRnnWorkspace {
   int64_t gram = 0;      // (B, T, R, R) Householder Gram matrices
   int64_t coef = 0;      // (B, T, R) chain coefficients of the current iteration
   int64_t tok_diff = 0;  // (B, T) per-token max |new - old| (float bits, atomicMax)
@@ -24,9 +24,9 @@ struct FixedPointWorkspace {
   int64_t flag_ints = 0;
 };
 
-inline FixedPointWorkspace fixed_point_workspace(const FixedPointParams& p, bool backward) {
+inline FixedPointRnnWorkspace fixed_point_rnn_workspace(const FixedPointRnnParams& p, bool backward) {
   const int64_t BT = p.batch * p.seqlen, BTD = BT * p.dim;
-  FixedPointWorkspace ws;
+  FixedPointRnnWorkspace ws;
   int64_t off = 0;
   ws.gram = off, off += BT * p.rank * p.rank;
   ws.coef = off, off += BT * p.rank;
@@ -40,7 +40,7 @@ inline FixedPointWorkspace fixed_point_workspace(const FixedPointParams& p, bool
   return ws;
 }
 
-template <DType dt> void fixed_point_fwd_cuda(const FixedPointParams& p, cudaStream_t stream);
-template <DType dt> void fixed_point_bwd_cuda(const FixedPointParams& p, cudaStream_t stream);
+template <DType dt> void fixed_point_rnn_fwd_cuda(const FixedPointRnnParams& p, cudaStream_t stream);
+template <DType dt> void fixed_point_rnn_bwd_cuda(const FixedPointRnnParams& p, cudaStream_t stream);
 
 }  // namespace linmix

@@ -20,7 +20,7 @@
 namespace linmix {
 
 // Largest number of Householder factors per token (sizes the per-thread coefficient arrays).
-constexpr int kFixedPointMaxRank = 16;
+constexpr int kFixedPointRnnMaxRank = 16;
 
 // Max that propagates NaN (a diverged element must never look converged).
 template <typename T>
@@ -32,7 +32,7 @@ LINMIX_HD T nan_max(T a, T b) {
 template <typename T, typename G>
 LINMIX_HD void householder_chain_fwd(int R, const T* beta, const T* a, const G* gram, T* c, T* k) {
 LINMIX_UNROLL
-  for (int i = 0; i < kFixedPointMaxRank; ++i) {
+  for (int i = 0; i < kFixedPointRnnMaxRank; ++i) {
     if (i >= R) break;
     T ci = a[i];
 LINMIX_UNROLL
@@ -46,11 +46,11 @@ LINMIX_UNROLL
 template <typename T, typename G>
 LINMIX_HD void householder_chain_bwd(int R, const T* beta, const T* a, const G* gram, T* d, T* k) {
 LINMIX_UNROLL
-  for (int i = kFixedPointMaxRank - 1; i >= 0; --i) {
+  for (int i = kFixedPointRnnMaxRank - 1; i >= 0; --i) {
     if (i < R) {
       T di = a[i];
 LINMIX_UNROLL
-      for (int j = i + 1; j < kFixedPointMaxRank; ++j) {
+      for (int j = i + 1; j < kFixedPointRnnMaxRank; ++j) {
         if (j >= R) break;
         di -= k[j] * static_cast<T>(gram[i * R + j]);
       }
@@ -65,7 +65,7 @@ template <typename T>
 LINMIX_HD T householder_mix(int R, const T* k, const T* ud) {
   T m = T(0);
 LINMIX_UNROLL
-  for (int i = 0; i < kFixedPointMaxRank; ++i) {
+  for (int i = 0; i < kFixedPointRnnMaxRank; ++i) {
     if (i >= R) break;
     m += k[i] * ud[i];
   }
@@ -74,17 +74,17 @@ LINMIX_UNROLL
 
 // Forward scan input (1 - lam) x~ with x~ = u - mix.
 template <typename T>
-LINMIX_HD T fixed_point_scan_input(T lam, T u, T mix) {
+LINMIX_HD T fixed_point_rnn_scan_input(T lam, T u, T mix) {
   return (T(1) - lam) * (u - mix);
 }
 
 // Adjoint: the vector the transposed chain is applied to, and the reverse scan's input.
 template <typename T>
-LINMIX_HD T fixed_point_adjoint_pre(T lam, T s) {
+LINMIX_HD T fixed_point_rnn_adjoint_pre(T lam, T s) {
   return (T(1) - lam) * s;
 }
 template <typename T>
-LINMIX_HD T fixed_point_adjoint_input(T g, T mix) {
+LINMIX_HD T fixed_point_rnn_adjoint_input(T g, T mix) {
   return g + mix;
 }
 
@@ -100,7 +100,7 @@ LINMIX_HD T householder_vjp_channel(int R, const T* ud, const T* beta, const T* 
   const T e0 = e - householder_mix(R, kk, ud);
   T v = v0, ei = e0;
 LINMIX_UNROLL
-  for (int i = 0; i < kFixedPointMaxRank; ++i) {
+  for (int i = 0; i < kFixedPointRnnMaxRank; ++i) {
     if (i >= R) break;
     ei += kk[i] * ud[i];
     dud[i] = -beta[i] * (c[i] * ei + dd[i] * v);
@@ -110,7 +110,7 @@ LINMIX_UNROLL
 }
 
 template <typename T>
-LINMIX_HD T fixed_point_grad_lam(T s, T h_before, T x_tilde) {
+LINMIX_HD T fixed_point_rnn_grad_lam(T s, T h_before, T x_tilde) {
   return s * (h_before - x_tilde);
 }
 template <typename T>
@@ -121,7 +121,7 @@ LINMIX_HD T householder_grad_beta(T c, T d) {
 // Per-token convergence ratio |h^l - h^{l-1}|_inf / |h^l|_inf; an unchanged token counts as 0 (also
 // when |h^l| = 0), a changed token with |h^l| = 0 as +inf. The residual is the max over tokens.
 template <typename T>
-LINMIX_HD T fixed_point_token_ratio(T diff_max, T norm_max) {
+LINMIX_HD T fixed_point_rnn_token_ratio(T diff_max, T norm_max) {
   return diff_max > T(0) ? diff_max / norm_max : (diff_max != diff_max ? diff_max : T(0));
 }
 

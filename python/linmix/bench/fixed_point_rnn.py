@@ -1,4 +1,4 @@
-"""fixed_point bench: the FP-RNN layer at (B, T, D, R) = (8, 2048, 1024, 2), a fixed number of iterations
+"""fixed_point_rnn bench: the FP-RNN layer at (B, T, D, R) = (8, 2048, 1024, 2), a fixed number of iterations
 (tol = 0), both grad modes, against a straightforward PyTorch loop with a host check per iteration; and one
 linear_scan pass at the same (B, T, D), the yardstick for one fused iteration."""
 
@@ -13,17 +13,14 @@ import linmix.reference as R
 from . import linear_scan
 from .baselines import Impl, linmix_impl, scan_torch
 
-NAME = "fixed_point"
-KERNELS = "linmix_fixed_point"
+NAME = "fixed_point_rnn"
+KERNELS = "linmix_fixed_point_rnn_"
 SHAPE = ("B", "T", "D", "R", "n_iter")
 SWEEP = "n_iter"
 GRAD = ("u", "lam", "hh_u", "hh_beta")
 CHECK_GRAD = False  # onestep / implicit gradients are not the reference's unrolled gradient: output only
 SCAN_PASS = "linmix.linear_scan (1 pass)"
 
-
-def missing() -> str | None:
-    return None if hasattr(R, "fixed_point_iter_ref") else "linmix.reference has no fixed_point_iter_ref (op not merged in this checkout)"
 
 
 def configs(device: str, quick: bool) -> list[dict]:

@@ -4,10 +4,10 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
-#include "fixed_point/fixed_point_common.h"
-#include "fixed_point/fixed_point_cpu.h"
-#include "fixed_point/fixed_point_cuda.h"
-#include "fixed_point/params.h"
+#include "fixed_point_rnn/fixed_point_rnn_common.h"
+#include "fixed_point_rnn/fixed_point_rnn_cpu.h"
+#include "fixed_point_rnn/fixed_point_rnn_cuda.h"
+#include "fixed_point_rnn/params.h"
 
 namespace linmix {
 namespace {
@@ -23,8 +23,9 @@ void check_inputs(const at::Tensor& u, const at::Tensor& lam, const at::Tensor& 
               shape_str(hh_u.sizes()));
   const int64_t R = hh_u.size(2);
   check_shape(hh_u, "hh_u", {B, T, R, D}, "(B, T, R, D)");
-  TORCH_CHECK(R >= 1 && R <= kFixedPointMaxRank, "linmix.fixed_point_rnn: hh_u's rank R = hh_u.size(2) must be in [1, ",
-              kFixedPointMaxRank, "], got ", R);
+  TORCH_CHECK(R >= 1 && R <= kFixedPointRnnMaxRank,
+              "linmix.fixed_point_rnn: hh_u's rank R = hh_u.size(2) must be in [1, ", kFixedPointRnnMaxRank,
+              "], got ", R);
   check_shape(hh_beta, "hh_beta", {B, T, R}, "(B, T, R)");
   for (auto [t, name] : {std::pair{&lam, "lam"}, std::pair{&hh_u, "hh_u"}, std::pair{&hh_beta, "hh_beta"}}) {
     check_same_dtype(*t, name, u, "u");
@@ -51,10 +52,10 @@ void check_inputs(const at::Tensor& u, const at::Tensor& lam, const at::Tensor& 
               "no initial_state)");
 }
 
-FixedPointParams make_params(const at::Tensor& u, const at::Tensor& lam, const at::Tensor& hh_u,
+FixedPointRnnParams make_params(const at::Tensor& u, const at::Tensor& lam, const at::Tensor& hh_u,
                              const at::Tensor& hh_beta, int64_t max_iter, double tol, const at::Tensor& h0,
                              double damping) {
-  FixedPointParams p;
+  FixedPointRnnParams p;
   p.batch = u.size(0), p.seqlen = u.size(1), p.dim = u.size(2), p.rank = hh_u.size(2);
   p.max_iter = static_cast<int>(max_iter), p.tol = tol;
   p.u = u.data_ptr(), p.lam = lam.data_ptr(), p.hh_u = hh_u.data_ptr(), p.hh_beta = hh_beta.data_ptr();
@@ -81,18 +82,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_rnn_fwd(
     h_prev.zero_();
     return {h, h_prev, n_iter, residual};
   }
-  FixedPointParams p = make_params(u, lam, hh_u, hh_beta, max_iter, tol, h0, damping);
+  FixedPointRnnParams p = make_params(u, lam, hh_u, hh_beta, max_iter, tol, h0, damping);
   p.batch_quantile = batch_quantile, p.causal = causal;
   p.h = h.data_ptr(), p.h_prev = h_prev.data_ptr(), p.n_iter = n_iter.data_ptr<int32_t>();
   p.residual = residual.data_ptr<float>();
   launch<backend>(
-      u, [&](DType dt) { fixed_point_fwd_cpu(p, dt); },
+      u, [&](DType dt) { fixed_point_rnn_fwd_cpu(p, dt); },
       [&]<DType dt>(cudaStream_t stream) {
-        const FixedPointWorkspace ws = fixed_point_workspace(p, /*backward=*/false);
+        const FixedPointRnnWorkspace ws = fixed_point_rnn_workspace(p, /*backward=*/false);
         at::Tensor work = at::empty({ws.work_floats}, u.options().dtype(at::kFloat));
         at::Tensor flags = at::empty({ws.flag_ints}, u.options().dtype(at::kInt));
         p.work = work.data_ptr(), p.flags = flags.data_ptr();
-        fixed_point_fwd_cuda<dt>(p, stream);
+        fixed_point_rnn_fwd_cuda<dt>(p, stream);
       });
   return {h, h_prev, n_iter, residual};
 }
@@ -119,19 +120,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_poi
   // dh0 = lam_0 * s_0; with no tokens the initial state passes straight through: zero gradient
   at::Tensor dh0 = h0.defined() ? at::zeros(h0.sizes(), u.options()) : at::empty({0}, u.options());
   if (u.numel() == 0) return {du, dlam, dhh_u, dhh_beta, dh0};
-  FixedPointParams p = make_params(u, lam, hh_u, hh_beta, max_iter, tol, h0, damping);
+  FixedPointRnnParams p = make_params(u, lam, hh_u, hh_beta, max_iter, tol, h0, damping);
   p.dh0 = h0.defined() ? dh0.data_ptr() : nullptr;
   p.h_prev = const_cast<void*>(h_prev.data_ptr());
   p.dh = dh.data_ptr(), p.du = du.data_ptr(), p.dlam = dlam.data_ptr(), p.dhh_u = dhh_u.data_ptr();
   p.dhh_beta = dhh_beta.data_ptr();
   launch<backend>(
-      u, [&](DType dt) { fixed_point_bwd_cpu(p, dt); },
+      u, [&](DType dt) { fixed_point_rnn_bwd_cpu(p, dt); },
       [&]<DType dt>(cudaStream_t stream) {
-        const FixedPointWorkspace ws = fixed_point_workspace(p, /*backward=*/true);
+        const FixedPointRnnWorkspace ws = fixed_point_rnn_workspace(p, /*backward=*/true);
         at::Tensor work = at::empty({ws.work_floats}, u.options().dtype(at::kFloat));
         at::Tensor flags = at::empty({ws.flag_ints}, u.options().dtype(at::kInt));
         p.work = work.data_ptr(), p.flags = flags.data_ptr();
-        fixed_point_bwd_cuda<dt>(p, stream);
+        fixed_point_rnn_bwd_cuda<dt>(p, stream);
       });
   return {du, dlam, dhh_u, dhh_beta, dh0};
 }

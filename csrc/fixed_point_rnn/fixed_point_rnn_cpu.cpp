@@ -1,8 +1,8 @@
 // CPU fixed-point RNN: parallel over batch elements (each converges on its own, or, with a batch quantile,
 // the batch iterates together); inside an element the iteration is one fused pass over time: per token the
 // Householder mix on a row of D channels, then the scan step, then the token's convergence ratio. The
-// arithmetic is fixed_point_common.h's.
-#include "fixed_point/fixed_point_cpu.h"
+// arithmetic is fixed_point_rnn_common.h's.
+#include "fixed_point_rnn/fixed_point_rnn_cpu.h"
 
 #include <ATen/Parallel.h>
 
@@ -15,7 +15,7 @@
 
 #include "common/cpu_types.h"
 #include "common/static_switch.h"
-#include "fixed_point/fixed_point_common.h"
+#include "fixed_point_rnn/fixed_point_rnn_common.h"
 
 namespace linmix {
 namespace {
@@ -34,7 +34,7 @@ struct Element {
   std::vector<acc_t> factors;  // (T, D, R): the factors channel-major, so a channel's R values are adjacent
   std::vector<acc_t> h0;       // (D,) the state before token 0
 
-  Element(const FixedPointParams& p, int64_t bi)
+  Element(const FixedPointRnnParams& p, int64_t bi)
       : u(static_cast<const T*>(p.u) + bi * p.seqlen * p.dim),
         lam(static_cast<const T*>(p.lam) + bi * p.seqlen * p.dim),
         hh_u(static_cast<const T*>(p.hh_u) + bi * p.seqlen * p.rank * p.dim),
@@ -81,7 +81,7 @@ struct Element {
 
   // Forward chain coefficients of token t at h_prev row hp; `v` (D) receives u - hp.
   void forward_chain(int64_t t, const acc_t* hp, acc_t* v, acc_t* c, acc_t* k) const {
-    acc_t a[kFixedPointMaxRank], beta[kFixedPointMaxRank];
+    acc_t a[kFixedPointRnnMaxRank], beta[kFixedPointRnnMaxRank];
     for (int64_t d = 0; d < D; ++d) v[d] = static_cast<acc_t>(u[t * D + d]) - hp[d];
     dots(t, v, a);
     betas(t, beta);
@@ -96,19 +96,19 @@ struct Element {
       const acc_t* hp = in + t * D;
       acc_t* hn = out + t * D;
       const acc_t* h_before = t > 0 ? out + (t - 1) * D : h0.data();
-      acc_t c[kFixedPointMaxRank], k[kFixedPointMaxRank];
+      acc_t c[kFixedPointRnnMaxRank], k[kFixedPointRnnMaxRank];
       forward_chain(t, hp, v, c, k);
       acc_t diff = 0, norm = 0;
       for (int64_t d = 0; d < D; ++d) {
         const acc_t lam_d = lam_at(t, d);
         const acc_t* ud = channel(t, d);
-        const acc_t b = fixed_point_scan_input(lam_d, static_cast<acc_t>(u[t * D + d]), householder_mix(R, k, ud));
+        const acc_t b = fixed_point_rnn_scan_input(lam_d, static_cast<acc_t>(u[t * D + d]), householder_mix(R, k, ud));
         const acc_t h = scan_step(lam_d, h_before[d], b);
         hn[d] = h;
         diff = nan_max(diff, std::abs(h - hp[d]));
         norm = nan_max(norm, std::abs(h));
       }
-      const acc_t ratio = fixed_point_token_ratio(diff, norm);
+      const acc_t ratio = fixed_point_rnn_token_ratio(diff, norm);
       if (ratios != nullptr) ratios[t] = ratio;
       res = nan_max(res, ratio);
     }
@@ -119,8 +119,8 @@ struct Element {
   acc_t adjoint_iterate(const T* g, const acc_t* in, acc_t* out, acc_t* y) const {
     acc_t res = 0;
     for (int64_t t = T_ - 1; t >= 0; --t) {
-      acc_t a[kFixedPointMaxRank], beta[kFixedPointMaxRank], dd[kFixedPointMaxRank], k[kFixedPointMaxRank];
-      for (int64_t d = 0; d < D; ++d) y[d] = fixed_point_adjoint_pre(lam_at(t, d), in[t * D + d]);
+      acc_t a[kFixedPointRnnMaxRank], beta[kFixedPointRnnMaxRank], dd[kFixedPointRnnMaxRank], k[kFixedPointRnnMaxRank];
+      for (int64_t d = 0; d < D; ++d) y[d] = fixed_point_rnn_adjoint_pre(lam_at(t, d), in[t * D + d]);
       dots(t, y, a);
       betas(t, beta);
       householder_chain_bwd(R, beta, a, gram_at(t), dd, k);
@@ -129,13 +129,13 @@ struct Element {
       for (int64_t d = 0; d < D; ++d) {
         const acc_t* ud = channel(t, d);
         const acc_t a_next = s_after ? lam_at(t + 1, d) : acc_t(0);
-        const acc_t b = fixed_point_adjoint_input(static_cast<acc_t>(g[t * D + d]), householder_mix(R, k, ud));
+        const acc_t b = fixed_point_rnn_adjoint_input(static_cast<acc_t>(g[t * D + d]), householder_mix(R, k, ud));
         const acc_t s = scan_step(a_next, s_after ? s_after[d] : acc_t(0), b);
         out[t * D + d] = s;
         diff = nan_max(diff, std::abs(s - in[t * D + d]));
         norm = nan_max(norm, std::abs(s));
       }
-      res = nan_max(res, fixed_point_token_ratio(diff, norm));
+      res = nan_max(res, fixed_point_rnn_token_ratio(diff, norm));
     }
     return res;
   }
@@ -153,7 +153,7 @@ void damp(acc_t damping, const acc_t* z_old, acc_t* z, int64_t n) {
 // of tokens, growing with l) and the output is f of that record.
 template <typename T, typename acc_t>
 struct ForwardRun {
-  const FixedPointParams& p;
+  const FixedPointRnnParams& p;
   Element<T, acc_t> el;
   std::vector<acc_t> buf, v, ratios, rec;  // buf: two (T, D) iterates
   acc_t *cur, *nxt;                        // cur: z^{l-1}; after step(), nxt: f(cur)
@@ -161,7 +161,7 @@ struct ForwardRun {
   int n = 0;
   acc_t res = std::numeric_limits<acc_t>::infinity();
 
-  ForwardRun(const FixedPointParams& p_, int64_t bi)
+  ForwardRun(const FixedPointRnnParams& p_, int64_t bi)
       : p(p_), el(p_, bi), buf(2 * p_.seqlen * p_.dim, acc_t(0)), v(p_.dim), ratios(p.causal ? p_.seqlen : 0),
         rec(p.causal ? p_.seqlen * p_.dim : 0), cur(buf.data()), nxt(buf.data() + p_.seqlen * p_.dim) {}
 
@@ -218,7 +218,7 @@ acc_t batch_quantile(std::vector<acc_t> r, double q) {
 }
 
 template <DType dt>
-void fwd_impl(const FixedPointParams& p) {
+void fwd_impl(const FixedPointRnnParams& p) {
   using T = cpu_t<dt>;
   using acc_t = cpu_acc_t<dt>;
   using Run = ForwardRun<T, acc_t>;
@@ -255,7 +255,7 @@ void fwd_impl(const FixedPointParams& p) {
 // Gradients of h = f(h_prev) (h_prev detached) with upstream w, where w solves w = g + J_hᵀ w by
 // p.max_iter adjoint iterations at most (max_iter = 1: w = g, the one-step gradient).
 template <DType dt>
-void bwd_impl(const FixedPointParams& p) {
+void bwd_impl(const FixedPointRnnParams& p) {
   using T = cpu_t<dt>;
   using acc_t = cpu_acc_t<dt>;
   const int64_t TD = p.seqlen * p.dim, D = p.dim, R = p.rank;
@@ -289,10 +289,10 @@ void bwd_impl(const FixedPointParams& p) {
       T* dhh_u = static_cast<T*>(p.dhh_u) + bi * p.seqlen * R * D;
       T* dhh_beta = static_cast<T*>(p.dhh_beta) + bi * p.seqlen * R;
       for (int64_t t = 0; t < p.seqlen; ++t) {
-        acc_t c[kFixedPointMaxRank], k[kFixedPointMaxRank], dd[kFixedPointMaxRank], kk[kFixedPointMaxRank],
-            ae[kFixedPointMaxRank], beta[kFixedPointMaxRank], dud[kFixedPointMaxRank];
+        acc_t c[kFixedPointRnnMaxRank], k[kFixedPointRnnMaxRank], dd[kFixedPointRnnMaxRank], kk[kFixedPointRnnMaxRank],
+            ae[kFixedPointRnnMaxRank], beta[kFixedPointRnnMaxRank], dud[kFixedPointRnnMaxRank];
         el.forward_chain(t, hp + t * D, v.data(), c, k);
-        for (int64_t d = 0; d < D; ++d) e[d] = fixed_point_adjoint_pre(el.lam_at(t, d), s[t * D + d]);
+        for (int64_t d = 0; d < D; ++d) e[d] = fixed_point_rnn_adjoint_pre(el.lam_at(t, d), s[t * D + d]);
         el.dots(t, e.data(), ae);
         el.betas(t, beta);
         householder_chain_bwd(static_cast<int>(R), beta, ae, el.gram_at(t), dd, kk);
@@ -301,7 +301,7 @@ void bwd_impl(const FixedPointParams& p) {
           const acc_t* ud = el.channel(t, d);
           const acc_t x_tilde = static_cast<acc_t>(el.u[t * D + d]) - householder_mix(static_cast<int>(R), k, ud);
           const acc_t h_before = t > 0 ? h_new[(t - 1) * D + d] : el.h0[d];
-          dlam[t * D + d] = static_cast<T>(fixed_point_grad_lam(s[t * D + d], h_before, x_tilde));
+          dlam[t * D + d] = static_cast<T>(fixed_point_rnn_grad_lam(s[t * D + d], h_before, x_tilde));
           du[t * D + d] = static_cast<T>(
               householder_vjp_channel(static_cast<int>(R), ud, beta, c, k, dd, kk, v[d], e[d], dud));
           for (int64_t i = 0; i < R; ++i) dhh_u[(t * R + i) * D + d] = static_cast<T>(dud[i]);
@@ -313,11 +313,11 @@ void bwd_impl(const FixedPointParams& p) {
 
 }  // namespace
 
-void fixed_point_fwd_cpu(const FixedPointParams& p, DType dtype) {
+void fixed_point_rnn_fwd_cpu(const FixedPointRnnParams& p, DType dtype) {
   LINMIX_DTYPE_SWITCH(dtype, kDT, [&] { fwd_impl<kDT>(p); });
 }
 
-void fixed_point_bwd_cpu(const FixedPointParams& p, DType dtype) {
+void fixed_point_rnn_bwd_cpu(const FixedPointRnnParams& p, DType dtype) {
   LINMIX_DTYPE_SWITCH(dtype, kDT, [&] { bwd_impl<kDT>(p); });
 }
 

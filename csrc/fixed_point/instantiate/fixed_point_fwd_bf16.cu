@@ -1,6 +1,0 @@
-// One dtype x direction per file so ninja compiles them in parallel.
-#include "fixed_point/fixed_point_kernel.cuh"
-
-namespace linmix {
-template void fixed_point_fwd_cuda<DType::kBFloat16>(const FixedPointParams&, cudaStream_t);
-}  // namespace linmix

@@ -1,0 +1,257 @@
+// CUDA fixed-point RNN, forward and backward, with the iteration loop on the device. This header holds what
+// both directions share (workspace views, the mix and scan bodies); the kernels are in
+// fixed_point_rnn_fwd_kernel.cuh and fixed_point_rnn_bwd_kernel.cuh, each with its launcher.
+//
+// One iteration is two kernels:
+//   mix  (linmix_fixed_point_rnn_{fwd,bwd}_mix_kernel): one warp per token. The Householder chain needs the
+//        R dot products u_i · v over all D channels of the token before any channel can be updated, so a
+//        warp owns a token's full row: one pass over D (R accumulators per lane, shuffle all-reduce), then
+//        the scalar chain (fixed_point_rnn_common.h, with the token's Gram matrix computed once per call)
+//        gives R coefficients k_i. It writes only those (B, T, R) scalars, not a mixed (B, T, D) row.
+//   scan (linmix_fixed_point_rnn_{fwd,bwd}_scan_kernel): the linear_scan layout, grid (B, D / 32), lanes on
+//        channels and warps on time (block_chunk_scan, common/channel_scan.cuh). The scan input is rebuilt per
+//        channel from the coefficients, b = (1 - lam)(u - sum_i k_i u_i[d]) (adjoint: g + sum_i k_i u_i[d]), so
+//        the mixed row never round-trips through memory. Its epilogue writes the new state and the
+//        per-token max |new - old| and max |new| (warp max over 32 channels, one atomicMax per warp and
+//        token); the block that finishes last for a batch element (a completion counter) reduces the
+//        per-token ratios over T into the element's residual, records n_iter and sets its converged flag.
+// Both kernels of the next iteration read that flag first and return at once for converged elements, so
+// the host launches max_iter iterations without synchronising and a CUDA graph can capture the loop.
+// States ping-pong between two fp32 buffers: iteration l reads buf[(l - 1) & 1] and writes buf[l & 1];
+// a final select kernel puts each element's last iterate (buf[n & 1]) into h and h^{n-1} into h_prev.
+//
+// Backward: the Gram kernel, then f(h_prev) once (mix + scan without tracking) for h_{t-1} in dlam, then
+// adjoint iterations on s (the same two kernels with the transposed chain and a reverse scan of
+// coefficient lam_{t+1}), then linmix_fixed_point_rnn_bwd_grads_kernel: one warp per token, one step's VJP.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "common/channel_scan.cuh"
+#include "common/cuda_check.h"
+#include "common/cuda_utils.cuh"
+#include "common/dtype.h"
+#include "common/math.h"
+#include "fixed_point_rnn/fixed_point_rnn_common.h"
+#include "fixed_point_rnn/fixed_point_rnn_cuda.h"
+#include "fixed_point_rnn/params.h"
+
+namespace linmix {
+
+constexpr int kFpWarpsPerBlock = 8;  // token-per-warp kernels: 8 tokens per 256-thread block
+constexpr int kFpMaxR = kFixedPointRnnMaxRank;
+using FixedPointRnnScanTraits = ChannelScanDefaultTraits;
+
+// Device-side views of the workspace (see FixedPointRnnWorkspace).
+struct FixedPointRnnWork {
+  float* gram;            // (B, T, R, R)
+  float* coef;            // (B, T, R)
+  unsigned int* tok_diff; // (B, T) float bits
+  unsigned int* tok_norm; // (B, T) float bits
+  int* done;              // (B,)
+  int* counter;           // (B,)
+  int* n_iter;            // (B,) iterations run (forward: p.n_iter)
+  float* residual;        // (B,) last residual (forward: p.residual)
+};
+
+// What one iteration launch reads and writes.
+struct FixedPointRnnIter {
+  const float* src;  // (B, T, D) previous iterate: h^{l-1} (forward) or s^{l-1} (adjoint)
+  float* dst;        // (B, T, D) this iterate
+  int iter;          // l, 1-based
+  bool track;        // residual + convergence flag (false: plain f(src) for every element)
+};
+
+__device__ __forceinline__ float warp_nan_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = nan_max(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+// (B, T) token index of this warp in a token-per-warp kernel, or -1 past the end.
+__device__ __forceinline__ int64_t warp_token(const FixedPointRnnParams& p) {
+  const int64_t tok = int64_t(blockIdx.x) * kFpWarpsPerBlock + threadIdx.x / 32;
+  return tok < p.batch * p.seqlen ? tok : -1;
+}
+
+template <typename T>
+__device__ __forceinline__ void load_betas(const FixedPointRnnParams& p, int64_t tok, float (&beta)[kFpMaxR]) {
+  const T* g_beta = static_cast<const T*>(p.hh_beta) + tok * p.rank;  // (R,)
+#pragma unroll
+  for (int i = 0; i < kFpMaxR; ++i) beta[i] = i < p.rank ? to_float(g_beta[i]) : 0.f;
+}
+
+// Chain coefficients of one iteration. Forward: a_i = u_i · (u - h_prev), forward chain.
+// Adjoint: a_i = u_i · ((1 - lam) s_prev), transposed chain. grid: ceil(B T / 8); block: 256.
+template <typename T, bool kAdjoint>
+__device__ __forceinline__ void fixed_point_rnn_mix(const FixedPointRnnParams& p, const FixedPointRnnWork& w,
+                                                const FixedPointRnnIter& it) {
+  const int64_t tok = warp_token(p);
+  if (tok < 0) return;
+  const int64_t bi = tok / p.seqlen, D = p.dim;
+  if (it.track && w.done[bi]) return;
+  const int lane = threadIdx.x % 32, R = static_cast<int>(p.rank);
+  const T* g_u = static_cast<const T*>(p.hh_u) + tok * R * D;  // (R, D)
+  const T* g_x = static_cast<const T*>(kAdjoint ? p.lam : p.u) + tok * D;  // (D,)
+  const float* g_src = it.src + tok * D;                                     // (D,)
+  float a[kFpMaxR];
+#pragma unroll
+  for (int i = 0; i < kFpMaxR; ++i) a[i] = 0.f;
+  for (int64_t d = lane; d < D; d += 32) {
+    const float x = to_float(g_x[d]);
+    const float v = kAdjoint ? fixed_point_rnn_adjoint_pre(x, g_src[d]) : x - g_src[d];
+#pragma unroll
+    for (int i = 0; i < kFpMaxR; ++i) {
+      if (i < R) a[i] += to_float(g_u[i * D + d]) * v;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kFpMaxR; ++i) {
+    if (i < R) a[i] = warp_sum(a[i]);
+  }
+  float beta[kFpMaxR], c[kFpMaxR], k[kFpMaxR];
+  load_betas<T>(p, tok, beta);
+  if constexpr (kAdjoint) {
+    householder_chain_bwd(R, beta, a, w.gram + tok * R * R, c, k);
+  } else {
+    householder_chain_fwd(R, beta, a, w.gram + tok * R * R, c, k);
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < kFpMaxR; ++i) {
+      if (i < R) w.coef[tok * R + i] = k[i];
+    }
+  }
+}
+
+// The scan of one iteration and its convergence bookkeeping. grid: (B, ceil(D / 32)); block: Traits::kThreads.
+// Forward: h_t = lam_t h_{t-1} + (1 - lam_t)(u_t - sum_i k_i u_i). Adjoint (reverse in time):
+// s_t = lam_{t+1} s_{t+1} + g_t + sum_i k_i u_i.
+template <typename Traits, typename T, bool kAdjoint>
+__device__ __forceinline__ void fixed_point_rnn_scan(const FixedPointRnnParams& p, const FixedPointRnnWork& w,
+                                                 const FixedPointRnnIter& it) {
+  __shared__ ScanPair<float> s_agg[Traits::kNWarps * 32];
+  __shared__ float s_red[Traits::kNWarps];
+  __shared__ bool s_last;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t bi = blockIdx.x, L = p.seqlen, D = p.dim;
+  if (it.track && w.done[bi]) return;  // uniform over the block, before any barrier
+  const int R = static_cast<int>(p.rank);
+  const int64_t d = int64_t(blockIdx.y) * 32 + lane;
+  const bool active = d < D;
+  const T* g_lam = static_cast<const T*>(p.lam);
+  const T* g_x = static_cast<const T*>(kAdjoint ? p.dh : p.u);
+  const T* g_u = static_cast<const T*>(p.hh_u);
+  float carry = 0.f;
+  for (int64_t c0 = 0; c0 < L; c0 += Traits::kChunk) {
+    float r_a[Traits::kItems], r_b[Traits::kItems], r_old[Traits::kItems];
+#pragma unroll
+    for (int j = 0; j < Traits::kItems; ++j) {
+      const int64_t s = c0 + warp * Traits::kItems + j;
+      const int64_t t = kAdjoint ? L - 1 - s : s;
+      r_a[j] = 1.f, r_b[j] = 0.f, r_old[j] = 0.f;  // identity step past the end / inactive lanes
+      if (active && s < L) {
+        const int64_t tok = bi * L + t, off = tok * D + d;
+        const float* g_coef = w.coef + tok * R;  // (R,)
+        float mix = 0.f;
+        for (int i = 0; i < R; ++i) mix += g_coef[i] * to_float(g_u[(tok * R + i) * D + d]);
+        const float x = to_float(g_x[off]);
+        if constexpr (kAdjoint) {
+          r_a[j] = t + 1 < L ? to_float(g_lam[off + D]) : 0.f;
+          r_b[j] = fixed_point_rnn_adjoint_input(x, mix);
+        } else {
+          r_a[j] = to_float(g_lam[off]);
+          r_b[j] = fixed_point_rnn_scan_input(r_a[j], x, mix);
+        }
+        r_old[j] = it.src[off];
+      }
+    }
+    block_chunk_scan<Traits>(r_a, r_b, carry, s_agg);
+#pragma unroll
+    for (int j = 0; j < Traits::kItems; ++j) {
+      const int64_t s = c0 + warp * Traits::kItems + j;  // uniform over the warp
+      if (s >= L) continue;
+      const int64_t tok = bi * L + (kAdjoint ? L - 1 - s : s);
+      if (active) it.dst[tok * D + d] = r_b[j];
+      if (it.track) {
+        const float diff = warp_nan_max(active ? fabsf(r_b[j] - r_old[j]) : 0.f);
+        const float norm = warp_nan_max(active ? fabsf(r_b[j]) : 0.f);
+        if (lane == 0) {  // non-negative floats order like their bit patterns (NaN above +inf)
+          atomicMax(w.tok_diff + tok, __float_as_uint(diff));
+          atomicMax(w.tok_norm + tok, __float_as_uint(norm));
+        }
+      }
+    }
+  }
+  if (!it.track) return;
+  // The last block of this batch element to finish reduces the per-token ratios over T.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(w.counter + bi, 1) == static_cast<int>(gridDim.y) - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  float r = 0.f;
+  for (int64_t t = threadIdx.x; t < L; t += Traits::kThreads) {
+    // read-and-reset, so the next iteration starts from zeros (atomics read the coherent L2 copy)
+    const float diff = __uint_as_float(atomicExch(w.tok_diff + bi * L + t, 0u));
+    const float norm = __uint_as_float(atomicExch(w.tok_norm + bi * L + t, 0u));
+    r = nan_max(r, fixed_point_rnn_token_ratio(diff, norm));
+  }
+  r = warp_nan_max(r);
+  if (lane == 0) s_red[warp] = r;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int i = 1; i < Traits::kNWarps; ++i) r = nan_max(r, s_red[i]);
+    w.residual[bi] = r;
+    w.n_iter[bi] = it.iter;
+    w.done[bi] = r < static_cast<float>(p.tol) ? 1 : 0;
+    w.counter[bi] = 0;
+  }
+}
+
+// Host side, shared by the launchers.
+inline FixedPointRnnWork fixed_point_rnn_work(const FixedPointRnnParams& p, const FixedPointRnnWorkspace& ws) {
+  float* f = static_cast<float*>(p.work);
+  int* flags = static_cast<int*>(p.flags);
+  FixedPointRnnWork w;
+  w.gram = f + ws.gram, w.coef = f + ws.coef;
+  w.tok_diff = reinterpret_cast<unsigned int*>(f + ws.tok_diff);
+  w.tok_norm = reinterpret_cast<unsigned int*>(f + ws.tok_norm);
+  w.done = flags + ws.done, w.counter = flags + ws.counter, w.n_iter = flags + ws.n_iter;
+  w.residual = f + ws.residual;
+  return w;
+}
+
+// Zeroed per call: the per-token maxima, the flags and counters (and the given state buffer).
+inline void fixed_point_rnn_reset(const FixedPointRnnParams& p, const FixedPointRnnWorkspace& ws,
+                                  cudaStream_t stream) {
+  const int64_t BT = p.batch * p.seqlen;
+  float* f = static_cast<float*>(p.work);
+  LINMIX_CUDA_CHECK(cudaMemsetAsync(f + ws.tok_diff, 0, 2 * BT * sizeof(float), stream));  // tok_diff, tok_norm
+  LINMIX_CUDA_CHECK(cudaMemsetAsync(p.flags, 0, ws.flag_ints * sizeof(int), stream));
+}
+
+// Grid of the token-per-warp kernels (gram, mix, grads).
+inline dim3 fixed_point_rnn_token_grid(const FixedPointRnnParams& p) {
+  return checked_grid("fixed_point_rnn", "(ceil(B T / 8))", ceil_div(p.batch * p.seqlen, kFpWarpsPerBlock));
+}
+
+// Grid of the scan kernels.
+inline dim3 fixed_point_rnn_scan_grid(const FixedPointRnnParams& p) {
+  return checked_grid("fixed_point_rnn", "(B, ceil(D / 32))", p.batch, ceil_div(p.dim, 32));
+}
+
+// One iteration's two launches: the token-per-warp mix kernel, then the scan kernel (either direction's).
+using FixedPointRnnIterKernel = void (*)(FixedPointRnnParams, FixedPointRnnWork, FixedPointRnnIter);
+inline void fixed_point_rnn_launch_pair(FixedPointRnnIterKernel mix, FixedPointRnnIterKernel scan,
+                                        const FixedPointRnnParams& p, const FixedPointRnnWork& w,
+                                        const FixedPointRnnIter& it, cudaStream_t stream) {
+  const dim3 tok_blocks = fixed_point_rnn_token_grid(p), scan_grid = fixed_point_rnn_scan_grid(p);
+  mix<<<tok_blocks, 32 * kFpWarpsPerBlock, 0, stream>>>(p, w, it);
+  LINMIX_CHECK_LAUNCH();
+  scan<<<scan_grid, FixedPointRnnScanTraits::kThreads, 0, stream>>>(p, w, it);
+  LINMIX_CHECK_LAUNCH();
+}
+
+}  // namespace linmix
