@@ -75,7 +75,7 @@ if [ -x "$SAN" ]; then
         step "sanitize_$tool" timeout "$T_SAN" "${SANCMD[@]}" --tool "$tool" "$PY" -m linmix.bench.sanitize
     done
     # racecheck is slow (it tracks every shared-memory access): one op at a time, each with its own bound
-    for op in linear_scan selective_scan chunk_gla fused_recurrent_gla fixed_point_rnn; do
+    for op in linear_scan selective_scan chunk_gla fused_recurrent_gla fixed_point_rnn selective_state_update; do
         step "racecheck_$op" timeout "$T_SAN" "${SANCMD[@]}" --tool racecheck "$PY" -m linmix.bench.sanitize "$op"
     done
     # Unverified kernels (their tests switch LINMIX_UNVERIFIED_KERNELS=1 on themselves): the tiled selective_scan
@@ -84,9 +84,11 @@ if [ -x "$SAN" ]; then
         step "unverified_${tool}_selective_scan" timeout "$T_SAN" "${SANCMD[@]}" --tool "$tool" "$PY" -m pytest -q \
             -p no:cacheprovider tests/test_selective_scan_tiled.py -k "cuda_tiled_matches_reference and 129-17"
     done
-    for tool in memcheck racecheck; do  # the unverified chunk-parallel chunk_gla
-        step "${tool}_chunk_gla_unverified" timeout "$T_SAN" env LINMIX_UNVERIFIED_KERNELS=1 "${SANCMD[@]}" --tool "$tool" \
-            "$PY" -m linmix.bench.sanitize chunk_gla
+    for tool in memcheck racecheck; do  # the unverified chunk-parallel chunk_gla, warp forward, decode kernel
+        for op in chunk_gla selective_scan selective_state_update; do
+            step "${tool}_${op}_unverified" timeout "$T_SAN" env LINMIX_UNVERIFIED_KERNELS=1 "${SANCMD[@]}" --tool "$tool" \
+                "$PY" -m linmix.bench.sanitize "$op"
+        done
     done
 else
     SUMMARY+=("FAILED sanitize: compute-sanitizer not found (PATH, $CUDA_HOME/bin)"); FAILED=1
@@ -103,8 +105,10 @@ if [ -n "${BASELINE_SRC:-}" ]; then
     [ -d /tmp/linmix_base_site/linmix ] && BASE_SITE=/tmp/linmix_base_site
 fi
 # one run per op, so that a slow op cannot take the others' results with it
-# chunk_gla+unverified: chunk_gla again with LINMIX_UNVERIFIED_KERNELS=1 (the chunk-parallel kernels), into results_unverified
-OPS=(linear_scan selective_scan chunk_gla chunk_gla+unverified fixed_point_rnn)
+# op+unverified: the op again with LINMIX_UNVERIFIED_KERNELS=1 (chunk-parallel chunk_gla; warp-per-channel forward and
+# tiled backward of selective_scan; the selective_state_update kernel), into results_unverified
+OPS=(linear_scan selective_scan selective_scan+unverified chunk_gla chunk_gla+unverified fixed_point_rnn
+     selective_state_update selective_state_update+unverified)
 for i in "${!OPS[@]}"; do
     op="${OPS[$i]%+unverified}"
     name="$op" switch="LINMIX_UNVERIFIED_KERNELS=0" results="$OUT_DIR/results"
@@ -126,8 +130,8 @@ echo "== summary ($OUT_DIR)"
 for line in "${SUMMARY[@]}"; do echo "$line"; done
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT_DIR/tests.log" "$OUT_DIR/tests_unverified.log" 2>/dev/null | head -60
 grep -E "ERROR|error" "$OUT_DIR"/sanitize_*.log "$OUT_DIR"/racecheck_*.log 2>/dev/null | head -20
-grep -E "^(selective_scan|chunk_gla|fixed_point_rnn|linear_scan) +linmix " "$OUT_DIR"/bench_*.log 2>/dev/null | head -40
+grep -E "^(selective_scan|selective_state_update|chunk_gla|fixed_point_rnn|linear_scan) +linmix " "$OUT_DIR"/bench_*.log 2>/dev/null | head -40
 [ -n "$BASE_SITE" ] && echo "== baseline ($BASELINE_SRC)" && \
-    grep -E "^(selective_scan|chunk_gla|fixed_point_rnn|linear_scan) +linmix " "$OUT_DIR"/baseline_*.log 2>/dev/null | head -40
+    grep -E "^(selective_scan|selective_state_update|chunk_gla|fixed_point_rnn|linear_scan) +linmix " "$OUT_DIR"/baseline_*.log 2>/dev/null | head -40
 for log in "${FAILED_LOGS[@]}"; do echo "== tail of $log"; tail -n 25 "$log"; done
 exit $FAILED

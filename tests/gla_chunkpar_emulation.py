@@ -46,6 +46,13 @@ def _rnd(x, op):
     return x if op in (torch.float32, torch.float64) else x.to(op).to(x.dtype)
 
 
+def gate_grad(closed, gl):
+    """gla_gate_grad: the closed-form dg, exactly 0 where the decay exp2(gl) is below the smallest normal number of
+    the accumulation type (log2 gate below -126 in fp32, -1022 in fp64)."""
+    floor = -1022.0 if gl.dtype == torch.float64 else -126.0
+    return torch.where(gl < floor, torch.zeros_like(closed), closed)
+
+
 def prefix_from(gl, r0, r1):
     """P(i; r0) = sum_{s=r0}^{i} gl_s for rows i in [r0, r1): a cumulative sum that starts at r0."""
     return torch.cumsum(gl[..., r0:r1, :], dim=-2)
@@ -138,7 +145,6 @@ def chunkpar_bwd(q, k, v, g, do, dht, scale, h0=None, acc=torch.float32):
     T, out_dtype = q.shape[1], q.dtype
     qc, kc, vc, glc = _inputs(q, k, v, g, acc)
     doc = _chunked(do, acc)
-    gc = _chunked(g, acc)
     states, gsum = fwd_states(kc, vc, glc, h0, op)  # recomputed
     K, V = qc.shape[-1], vc.shape[-1]
     B, H, N = qc.shape[:3]
@@ -187,7 +193,7 @@ def chunkpar_bwd(q, k, v, g, do, dht, scale, h0=None, acc=torch.float32):
         rev = torch.flip(torch.cumsum(torch.flip(d, [-2]), dim=-2), [-2])
         bound = (states[:, :, 1:, sl, :] * dH[..., sl, :]).sum(-1)  # (.., N, bk)
         dgt = rev + bound[..., None, :]
-        dg[..., sl] = torch.where(torch.isneginf(gc[..., sl]), torch.zeros_like(dgt), dgt)
+        dg[..., sl] = gate_grad(dgt, gl)
         dq[..., sl], dk[..., sl] = dqt, dkt
     # bwd dv: one block per (chunk, V tile); A over all of K
     dv = vc.new_zeros(vc.shape)

@@ -251,3 +251,36 @@ def test_cuda_rejects_cpu_only_arguments():
                dict(stopping="causal")):
         with pytest.raises(RuntimeError, match="CPU only so far"):
             linmix.fixed_point_rnn(u, lam, hh_u, hh_beta, **kw)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_documented_convergence_range(rank):
+    # Issue 14 item 2: the ranges where convergence is guaranteed are documented, and they hold. The
+    # docstring's sufficient check: (1 - min_d lam_td) * min(2, sum_i beta_ti) < 1 for every token.
+    doc = linmix.fixed_point_rnn.__doc__
+    assert "(1 - min_d lam_{t,d}) * min(2, sum_i beta_{t,i}) < 1" in doc and "lam > 1/2" in doc
+    from linmix.reference.fixed_point import householder_dense_ref
+
+    gen = torch.Generator().manual_seed(40 + rank)
+    B, T, D = 3, 24, 6
+    u = torch.randn(B, T, D, dtype=torch.float64, generator=gen)
+    hh_u = torch.nn.functional.normalize(torch.randn(B, T, rank, D, dtype=torch.float64, generator=gen), dim=-1)
+    hh_beta = 1.99 * torch.rand(B, T, rank, dtype=torch.float64, generator=gen)
+    # lam just inside the bound: 1 - min lam = 0.98 / min(2, sum beta)
+    bound = hh_beta.sum(-1).clamp(max=2.0)
+    lam_min = 1 - 0.98 / bound
+    lam = lam_min[..., None] + (1 - lam_min[..., None]) * torch.rand(B, T, D, dtype=torch.float64, generator=gen)
+    lam = lam.clamp(max=0.999)
+    jac = (1 - lam)[..., None] * (torch.eye(D, dtype=torch.float64) - householder_dense_ref(hh_u, hh_beta))
+    assert (torch.linalg.eigvals(jac).abs().amax(-1) < 1).all()  # the spectral condition the check implies
+    h, n_iter, res = linmix.fixed_point_rnn(u, lam, hh_u, hh_beta, max_iter=5000, tol=1e-11, return_info=True,
+                                            on_nonconvergence="raise")
+    assert rel_err(h, fixed_point_dense_ref(u, lam, hh_u, hh_beta)) < 1e-8
+    # Outside it: the documented rank-1 counterexample rho_t = beta_t sum_d (1 - lam_td) u_td^2 > 1 diverges.
+    if rank == 1:
+        lam_bad = torch.full_like(lam, 0.05)
+        beta_bad = torch.full_like(hh_beta, 1.9)
+        rho = beta_bad[..., 0] * ((1 - lam_bad) * hh_u[..., 0, :] ** 2).sum(-1)
+        assert (rho > 1).all()
+        h, n_iter, res = linmix.fixed_point_rnn(u, lam_bad, hh_u, beta_bad, max_iter=200, tol=1e-6, return_info=True)
+        assert (n_iter == 200).all() and not (res < 1e-6).any()

@@ -114,12 +114,36 @@ HARSH = {
 }
 
 
+def check_harsh(ins, scale):
+    """fp64 (the algebra) and fp32 emulation against the reference, and dg exactly 0 wherever the decay
+    underflows (gla_gate_grad), as the reference's exp(g) * (...) is."""
+    want = reference(*ins, scale)
+    extreme = ins[3] < -1e3
+    assert (want[5][extreme] == 0).all()
+    for acc, tol in ((torch.float64, 1e-11), (torch.float32, 2e-5)):
+        got = emulated(*[t.to(acc) for t in ins], scale, acc)
+        check(got, want, tol)
+        assert (got[5][extreme] == 0).all(), f"dg not exactly 0 at the extreme gates ({acc})"
+
+
 @pytest.mark.parametrize("gate", HARSH, ids=list(HARSH))
 def test_emulation_harsh_gates(gate):
-    ins = make(1, 130, 1, 65, 33, seed=7, gate=HARSH[gate])
-    want = reference(*ins, 0.5)
-    check(emulated(*ins, 0.5, torch.float64), want, 1e-11)
-    check(emulated(*[t.float() for t in ins], 0.5, torch.float32), want, 2e-5)
+    check_harsh(make(1, 130, 1, 65, 33, seed=7, gate=HARSH[gate]), 0.5)
+
+
+def at_tile_boundaries(g):
+    """-inf, -1e30 and -1e4 in turn at the chunk (64, 128) and sub-chunk (16, 80) edges, in alternating channels,
+    and a run of -inf across the first chunk boundary in the others."""
+    steps = [0, 15, 16, 62, 63, 64, 65, 79, 80, 126, 127, 128]
+    for i, t in enumerate(s for s in steps if s < g.shape[1]):
+        g[:, t, :, ::2] = (-math.inf, -1e30, -1e4)[i % 3]
+    g[:, 60:68, :, 1::2] = -math.inf
+
+
+@pytest.mark.parametrize("shape", [s for s in SHAPES if 63 <= s[0] <= 129], ids=lambda s: "x".join(map(str, s)))
+def test_emulation_extreme_gates_at_tile_boundaries(shape):
+    T, K, V = shape
+    check_harsh(make(1, T, 1, K, V, seed=T + K, gate=at_tile_boundaries), K**-0.5)
 
 
 def test_emulation_issue_inputs():
@@ -182,6 +206,16 @@ def test_cuda_half(unverified, dtype, shape):
 def test_cuda_harsh_gates(unverified, gate):
     ins = [t.float() for t in make(1, 130, 2, 65, 33, seed=11, gate=HARSH[gate])]
     check(run_cuda(*ins, 0.5), reference(*ins, 0.5), 2e-5)
+
+
+@cuda
+@pytest.mark.parametrize("shape", [s for s in SHAPES if 63 <= s[0] <= 129], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_extreme_gates_at_tile_boundaries(unverified, shape):
+    T, K, V = shape
+    ins = [t.float() for t in make(2, T, 2, K, V, seed=T + K, gate=at_tile_boundaries)]
+    got = run_cuda(*ins, K**-0.5)
+    check(got, reference(*ins, K**-0.5), 2e-5)
+    assert (got[5][ins[3] < -1e3] == 0).all()
 
 
 @cuda

@@ -8,7 +8,8 @@
 //               dA = scale tril(do v^T)
 //               dq = scale exp2(P(.; 0)) (do h_n^T) + intra(dA, k)
 //               dk = exp2(S(.; C)) (v dH_n^T) + intra^T(dA, q)
-//               dg = reverse cumsum within the chunk of (q dq - k dk) + sum_v h_{n+1} dH_n, and exactly 0 where g = -inf
+//               dg = reverse cumsum within the chunk of (q dq - k dk) + sum_v h_{n+1} dH_n, exactly 0 where the
+//                    decay underflows (gla_gate_grad)
 //             intra: off-diagonal sub-blocks dq[I] += exp2(P(.; r)) (dA[I, :r] (k exp2(S(.; r)))) and
 //             dk[:r] += exp2(S(.; r)) (dA[I, :r]^T (q exp2(P(.; r)))) on tensor cores; diagonal sub-blocks
 //             elementwise with pairwise segment sums.
@@ -143,8 +144,7 @@ __global__ void __launch_bounds__(GlaParTraits::kThreads)
     float run = s.bound[cc];
     for (int t = C - 1; t >= 0; --t) {
       run += s.q[t * BK + cc] * s.dq[t * BK + cc] - s.k[t * BK + cc] * s.dk[t * BK + cc];
-      // d loss / d g_t carries a factor exp(g_t): exactly 0 for g_t = -inf, whatever the sum's rounding
-      if (t < L) gla_row<T>(p.dg, bi, t0 + t, hi)[c0 + cc] = from_float<T>(s.gl[t * BK + cc] == -INFINITY ? 0.f : run);
+      if (t < L) gla_row<T>(p.dg, bi, t0 + t, hi)[c0 + cc] = from_float<T>(gla_gate_grad(run, s.gl[t * BK + cc]));
     }
   }
 }

@@ -1,13 +1,21 @@
 // Arithmetic of gated linear attention shared by the CPU and CUDA kernels (__host__ __device__).
 //
-// Gates enter as log2-scaled cumulative sums: within a chunk, b_i = log2(e) * sum_{s <= i} g_s, so every
-// decay is one exp2 of a difference. With g <= 0, b is non-increasing in i, so exp2(b_i - b_j) <= 1 for
-// i >= j: every exponent the kernels evaluate is <= 0 and nothing overflows, however harsh the gate.
+// Gates enter as log2 gates a_t = log2(e) g_t <= 0; the decay from step j to step i >= j is
+// exp2(sum_{j < m <= i} a_m). Two ways to form that sum:
+//  - segment sums (the CPU twin and the chunk-parallel CUDA kernels, gla_chunkpar_common.cuh): every decay is
+//    exp2 of a sum taken directly over the segment it spans, built from per-sub-chunk prefix sums (query side),
+//    suffix sums (key side), whole-sub-chunk totals, and pairwise running sums on the diagonal sub-blocks
+//    (Mamba-2's segsum). Every summand is <= 0, so nothing cancels: a decay is accurate to a few ulp whatever
+//    the other gates are, and a gate of -inf anywhere in the segment gives exactly 0 (never -inf - -inf).
+//  - differences of the chunk's running cumsum gc_i = sum_{m <= i} a_m (the GPU-verified chunk kernels,
+//    gla_chunk_common.cuh, the CUDA default until the chunk-parallel kernels are verified): exp2(gc_i - gc_j).
+//    It cancels catastrophically after a large gate (NaN for -inf, the decay dropped for -3.4e37, 2.7e-4
+//    relative error for -1e4 in fp32).
+// Gate gradients come from the closed form (gla_dgate_term), exactly 0 where the decay underflows (gla_gate_grad).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #include "common/math.h"
 #include "gla/params.h"
@@ -17,6 +25,7 @@ namespace linmix {
 constexpr int kGlaChunk = 64;     // time steps per chunk (inter-chunk state pass)
 constexpr int kGlaSubChunk = 16;  // sub-chunk: diagonal blocks in fp32 elementwise, the rest as matmuls
 static_assert(kGlaChunk % kGlaSubChunk == 0, "a chunk is a whole number of sub-chunks");
+constexpr int kGlaSubChunks = kGlaChunk / kGlaSubChunk;
 
 // Row t of (batch b, head h) of a (B, T, H, X) view; T may be const-qualified.
 template <typename T>
@@ -24,55 +33,56 @@ LINMIX_HD T* gla_row(const BTHView& x, int64_t b, int64_t t, int64_t h) {
   return static_cast<T*>(x.ptr) + b * x.batch_stride + t * x.t_stride + h * x.head_stride;
 }
 
-// Host fp32 exp2 as straight-line arithmetic (Cephes' exp2f polynomial, relative error about 2e-7), so the
-// CPU loops that evaluate one per (row, channel) vectorise instead of calling libm per element. Arguments
-// are clamped to [-126, 126], so 2^n is always a normal float: exponents below -126 (harsh gates) give
-// 2^-126 instead of a denormal or 0, an absolute error under 1.2e-38; NaN propagates.
-inline float gla_exp2_poly(float x) {
-  x = x < -126.f ? -126.f : x;
-  x = x > 126.f ? 126.f : x;
-  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: x + kRound holds round(x) in its low mantissa bits
-  const float t = x + kRound;
-  const float n = t - kRound;
-  const float f = x - n;  // in [-0.5, 0.5]
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.f;
-  int32_t ti, ki;
-  std::memcpy(&ti, &t, sizeof ti);
-  std::memcpy(&ki, &kRound, sizeof ki);
-  const int32_t e = (ti - ki + 127) << 23;  // the float 2^round(x)
-  float two_n;
-  std::memcpy(&two_n, &e, sizeof two_n);
-  return p * two_n;
-}
-
+// exp2 for the kernels; exp2(-inf) = 0. (The CPU loops use exp2_cpu, common/exp2_cpu.h.)
 LINMIX_HD float gla_exp2(float x) {
 #if defined(__CUDA_ARCH__)
   return exp2f(x);
 #else
-  return gla_exp2_poly(x);
+  return std::exp2(x);
 #endif
 }
 LINMIX_HD double gla_exp2(double x) { return std::exp2(x); }
 
-// log gate -> log2 gate, so decays become exp2 of cumulative-sum differences.
+// log gate -> log2 gate, so decays become exp2 of sums of log2 gates.
 template <typename acc_t>
 LINMIX_HD acc_t gla_log2_gate(acc_t g) {
   return g * static_cast<acc_t>(1.4426950408889634);
 }
 
-// One diagonal-block score: A_ij = sum_k q_ik k_jk exp2(b_ik - b_jk), i >= j in the same sub-chunk.
-// Evaluated elementwise (never factorised into rescaled q and k) because exp2(b_s - b_j) for a shared
-// reference s could overflow inside a sub-chunk under harsh gates. q, k, b are rows of length K.
-template <typename acc_t, typename Q, typename Kt>
-LINMIX_HD acc_t gla_diag_score(const Q* q_i, const Kt* k_j, const acc_t* b_i, const acc_t* b_j, int64_t K) {
+// Segment sums of one key channel over one sub-chunk of n rows a[0], a[stride], ... (log2 gates):
+// pre[i] = sum_{m <= i} a_m (inclusive prefix), suf[i] = sum_{m > i} a_m (exclusive suffix, 0 at the last
+// row); returns the sub-chunk's total. pre and suf use the same stride as a.
+template <typename acc_t>
+LINMIX_HD acc_t gla_subchunk_sums(const acc_t* a, int64_t stride, int n, acc_t* pre, acc_t* suf) {
+  acc_t run = 0;
+  for (int i = 0; i < n; ++i) {
+    run += a[i * stride];
+    pre[i * stride] = run;
+  }
+  acc_t back = 0;
+  for (int i = n - 1; i >= 0; --i) {
+    suf[i * stride] = back;
+    back += a[i * stride];
+  }
+  return run;
+}
+
+// Sum of the sub-chunk totals tot[J0 .. J1) (stride apart): the log2 decay across those whole sub-chunks.
+template <typename acc_t>
+LINMIX_HD acc_t gla_span(const acc_t* tot, int64_t stride, int J0, int J1) {
   acc_t s = 0;
-  for (int64_t c = 0; c < K; ++c) s += static_cast<acc_t>(q_i[c]) * static_cast<acc_t>(k_j[c]) * gla_exp2(b_i[c] - b_j[c]);
+  for (int J = J0; J < J1; ++J) s += tot[J * stride];
+  return s;
+}
+
+// One diagonal-block score, g_cumsum form (the GPU-verified CUDA path):
+// A_ij = sum_k q_ik k_jk exp2(gc_ik - gc_jk), i >= j in the same sub-chunk. Evaluated elementwise (never
+// factorised into rescaled q and k) because exp2(gc_s - gc_j) for a shared reference s could overflow
+// inside a sub-chunk under harsh gates. q, k, gc are rows of length K.
+template <typename acc_t, typename Q, typename Kt>
+LINMIX_HD acc_t gla_diag_score(const Q* q_i, const Kt* k_j, const acc_t* gc_i, const acc_t* gc_j, int64_t K) {
+  acc_t s = 0;
+  for (int64_t c = 0; c < K; ++c) s += static_cast<acc_t>(q_i[c]) * static_cast<acc_t>(k_j[c]) * gla_exp2(gc_i[c] - gc_j[c]);
   return s;
 }
 
@@ -83,11 +93,22 @@ LINMIX_HD acc_t gla_state_step(acc_t S, acc_t decay, acc_t k, acc_t v) {
   return decay * S + k * v;
 }
 
-// Per-key-channel contribution to d b_t (the log2-free cumulative gate) at one step:
-// every q-term of the output carries exp(+b_t), every k-term exp(-b_t), hence q dq - k dk.
+// Per-key-channel contribution to the gradient of the cumulative log gate at one step:
+// every q-term of the output carries exp(+cumsum_t), every k-term exp(-cumsum_t), hence q dq - k dk.
 template <typename acc_t>
 LINMIX_HD acc_t gla_dgate_term(acc_t q, acc_t dq, acc_t k, acc_t dk) {
   return q * dq - k * dk;
+}
+
+// The gradient of the log gate g_t of one key channel, given `closed`, the closed form (the reverse cumsum of
+// gla_dgate_term plus the boundary term). Exactly, d loss / d g_t = exp(g_t) (h_{t-1} . dH_t); the closed form's
+// terms cancel, so it leaves a rounding residue where that product is 0. Where the decay exp2(log2_gate) is below
+// the smallest normal acc_t (2^-126 in fp32, 2^-1022 in fp64; a gate of -inf, -1e30 or -1e4 included) the
+// gradient is smaller than that times |h_{t-1} . dH_t| and is returned as exactly 0.
+template <typename acc_t>
+LINMIX_HD acc_t gla_gate_grad(acc_t closed, acc_t log2_gate) {
+  constexpr acc_t kMinNormalLog2 = sizeof(acc_t) == sizeof(double) ? acc_t(-1022) : acc_t(-126);
+  return log2_gate < kMinNormalLog2 ? acc_t(0) : closed;
 }
 
 }  // namespace linmix

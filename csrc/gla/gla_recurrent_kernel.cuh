@@ -170,9 +170,9 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_rec
 }
 
 // Backward, row layout: a forward pass recomputes S_t for dq_t = scale S_t do_t; a reverse pass carries dS for
-// dk_t = dS_t v_t and the closed-form dg (reverse cumsum of q dq - k dk, starting from sum_v S_T dS_T).
+// dk_t = dS_t v_t and the closed-form dg (reverse cumsum of q dq - k dk, starting from sum_v S_T dS_T; gla_gate_grad).
 // grid: (B * H, ceil(K / kNWarps)); block: kThreads.
-template <typename T>
+template <typename T, bool kExactGateGrad>
 __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_recurrent_gla_bwd_dqk_kernel(GlaParams p) {
   using Tr = GlaRecurrentTraits;
   __shared__ float s_v[Tr::kSteps][Tr::kMaxDim];   // (kSteps, V)
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_rec
         const int64_t t = t0 + st;
         const float qc = to_float(gla_row<const T>(p.q, b, t, h)[c]);
         const float kc = to_float(gla_row<const T>(p.k, b, t, h)[c]);
-        const float decay = gla_exp2(gla_log2_gate(to_float(gla_row<const T>(p.g, b, t, h)[c])));
+        const float a = gla_log2_gate(to_float(gla_row<const T>(p.g, b, t, h)[c])), decay = gla_exp2(a);
         float dpart = 0.f;
 #pragma unroll
         for (int j = 0; j < Tr::kColsPerLane; ++j) {
@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_rec
         run += gla_dgate_term(qc, ws[ws_at(t)], kc, dk);  // written by lane 0 in the first pass
         if (lane == 0) {
           gla_row<T>(p.dk, b, t, h)[c] = from_float<T>(dk);
-          gla_row<T>(p.dg, b, t, h)[c] = from_float<T>(run);
+          gla_row<T>(p.dg, b, t, h)[c] = from_float<T>(kExactGateGrad ? gla_gate_grad(run, a) : run);
         }
       }
     }
@@ -277,8 +277,11 @@ template <DType dt>
 void fused_recurrent_gla_bwd_cuda(const GlaParams& p, cudaStream_t stream) {
   using Tr = GlaRecurrentTraits;
   const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
-  linmix_fused_recurrent_gla_bwd_dqk_kernel<cuda_t<dt>>
-      <<<dim3(bh, static_cast<unsigned>(ceil_div(p.dim_k, Tr::kNWarps))), Tr::kThreads, 0, stream>>>(p);
+  const dim3 dqk_grid(bh, static_cast<unsigned>(ceil_div(p.dim_k, Tr::kNWarps)));
+  if (p.exact_gate_grad)
+    linmix_fused_recurrent_gla_bwd_dqk_kernel<cuda_t<dt>, true><<<dqk_grid, Tr::kThreads, 0, stream>>>(p);
+  else
+    linmix_fused_recurrent_gla_bwd_dqk_kernel<cuda_t<dt>, false><<<dqk_grid, Tr::kThreads, 0, stream>>>(p);
   LINMIX_CHECK_LAUNCH();
   linmix_fused_recurrent_gla_bwd_dv_kernel<cuda_t<dt>>
       <<<dim3(bh, static_cast<unsigned>(ceil_div(p.dim_v, 32))), Tr::kThreads, 0, stream>>>(p);

@@ -154,6 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gla_bwd(
         } else {
           ws0 = at::empty(q.sizes(), f32);
           p.workspace = ws0.data_ptr<float>();
+          p.exact_gate_grad = unverified_kernels_enabled();
         }
         (algo == Algo::kChunk ? chunk_gla_bwd_cuda<dt> : fused_recurrent_gla_bwd_cuda<dt>)(p, stream);
       });

@@ -33,6 +33,9 @@ struct GlaParams {
   BTHView dq, dk, dg;        // (B, T, H, K) outputs
   BTHView dv;                // (B, T, H, V) output
   void* dh0 = nullptr;       // (B, H, K, V) contiguous, accumulation type
+  // fused_recurrent CUDA backward: dg exactly 0 where the decay underflows (gla_gate_grad). Off, the GPU-verified
+  // kernel as it ran; on only with LINMIX_UNVERIFIED_KERNELS=1 until a GPU session verifies it.
+  bool exact_gate_grad = false;
   // CUDA backward workspaces (fp32, contiguous)
   float* workspace = nullptr;      // fused_recurrent: (B, T, H, K) copy of dq, for the dg sum
   float* chunk_states = nullptr;   // chunk: (B * H, n_chunks + 1, K, V) state entering each chunk, then the final one

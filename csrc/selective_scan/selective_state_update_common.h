@@ -12,7 +12,7 @@
 
 #include "common/dtype.h"
 #include "common/math.h"
-#include "gla/gla_common.h"  // gla_exp2_poly: the vectorisable host exp2
+#include "common/exp2_cpu.h"
 
 namespace linmix {
 
@@ -53,13 +53,13 @@ LINMIX_HD int64_t ssu_state_row(const SelectiveStateUpdateParams& p, int64_t b) 
   return (i < 0 || i >= p.state_rows) ? -1 : i;
 }
 
-// exp(x) for the decay exp(δ A): one MUFU.EX2 on the GPU; on the host the polynomial exp2, so the state
-// loop vectorises (relative error about 2e-7; exponents below -126 ln 2 give 2^-126 instead of 0).
+// exp(x) for the decay exp(δ A): one MUFU.EX2 on the GPU; on the host the polynomial exp2 (common/exp2_cpu.h), so
+// the state loop vectorises (relative error about 2e-7; exponents below -126 ln 2 give 0).
 LINMIX_HD float ssu_exp(float x) {
 #if defined(__CUDA_ARCH__)
   return exp2f(x * kLog2e);
 #else
-  return gla_exp2_poly(x * kLog2e);
+  return exp2_cpu(x * kLog2e);
 #endif
 }
 LINMIX_HD double ssu_exp(double x) { return exp(x); }

@@ -61,6 +61,17 @@ def _cases(dev: str, dt: torch.dtype):
             yield (f"fixed_point_rnn {mode} T={T}",
                    lambda m=mode, x=(u, lam, hh_u, beta): linmix.fixed_point_rnn(*x, max_iter=4, tol=0.0, grad_mode=m),
                    [u, lam, hh_u, beta])
+    # decoding steps (no backward: leaves empty): Mamba-1 and head layouts, a cache indexed per request with a
+    # padding row, fp32 state with the activations' dtype
+    for b_, h, p, n in ((3, 24, 1, 16), (2, 3, 64, 17)):
+        state = torch.randn(b_ + 2, h, p, n, device=dev)
+        x, dt_, z = (torch.randn(b_, h, p, device=dev, dtype=dt) for _ in range(3))
+        A = -torch.rand(h, p, n, device=dev) - 0.5
+        B, C = torch.randn(b_, 1, n, device=dev, dtype=dt), torch.randn(b_, 1, n, device=dev, dtype=dt)
+        idx = torch.tensor([b_ + 1] + [-1] + list(range(b_ - 2)), device=dev)
+        yield (f"selective_state_update b={b_} h={h} p={p} n={n}",
+               lambda x=(state, x, dt_, A, B, C, z, idx): linmix.selective_state_update(
+                   *x[:6], z=x[6], dt_softplus=True, state_batch_indices=x[7]), [])
 
 
 def main(argv=None) -> int:
@@ -77,7 +88,8 @@ def main(argv=None) -> int:
                 continue
             try:
                 out = fn()
-                torch.autograd.grad(out, leaves, torch.randn_like(out), allow_unused=True)
+                if leaves:
+                    torch.autograd.grad(out, leaves, torch.randn_like(out), allow_unused=True)
                 torch.cuda.synchronize()
                 print(f"ok   {name} {dt}")
             except Exception as e:

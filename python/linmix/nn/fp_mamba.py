@@ -12,6 +12,7 @@ from torch import nn
 from .._native import acc_dtype
 from ..ops.selective_scan import selective_scan
 from ._conv import causal_conv
+from ._fixed_point_loop import attach_implicit_grad, shift, solve
 from .mamba import init_dt_proj
 
 GRAD_MODES = ("onestep", "implicit", "unroll")
@@ -24,12 +25,6 @@ class FPMambaState(NamedTuple):
     conv: torch.Tensor | None  # (B, d_inner, d_conv): the last d_conv conv inputs; None when d_conv = 0
     ssm: torch.Tensor  # (B, d_inner, d_state): the scan state after the last token, float32 (float64)
     y: torch.Tensor  # (B, d_inner): the last token's fixed point y, read by the next token's mixer, B/C, gate
-
-
-def _shift(y: torch.Tensor, y_first: torch.Tensor | None) -> torch.Tensor:
-    # (B, L, d): y_{t-1}, with y_first (B, d) (or zeros) at t = 0
-    prev = y.new_zeros(y[:, :1].shape) if y_first is None else y_first[:, None].to(y.dtype)
-    return torch.cat([prev, y[:, :-1]], dim=1)
 
 
 class FPMamba(nn.Module):
@@ -139,7 +134,7 @@ class FPMamba(nn.Module):
         """One fixed-point iteration f(y): y (B, L, d_inner) -> (B, L, d_inner) (and the scan's final state)."""
         x, delta, A, u_x, a_x, bc_x, y_first, ssm0 = consts
         d, r = self.d_inner, self.mixer_rank
-        y_prev = _shift(y, y_first)
+        y_prev = shift(y, y_first)
         u = F.silu(u_x + F.linear(y_prev, self.mixer_proj.weight[:, d:])).unflatten(-1, (r, d))  # (B, L, r, d)
         u = F.normalize(u, dim=-1)
         alpha = torch.sigmoid(a_x + F.linear(y_prev, self.mixer_gate.weight[:, d:]))  # (B, L, r)
@@ -154,33 +149,6 @@ class FPMamba(nn.Module):
                                 initial_state=ssm0, return_final_state=True)
         y_new = self.norm(out.transpose(1, 2))
         return (y_new, h) if final_state else y_new
-
-    def _solve(self, consts, y: torch.Tensor):
-        """max_iter damped iterations from y, frozen where converged (``stopping``); device-side throughout.
-
-        Differentiable through every iteration when autograd is on ("unroll"); the other modes call it
-        under no_grad. Returns y, n_iter (B,) int32 (iterations in which any token of the element
-        changed) and residual (B,) (max over tokens of each token's last ratio before it stopped)."""
-        done = torch.zeros(y.shape[:2], dtype=torch.bool, device=y.device)  # (B, L)
-        n_iter = torch.zeros(y.shape[0], dtype=torch.int32, device=y.device)
-        ratio = torch.full(y.shape[:2], float("inf"), dtype=acc_dtype(y), device=y.device)  # (B, L)
-        s = self.damping
-        for _ in range(self.max_iter):
-            f = self._iteration(consts, y)
-            r = ((f - y).abs().amax(-1) / (f.abs().amax(-1) + 1e-8)).to(ratio.dtype)  # (B, L)
-            active = ~done
-            step = f if s == 1.0 else s * f + (1 - s) * y
-            y = torch.where(active[..., None], step, y)
-            n_iter = n_iter + active.any(-1).to(torch.int32)
-            ratio = torch.where(active, r, ratio)
-            if self.tol > 0:
-                if self.stopping == "causal":
-                    done = done | (ratio.cummax(-1).values < self.tol)
-                elif self.stopping == "element":
-                    done = done | (ratio.amax(-1, keepdim=True) < self.tol)
-                else:
-                    done = done | (torch.quantile(ratio.amax(-1), self.quantile) < self.tol)
-        return y, n_iter, ratio.amax(-1)
 
     def forward(self, hidden_states: torch.Tensor, state: FPMambaState | None = None, return_state: bool = False,
                 return_info: bool = False):
@@ -215,33 +183,20 @@ class FPMamba(nn.Module):
                   F.linear(x, self.mixer_gate.weight[:, :d], self.mixer_gate.bias), self.bc_proj(x),
                   None if state is None else state.y, None if state is None else state.ssm)
         y0 = torch.zeros_like(x)
+        loop = (self.max_iter, self.tol, self.damping, self.stopping, self.quantile)
         if self.grad_mode == "unroll":
-            y, n_iter, residual = self._solve(consts, y0)
+            y, n_iter, residual = solve(lambda y: self._iteration(consts, y), y0, *loop)
             h = self._iteration(consts, y, final_state=True)[1] if return_state else None
         else:
             with torch.no_grad():
-                y_star, n_iter, residual = self._solve(consts, y0)
+                y_star, n_iter, residual = solve(lambda y: self._iteration(consts, y), y0, *loop)
             y, h = self._iteration(consts, y_star, final_state=True)
             if self.grad_mode == "implicit" and y.requires_grad:
-                y = _attach_implicit_grad(self, consts, y_star, y)
-        gate = F.silu(z + self.z_y_proj(_shift(y, consts[6])))
+                fixed = tuple(None if c is None else c.detach() for c in consts)
+                y = attach_implicit_grad(lambda y: self._iteration(fixed, y), y_star, y, self.max_iter)
+        gate = F.silu(z + self.z_y_proj(shift(y, consts[6])))
         out = self.out_proj(gate * y)
         extras = ((FPMambaState(conv, h, y[:, -1]),) if return_state else ()) + (
             ({"n_iter": n_iter, "residual": residual.detach()},) if return_info else ())
         return (out, *extras) if extras else out
 
-
-def _attach_implicit_grad(layer: FPMamba, consts, y_star: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Make y = f(y*)'s backward implicit: the incoming g becomes w = g + J_yᵀ w (max_iter steps from w = g)."""
-    y0 = y_star.detach().requires_grad_()
-    with torch.enable_grad():
-        f0 = layer._iteration(tuple(None if c is None else c.detach() for c in consts), y0)
-
-    def hook(g):
-        w = g
-        for _ in range(layer.max_iter):
-            w = torch.autograd.grad(f0, y0, w, retain_graph=True)[0] + g
-        return w
-
-    y.register_hook(hook)
-    return y

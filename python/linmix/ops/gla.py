@@ -105,6 +105,10 @@ def chunk_gla(
             g is the log forget gate per key channel and should be <= 0 (e.g. ``logsigmoid(x)``).
             g > 0 is mathematically valid (a growing state) but the exponents are then no longer
             bounded by 0, so large positive cumulative gates overflow to inf; it is not guarded.
+            Every g <= 0 is exact, -inf included (the decays across it are 0, and so is its gradient), on
+            CPU and with ``LINMIX_UNVERIFIED_KERNELS=1`` on CUDA: decays are sums over the segment they span.
+            The default CUDA kernel takes differences of running gate sums: NaN for -inf, and a relative error
+            that grows with a gate below about -1e3 (issue 12).
         scale: multiplies q S; defaults to K ** -0.5.
         initial_state: optional (B, H, K, V), cast to float32 (float64 for float64 inputs).
         output_final_state: return the final state as well.
@@ -120,7 +124,7 @@ def chunk_gla(
     Returns:
         o: (B, T, H, V) in q's dtype; final_state: (B, H, K, V) float32 (float64 for float64 inputs)
         or None. Differentiable with respect to q, k, v, g, initial_state, also through final_state.
-        The gate cumsum, the diagonal-block scores, the state and every accumulation are float32.
+        The gate sums, the diagonal-block scores, the state and every accumulation are float32.
     """
     return _gla("chunk_gla", False, q, k, v, g, scale, initial_state, output_final_state, state_v_first,
                 cu_seqlens_cpu if cu_seqlens_cpu is not None else cu_seqlens)
