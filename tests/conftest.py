@@ -35,16 +35,38 @@ TOLERANCES = {
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, exact: bool = False, name: str = "output",
-                 dtype: torch.dtype | None = None) -> None:
-    """The one closeness check: bitwise (exact=True, same computation two ways: compiled vs eager, strided vs
-    contiguous) or within TOLERANCES[dtype or actual.dtype] of `expected` (e.g. the float64 reference)."""
+                 dtype: torch.dtype | None = None, tol: float | None = None) -> None:
+    """The one elementwise closeness check: bitwise (exact=True, same computation two ways: compiled vs eager,
+    strided vs contiguous); with `tol`, rtol = tol and atol = tol * max(1, max|expected|) (outputs of long
+    reductions lose absolute digits in proportion to their size); otherwise within TOLERANCES[dtype or
+    actual.dtype] of `expected` (e.g. the float64 reference)."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     if exact:
         torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{name}: {m}")
         return
-    rtol, atol = TOLERANCES[dtype or actual.dtype]
+    if tol is not None:
+        scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+        rtol, atol = tol, tol * scale
+    else:
+        rtol, atol = TOLERANCES[dtype or actual.dtype]
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol,
                                msg=lambda m: f"{name}: {m}")
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor, norm: str = "max", floor: float = 1e-30) -> float:
+    """The one whole-tensor error: |actual - expected| / |expected| in the max norm (norm="max") or the 2-norm
+    (norm="fro"), the denominator at least `floor` (for an expected tensor that is (near) zero)."""
+    diff, want = actual.double() - expected.double(), expected.double()
+    if norm == "max":
+        return (diff.abs().max() / want.abs().max().clamp_min(floor)).item()
+    return (diff.norm() / want.norm().clamp_min(floor)).item()
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, *, name: str = "output",
+                     norm: str = "max", floor: float = 1e-30) -> None:
+    """rel_err(actual, expected, norm, floor) below tol."""
+    err = rel_err(actual, expected, norm, floor)
+    assert err < tol, f"{name}: relative error {err:.3e} >= {tol}"
 
 
 def poison(t: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from linmix.ops.fixed_point import FixedPointConvergenceError, FixedPointConverg
 from linmix.reference import fixed_point_dense_ref, fixed_point_step_ref
 from linmix.reference.fixed_point import fixed_point_iter_ref, fixed_point_iterate_ref, fixed_point_solve_ref
 
-from conftest import cuda_only
+from conftest import cuda_only, rel_err
 from test_fixed_point import make
 
 
@@ -26,10 +26,6 @@ def layer_like(B, T, D, R, seed, lam_shift=0.0):
     hh_u = torch.nn.functional.normalize(torch.randn(B, T, R, D, **f64), dim=-1)
     hh_beta = 2 * torch.sigmoid(2 * torch.randn(B, T, R, **f64))
     return u, lam, hh_u, hh_beta
-
-
-def rel_err(h, ref):
-    return ((h.double() - ref).norm() / ref.norm()).item()
 
 
 @pytest.mark.parametrize("damping", [0.5, 0.8])
@@ -144,7 +140,7 @@ def test_failure_mode_pinned_at_cap():
     inputs = layer_like(4, 64, 16, 1, seed=21)
     h, n_iter, res = linmix.fixed_point_rnn(*inputs, max_iter=16, tol=1e-4, return_info=True)
     assert (n_iter == 16).all() and (res >= 1e-4).all()
-    assert rel_err(h, fixed_point_dense_ref(*inputs)) > 0.1
+    assert rel_err(h, fixed_point_dense_ref(*inputs), "fro") > 0.1
     with pytest.warns(FixedPointConvergenceWarning, match="did not converge within max_iter=16"):
         linmix.fixed_point_rnn(*inputs, max_iter=16, tol=1e-4, on_nonconvergence="warn")
     with pytest.raises(FixedPointConvergenceError, match="4 of 4 batch elements"):
@@ -154,7 +150,7 @@ def test_failure_mode_pinned_at_cap():
     inputs[1] = 0.5 + 0.5 * inputs[1]
     h, n_iter, res = linmix.fixed_point_rnn(*inputs, max_iter=400, tol=1e-10, return_info=True,
                                             on_nonconvergence="raise")
-    assert (n_iter < 400).all() and rel_err(h, fixed_point_dense_ref(*inputs)) < 1e-8
+    assert (n_iter < 400).all() and rel_err(h, fixed_point_dense_ref(*inputs), "fro") < 1e-8
 
 
 def test_failure_mode_implicit_training_nan():
@@ -275,7 +271,7 @@ def test_documented_convergence_range(rank):
     assert (torch.linalg.eigvals(jac).abs().amax(-1) < 1).all()  # the spectral condition the check implies
     h, n_iter, res = linmix.fixed_point_rnn(u, lam, hh_u, hh_beta, max_iter=5000, tol=1e-11, return_info=True,
                                             on_nonconvergence="raise")
-    assert rel_err(h, fixed_point_dense_ref(u, lam, hh_u, hh_beta)) < 1e-8
+    assert rel_err(h, fixed_point_dense_ref(u, lam, hh_u, hh_beta), "fro") < 1e-8
     # Outside it: the documented rank-1 counterexample rho_t = beta_t sum_d (1 - lam_td) u_td^2 > 1 diverges.
     if rank == 1:
         lam_bad = torch.full_like(lam, 0.05)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 import linmix
 from linmix.reference import gla_ref
 
-from conftest import DEVICES, HAS_CUDA, low_precision_close
+from conftest import DEVICES, HAS_CUDA, low_precision_close, rel_err
 
 ALGOS = {"chunk": linmix.chunk_gla, "recurrent": linmix.fused_recurrent_gla}
 
@@ -31,11 +31,6 @@ def make(B, T, H, K, V, dtype, device, gate="medium", h0=True, requires_grad=Fal
         if t is not None:
             t.requires_grad_(requires_grad)
     return ins
-
-
-def rel_err(got, want):
-    want = want.double()
-    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
 def run_and_grads(fn, q, k, v, g, h0, final, do, dht):

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 import linmix
 from linmix.reference import gla_ref
 
-from conftest import DEVICES, cuda_only
-from test_gla import ALGOS, rel_err, run_and_grads
+from conftest import DEVICES, cuda_only, rel_err
+from test_gla import ALGOS, run_and_grads
 
 INF = float("inf")
 TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 1e-2}

@@ -10,16 +10,14 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import linmix.nn as lnn
-from conftest import low_precision_close
+from conftest import assert_rel_close, low_precision_close
 
 f64 = torch.float64
 
 
 def close(got, want, tol=1e-9, floor=1e-30):
-    """Max error relative to want's largest entry (or to floor, where want is (near) zero)."""
-    want = want.double()
-    err = ((got.double() - want).abs().max() / want.abs().max().clamp_min(floor)).item()
-    assert err < tol, f"relative error {err:.3e} >= {tol}"
+    """conftest's max-norm relative error below tol; the float64 modules' default 1e-9."""
+    assert_rel_close(got, want, tol, floor=floor)
 
 
 def ref_params(module):

@@ -8,7 +8,7 @@ import linmix
 from linmix.ops.selective_scan import CHUNK
 from linmix.reference import selective_scan_ref
 
-from conftest import DEVICES, low_precision_close
+from conftest import DEVICES, assert_close, low_precision_close
 
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
 
@@ -41,19 +41,12 @@ def make(b, d, L, n, dtype, device, B_kind="var", C_kind="var", D=True, z=True, 
     return args, softplus
 
 
-def close(got, want, tol, what):
-    """Elementwise rtol with an atol scaled by the reference's magnitude (large reductions lose absolute digits)."""
-    want = want.double()
-    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
-    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
-
-
 def check_against_ref(args, softplus, tol, final=True, use_out=True, **kw):
     out, fin = linmix.selective_scan(**args, delta_softplus=softplus, return_final_state=True, **kw)
     rout, rfin = selective_scan_ref(**args, delta_softplus=softplus, return_final_state=True)
     assert out.dtype == args["u"].dtype and fin.dtype == args["A"].dtype
-    close(out, rout, tol, "out")
-    close(fin, rfin, tol, "final_state")
+    assert_close(out, rout, tol=tol, name="out")
+    assert_close(fin, rfin, tol=tol, name="final_state")
     names = [k for k in NAMES if args[k] is not None]
     inputs = [args[k] for k in names]
     gout, gfin = torch.randn_like(rout), torch.randn_like(rfin)
@@ -62,7 +55,7 @@ def check_against_ref(args, softplus, tol, final=True, use_out=True, **kw):
     want = torch.autograd.grad(loss(rout, rfin), inputs, allow_unused=True)
     for name, x, g, w in zip(names, inputs, got, want):
         assert g is not None and g.shape == x.shape and g.dtype == x.dtype, name
-        close(g, w, tol, "d" + name)
+        assert_close(g, w, tol=tol, name="d" + name)
 
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
@@ -175,9 +168,9 @@ def test_mamba_compatible_signature(device):
     out = linmix.selective_scan_fn(*pos)
     out2, last = linmix.selective_scan_fn(*pos, return_last_state=True)
     rout, rlast = selective_scan_ref(*pos[:8], delta_softplus=True, return_final_state=True)
-    close(out, rout, 1e-5, "out")
+    assert_close(out, rout, tol=1e-5, name="out")
     torch.testing.assert_close(out, out2)
-    close(last, rlast, 1e-5, "last_state")
+    assert_close(last, rlast, tol=1e-5, name="last_state")
     assert last.shape == (2, 4, 8) and last.dtype == torch.float32
 
 

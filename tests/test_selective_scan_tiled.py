@@ -21,8 +21,8 @@ import torch.nn.functional as F
 import linmix
 from linmix.reference import selective_scan_ref
 
-from conftest import cuda_only
-from test_selective_scan import NAMES, TOL, check_against_ref, close, make
+from conftest import assert_close, cuda_only
+from test_selective_scan import NAMES, TOL, check_against_ref, make
 
 PARAMS_H = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "selective_scan" / "params.h"
 
@@ -285,15 +285,16 @@ def test_emulation_warp_forward(geometry, L, kinds):
     args, sp = make(2, 6, L, 5, torch.float64, "cpu", *kinds[:2], groups=kinds[2], requires_grad=False)
     out, ckpt, fin = emulate_warp_fwd(args, sp, geometry["chunk"], geometry["lanes"], geometry["items"])
     rout, rfin = selective_scan_ref(**args, delta_softplus=sp, return_final_state=True)
-    close(out, rout, 1e-12, "out")
-    close(fin, rfin, 1e-12, "final_state")
+    assert_close(out, rout, tol=1e-12, name="out")
+    assert_close(fin, rfin, tol=1e-12, name="final_state")
     chunk = geometry["chunk"]
     assert ckpt.shape[2] == -(-L // chunk)
     for c in range(ckpt.shape[2]):
         end = min((c + 1) * chunk, L)
         cut = {k: (v[..., :end] if k in ("u", "delta", "z", "B", "C") and v is not None and v.dim() >= 3 else v)
                for k, v in args.items()}
-        close(ckpt[:, :, c], selective_scan_ref(**cut, delta_softplus=sp, return_final_state=True)[1], 1e-12, "ckpt")
+        want_ckpt = selective_scan_ref(**cut, delta_softplus=sp, return_final_state=True)[1]
+        assert_close(ckpt[:, :, c], want_ckpt, tol=1e-12, name="ckpt")
 
 
 def reference_grads(args, softplus, dout, dfinal):
@@ -314,7 +315,7 @@ def check_emulation(b, d, L, n, B_kind, C_kind, groups, geometry, deterministic,
         w = want[name]
         if name in ("B", "C") and w.dim() == 3:  # (b, n, L) variable -> the op's (b, 1, n, L)
             w = w.unsqueeze(1)
-        close(g.reshape(w.shape), w, 1e-10, f"d{name}")
+        assert_close(g.reshape(w.shape), w, tol=1e-10, name=f"d{name}")
 
 
 def test_tiling_covers_channels_inside_groups():
@@ -355,9 +356,9 @@ def test_emulation_groups_straddling_tiles():
     want = reference_grads(args, sp, dout, dfinal)
     for det in (False, True):
         got = emulate_tiled_bwd(args, sp, dout, dfinal, det, **SMALL)
-        close(got[3], want["B"], 1e-10, "dB")
-        close(got[4], want["C"], 1e-10, "dC")
-        close(got[0], want["u"], 1e-10, "du")
+        assert_close(got[3], want["B"], tol=1e-10, name="dB")
+        assert_close(got[4], want["C"], tol=1e-10, name="dC")
+        assert_close(got[0], want["u"], tol=1e-10, name="du")
 
 
 # The kernel's own geometry: sub-chunks of 128, chunks of 1024, tiles of 16 (d = 20: tiles of 16 and 4).
@@ -435,7 +436,7 @@ def test_cuda_warp_forward_matches_default(monkeypatch, L, n):
     monkeypatch.setenv("LINMIX_UNVERIFIED_KERNELS", "1")
     got = torch.ops.linmix.selective_scan_fwd(*pos, sp)
     for name, g, w in zip(("out", "checkpoints", "final_state"), got, want):
-        close(g, w, 1e-5, name)
+        assert_close(g, w, tol=1e-5, name=name)
 
 
 @cuda_only

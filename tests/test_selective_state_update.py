@@ -11,17 +11,9 @@ import torch
 import linmix
 from linmix.reference import selective_state_update_ref
 
-from conftest import DEVICES, cuda_only
+from conftest import DEVICES, assert_close, cuda_only
 
 EPS = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
-
-
-def assert_close(got, want, dtype, what):
-    """got within a few roundings of `dtype` of the float64 `want` (atol scaled by want's magnitude)."""
-    want = want.double()
-    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
-    tol = 2 * EPS[dtype]
-    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
 
 
 def mamba_inputs(device, itype, batch, dim, dstate, has_z, heads=False, headdim=64, ngroups=1, tie_hdim=False,
@@ -58,8 +50,8 @@ def run_and_check(args, itype, **kw):
     state = args["state"]
     out = linmix.selective_state_update(**args, dt_softplus=True, **kw)
     assert out.dtype == itype and out.shape == args["x"].shape
-    assert_close(out, ref_out, itype, "out")
-    assert_close(state, ref_state, state.dtype, "state")
+    assert_close(out, ref_out, tol=2 * EPS[itype], name="out")
+    assert_close(state, ref_state, tol=2 * EPS[state.dtype], name="state")
 
 
 ITYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -354,8 +346,8 @@ def test_cuda_graph_capture_with_indices(monkeypatch):
         out = linmix.selective_state_update(**args, dt_softplus=True, state_batch_indices=idx)
     graph.replay()
     torch.cuda.synchronize()
-    assert_close(out, want_out, torch.float32, "out")
-    assert_close(args["state"], want_state, torch.float32, "state")
+    assert_close(out, want_out, tol=2 * EPS[torch.float32], name="out")
+    assert_close(args["state"], want_state, tol=2 * EPS[torch.float32], name="state")
 
 
 @cuda_only
@@ -372,5 +364,5 @@ def test_cuda_graph_capture(monkeypatch, switch):
         out = linmix.selective_state_update(**args, dt_softplus=True)
     graph.replay()
     torch.cuda.synchronize()
-    assert_close(out, want_out, torch.bfloat16, "out")
-    assert_close(args["state"], want_state, torch.float32, "state")
+    assert_close(out, want_out, tol=2 * EPS[torch.bfloat16], name="out")
+    assert_close(args["state"], want_state, tol=2 * EPS[torch.float32], name="state")
