@@ -158,28 +158,16 @@ __global__ void __launch_bounds__(GlaParTraits::kThreads)
 
 template <DType dt>
 void chunkpar_gla_bwd_cuda(const GlaParams& p, const GlaChunkparWorkspace& ws, cudaStream_t stream) {
-  using Tr = GlaParTraits;
   using T = cuda_t<dt>;
   chunkpar_gla_states_cuda<T>(p, ws, stream);  // p.ht is null: the states only
-  const int64_t BH = p.batch * p.heads, N = gla_chunkpar_n_chunks(p.seqlen);
-  constexpr size_t state_smem = sizeof(GlaParStateSmem<T>);
-  opt_in_smem(linmix_gla_chunkpar_bwd_dstate_kernel<T>, state_smem);
-  const dim3 state_grid = checked_grid("chunk_gla", "(B H, state tiles, ceil(T / 64))", BH,
-                                       ceil_div(p.dim_k, Tr::kStateBK) * ceil_div(p.dim_v, Tr::kStateBV), N);
-  linmix_gla_chunkpar_bwd_dstate_kernel<T><<<state_grid, Tr::kThreads, state_smem, stream>>>(p, ws);
-  LINMIX_CHECK_LAUNCH();
+  chunkpar_launch(linmix_gla_chunkpar_bwd_dstate_kernel<T>, "(B H, state tiles, ceil(T / 64))",
+                  chunkpar_state_tiles(p), sizeof(GlaParStateSmem<T>), p, ws, stream);
   chunkpar_gla_scan_cuda(p, ws, /*reverse=*/true, stream);
-  constexpr size_t dqk_smem = sizeof(GlaParDqkSmem<T>);
-  static_assert(dqk_smem <= 160 * 1024, "fits an sm_80 block (163 KB opt-in)");
-  opt_in_smem(linmix_gla_chunkpar_bwd_dqk_kernel<T>, dqk_smem);
-  const dim3 dqk_grid = checked_grid("chunk_gla", "(B H, K slices, ceil(T / 64))", BH, ceil_div(p.dim_k, Tr::kDqkBK), N);
-  linmix_gla_chunkpar_bwd_dqk_kernel<T><<<dqk_grid, Tr::kThreads, dqk_smem, stream>>>(p, ws);
-  LINMIX_CHECK_LAUNCH();
-  constexpr size_t dv_smem = sizeof(GlaParOutSmem<T>);
-  opt_in_smem(linmix_gla_chunkpar_bwd_dv_kernel<T>, dv_smem);
-  const dim3 dv_grid = checked_grid("chunk_gla", "(B H, ceil(V / 64), ceil(T / 64))", BH, ceil_div(p.dim_v, Tr::kOutBV), N);
-  linmix_gla_chunkpar_bwd_dv_kernel<T><<<dv_grid, Tr::kThreads, dv_smem, stream>>>(p, ws);
-  LINMIX_CHECK_LAUNCH();
+  static_assert(sizeof(GlaParDqkSmem<T>) <= 160 * 1024, "fits an sm_80 block (163 KB opt-in)");
+  chunkpar_launch(linmix_gla_chunkpar_bwd_dqk_kernel<T>, "(B H, K slices, ceil(T / 64))",
+                  ceil_div(p.dim_k, GlaParTraits::kDqkBK), sizeof(GlaParDqkSmem<T>), p, ws, stream);
+  chunkpar_launch(linmix_gla_chunkpar_bwd_dv_kernel<T>, "(B H, ceil(V / 64), ceil(T / 64))",
+                  ceil_div(p.dim_v, GlaParTraits::kOutBV), sizeof(GlaParOutSmem<T>), p, ws, stream);
 }
 
 }  // namespace linmix

@@ -106,4 +106,20 @@ __device__ __forceinline__ void chunkpar_accumulate_scores(float* A, const float
   __syncthreads();
 }
 
+// Launches one chunk-parallel phase on the grid (B H, tiles, N chunks), checked, with `smem` bytes of dynamic
+// shared memory (opted into when above 48 KiB). The state kernels tile (K, V) by kStateBK x kStateBV; the value
+// kernels (fwd out, bwd dv) walk V in kOutBV columns; bwd dqk walks K in kDqkBK slices.
+template <typename Kernel>
+void chunkpar_launch(Kernel kernel, const char* grid_what, int64_t tiles, size_t smem, const GlaParams& p,
+                     const GlaChunkparWorkspace& ws, cudaStream_t stream) {
+  opt_in_smem(kernel, smem);
+  const dim3 grid = checked_grid("chunk_gla", grid_what, p.batch * p.heads, tiles, gla_chunkpar_n_chunks(p.seqlen));
+  kernel<<<grid, GlaParTraits::kThreads, smem, stream>>>(p, ws);
+  LINMIX_CHECK_LAUNCH();
+}
+
+inline int64_t chunkpar_state_tiles(const GlaParams& p) {
+  return ceil_div(p.dim_k, GlaParTraits::kStateBK) * ceil_div(p.dim_v, GlaParTraits::kStateBV);
+}
+
 }  // namespace linmix

@@ -151,29 +151,18 @@ __global__ void __launch_bounds__(GlaParTraits::kThreads)
 // Phases 1 and 2, shared by the forward and the backward's recomputation (p.ht null there).
 template <typename T>
 void chunkpar_gla_states_cuda(const GlaParams& p, const GlaChunkparWorkspace& ws, cudaStream_t stream) {
-  using Tr = GlaParTraits;
-  constexpr size_t smem = sizeof(GlaParStateSmem<T>);
-  opt_in_smem(linmix_gla_chunkpar_fwd_state_kernel<T>, smem);
-  const dim3 grid = checked_grid("chunk_gla", "(B H, state tiles, ceil(T / 64))", p.batch * p.heads,
-                                 ceil_div(p.dim_k, Tr::kStateBK) * ceil_div(p.dim_v, Tr::kStateBV),
-                                 gla_chunkpar_n_chunks(p.seqlen));
-  linmix_gla_chunkpar_fwd_state_kernel<T><<<grid, Tr::kThreads, smem, stream>>>(p, ws);
-  LINMIX_CHECK_LAUNCH();
+  chunkpar_launch(linmix_gla_chunkpar_fwd_state_kernel<T>, "(B H, state tiles, ceil(T / 64))",
+                  chunkpar_state_tiles(p), sizeof(GlaParStateSmem<T>), p, ws, stream);
   chunkpar_gla_scan_cuda(p, ws, /*reverse=*/false, stream);
 }
 
 template <DType dt>
 void chunkpar_gla_fwd_cuda(const GlaParams& p, const GlaChunkparWorkspace& ws, cudaStream_t stream) {
-  using Tr = GlaParTraits;
   using T = cuda_t<dt>;
   chunkpar_gla_states_cuda<T>(p, ws, stream);
-  constexpr size_t smem = sizeof(GlaParOutSmem<T>);
-  static_assert(smem <= 160 * 1024, "fits an sm_80 block (163 KB opt-in)");
-  opt_in_smem(linmix_gla_chunkpar_fwd_out_kernel<T>, smem);
-  const dim3 grid = checked_grid("chunk_gla", "(B H, ceil(V / 64), ceil(T / 64))", p.batch * p.heads,
-                                 ceil_div(p.dim_v, Tr::kOutBV), gla_chunkpar_n_chunks(p.seqlen));
-  linmix_gla_chunkpar_fwd_out_kernel<T><<<grid, Tr::kThreads, smem, stream>>>(p, ws);
-  LINMIX_CHECK_LAUNCH();
+  static_assert(sizeof(GlaParOutSmem<T>) <= 160 * 1024, "fits an sm_80 block (163 KB opt-in)");
+  chunkpar_launch(linmix_gla_chunkpar_fwd_out_kernel<T>, "(B H, ceil(V / 64), ceil(T / 64))",
+                  ceil_div(p.dim_v, GlaParTraits::kOutBV), sizeof(GlaParOutSmem<T>), p, ws, stream);
 }
 
 }  // namespace linmix
