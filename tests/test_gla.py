@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -309,6 +311,23 @@ def test_fla_recurrent_keywords(device):
         rec(q, k, v, g, gk=g)
     with pytest.raises(NotImplementedError, match="gv"):
         rec(q, k, v, gk=g, gv=torch.zeros_like(v))
+
+
+def test_fla_deprecated_transpose_state_layout():
+    # fla renamed transpose_state_layout to state_v_first: the old name still works with a DeprecationWarning,
+    # both at once is a ValueError, and the new name alone warns nothing (fla's test_fused_recurrent_state_v_first)
+    q, k, v, g, s = make(2, 9, 2, 8, 5, torch.float64, "cpu")
+    s_vk = s.transpose(-1, -2).contiguous()
+    rec = linmix.fused_recurrent_gla
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        want = rec(q, k, v, gk=g, initial_state=s_vk, output_final_state=True, state_v_first=True)
+    with pytest.warns(DeprecationWarning, match="transpose_state_layout is deprecated"):
+        got = rec(q, k, v, gk=g, initial_state=s_vk, output_final_state=True, transpose_state_layout=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not both"):
+        rec(q, k, v, gk=g, state_v_first=True, transpose_state_layout=True)
 
 
 def _fla_gla():
