@@ -121,7 +121,7 @@ def chunk_gla(
             one launch per sequence from a host loop (reading the offsets is a host sync, and
             torch.compile cannot trace it): correct, but not fused. cu_seqlens_cpu, if given, is used
             instead of cu_seqlens.
-        K and V may be anything in [1, 256].
+        K and V may be anything in [1, 512]; on CUDA in [1, 256] for now (above it a NotImplementedError).
 
     Returns:
         o: (B, T, H, V) in q's dtype; final_state: (B, H, K, V) float32 (float64 for float64 inputs)
