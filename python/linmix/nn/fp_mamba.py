@@ -11,7 +11,7 @@ from torch import nn
 
 from .._native import acc_dtype
 from ..ops.selective_scan import selective_scan
-from ._conv import causal_conv
+from .conv import causal_conv
 from ._fixed_point_loop import attach_implicit_grad, shift, solve
 from .mamba import init_dt_proj
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from .._native import acc_dtype
 from ..ops.selective_scan import selective_scan, selective_state_update
-from ._conv import causal_conv
+from .conv import causal_conv
 
 
 def init_dt_proj(dt_proj: nn.Linear, dt_init: str, dt_scale: float, dt_min: float, dt_max: float,
