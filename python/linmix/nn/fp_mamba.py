@@ -117,7 +117,7 @@ class FPMamba(nn.Module):
                        if d_conv > 0 else None)
         self.x_proj = nn.Linear(d, self.dt_rank, bias=False, **factory)
         self.dt_proj = nn.Linear(self.dt_rank, d, bias=True, **factory)
-        init_dt_proj(self.dt_proj, dt_init, dt_scale, dt_min, dt_max, dt_init_floor, "FPMamba")
+        init_dt_proj("FPMamba", self.dt_proj, dt_init, dt_scale, dt_min, dt_max, dt_init_floor)
         a = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).expand(d, d_state)
         self.A_log = nn.Parameter(torch.log(a).contiguous())
         self.D = nn.Parameter(torch.ones(d, device=device))
