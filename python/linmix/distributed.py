@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from . import ops
 from ._native import acc_dtype
-from .ops.fixed_point import _GRAD_MODES
+from .ops.fixed_point_rnn import _GRAD_MODES
 
 _comm = {"bytes": 0}
 
@@ -334,7 +334,7 @@ def fixed_point_rnn(u, lam, hh_u, hh_beta, max_iter=32, tol=1e-4, grad_mode="one
                          f"{grad_mode!r}")
     _check_slice("fixed_point_rnn", u.shape[1])
     if _group_info(group)[1] == 1:
-        return ops.fixed_point.fixed_point_rnn(u, lam, hh_u, hh_beta, max_iter=max_iter, tol=tol, grad_mode=grad_mode,
+        return ops.fixed_point_rnn.fixed_point_rnn(u, lam, hh_u, hh_beta, max_iter=max_iter, tol=tol, grad_mode=grad_mode,
                                                return_info=return_info)
     acc = acc_dtype(u)
     u_, lam_, hh_u_, hh_beta_ = (x.to(acc) for x in (u, lam, hh_u, hh_beta))

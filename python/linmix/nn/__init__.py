@@ -1,7 +1,7 @@
 """Drop-in sequence-mixing layers built on linmix's ops (mamba-ssm's and flash-linear-attention's names)."""
 
 from .cache import InferenceParams, RecurrentCache
-from .fixed_point import FixedPointRNN
+from .fixed_point_rnn import FixedPointRNN
 from .fp_mamba import FPMamba, FPMambaState
 from .gla import GatedLinearAttention
 from .mamba import Mamba

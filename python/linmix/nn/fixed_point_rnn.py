@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.fixed_point import _check_converged, fixed_point_rnn
+from ..ops.fixed_point_rnn import _check_converged, fixed_point_rnn
 from ..ops.linear_scan import linear_scan
 from ._fixed_point_loop import attach_implicit_grad, shift, solve
 

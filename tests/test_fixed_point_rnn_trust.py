@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import linmix
-from linmix.ops.fixed_point import FixedPointConvergenceError, FixedPointConvergenceWarning
+from linmix.ops.fixed_point_rnn import FixedPointConvergenceError, FixedPointConvergenceWarning
 from linmix.reference import fixed_point_dense_ref, fixed_point_step_ref
-from linmix.reference.fixed_point import fixed_point_iter_ref, fixed_point_iterate_ref, fixed_point_solve_ref
+from linmix.reference.fixed_point_rnn import fixed_point_iter_ref, fixed_point_iterate_ref, fixed_point_solve_ref
 
 from conftest import cuda_only, rel_err
-from test_fixed_point import make
+from test_fixed_point_rnn import make
 
 
 def layer_like(B, T, D, R, seed, lam_shift=0.0):
@@ -255,7 +255,7 @@ def test_documented_convergence_range(rank):
     # docstring's sufficient check: (1 - min_d lam_td) * min(2, sum_i beta_ti) < 1 for every token.
     doc = linmix.fixed_point_rnn.__doc__
     assert "(1 - min_d lam_{t,d}) * min(2, sum_i beta_{t,i}) < 1" in doc and "lam > 1/2" in doc
-    from linmix.reference.fixed_point import householder_dense_ref
+    from linmix.reference.fixed_point_rnn import householder_dense_ref
 
     gen = torch.Generator().manual_seed(40 + rank)
     B, T, D = 3, 24, 6
