@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from linmix.bench.__main__ import main
 
 
@@ -22,6 +24,7 @@ def _rows(path):
     return data["rows"], data["skipped"]
 
 
+@pytest.mark.slow
 def test_bench_linear_scan(tmp_path):
     out = _run(tmp_path, "--op", "linear_scan")
     assert "linear_scan" in out and "wrote" in out
@@ -42,6 +45,7 @@ def test_bench_linear_scan(tmp_path):
         assert (tmp_path / "linear_scan_speedup_quick.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_bench_all_ops(tmp_path):
     _run(tmp_path, "--op", "all", "--no-plot")
     rows, skipped = _rows(tmp_path / "bench_quick.json")

@@ -278,6 +278,7 @@ def _worker(rank, world, port, out_path):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_context_parallel(world):
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

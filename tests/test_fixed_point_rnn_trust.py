@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import linmix
-from linmix.ops.fixed_point_rnn import FixedPointConvergenceError, FixedPointConvergenceWarning
+from linmix import FixedPointConvergenceError, FixedPointConvergenceWarning
 from linmix.reference import fixed_point_dense_ref, fixed_point_step_ref
 from linmix.reference.fixed_point_rnn import fixed_point_iter_ref, fixed_point_iterate_ref, fixed_point_solve_ref
 

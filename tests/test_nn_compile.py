@@ -14,6 +14,8 @@ import torch
 import linmix.nn as lnn
 from conftest import assert_close
 
+pytestmark = pytest.mark.slow
+
 D_MODEL = 16
 
 LAYERS = {
