@@ -1,4 +1,4 @@
-"""The contract every op keeps, run over every op and device (DESIGN: the op contract).
+"""The contract every op keeps, run over every op and device (docs/DESIGN.md, "The op contract").
 
 For each op, on CPU and CUDA: torch.library.opcheck of its forward and backward ops; torch.compile with
 fullgraph=True, once with static shapes and once with dynamic=True, each at two different sequence lengths,

@@ -141,8 +141,9 @@ def test_replay_extreme_gates_at_tile_boundaries(shape):
     check_harsh(make(1, T, 1, K, V, seed=T + K, gate=at_tile_boundaries), K**-0.5)
 
 
-def test_replay_issue_inputs():
-    """The three inputs of issue 12 section 1."""
+def test_replay_extreme_gate_inputs():
+    """Three inputs that running-sum decays get wrong: a -inf gate at T = 1, a gate of -3.4e37 before ordinary
+    ones, and one of -1e4."""
     one = torch.ones(1, 1, 1, 1, dtype=torch.float64)
     o, ht = gla_chunkpar.fwd(one, one, one, -math.inf * one, 1.0, None, acc=torch.float64)
     assert o.item() == 1.0 and ht.item() == 1.0
@@ -214,7 +215,7 @@ def test_cuda_extreme_gates_at_tile_boundaries(unverified, shape):
 
 
 @cuda
-def test_cuda_issue_inputs(unverified):
+def test_cuda_extreme_gate_inputs(unverified):
     one = torch.ones(1, 1, 1, 1)
     o, ht = linmix.chunk_gla(one.cuda(), one.cuda(), one.cuda(), -math.inf * one.cuda(), scale=1.0,
                              output_final_state=True)

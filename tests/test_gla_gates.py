@@ -1,4 +1,4 @@
-"""Gated linear attention under large and infinite gates (issue 12, section 1).
+"""Gated linear attention under large and infinite gates.
 
 Every decay must be built from sums over the segment it spans, never as a difference of running sums, so a gate
 of -inf gives an exact 0 decay (and no NaN anywhere, gradients included) and fp32 stays accurate whatever the
@@ -29,7 +29,7 @@ def skip_fp64_cuda(device, dtype):
         pytest.skip("no float64 CUDA kernels")
 
 
-# ---- the issue's three inputs, exactly
+# ---- three inputs that running-sum decays get wrong, exactly
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -135,8 +135,8 @@ def _heads(b=2, h=4, p=3, n=2, g=2):
                 dt_bias=torch.randn(h, p))
 
 
-def test_issue13_shape_errors():
-    # The exact inputs of issue 13: each must raise naming the argument, its expected and actual shape.
+def test_mamba2_shape_errors():
+    # Mamba-2 (heads) inputs of the wrong shape: each must raise naming the argument, its expected and actual shape.
     torch.manual_seed(0)
     a = _heads(b=1, h=4, p=3, n=2)
     _raises(dict(a, B=torch.randn(1, 3, 2), C=torch.randn(1, 3, 2)), r"group count g = 3 of B \(1, 3, 2\) must divide the head count 4")
