@@ -227,7 +227,7 @@ def test_bad_inputs(algo, over, match):
 @pytest.mark.parametrize("algo", ["chunk", "recurrent"])
 @pytest.mark.parametrize("T, K, V", [(70, 320, 320), (20, 512, 512), (33, 300, 512)])
 def test_head_dims_up_to_512(algo, T, K, V):
-    # fla's own test_chunk runs K = V = 320 and 512 (issue 23.1); the CPU kernels take any K, V <= 512
+    # fla's own test_chunk runs K = V = 320 and 512; the CPU kernels take any K, V <= 512
     for dtype in (torch.float64, torch.float32):
         q, k, v, g, h0 = make(1, T, 1, K, V, dtype, "cpu", requires_grad=True)
         ro, rht = gla_ref(q, k, v, g, initial_state=h0, output_final_state=True)
