@@ -100,6 +100,9 @@ def plan(args) -> list[tuple]:
         if args.only is not None:
             cfgs = [c for c in cfgs if c[0] == args.only]
         impls = [i for i in op.impls(args.device) if args.impl is None or args.impl in i.label]
+        if args.quick:
+            skipped += [f"{name} / {i.label}: not timed with --quick" for i in impls if not i.quick and not i.skip]
+            impls = [i for i in impls if i.quick]
         for i in impls:
             if i.skip:
                 skipped.append(f"{name} / {i.label}: {i.skip}")
@@ -142,7 +145,7 @@ def run(args, hw: dict) -> tuple[list[dict], list[str]]:
             skipped.append(f"{op.name} / {impl.label} / {shape} / {mode}: error {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
             continue
         c = (impl.cost or op.cost)(cfg, mode)
-        fl, bound = floors.floor_ms(c, hw)
+        fl, bound = floors.floor_ms(c, hw, cfg["dtype"])
         row = {
             "op": op.name, "impl": impl.label, "impl_name": impl.name, "variant": impl.variant, "shape": shape, "dtype": _dname(cfg["dtype"]), "mode": mode,
             "ms": ms, "p20": p20, "p80": p80, "tokens_per_s": op.tokens(cfg) / (ms / 1e3),
@@ -226,6 +229,7 @@ def main(argv=None) -> int:
     meta["args"] = vars(args)
     meta["hardware"] = floors.hardware(args.device)
     rows, skipped = run(args, meta["hardware"])
+    meta["loadavg_end"] = env.loadavg()
     print(f"linmix {meta['linmix_commit'] or meta['linmix_version']} on {meta['device_name']} "
           f"(torch {meta['torch']}, CUDA {meta['torch_cuda']}, Triton {meta['triton']}, driver {meta['driver']})")
     print(report.table(rows, skipped))

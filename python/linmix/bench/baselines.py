@@ -25,7 +25,8 @@ class Impl:
     `when(cfg, device)` returns a reason to skip one configuration (memory, a slow loop at long lengths);
     `modes` lists the timed modes it takes part in; `variant` names a mode of the op (fixed_point_rnn's grad_mode)
     so speed-ups compare like with like; `grads` replaces the op's differentiated inputs when the
-    implementation uses only some of them (SDPA has no gate g)."""
+    implementation uses only some of them (SDPA has no gate g); `quick` False leaves a slow baseline out of
+    `--quick` runs (its correctness check still runs wherever it is timed)."""
 
     name: str
     fn: Callable[[Inputs], torch.Tensor] | None = None
@@ -36,6 +37,7 @@ class Impl:
     when: Callable[[dict, str], str | None] | None = None
     variant: str = ""
     grads: tuple[str, ...] | None = None
+    quick: bool = True
 
     @property
     def label(self) -> str:
@@ -65,7 +67,7 @@ def loop_reference(case: Case, cuda_limit: int, cpu_limit: int, gb: Callable[[di
         dtype = next(v.dtype for v in x.values() if torch.is_tensor(v))
         return case.reference(**x)[0].to(dtype)
 
-    return Impl("torch reference (float64 loop)", fn, when=when)
+    return Impl("torch reference (float64 loop)", fn, when=when, quick=False)
 
 
 @dataclass(frozen=True)
@@ -132,8 +134,10 @@ def scan_torch(a: torch.Tensor, b: torch.Tensor, dim: int = 1) -> torch.Tensor:
 
 
 def sdpa_impls(device: str) -> list[Impl]:
-    """Causal softmax attention through SDPA pinned to FLASH_ATTENTION and to CUDNN_ATTENTION, fed (B, T, H, D)
-    tensors: the transposes to SDPA's (B, H, T, D) and back (made contiguous) are charged to SDPA."""
+    """Causal softmax attention through SDPA pinned to one backend, fed (B, T, H, D) tensors: the transposes to
+    SDPA's (B, H, T, D) and back (made contiguous) are charged to SDPA. CUDA: FLASH_ATTENTION and
+    CUDNN_ATTENTION; CPU: PyTorch's CPU flash-attention kernel (FLASH_ATTENTION, blocked online softmax) and
+    the MATH backend (the (T, T) scores materialised)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def run(backend):
@@ -146,19 +150,24 @@ def sdpa_impls(device: str) -> list[Impl]:
 
         return fn
 
-    out = []
-    for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
-        if device != "cuda":
-            out.append(Impl(name, skip="SDPA flash/cuDNN backends need CUDA"))
-            continue
-        out.append(Impl(name, run(backend), ref=attention_ref, cost=sdpa_cost, when=_sdpa_when, grads=("q", "k", "v")))
-    return out
+    second = (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION, _sdpa_when) if device == "cuda"
+              else ("sdpa-math", SDPBackend.MATH, _sdpa_math_when))
+    backends = (("sdpa-flash", SDPBackend.FLASH_ATTENTION, _sdpa_when), second)
+    return [Impl(name, run(backend), ref=attention_ref, cost=sdpa_cost, when=when, grads=("q", "k", "v"))
+            for name, backend, when in backends]
 
 
 def _sdpa_when(cfg: dict, device: str) -> str | None:
     if cfg["K"] != cfg["V"]:
         return "SDPA needs the key and value head dims equal"
     return None
+
+
+def _sdpa_math_when(cfg: dict, device: str) -> str | None:
+    """The math backend keeps (B, H, T, T) scores and probabilities (and their gradients) in memory."""
+    if cfg["T"] > 2048:
+        return "SDPA math backend timed only at T <= 2048 (it materialises the (T, T) scores)"
+    return _sdpa_when(cfg, device)
 
 
 def attention_ref(x: Inputs) -> torch.Tensor:

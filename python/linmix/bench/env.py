@@ -45,6 +45,14 @@ def slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-") if device == "cuda" else "cpu"
 
 
+def loadavg() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages: CPU timings on a shared machine mean little without them."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def collect(device: str) -> dict:
     root = checkout_root()
     commit = _run(["git", "rev-parse", "HEAD"], cwd=root) if root else None
@@ -62,6 +70,7 @@ def collect(device: str) -> dict:
         "host": platform.node(),
         "cpu": _cpu_name(),
         "cpu_threads": torch.get_num_threads(),
+        "loadavg": loadavg(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,

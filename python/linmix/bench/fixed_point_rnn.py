@@ -19,7 +19,9 @@ SCAN_PASS = "linmix.linear_scan (1 pass)"
 def configs(device: str, quick: bool) -> list[dict]:
     if device == "cuda":
         return [dict(B=8, T=2048, D=1024, R=2, n_iter=n, dtype=torch.bfloat16) for n in ([10] if quick else [10, 30])]
-    return [dict(B=2, T=256, D=128, R=2, n_iter=n, dtype=torch.float32) for n in ([10] if quick else [10, 30])]
+    # CPU: fp32 and bf16; the plotted sweep is fp32
+    return [dict(B=2, T=256, D=128, R=2, n_iter=n, dtype=dt, in_sweep=dt == torch.float32)
+            for dt in (torch.float32, torch.bfloat16) for n in ([10] if quick else [10, 30])]
 
 
 def small(cfg: dict) -> dict:

@@ -32,16 +32,19 @@ def _best_rate(fn, work: float, reps: int = 5) -> float:
 
 def measure_cpu() -> dict:
     """This CPU, measured with torch on all its threads: copy bandwidth of a 256 MB buffer (read + write
-    counted), fp32 matmul rate (1024^3, used for both flop kinds), torch.exp rate on a 1M-element buffer."""
+    counted), fp32 matmul rate (1024^3, used for both flop kinds), bf16 matmul rate (1024^3, fp32 accumulation:
+    the GEMM term of bf16 rows), torch.exp rate on a 1M-element buffer."""
     x = torch.ones(64 * 1024 * 1024)
     y = torch.empty_like(x)
     m = torch.randn(1024, 1024)
+    mb = m.bfloat16()
     e = torch.randn(1024 * 1024)
     flops = _best_rate(lambda: m @ m, 2 * 1024**3)
     return {
         "name": f"CPU measured ({torch.get_num_threads()} threads)",
         "bytes_per_s": _best_rate(lambda: y.copy_(x), 2 * x.numel() * 4),
         "tc_flops_per_s": flops,
+        "tc_flops_per_s_bf16": _best_rate(lambda: mb @ mb, 2 * 1024**3),
         "flops_per_s": flops,
         "sfu_per_s": _best_rate(lambda: torch.exp(e), e.numel()),
     }
@@ -60,11 +63,13 @@ def hardware(device: str) -> dict:
     return H200 if "H200" in torch.cuda.get_device_name() else H100
 
 
-def floor_ms(cost: dict, hw: dict) -> tuple[float, str]:
-    """The floor in ms and which resource sets it ('bytes', 'tc_flops', 'flops' or 'sfu')."""
+def floor_ms(cost: dict, hw: dict, dtype: torch.dtype | None = None) -> tuple[float, str]:
+    """The floor in ms and which resource sets it ('bytes', 'tc_flops', 'flops' or 'sfu'). On the CPU, bf16 rows'
+    GEMM term uses the measured bf16 GEMM rate (the GPUs' tensor-core peak is the bf16 one already)."""
+    tc_rate = hw.get("tc_flops_per_s_bf16", hw["tc_flops_per_s"]) if dtype == torch.bfloat16 else hw["tc_flops_per_s"]
     terms = {
         "bytes": cost.get("bytes", 0) / hw["bytes_per_s"],
-        "tc_flops": cost.get("tc_flops", 0) / hw["tc_flops_per_s"],
+        "tc_flops": cost.get("tc_flops", 0) / tc_rate,
         "flops": cost.get("flops", 0) / hw["flops_per_s"],
         "sfu": cost.get("sfu", 0) / hw["sfu_per_s"],
     }

@@ -1,5 +1,6 @@
 """chunk_gla bench: gated linear attention, q, k, g (B, T, H, K), v (B, T, H, V), against flash-linear-attention's
-Triton kernels and causal softmax attention through SDPA (flash and cuDNN backends) at the same B, T, H, D."""
+Triton kernels and causal softmax attention through SDPA (CUDA: flash and cuDNN backends; CPU: PyTorch's CPU flash
+kernel and the math backend) at the same B, T, H, D."""
 
 from __future__ import annotations
 
@@ -29,8 +30,12 @@ def configs(device: str, quick: bool) -> list[dict]:
         fixed = fixed[2:3] if quick else fixed
         # T sweep at H * D = 2048 with 16K tokens per batch (B = 16384 / T, at least 1)
         return [_cfg(*s, bf) for s in fixed] + [_cfg(max(1, 16384 // T), T, 16, 128, bf, True) for T in Ts]
-    Ts = [128, 512] if quick else [256, 1024, 2048]
-    return [_cfg(1, T, 2, 64, torch.float32, True) for T in Ts]
+    # CPU: H = 8 heads, K = V in {64, 128}, fp32 and bf16; the plotted sweep is D = 128 in fp32
+    if quick:
+        return [_cfg(1, T, 8, D, dt, D == 128 and dt == torch.float32)
+                for D, T in ((64, 256), (128, 512)) for dt in (torch.float32, torch.bfloat16)]
+    return [_cfg(1, T, 8, D, dt, D == 128 and dt == torch.float32)
+            for D in (64, 128) for dt in (torch.float32, torch.bfloat16) for T in (256, 1024, 2048, 8192)]
 
 
 def small(cfg: dict) -> dict:
@@ -61,7 +66,7 @@ def impls(device: str) -> list[Impl]:
         _fla("chunk_gla", device),
         _fla("fused_recurrent_gla", device),
         *sdpa_impls(device),
-        Impl("torch chunked (fp32)", lambda x: R.gla_chunked_ref(x["q"], x["k"], x["v"], x["g"])),
+        Impl("torch chunked (fp32)", lambda x: R.gla_chunked_ref(x["q"], x["k"], x["v"], x["g"]), quick=False),
         loop_reference(CHUNK_GLA, cuda_limit=2048, cpu_limit=512, gb=_states_gb),
     ]
 

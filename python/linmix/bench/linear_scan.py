@@ -14,9 +14,10 @@ def configs(device: str, quick: bool) -> list[dict]:
     if device == "cuda":
         Ts = [512, 2048] if quick else [512, 1024, 2048, 4096, 8192, 16384]
         return [dict(B=8, T=T, D=1024, dtype=torch.bfloat16) for T in Ts]
-    if quick:
-        return [dict(B=2, T=T, D=256, dtype=torch.float32) for T in (128, 512)]
-    return [dict(B=4, T=T, D=512, dtype=torch.float32) for T in (256, 1024, 4096)]
+    # CPU: fp32 and bf16 at each shape; the plotted sweep is fp32
+    B, D, Ts = (2, 256, (128, 512)) if quick else (4, 512, (256, 1024, 4096))
+    return [dict(B=B, T=T, D=D, dtype=dt, in_sweep=dt == torch.float32)
+            for dt in (torch.float32, torch.bfloat16) for T in Ts]
 
 
 def small(cfg: dict) -> dict:

@@ -22,7 +22,9 @@ def configs(device: str, quick: bool) -> list[dict]:
         Ls = [512, 2048] if quick else [512, 1024, 2048, 4096, 8192, 16384]
         return [dict(b=8, d=5120, n=16, L=L, dtype=torch.bfloat16) for L in Ls]
     Ls = [128, 512] if quick else [256, 1024, 2048]
-    return [dict(b=2, d=64, n=16, L=L, dtype=torch.float32) for L in Ls]
+    # CPU: fp32 and bf16 at each shape; the plotted sweep is fp32
+    return [dict(b=2, d=64, n=16, L=L, dtype=dt, in_sweep=dt == torch.float32)
+            for dt in (torch.float32, torch.bfloat16) for L in Ls]
 
 
 def small(cfg: dict) -> dict:

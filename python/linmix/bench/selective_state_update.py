@@ -17,16 +17,17 @@ HEADDIM = 64  # Mamba-2's head dim
 
 
 def configs(device: str, quick: bool) -> list[dict]:
-    """The decode table. CPU: fp32 throughout. CUDA: bf16 activations, fp32 state and parameters (mamba's
-    serving setup). Only the Mamba-1 rows at the largest d form the plotted batch sweep."""
+    """The decode table. CUDA: bf16 activations, fp32 state and parameters (mamba's serving setup). CPU: fp32
+    throughout, and the same rows with bf16 activations. Only the Mamba-1 fp32 rows at the largest d form the
+    plotted batch sweep."""
     if quick:
         bs, ds = [1, 16], [1024]
     else:
         bs, ds = ([1, 16, 64, 256], [2048, 5120]) if device == "cuda" else ([1, 16, 256], [1024, 5120])
-    dtype, sdt = (torch.bfloat16, torch.float32) if device == "cuda" else (torch.float32, torch.float32)
-    return [dict(layout=layout, b=b, d=d, n=16, p=HEADDIM, dtype=dtype, state_dtype=sdt,
-                 in_sweep=layout == "m1" and d == ds[-1])
-            for layout in ("m1", "m2") for d in ds for b in bs]
+    dtypes = (torch.bfloat16,) if device == "cuda" else (torch.float32, torch.bfloat16)
+    return [dict(layout=layout, b=b, d=d, n=16, p=HEADDIM, dtype=dt, state_dtype=torch.float32,
+                 in_sweep=layout == "m1" and d == ds[-1] and dt == dtypes[0])
+            for dt in dtypes for layout in ("m1", "m2") for d in ds for b in bs]
 
 
 def small(cfg: dict) -> dict:
