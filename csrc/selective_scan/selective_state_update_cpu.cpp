@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/cpu_kernel.h"
 #include "common/cpu_types.h"
 #include "common/static_switch.h"
 
@@ -47,7 +48,7 @@ void impl(const SelectiveStateUpdateParams& p) {
   // Tasks are (batch, head, tile of kRowTile head-dim rows); about 16K state elements per parallel grain.
   const int64_t tiles = (P + kRowTile - 1) / kRowTile;
   const int64_t grain = std::max<int64_t>(1, 16384 / (std::min(P, kRowTile) * std::max<int64_t>(N, 1)));
-  at::parallel_for(0, p.batch * H * tiles, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.batch * H * tiles, grain, [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     std::vector<acc_t> buf(3 * N + 6 * kRowTile);
     acc_t *Bn = buf.data(), *Cn = Bn + N, *An = Cn + N;                   // B, C rows; A row if strided
     acc_t *delta = An + N, *xv = delta + kRowTile, *dx = xv + kRowTile;   // per row of the tile
