@@ -3,9 +3,10 @@
 // Gates enter as log2 gates a_t = log2(e) g_t <= 0; the decay from step j to step i >= j is
 // exp2(sum_{j < m <= i} a_m). Two ways to form that sum:
 //  - segment sums (the CPU twin and the chunk-parallel CUDA kernels, gla_chunkpar_common.cuh): every decay is
-//    exp2 of a sum taken directly over the segment it spans, built from per-sub-chunk prefix sums (query side),
-//    suffix sums (key side), whole-sub-chunk totals, and pairwise running sums on the diagonal sub-blocks
-//    (Mamba-2's segsum). Every summand is <= 0, so nothing cancels: a decay is accurate to a few ulp whatever
+//    exp2 of a sum taken directly over the segment it spans: the CUDA kernels build it from per-sub-chunk prefix
+//    sums (query side), suffix sums (key side), whole-sub-chunk totals, and pairwise running sums on the diagonal
+//    sub-blocks (Mamba-2's segsum); the CPU twin from running sums that start at the split points of a chunk
+//    halved down to single rows (gla_cpu.cpp). Every summand is <= 0, so nothing cancels: a decay is accurate to a few ulp whatever
 //    the other gates are, and a gate of -inf anywhere in the segment gives exactly 0 (never -inf - -inf).
 //  - differences of the chunk's running cumsum gc_i = sum_{m <= i} a_m (the GPU-verified chunk kernels,
 //    gla_chunk_common.cuh, the CUDA default until the chunk-parallel kernels are verified): exp2(gc_i - gc_j).
@@ -23,9 +24,8 @@
 namespace linmix {
 
 constexpr int kGlaChunk = 64;     // time steps per chunk (inter-chunk state pass)
-constexpr int kGlaSubChunk = 16;  // sub-chunk: diagonal blocks in fp32 elementwise, the rest as matmuls
+constexpr int kGlaSubChunk = 16;  // CUDA sub-chunk: diagonal blocks in fp32 elementwise, the rest as matmuls
 static_assert(kGlaChunk % kGlaSubChunk == 0, "a chunk is a whole number of sub-chunks");
-constexpr int kGlaSubChunks = kGlaChunk / kGlaSubChunk;
 
 // Row t of (batch b, head h) of a (B, T, H, X) view; T may be const-qualified.
 template <typename T>
@@ -47,32 +47,6 @@ LINMIX_HD double gla_exp2(double x) { return std::exp2(x); }
 template <typename acc_t>
 LINMIX_HD acc_t gla_log2_gate(acc_t g) {
   return g * static_cast<acc_t>(1.4426950408889634);
-}
-
-// Segment sums of one key channel over one sub-chunk of n rows a[0], a[stride], ... (log2 gates):
-// pre[i] = sum_{m <= i} a_m (inclusive prefix), suf[i] = sum_{m > i} a_m (exclusive suffix, 0 at the last
-// row); returns the sub-chunk's total. pre and suf use the same stride as a.
-template <typename acc_t>
-LINMIX_HD acc_t gla_subchunk_sums(const acc_t* a, int64_t stride, int n, acc_t* pre, acc_t* suf) {
-  acc_t run = 0;
-  for (int i = 0; i < n; ++i) {
-    run += a[i * stride];
-    pre[i * stride] = run;
-  }
-  acc_t back = 0;
-  for (int i = n - 1; i >= 0; --i) {
-    suf[i * stride] = back;
-    back += a[i * stride];
-  }
-  return run;
-}
-
-// Sum of the sub-chunk totals tot[J0 .. J1) (stride apart): the log2 decay across those whole sub-chunks.
-template <typename acc_t>
-LINMIX_HD acc_t gla_span(const acc_t* tot, int64_t stride, int J0, int J1) {
-  acc_t s = 0;
-  for (int J = J0; J < J1; ++J) s += tot[J * stride];
-  return s;
 }
 
 // One diagonal-block score, g_cumsum form (the GPU-verified CUDA path):

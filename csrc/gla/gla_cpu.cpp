@@ -1,11 +1,10 @@
 // CPU gated linear attention: parallel over (batch, head) with at::parallel_for.
 //
-// chunk_gla runs the chunked algorithm of the CUDA kernels with the segment-sum decays of the chunk-parallel ones
-// (chunks of kGlaChunk, sub-chunks of kGlaSubChunk, diagonal sub-blocks elementwise from direct segment sums,
-// off-diagonal sub-blocks from q and k rescaled by sub-chunk prefix and suffix sums, split at the query
-// sub-chunk's first row; see gla_common.h). Every product over (chunk x K), (chunk x chunk)
-// or (K x V) tiles is one call of the BLAS GEMM the torch glue passes in (CpuGemm); what is left is
-// elementwise (gate rescaling, the diagonal sub-blocks, dg) and written so the compiler vectorises it.
+// chunk_gla runs the chunked algorithm of the CUDA kernels (chunks of kGlaChunk) with segment-sum decays: the
+// intra-chunk scores by halving the chunk down to single rows (ChunkBuffers), so every decay factors at a split
+// point into two exp2s of segment sums. Every product over (chunk x K), (chunk x chunk) or (K x V) tiles is a call
+// of the BLAS GEMM the torch glue passes in (CpuGemm); what is left (level factors, small blocks' dot products,
+// dg) is elementwise and written so the compiler vectorises it.
 // fused_recurrent_gla steps the recurrence. Rows are staged in accumulation-type buffers so every
 // product and sum is fp32 (fp64 for fp64 inputs).
 #include "gla/gla_cpu.h"
@@ -15,6 +14,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/cpu_kernel.h"
 #include "common/cpu_types.h"
 #include "common/static_switch.h"
 #include "common/exp2_cpu.h"
@@ -65,105 +65,97 @@ CpuGemmFn<acc_t> pick_gemm(const CpuGemm& g) {
     return g.f32;
 }
 
-// One row i of a diagonal sub-block, j from i down to the sub-chunk's first row j0: with the running
-// per-channel segment sum e = sum_{j < m <= i} a_m (Mamba-2's segsum, never a difference of running sums),
-// A_row[j] = sum_c q_ic k_jc exp2(e_c). e (K) is scratch.
-template <typename acc_t>
-LINMIX_NOINLINE void diag_scores_row(const acc_t* q_i, const acc_t* k, const acc_t* a, int64_t i, int64_t j0, int64_t K,
-                                     acc_t* e, acc_t* A_row) {
-  std::fill_n(e, K, acc_t(0));
-  for (int64_t j = i; j >= j0; --j) {
-    const acc_t *kj = &k[j * K], *aj = &a[j * K];
-    acc_t s = 0;
-    LINMIX_SIMD_SUM(s)
-    for (int64_t c = 0; c < K; ++c) {
-      s += q_i[c] * kj[c] * exp2_cpu(e[c]);
-      e[c] += aj[c];
-    }
-    A_row[j] = s;
-  }
-}
-
-// The backward of diag_scores_row: dq_i += sum_j dA_ij k_j exp2(e), dk_j += dA_ij q_i exp2(e).
-template <typename acc_t>
-LINMIX_NOINLINE void diag_scores_row_backward(const acc_t* q_i, const acc_t* k, const acc_t* a, const acc_t* dA_row,
-                                              int64_t i, int64_t j0, int64_t K, acc_t* e, acc_t* dq_i, acc_t* dk) {
-  std::fill_n(e, K, acc_t(0));
-  for (int64_t j = i; j >= j0; --j) {
-    const acc_t *kj = &k[j * K], *aj = &a[j * K];
-    acc_t* dkj = &dk[j * K];
-    const acc_t d = dA_row[j];
-    LINMIX_SIMD
-    for (int64_t c = 0; c < K; ++c) {
-      const acc_t w = d * exp2_cpu(e[c]);
-      dq_i[c] += w * kj[c];
-      dkj[c] += w * q_i[c];
-      e[c] += aj[c];
-    }
-  }
-}
-
-// Everything one chunk of one (batch, head) needs, in the accumulation type. Decays come from segment sums
-// (gla_common.h): per sub-chunk J of kGlaSubChunk rows, pre (inclusive prefix from the sub-chunk's start),
-// suf (exclusive suffix to its end) and tot (its total); a decay across several sub-chunks adds the totals
-// of the whole ones between. No decay is a difference of sums, so a gate of -inf gives an exact 0.
+// Everything one chunk of one (batch, head) needs, in the accumulation type.
+//
+// Intra-chunk scores A_ij = sum_c q_ic k_jc D_c(j, i), j <= i, with D(j, i) = exp2(sum_{j < m <= i} a_m) the decay
+// from step j to step i, are built by halving: a block of n rows [r0, r0 + n) splits at m = r0 + n / 2 into two
+// diagonal blocks of n / 2 (split again) and one off-diagonal block, rows i >= m against columns j < m, where every
+// decay factors at the split: D(j, i) = D(j, m - 1) D(m - 1, i). So that block is one product
+// (q_i D(m - 1, i)) (k_j D(j, m - 1))^T: a GEMM for the large blocks, dot products for the small ones, and only the
+// n x n diagonal is left (D = 1). Per level each row gets one factor, an exp2 of a running sum that starts at the
+// split and moves away from it, so every decay is exp2 of a sum taken over exactly its segment (all summands
+// <= 0, never a difference of sums: a gate of -inf gives an exact 0), and the exp2 count is log2(C) per row and
+// channel instead of one per (pair, channel).
 template <typename acc_t>
 struct ChunkBuffers {
-  int64_t K, V, L = 0, n_sub = 0;
+  static constexpr int kLevels = 6;  // halvings of a chunk: blocks of 64, 32, ..., 2 rows
+  static_assert(C == (int64_t(1) << kLevels), "the chunk halves down to single rows");
+  static constexpr int64_t kGemmRows = 16;  // off-diagonal blocks of at least this many rows go to the BLAS GEMM
+
+  int64_t K, V, L = 0;
   CpuGemmFn<acc_t> gemm_fn;
-  std::vector<acc_t> q, k, a, v;   // (C, K) x3, (C, V); a = log2 gates, zero past row L to the sub-chunk's end
-  std::vector<acc_t> pre, suf;     // (C, K) sub-chunk prefix / suffix sums of a
-  std::vector<acc_t> tot, before;  // (C / 16, K) sub-chunk totals; totals of all earlier sub-chunks
-  std::vector<acc_t> etot;         // (K) exp2(chunk total): the decay across the whole chunk
-  std::vector<acc_t> eq, ek;       // (C, K): exp2 of the decay from the chunk's start to row i, from row j to its end
-  std::vector<acc_t> epre, xq;     // (C, K): exp2(pre) and q exp2(pre), the query side of off-diagonal sub-blocks
-  std::vector<acc_t> fk, yt;       // (C, K): key-side factors of off-diagonal sub-blocks, and k fk
-  std::vector<acc_t> A;            // (C, C) intra-chunk scores, lower triangle; the upper one stays 0
-  std::vector<acc_t> tmp, e;       // (C, K), (K)
+  std::vector<acc_t> q, k, a, v;  // (C, K) x3, (C, V); a = log2 gates
+  std::vector<acc_t> eq, ek;      // (C, K): decay from the chunk's start to row i (inclusive), from row j to its end
+  std::vector<acc_t> etot;        // (K) decay across the whole chunk
+  std::vector<acc_t> fac, op;     // (kLevels, C, K): per level, each row's factor to its split, and q or k times it
+  std::vector<acc_t> A;           // (C, C) intra-chunk scores, lower triangle; the upper one stays 0
+  std::vector<acc_t> tmp;         // (C, max(K, V))
   ChunkBuffers(int64_t K_, int64_t V_, CpuGemmFn<acc_t> gemm)
-      : K(K_), V(V_), gemm_fn(gemm), q(C * K_), k(C * K_), a(C * K_), v(C * V_), pre(C * K_), suf(C * K_),
-        tot(kGlaSubChunks * K_), before(kGlaSubChunks * K_), etot(K_), eq(C * K_), ek(C * K_), epre(C * K_),
-        xq(C * K_), fk(C * K_), yt(C * K_), A(C * C), tmp(C * K_), e(K_) {}
+      : K(K_), V(V_), gemm_fn(gemm), q(C * K_), k(C * K_), a(C * K_), v(C * V_), eq(C * K_), ek(C * K_), etot(K_),
+        fac(kLevels * C * K_), op(kLevels * C * K_), A(C * C), tmp(C * std::max(K_, V_)) {}
 
   void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t kk, acc_t alpha, const acc_t* a_, int64_t lda,
             const acc_t* bm, int64_t ldb, acc_t beta, acc_t* c, int64_t ldc) const {
     if (m > 0 && n > 0 && kk > 0) gemm_fn(ta, tb, m, n, kk, alpha, a_, lda, bm, ldb, beta, c, ldc);
   }
 
-  // Loads rows t0 .. t0+L-1 and the gate sums and factors. Only the rows the kernel reads are written.
+  // Loads rows t0 .. t0+L-1 with their decays to the chunk's ends; with `scores` also q and the level factors.
+  // Rows from L to the chunk's end carry gate 0 and zero q, k, v, so the products over whole blocks are exact.
   template <typename T>
-  void load(const GlaParams& p, int64_t bi, int64_t hi, int64_t t0, int64_t L_, bool with_q = true) {
+  LINMIX_CPU_CLONES void load(const GlaParams& p, int64_t bi, int64_t hi, int64_t t0, int64_t L_, bool scores = true) {
     L = L_;
-    n_sub = ceil_div(L, int64_t(kGlaSubChunk));
-    if (with_q) load_rows<T>(p.q, bi, hi, t0, L, K, q.data());
+    if (scores) load_rows<T>(p.q, bi, hi, t0, L, K, q.data());
     load_rows<T>(p.k, bi, hi, t0, L, K, k.data());
     load_rows<T>(p.v, bi, hi, t0, L, V, v.data());
     load_rows<T>(p.g, bi, hi, t0, L, K, a.data());
+    LINMIX_SIMD
     for (int64_t x = 0; x < L * K; ++x) a[x] = gla_log2_gate(a[x]);
-    std::fill(a.begin() + L * K, a.begin() + n_sub * kGlaSubChunk * K, acc_t(0));
-    for (int64_t J = 0; J < n_sub; ++J) {
-      const int64_t r0 = J * kGlaSubChunk * K;
-      for (int64_t c = 0; c < K; ++c)
-        tot[J * K + c] = gla_subchunk_sums(&a[r0 + c], K, kGlaSubChunk, &pre[r0 + c], &suf[r0 + c]);
-    }
+    std::fill(a.begin() + L * K, a.end(), acc_t(0));
+    std::fill(k.begin() + L * K, k.end(), acc_t(0));
+    std::fill(v.begin() + L * V, v.end(), acc_t(0));
+    if (scores) std::fill(q.begin() + L * K, q.end(), acc_t(0));
+    acc_t* run = tmp.data();  // (K) running segment sums
+    std::fill_n(run, K, acc_t(0));
+    for (int64_t i = 0; i < L; ++i) running_factor(run, &a[i * K], true, &eq[i * K]);
+    std::fill_n(run, K, acc_t(0));
+    for (int64_t j = L - 1; j >= 0; --j) running_factor(run, &a[j * K], false, &ek[j * K]);
+    LINMIX_SIMD
+    for (int64_t c = 0; c < K; ++c) etot[c] = exp2_cpu(run[c]);
+    if (scores) level_factors();
+  }
+
+  // One step of a running segment sum and its factor: the query side adds a_i before the exp2 (the decay to row i
+  // includes step i), the key side after it (the decay from row j excludes step j).
+  LINMIX_NOINLINE LINMIX_CPU_CLONES void running_factor(acc_t* run, const acc_t* a_row, bool inclusive, acc_t* f) const {
+    LINMIX_SIMD
     for (int64_t c = 0; c < K; ++c) {
-      for (int64_t J = 0; J < n_sub; ++J) before[J * K + c] = gla_span(&tot[c], K, 0, int(J));
-      etot[c] = exp2_cpu(gla_span(&tot[c], K, 0, int(n_sub)));
+      const acc_t before = run[c], after = before + a_row[c];
+      f[c] = exp2_cpu(inclusive ? after : before);
+      run[c] = after;
     }
-    for (int64_t J = 0; J < n_sub; ++J) {
-      for (int64_t c = 0; c < K; ++c) tmp[c] = gla_span(&tot[c], K, int(J) + 1, int(n_sub));  // after sub-chunk J
-      const acc_t *bef = &before[J * K], *aft = tmp.data();
-      for (int64_t i = J * kGlaSubChunk; i < std::min<int64_t>((J + 1) * kGlaSubChunk, L); ++i) {
-        LINMIX_SIMD
-        for (int64_t c = 0; c < K; ++c) {
-          const int64_t x = i * K + c;
-          eq[x] = exp2_cpu(bef[c] + pre[x]);
-          ek[x] = exp2_cpu(suf[x] + aft[c]);
-          epre[x] = exp2_cpu(pre[x]);
+  }
+
+  // Per level and block [r0, r0 + n), split m: rows i >= m get fac = D(m - 1, i) and op = q_i fac, rows j < m get
+  // fac = D(j, m - 1) and op = k_j fac.
+  LINMIX_CPU_CLONES void level_factors() {
+    acc_t* run = tmp.data();
+    for (int lv = 0; lv < kLevels; ++lv) {
+      const int64_t n = C >> lv, h = n / 2;
+      acc_t *f = &fac[lv * C * K], *o = &op[lv * C * K];
+      for (int64_t r0 = 0; r0 < C; r0 += n) {
+        const int64_t m = r0 + h;
+        std::fill_n(run, K, acc_t(0));
+        for (int64_t i = m; i < m + h; ++i) {
+          running_factor(run, &a[i * K], true, &f[i * K]);
+          mul_rows(&q[i * K], &f[i * K], 0, 1, &o[i * K]);
+        }
+        std::fill_n(run, K, acc_t(0));
+        for (int64_t j = m - 1; j >= r0; --j) {
+          running_factor(run, &a[j * K], false, &f[j * K]);
+          mul_rows(&k[j * K], &f[j * K], 0, 1, &o[j * K]);
         }
       }
     }
-    if (with_q) mul_rows(q.data(), epre.data(), 0, L, xq.data());
   }
 
   // dst_i = src_i * f_i elementwise over rows [i0, i1) of (C, K) buffers.
@@ -172,56 +164,75 @@ struct ChunkBuffers {
     for (int64_t x = i0 * K; x < i1 * K; ++x) dst[x] = src[x] * f[x];
   }
 
-  // Key side of the off-diagonal sub-blocks of query sub-chunk I: for every row j before it (in sub-chunk J),
-  // fk_j = exp2(suf_j + totals of sub-chunks J+1 .. I-1), the decay from j to the end of row 16 I - 1; yt = k fk.
-  LINMIX_NOINLINE void key_factors(int64_t I) {
-    for (int64_t J = 0; J < I; ++J) {
-      for (int64_t c = 0; c < K; ++c) tmp[c] = gla_span(&tot[c], K, int(J) + 1, int(I));
-      const acc_t* mid = tmp.data();
-      for (int64_t j = J * kGlaSubChunk; j < (J + 1) * kGlaSubChunk; ++j) {
-        LINMIX_SIMD
-        for (int64_t c = 0; c < K; ++c) {
-          const int64_t x = j * K + c;
-          fk[x] = exp2_cpu(suf[x] + mid[c]);
-          yt[x] = k[x] * fk[x];
-        }
-      }
+  // Calls fn(level, r0, m, h) for every off-diagonal block (rows [m, m + h) against columns [r0, m)) that holds
+  // a row below L.
+  template <typename Fn>
+  void for_each_block(Fn&& fn) const {
+    for (int lv = 0; lv < kLevels; ++lv) {
+      const int64_t n = C >> lv, h = n / 2;
+      for (int64_t r0 = 0; r0 + h < L; r0 += n) fn(lv, r0, r0 + h, h);
     }
   }
 
-  // A_ij = sum_c q_ic k_jc (decay from j to i), j <= i < L. Off-diagonal sub-blocks: the decay splits at
-  // row 16 I into exp2(pre_i) exp2(fk_j), so A[i0:i1, :i0] = xq yt^T, one GEMM per sub-chunk; diagonal
-  // sub-blocks elementwise from direct segment sums.
-  void scores() {
+  // A_ij for j <= i < C (rows at or past L hold zeros).
+  LINMIX_CPU_CLONES void scores() {
     std::fill(A.begin(), A.end(), acc_t(0));
-    for (int64_t I = 0; I < n_sub; ++I) {
-      const int64_t i0 = I * kGlaSubChunk, i1 = std::min<int64_t>(i0 + kGlaSubChunk, L);
-      if (I > 0) {
-        key_factors(I);
-        gemm(false, true, i1 - i0, i0, K, 1, &xq[i0 * K], K, yt.data(), K, 0, &A[i0 * C], C);  // (i1-i0, i0)
+    for_each_block([&](int lv, int64_t r0, int64_t m, int64_t h) {
+      const acc_t* o = &op[lv * C * K];
+      if (h >= kGemmRows) {
+        gemm(false, true, h, h, K, 1, &o[m * K], K, &o[r0 * K], K, 0, &A[m * C + r0], C);  // (h, h)
+        return;
       }
-      for (int64_t i = i0; i < i1; ++i) diag_scores_row(&q[i * K], k.data(), a.data(), i, i0, K, e.data(), &A[i * C]);
+      for (int64_t i = m; i < m + h; ++i)
+        for (int64_t j = r0; j < m; ++j) A[i * C + j] = dot(&o[i * K], &o[j * K], K);
+    });
+    for (int64_t i = 0; i < L; ++i) A[i * C + i] = dot(&q[i * K], &k[i * K], K);
+  }
+
+  // Given dA (lower triangle read), accumulates dq_i += sum_{j<=i} dA_ij k_j D(j, i) and
+  // dk_j += sum_{i>=j} dA_ij q_i D(j, i), block by block as scores() builds A.
+  LINMIX_CPU_CLONES void scores_backward(const std::vector<acc_t>& dA, acc_t* dq, acc_t* dk) {
+    for_each_block([&](int lv, int64_t r0, int64_t m, int64_t h) {
+      const acc_t *o = &op[lv * C * K], *f = &fac[lv * C * K];
+      acc_t *gq = tmp.data(), *gk = tmp.data() + h * K;  // (h, K) each
+      if (h >= kGemmRows) {
+        gemm(false, false, h, K, h, 1, &dA[m * C + r0], C, &o[r0 * K], K, 0, gq, K);  // dA_blk (k fac)
+        gemm(true, false, h, K, h, 1, &dA[m * C + r0], C, &o[m * K], K, 0, gk, K);   // dA_blk^T (q fac)
+      } else {
+        std::fill_n(gq, 2 * h * K, acc_t(0));
+        for (int64_t i = 0; i < h; ++i)
+          for (int64_t j = 0; j < h; ++j) {
+            const acc_t d = dA[(m + i) * C + r0 + j];
+            axpy(d, &o[(r0 + j) * K], &gq[i * K], K);
+            axpy(d, &o[(m + i) * K], &gk[j * K], K);
+          }
+      }
+      fma_rows(gq, &f[m * K], h * K, &dq[m * K]);
+      fma_rows(gk, &f[r0 * K], h * K, &dk[r0 * K]);
+    });
+    for (int64_t i = 0; i < L; ++i) {
+      const acc_t d = dA[i * C + i];
+      axpy(d, &k[i * K], &dq[i * K], K);
+      axpy(d, &q[i * K], &dk[i * K], K);
     }
   }
 
-  // Given dA (lower triangle read), accumulates dq_i += sum_{j<=i} dA_ij k_j (decay j -> i) and
-  // dk_j += sum_{i>=j} dA_ij q_i (decay j -> i), with the same sub-chunk split as scores().
-  void scores_backward(const std::vector<acc_t>& dA, acc_t* dq, acc_t* dk) {
-    for (int64_t I = 0; I < n_sub; ++I) {
-      const int64_t i0 = I * kGlaSubChunk, i1 = std::min<int64_t>(i0 + kGlaSubChunk, L), n = i1 - i0;
-      if (I > 0) {
-        key_factors(I);
-        // dq[i0:i1] += (dA[i0:i1, :i0] yt) exp2(pre)
-        gemm(false, false, n, K, i0, 1, &dA[i0 * C], C, yt.data(), K, 0, tmp.data(), K);  // (n, K)
-        LINMIX_SIMD
-        for (int64_t x = 0; x < n * K; ++x) dq[i0 * K + x] += tmp[x] * epre[i0 * K + x];
-        // dk[:i0] += (dA[i0:i1, :i0]^T xq) fk
-        gemm(true, false, i0, K, n, 1, &dA[i0 * C], C, &xq[i0 * K], K, 0, tmp.data(), K);  // (i0, K)
-        LINMIX_SIMD
-        for (int64_t x = 0; x < i0 * K; ++x) dk[x] += tmp[x] * fk[x];
-      }
-      for (int64_t i = i0; i < i1; ++i)
-        diag_scores_row_backward(&q[i * K], k.data(), a.data(), &dA[i * C], i, i0, K, e.data(), &dq[i * K], dk);
+  // y += alpha x, and y += x f elementwise.
+  static void axpy(acc_t alpha, const acc_t* x, acc_t* y, int64_t n) {
+    LINMIX_SIMD
+    for (int64_t c = 0; c < n; ++c) y[c] += alpha * x[c];
+  }
+  static void fma_rows(const acc_t* x, const acc_t* f, int64_t n, acc_t* y) {
+    LINMIX_SIMD
+    for (int64_t c = 0; c < n; ++c) y[c] += x[c] * f[c];
+  }
+
+  // out[0:L] (ldo) += alpha A[0:L, 0:L] x[0:L] (x (C, ncol)), in row blocks of kGemmRows so the upper triangle's
+  // zeros are mostly skipped.
+  void lower_times(acc_t alpha, const acc_t* x, int64_t ncol, acc_t* out) const {
+    for (int64_t i0 = 0; i0 < L; i0 += kGemmRows) {
+      const int64_t i1 = std::min(i0 + kGemmRows, L);
+      gemm(false, false, i1 - i0, ncol, i1, alpha, &A[i0 * C], C, x, ncol, 1, &out[i0 * ncol], ncol);
     }
   }
 
@@ -229,8 +240,8 @@ struct ChunkBuffers {
   void advance_state(acc_t* S) {
     for (int64_t c = 0; c < K; ++c)
       for (int64_t x = 0; x < V; ++x) S[c * V + x] *= etot[c];
-    mul_rows(k.data(), ek.data(), 0, L, yt.data());                     // k^ (L, K)
-    gemm(true, false, K, V, L, 1, yt.data(), K, v.data(), V, 1, S, V);  // S += k^T v
+    mul_rows(k.data(), ek.data(), 0, L, tmp.data());                     // k^ (L, K)
+    gemm(true, false, K, V, L, 1, tmp.data(), K, v.data(), V, 1, S, V);  // S += k^T v
   }
 };
 
@@ -248,7 +259,7 @@ void chunk_fwd_impl(const GlaParams& p, const CpuGemm& gemm) {
   using acc_t = cpu_acc_t<dt>;
   const int64_t K = p.dim_k, V = p.dim_v, KV = K * V;
   const acc_t scale = static_cast<acc_t>(p.scale);
-  at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.batch * p.heads, cpu_grain(p.seqlen * KV), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     ChunkBuffers<acc_t> cb(K, V, pick_gemm<acc_t>(gemm));
     std::vector<acc_t> S(KV), o(C * V), qe(C * K);
     for (int64_t task = begin; task < end; ++task) {
@@ -261,7 +272,7 @@ void chunk_fwd_impl(const GlaParams& p, const CpuGemm& gemm) {
         cb.mul_rows(cb.q.data(), cb.eq.data(), 0, L, qe.data());
         cb.gemm(false, false, L, V, K, scale, qe.data(), K, S.data(), V, 0, o.data(), V);
         cb.scores();
-        cb.gemm(false, false, L, V, L, scale, cb.A.data(), C, cb.v.data(), V, 1, o.data(), V);
+        cb.lower_times(scale, cb.v.data(), V, o.data());
         store_rows<T>(p.o, bi, hi, t0, L, V, o.data());
         cb.advance_state(S.data());
       }
@@ -285,8 +296,9 @@ void chunk_bwd_impl(const GlaParams& p, const CpuGemm& gemm) {
   using acc_t = cpu_acc_t<dt>;
   const int64_t K = p.dim_k, V = p.dim_v, KV = K * V;
   const int64_t n_chunks = ceil_div(p.seqlen, C);
+  constexpr int64_t kRows = ChunkBuffers<acc_t>::kGemmRows;
   const acc_t scale = static_cast<acc_t>(p.scale);
-  at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.batch * p.heads, cpu_grain(p.seqlen * KV), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     ChunkBuffers<acc_t> cb(K, V, pick_gemm<acc_t>(gemm));
     std::vector<acc_t> states((n_chunks + 1) * KV);  // state entering chunk c; the last is the final state
     std::vector<acc_t> dS(KV), dout(C * V), dA(C * C), run(K);
@@ -296,7 +308,7 @@ void chunk_bwd_impl(const GlaParams& p, const CpuGemm& gemm) {
       init_state(p.h0, task, KV, states.data());
       for (int64_t c = 0; c < n_chunks; ++c) {
         const int64_t t0 = c * C, L = std::min<int64_t>(C, p.seqlen - t0);
-        cb.template load<T>(p, bi, hi, t0, L, /*with_q=*/false);
+        cb.template load<T>(p, bi, hi, t0, L, /*scores=*/false);
         std::copy_n(&states[c * KV], KV, &states[(c + 1) * KV]);
         cb.advance_state(&states[(c + 1) * KV]);
       }
@@ -309,11 +321,14 @@ void chunk_bwd_impl(const GlaParams& p, const CpuGemm& gemm) {
         load_rows<T>(p.dout, bi, hi, t0, L, V, dout.data());
         for (int64_t x = 0; x < L * V; ++x) dout[x] *= scale;
         cb.scores();
-        cb.gemm(false, true, L, L, V, 1, dout.data(), V, cb.v.data(), V, 0, dA.data(), C);  // (L, L); lower read
-        // dv = A^T do + k^ dS
-        cb.mul_rows(cb.k.data(), cb.ek.data(), 0, L, cb.yt.data());  // k^
-        cb.gemm(true, false, L, V, L, 1, cb.A.data(), C, dout.data(), V, 0, dv.data(), V);
-        cb.gemm(false, false, L, V, K, 1, cb.yt.data(), K, dS.data(), V, 1, dv.data(), V);
+        // dA = do v^T and dv = A^T do + k^ dS, in blocks of kGemmRows rows (columns for dv) that cover the lower triangle
+        for (int64_t i0 = 0; i0 < L; i0 += kRows) {
+          const int64_t i1 = std::min(i0 + kRows, L);
+          cb.gemm(false, true, i1 - i0, i1, V, 1, &dout[i0 * V], V, cb.v.data(), V, 0, &dA[i0 * C], C);
+          cb.gemm(true, false, i1 - i0, V, L - i0, 1, &cb.A[i0 * C + i0], C, &dout[i0 * V], V, 0, &dv[i0 * V], V);
+        }
+        cb.mul_rows(cb.k.data(), cb.ek.data(), 0, L, qe.data());  // k^
+        cb.gemm(false, false, L, V, K, 1, qe.data(), K, dS.data(), V, 1, dv.data(), V);
         // inter-chunk parts of dq and dk: exp2(b) (do S_in^T), exp2(b_last - b) (v dS^T)
         cb.gemm(false, true, L, K, V, 1, dout.data(), V, S_in, V, 0, dq.data(), K);
         cb.gemm(false, true, L, K, V, 1, cb.v.data(), V, dS.data(), V, 0, dk.data(), K);
@@ -351,7 +366,7 @@ void recurrent_fwd_impl(const GlaParams& p) {
   using acc_t = cpu_acc_t<dt>;
   const int64_t K = p.dim_k, V = p.dim_v, KV = K * V;
   const acc_t scale = static_cast<acc_t>(p.scale);
-  at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.batch * p.heads, cpu_grain(p.seqlen * KV), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     std::vector<acc_t> S(KV), q(K), k(K), g(K), v(V), o(V);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bi = task / p.heads, hi = task % p.heads;
@@ -387,7 +402,7 @@ void recurrent_bwd_impl(const GlaParams& p) {
   using acc_t = cpu_acc_t<dt>;
   const int64_t K = p.dim_k, V = p.dim_v, KV = K * V;
   const acc_t scale = static_cast<acc_t>(p.scale);
-  at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.batch * p.heads, cpu_grain(p.seqlen * KV), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     std::vector<acc_t> S(KV), dS(KV), q(K), k(K), g(K), v(V), dout(V), dk(K), dv(V), run(K), dg(K);
     std::vector<acc_t> dq(p.seqlen * K);  // kept in the accumulation type for the dg sum
     for (int64_t task = begin; task < end; ++task) {
