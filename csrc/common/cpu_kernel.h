@@ -16,6 +16,12 @@
 #define LINMIX_CPU_CLONES
 #endif
 
+// The hot elementwise loops carry `omp simd` (the build passes -fopenmp): it lets the compiler vectorise float
+// sums (a reordering it may not do on its own) and inlined helpers such as exp2_cpu.
+#define LINMIX_PRAGMA(x) _Pragma(#x)
+#define LINMIX_SIMD LINMIX_PRAGMA(omp simd)
+#define LINMIX_SIMD_SUM(s) LINMIX_PRAGMA(omp simd reduction(+ : s))
+
 namespace linmix {
 
 // Below about this many elementary steps per thread, waking a second OpenMP thread costs more than it saves, and
