@@ -73,16 +73,28 @@ struct Element {
     for (int i = 0; i < R; ++i) {
       const T* w = factor(t, i);
       acc_t sum = 0;
+      LINMIX_SIMD_SUM(sum)
       for (int64_t d = 0; d < D; ++d) sum += static_cast<acc_t>(w[d]) * v[d];
       a[i] = sum;
+    }
+  }
+  // mix[d] = sum_i k_i u_i[d] over the channels of token t, factor by factor (contiguous rows, so it vectorises).
+  void mix_row(int64_t t, const acc_t* k, acc_t* mix) const {
+    std::fill_n(mix, D, acc_t(0));
+    for (int i = 0; i < R; ++i) {
+      const T* w = factor(t, i);
+      const acc_t ki = k[i];
+      LINMIX_SIMD
+      for (int64_t d = 0; d < D; ++d) mix[d] += ki * static_cast<acc_t>(w[d]);
     }
   }
   // (u_i[d])_i for channel d of token t.
   const acc_t* channel(int64_t t, int64_t d) const { return factors.data() + (t * D + d) * R; }
 
   // Forward chain coefficients of token t at h_prev row hp; `v` (D) receives u - hp.
-  void forward_chain(int64_t t, const acc_t* hp, acc_t* v, acc_t* c, acc_t* k) const {
+  LINMIX_CPU_CLONES void forward_chain(int64_t t, const acc_t* hp, acc_t* v, acc_t* c, acc_t* k) const {
     acc_t a[kFixedPointRnnMaxRank], beta[kFixedPointRnnMaxRank];
+    LINMIX_SIMD
     for (int64_t d = 0; d < D; ++d) v[d] = static_cast<acc_t>(u[t * D + d]) - hp[d];
     dots(t, v, a);
     betas(t, beta);
@@ -90,25 +102,33 @@ struct Element {
   }
 
   // out = f(in), one forward iteration over (T, D) rows; returns the residual max_t ratio_t and, if
-  // `ratios` is given, writes each token's ratio there.
-  acc_t iterate(const acc_t* in, acc_t* out, acc_t* v, acc_t* ratios = nullptr) const {
+  // `ratios` is given, writes each token's ratio there. `v` holds 2 D scratch values.
+  LINMIX_CPU_CLONES acc_t iterate(const acc_t* in, acc_t* out, acc_t* v, acc_t* ratios = nullptr) const {
     acc_t res = 0;
+    acc_t* mix = v + D;
     for (int64_t t = 0; t < T_; ++t) {
       const acc_t* hp = in + t * D;
       acc_t* hn = out + t * D;
       const acc_t* h_before = t > 0 ? out + (t - 1) * D : h0.data();
       acc_t c[kFixedPointRnnMaxRank], k[kFixedPointRnnMaxRank];
       forward_chain(t, hp, v, c, k);
+      mix_row(t, k, mix);
+      // Plain max reductions (they vectorise) and NaN flags: the same as nan_max over the channels.
       acc_t diff = 0, norm = 0;
+      int diff_nan = 0, h_nan = 0;
+#pragma omp simd reduction(max : diff, norm) reduction(| : diff_nan, h_nan)
       for (int64_t d = 0; d < D; ++d) {
         const acc_t lam_d = lam_at(t, d);
-        const acc_t* ud = channel(t, d);
-        const acc_t b = fixed_point_rnn_scan_input(lam_d, static_cast<acc_t>(u[t * D + d]), householder_mix(R, k, ud));
-        const acc_t h = scan_step(lam_d, h_before[d], b);
+        const acc_t b = fixed_point_rnn_scan_input(lam_d, static_cast<acc_t>(u[t * D + d]), mix[d]);
+        const acc_t h = scan_step(lam_d, h_before[d], b), dh = std::abs(h - hp[d]);
         hn[d] = h;
-        diff = nan_max(diff, std::abs(h - hp[d]));
-        norm = nan_max(norm, std::abs(h));
+        diff = std::max(diff, dh);
+        norm = std::max(norm, std::abs(h));
+        diff_nan |= dh != dh;
+        h_nan |= h != h;
       }
+      if (diff_nan) diff = std::numeric_limits<acc_t>::quiet_NaN();
+      if (h_nan) norm = std::numeric_limits<acc_t>::quiet_NaN();
       const acc_t ratio = fixed_point_rnn_token_ratio(diff, norm);
       if (ratios != nullptr) ratios[t] = ratio;
       res = nan_max(res, ratio);
@@ -163,7 +183,7 @@ struct ForwardRun {
   acc_t res = std::numeric_limits<acc_t>::infinity();
 
   ForwardRun(const FixedPointRnnParams& p_, int64_t bi)
-      : p(p_), el(p_, bi), buf(2 * p_.seqlen * p_.dim, acc_t(0)), v(p_.dim), ratios(p.causal ? p_.seqlen : 0),
+      : p(p_), el(p_, bi), buf(2 * p_.seqlen * p_.dim, acc_t(0)), v(2 * p_.dim), ratios(p.causal ? p_.seqlen : 0),
         rec(p.causal ? p_.seqlen * p_.dim : 0), cur(buf.data()), nxt(buf.data() + p_.seqlen * p_.dim) {}
 
   // One iteration; returns whether this element meets its own stopping rule (or the cap).
@@ -261,7 +281,7 @@ void bwd_impl(const FixedPointRnnParams& p) {
   using acc_t = cpu_acc_t<dt>;
   const int64_t TD = p.seqlen * p.dim, D = p.dim, R = p.rank;
   at::parallel_for(0, p.batch, cpu_grain(p.seqlen * p.dim), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
-    std::vector<acc_t> h_new(TD), s_a(TD), s_b(TD), v(D), e(D);
+    std::vector<acc_t> h_new(TD), s_a(TD), s_b(TD), v(2 * D), e(D);
     for (int64_t bi = begin; bi < end; ++bi) {
       const Element<T, acc_t> el(p, bi);
       const acc_t* hp = static_cast<const acc_t*>(p.h_prev) + bi * TD;
