@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from linmix.bench.__main__ import main
 
 
@@ -22,6 +24,7 @@ def _rows(path):
     return data["rows"], data["skipped"]
 
 
+@pytest.mark.slow
 def test_bench_linear_scan(tmp_path):
     out = _run(tmp_path, "--op", "linear_scan")
     assert "linear_scan" in out and "wrote" in out
@@ -42,6 +45,7 @@ def test_bench_linear_scan(tmp_path):
         assert (tmp_path / "linear_scan_speedup_quick.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_bench_all_ops(tmp_path):
     _run(tmp_path, "--op", "all", "--no-plot")
     rows, skipped = _rows(tmp_path / "bench_quick.json")
@@ -74,8 +78,24 @@ def test_partial_gradient_baseline_checks_and_runs():
         return o.transpose(1, 2)
 
     impl = Impl("sdpa-math", sdpa, ref=attention_ref, grads=("q", "k", "v"))
-    cfg = gla.configs("cpu", True)[0]
-    res = check(gla, impl, cfg, "cpu")
+    cfg = gla.OP.configs("cpu", True)[0]
+    res = check(gla.OP, impl, cfg, "cpu")
     assert res["check"] == "pass", res
-    grads = runner(impl, gla.make_inputs(gla.small(cfg), "cpu"), "fwd+bwd", impl.grads)()
+    grads = runner(impl, gla.OP.make_inputs(gla.OP.small(cfg), "cpu"), "fwd+bwd", impl.grads)()
     assert len(grads) == 3 and all(g is not None for g in grads)
+
+
+def test_sanitize_cases_run_on_cpu():
+    # The sanitizer's runs (every op, every argument value, both dtypes), forward and backward, on the CPU: what
+    # compute-sanitizer will see on a GPU, less the device.
+    import torch
+
+    from linmix.bench.sanitize import SHAPES, run, runs
+
+    seen = set()
+    for dtype in (torch.float32, torch.bfloat16):
+        for case, label, x in runs("cpu", dtype):
+            run(case, x)
+            seen.add(case.name)
+    assert seen == set(SHAPES)
+    assert [label for _, label, _ in runs("cpu", torch.float32, ["chunk_gla"])][0] == "chunk_gla T=1"

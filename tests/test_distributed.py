@@ -153,7 +153,7 @@ def _fixed_point_inputs(dtype, T, B=2, D=6, R=2):
     return [x.to(dtype) for x in (u, lam, hh_u, hh_beta)]
 
 
-def case_fixed_point(world):
+def case_fixed_point_rnn(world):
     T = 9
     for dtype, grad_mode, max_iter, tol in ((torch.float64, "onestep", 4, 0.0), (torch.float64, "implicit", 40, 1e-9),
                                             (torch.float32, "onestep", 40, 1e-4)):
@@ -257,7 +257,7 @@ def case_checkpoint(world):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-CASES = [case_linear_scan, case_selective_scan, case_chunk_gla, case_fixed_point, case_ddp_step, case_fsdp2_step,
+CASES = [case_linear_scan, case_selective_scan, case_chunk_gla, case_fixed_point_rnn, case_ddp_step, case_fsdp2_step,
          case_checkpoint]
 
 
@@ -278,6 +278,7 @@ def _worker(rank, world, port, out_path):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_context_parallel(world):
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

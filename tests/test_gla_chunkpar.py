@@ -1,8 +1,8 @@
 """The chunk-parallel CUDA chunk_gla (csrc/gla/gla_chunkpar_*.cuh, behind LINMIX_UNVERIFIED_KERNELS=1).
 
-On CPU: its PyTorch emulation (gla_chunkpar_emulation.py, the kernels' tiles, phases, segment-sum decays and dg
+On CPU: its PyTorch replay (replays/gla_chunkpar.py, the kernels' tiles, phases, segment-sum decays and dg
 closed form) against the float64 reference at tile boundaries and under -inf / huge gates. On a GPU: the kernels
-themselves, with the switch on, against the reference and against the emulation.
+themselves, with the switch on, against the reference and against the replay.
 """
 
 import math
@@ -15,7 +15,7 @@ import linmix
 from linmix.reference import gla_ref
 
 from conftest import HAS_CUDA, rel_err
-from gla_chunkpar_emulation import chunkpar_bwd, chunkpar_fwd
+from replays import gla_chunkpar
 
 NAMES = ["o", "final_state", "dq", "dk", "dv", "dg", "dh0"]
 
@@ -41,9 +41,9 @@ def reference(q, k, v, g, h0, do, dht, scale):
     return [o.detach(), ht.detach(), *grads]
 
 
-def emulated(q, k, v, g, h0, do, dht, scale, acc):
-    o, ht = chunkpar_fwd(q, k, v, g, scale, h0.to(acc), acc=acc)
-    dq, dk, dv, dg, dh0 = chunkpar_bwd(q, k, v, g, do, dht.to(acc), scale, h0.to(acc), acc=acc)
+def replayed(q, k, v, g, h0, do, dht, scale, acc):
+    o, ht = gla_chunkpar.fwd(q, k, v, g, scale, h0.to(acc), acc=acc)
+    dq, dk, dv, dg, dh0 = gla_chunkpar.bwd(q, k, v, g, do, dht.to(acc), scale, h0.to(acc), acc=acc)
     return [o, ht, dq, dk, dv, dg, dh0]
 
 
@@ -69,24 +69,24 @@ SHAPES = [(1, 16, 16), (63, 63, 65), (64, 64, 64), (65, 65, 63), (127, 127, 129)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_emulation_matches_reference(shape):
+def test_replay_matches_reference(shape):
     T, K, V = shape
     ins = make(1, T, 2, K, V, seed=T + K + V)
     scale = K**-0.5
     want = reference(*ins, scale)
-    check(emulated(*ins, scale, torch.float64), want, 1e-11)  # the algebra, exactly
-    check(emulated(*[t.float() for t in ins], scale, torch.float32), want, 2e-5)  # the fp32 kernels' arithmetic
+    check(replayed(*ins, scale, torch.float64), want, 1e-11)  # the algebra, exactly
+    check(replayed(*[t.float() for t in ins], scale, torch.float32), want, 2e-5)  # the fp32 kernels' arithmetic
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_emulation_half_operands(dtype):
+def test_replay_half_operands(dtype):
     """fp16/bf16 inputs: tensor-core operands rounded as the kernels round them; against the reference on the
     same rounded inputs, within FLA's accuracy bar (relative RMS 5e-3; dg 1e-2, see rms_bound) and a max-error
     bound."""
     ins = make(1, 130, 2, 65, 129, seed=3)
     low = [t.to(dtype) for t in ins[:4]] + [ins[4].float(), ins[5].to(dtype), ins[6].float()]
     want = reference(*low, 0.125)
-    got = emulated(*low, 0.125, torch.float32)
+    got = replayed(*low, 0.125, torch.float32)
     check_rms(got, want)
     check(got, want, 3e-2)
 
@@ -110,19 +110,19 @@ HARSH = {
 
 
 def check_harsh(ins, scale):
-    """fp64 (the algebra) and fp32 emulation against the reference, and dg exactly 0 wherever the decay
+    """fp64 (the algebra) and fp32 replay against the reference, and dg exactly 0 wherever the decay
     underflows (gla_gate_grad), as the reference's exp(g) * (...) is."""
     want = reference(*ins, scale)
     extreme = ins[3] < -1e3
     assert (want[5][extreme] == 0).all()
     for acc, tol in ((torch.float64, 1e-11), (torch.float32, 2e-5)):
-        got = emulated(*[t.to(acc) for t in ins], scale, acc)
+        got = replayed(*[t.to(acc) for t in ins], scale, acc)
         check(got, want, tol)
         assert (got[5][extreme] == 0).all(), f"dg not exactly 0 at the extreme gates ({acc})"
 
 
 @pytest.mark.parametrize("gate", HARSH, ids=list(HARSH))
-def test_emulation_harsh_gates(gate):
+def test_replay_harsh_gates(gate):
     check_harsh(make(1, 130, 1, 65, 33, seed=7, gate=HARSH[gate]), 0.5)
 
 
@@ -136,26 +136,27 @@ def at_tile_boundaries(g):
 
 
 @pytest.mark.parametrize("shape", [s for s in SHAPES if 63 <= s[0] <= 129], ids=lambda s: "x".join(map(str, s)))
-def test_emulation_extreme_gates_at_tile_boundaries(shape):
+def test_replay_extreme_gates_at_tile_boundaries(shape):
     T, K, V = shape
     check_harsh(make(1, T, 1, K, V, seed=T + K, gate=at_tile_boundaries), K**-0.5)
 
 
-def test_emulation_issue_inputs():
-    """The three inputs of issue 12 section 1."""
+def test_replay_extreme_gate_inputs():
+    """Three inputs that running-sum decays get wrong: a -inf gate at T = 1, a gate of -3.4e37 before ordinary
+    ones, and one of -1e4."""
     one = torch.ones(1, 1, 1, 1, dtype=torch.float64)
-    o, ht = chunkpar_fwd(one, one, one, -math.inf * one, 1.0, None, acc=torch.float64)
+    o, ht = gla_chunkpar.fwd(one, one, one, -math.inf * one, 1.0, None, acc=torch.float64)
     assert o.item() == 1.0 and ht.item() == 1.0
-    dq, dk, dv, dg, dh0 = chunkpar_bwd(one, one, one, -math.inf * one, one, one, 1.0, None, acc=torch.float64)
+    dq, dk, dv, dg, dh0 = gla_chunkpar.bwd(one, one, one, -math.inf * one, one, one, 1.0, None, acc=torch.float64)
     assert [t.item() for t in (dq, dk, dv, dg)] == [1.0, 2.0, 2.0, 0.0]
     ones = torch.ones(1, 3, 1, 1)
     v = torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
     g = torch.tensor([-3.4e37, -0.5, -0.5]).view(1, 3, 1, 1)
-    o, _ = chunkpar_fwd(ones, ones, v, g, 1.0, None)
+    o, _ = gla_chunkpar.fwd(ones, ones, v, g, 1.0, None)
     torch.testing.assert_close(o.flatten(), torch.tensor([1.0, 2.606531, 4.580941]), rtol=2e-6, atol=0)
     g = torch.tensor([-1e4, -0.5, -0.5]).view(1, 3, 1, 1)
     want, _ = gla_ref(ones.double(), ones.double(), v.double(), g.double(), scale=1.0)
-    assert rel_err(chunkpar_fwd(ones, ones, v, g, 1.0, None)[0], want) < 1e-6
+    assert rel_err(gla_chunkpar.fwd(ones, ones, v, g, 1.0, None)[0], want) < 1e-6
 
 
 # ---- the CUDA kernels themselves (need a GPU) ----
@@ -186,14 +187,14 @@ def test_cuda_fp32(unverified, shape):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(65, 65, 63), (129, 128, 129), (200, 256, 64)], ids=lambda s: "x".join(map(str, s)))
 def test_cuda_half(unverified, dtype, shape):
-    """Against the emulation of the same rounding (tight) and the float64 reference (FLA's bar)."""
+    """Against the replay of the same rounding (tight) and the float64 reference (FLA's bar)."""
     T, K, V = shape
     ins = make(2, T, 2, K, V, seed=T + 2 * K + V)
     low = [t.to(dtype) for t in ins[:4]] + [ins[4].float(), ins[5].to(dtype), ins[6].float()]
     got = run_cuda(*low, K**-0.5)
     want = reference(*low, K**-0.5)
     check_rms(got, want)
-    check(got, emulated(*low, K**-0.5, torch.float32), 2e-2)
+    check(got, replayed(*low, K**-0.5, torch.float32), 2e-2)
 
 
 @cuda
@@ -214,7 +215,7 @@ def test_cuda_extreme_gates_at_tile_boundaries(unverified, shape):
 
 
 @cuda
-def test_cuda_issue_inputs(unverified):
+def test_cuda_extreme_gate_inputs(unverified):
     one = torch.ones(1, 1, 1, 1)
     o, ht = linmix.chunk_gla(one.cuda(), one.cuda(), one.cuda(), -math.inf * one.cuda(), scale=1.0,
                              output_final_state=True)

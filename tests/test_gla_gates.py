@@ -1,10 +1,10 @@
-"""Gated linear attention under large and infinite gates (issue 12, section 1).
+"""Gated linear attention under large and infinite gates.
 
 Every decay must be built from sums over the segment it spans, never as a difference of running sums, so a gate
 of -inf gives an exact 0 decay (and no NaN anywhere, gradients included) and fp32 stays accurate whatever the
 other gates are; the gradient of a gate whose decay underflows is exactly 0 (gla_gate_grad). Checked against the
 float64 reference for both ops on CPU (the CPU twin) and, with a GPU, with LINMIX_UNVERIFIED_KERNELS=1 (the
-chunk-parallel chunk_gla kernels; their block structure is emulated on CPU in test_gla_chunkpar.py).
+chunk-parallel chunk_gla kernels; their block structure is replayed on CPU in test_gla_chunkpar.py).
 """
 
 import math
@@ -29,7 +29,7 @@ def skip_fp64_cuda(device, dtype):
         pytest.skip("no float64 CUDA kernels")
 
 
-# ---- the issue's three inputs, exactly
+# ---- three inputs that running-sum decays get wrong, exactly
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,6 +1,6 @@
 """selective_state_update: mamba-ssm's decode contract against the float64 step (reference/selective_scan.py),
-the named shape errors of issue 13, state_batch_indices, mixed dtypes, broadcast, and an emulation of the CUDA
-kernel's block structure (selective_state_update_kernel.cuh)."""
+shape errors that name the argument and its expected shape, state_batch_indices, mixed dtypes, broadcast, and a
+replay of the CUDA kernel's block structure (replays/selective_state_update.py)."""
 
 import itertools
 
@@ -12,6 +12,7 @@ import linmix
 from linmix.reference import selective_state_update_ref
 
 from conftest import DEVICES, assert_close, cuda_only
+from replays import selective_state_update as selective_state_update_replay
 
 EPS = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
 
@@ -134,8 +135,8 @@ def _heads(b=2, h=4, p=3, n=2, g=2):
                 dt_bias=torch.randn(h, p))
 
 
-def test_issue13_shape_errors():
-    # The exact inputs of issue 13: each must raise naming the argument, its expected and actual shape.
+def test_mamba2_shape_errors():
+    # Mamba-2 (heads) inputs of the wrong shape: each must raise naming the argument, its expected and actual shape.
     torch.manual_seed(0)
     a = _heads(b=1, h=4, p=3, n=2)
     _raises(dict(a, B=torch.randn(1, 3, 2), C=torch.randn(1, 3, 2)), r"group count g = 3 of B \(1, 3, 2\) must divide the head count 4")
@@ -231,71 +232,10 @@ def test_opcheck_and_compile():
     torch.testing.assert_close(s2, s1)
 
 
-# ---- the CUDA kernel's block structure, emulated (selective_state_update_kernel.cuh) ----
-
-THREADS, VEC = 128, 4
-
-
-def threads_per_row(n):
-    t = 4
-    while t < 32 and t * VEC < n:
-        t *= 2
-    return t
-
-
-def emulate_kernel(state, x, dt, A, B, C, D, z, dt_bias, softplus, idx):
-    """numpy float64, thread by thread as the CUDA kernel: flat grid (batch x row blocks), kTPR threads per row,
-    runs of VEC states at lane * VEC + k * kTPR * VEC, xor-shuffle sum over the row's lanes. Heads layout.
-    Returns out and the new state, and asserts every live state element is written exactly once."""
-    S, h, p, n = state.shape
-    b = x.shape[0]
-    tpr = threads_per_row(n)
-    rpb, rows = THREADS // tpr, h * p
-    row_blocks = -(-rows // rpb)
-    state, out = state.copy(), np.full((b, h, p), np.nan)
-    writes = np.zeros(state.shape, dtype=np.int64)
-    for block in range(b * row_blocks):
-        bb, rb = divmod(block, row_blocks)
-        srow = bb if idx is None else idx[bb]
-        srow = -1 if srow < 0 or srow >= S else srow
-        y = np.zeros(THREADS)
-        for t in range(THREADS):
-            r, lane = rb * rpb + t // tpr, t % tpr
-            if r >= rows:
-                continue
-            hh, j = divmod(r, p)
-            if srow < 0:
-                if lane == 0:
-                    out[bb, hh, j] = 0.0
-                continue
-            gB, gC = hh // (h // B.shape[1]), hh // (h // C.shape[1])
-            delta = dt[bb, hh, j] + (0.0 if dt_bias is None else dt_bias[hh, j])
-            delta = np.log1p(np.exp(delta)) if softplus and delta <= 20 else delta
-            for k0 in range(lane * VEC, n, tpr * VEC):
-                for k in range(k0, min(k0 + VEC, n)):
-                    v = np.exp(delta * A[hh, j, k]) * state[srow, hh, j, k] + delta * x[bb, hh, j] * B[bb, gB, k]
-                    state[srow, hh, j, k] = v
-                    writes[srow, hh, j, k] += 1
-                    y[t] += v * C[bb, gC, k]
-        if srow < 0:
-            continue
-        off = tpr // 2
-        while off:
-            y = y + y[np.arange(THREADS) ^ off]  # __shfl_xor_sync: all lanes read before any writes
-            off //= 2
-        for t in range(0, THREADS, tpr):
-            r = rb * rpb + t // tpr
-            if r < rows:
-                hh, j = divmod(r, p)
-                o = y[t] + (0.0 if D is None else D[hh, j] * x[bb, hh, j])
-                out[bb, hh, j] = o * (z[bb, hh, j] / (1 + np.exp(-z[bb, hh, j]))) if z is not None else o
-    live = sorted({int(i) for i in (range(b) if idx is None else idx) if 0 <= i < S})
-    assert (writes[live] == 1).all() and writes.sum() == len(live) * h * p * n
-    return out, state
-
+# ---- the CUDA kernel's block structure, replayed (replays/selective_state_update.py) ----
 
 @pytest.mark.parametrize("n", [1, 3, 4, 15, 16, 17, 33, 64, 65, 129])
-def test_emulated_cuda_block_structure(n):
+def test_replay_block_structure(n):
     # rows h * p = 3 * 11 = 33: not a multiple of any rows-per-block (4..32); a padding and an unordered index
     torch.manual_seed(n)
     a = {k: v.double() for k, v in _heads(b=3, h=3, p=11, n=n, g=3).items()}
@@ -303,15 +243,15 @@ def test_emulated_cuda_block_structure(n):
     idx = torch.tensor([4, -1, 1])
     ref_out, ref_state = selective_state_update_ref(**a, dt_softplus=True, state_batch_indices=idx)
     npa = {k: v.numpy() for k, v in a.items()}
-    out, state = emulate_kernel(npa["state"], npa["x"], npa["dt"], npa["A"], npa["B"], npa["C"], npa["D"], npa["z"],
-                                npa["dt_bias"], True, idx.numpy())
+    out, state = selective_state_update_replay.fwd(npa["state"], npa["x"], npa["dt"], npa["A"], npa["B"], npa["C"],
+                                                   npa["D"], npa["z"], npa["dt_bias"], True, idx.numpy())
     np.testing.assert_allclose(out, ref_out.numpy(), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(state, ref_state.numpy(), rtol=1e-12, atol=1e-12)
 
 
 def test_threads_per_row_matches_kernel():
     # ssu_threads_per_row in the .cuh: 4 threads up to n = 16, doubling to a warp
-    assert [threads_per_row(n) for n in (1, 16, 17, 32, 33, 64, 65, 128, 129, 256)] == [4, 4, 8, 8, 16, 16, 32, 32, 32, 32]
+    assert [selective_state_update_replay.threads_per_row(n) for n in (1, 16, 17, 32, 33, 64, 65, 128, 129, 256)] == [4, 4, 8, 8, 16, 16, 32, 32, 32, 32]
 
 
 # ---- CUDA: the unverified fused kernel (switch on) and the default selective_scan route ----

@@ -20,14 +20,14 @@ BTHView bth_view(const at::Tensor& t) { return BTHView{t.data_ptr(), t.stride(0)
 // Checks shared by both algorithms and directions.
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
                   const std::optional<at::Tensor>& h0, bool cuda_kernels) {
-  TORCH_CHECK(q.dim() == 4, "linmix.gla: q must have shape (B, T, H, K), got ", shape_str(q.sizes()));
+  TORCH_CHECK(q.dim() == 4, "linmix: q must have shape (B, T, H, K), got ", shape_str(q.sizes()));
   check_float_dtype(q, "q");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), K = q.size(3);
   check_shape(k, "k", {B, T, H, K}, "(B, T, H, K) like q");
   check_shape(g, "g", {B, T, H, K}, "(B, T, H, K) like q");
   check_shape(v, "v", {B, T, H, -1}, "(B, T, H, V) with q's B, T, H");
   const int64_t V = v.size(3);
-  TORCH_CHECK(K >= 1 && K <= kGlaMaxHeadDim && V >= 1 && V <= kGlaMaxHeadDim, "linmix.gla: head dims K and V must be in [1, ",
+  TORCH_CHECK(K >= 1 && K <= kGlaMaxHeadDim && V >= 1 && V <= kGlaMaxHeadDim, "linmix: head dims K and V must be in [1, ",
               kGlaMaxHeadDim, "], got K = ", K, ", V = ", V);
   for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}, std::pair{&g, "g"}}) {
     check_same_dtype(*t, name, q, "q");
@@ -39,8 +39,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     check_same_device(*h0, "initial_state", q, "q");
   }
   if (cuda_kernels) {
-    TORCH_CHECK(B * H <= int64_t(2147483647), "linmix.gla: B * H too large for the CUDA grid");
-    TORCH_CHECK(T <= int64_t(65535) * kGlaChunk, "linmix.gla: T must be at most ", 65535 * kGlaChunk, " on CUDA");
+    TORCH_CHECK(B * H <= int64_t(2147483647), "linmix: B * H too large for the CUDA grid");
+    TORCH_CHECK(T <= int64_t(65535) * kGlaChunk, "linmix: T must be at most ", 65535 * kGlaChunk, " on CUDA");
   }
 }
 

@@ -1,7 +1,7 @@
 """linmix: handwritten CUDA and C++ kernels for linear sequence mixers."""
 
 from ._native import build_info, kernels
-from .ops.fixed_point import FixedPointConvergenceError, FixedPointConvergenceWarning, fixed_point_rnn
+from .ops.fixed_point_rnn import FixedPointConvergenceError, FixedPointConvergenceWarning, fixed_point_rnn
 from .ops.gla import chunk_gla, fused_recurrent_gla
 from .ops.linear_scan import linear_scan
 from .ops.selective_scan import selective_scan, selective_scan_fn, selective_state_update

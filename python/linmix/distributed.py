@@ -45,8 +45,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import ops
+from ._fixed_point_loop import implicit_grad, solve
 from ._native import acc_dtype
-from .ops.fixed_point import _GRAD_MODES
+from .ops.fixed_point_rnn import GRAD_MODES
 
 _comm = {"bytes": 0}
 
@@ -259,51 +260,24 @@ def _householder(hh_u: torch.Tensor, hh_beta: torch.Tensor, x: torch.Tensor, tra
     return x
 
 
-def _residual(new: torch.Tensor, old: torch.Tensor, group) -> torch.Tensor:
-    """max over every rank's tokens of |new_t - old_t|_inf / |new_t|_inf, per batch element (B,), as the
-    fused op measures it (an unchanged token counts 0); NaN is reported as inf so it never converges."""
-    diff = (new - old).abs().amax(-1)
-    ratio = torch.where(diff > 0, diff / new.abs().amax(-1), torch.where(diff.isnan(), diff, torch.zeros_like(diff)))
-    res = ratio.amax(1).nan_to_num(nan=float("inf"))
-    rank, world = _group_info(group)
-    if world > 1:
-        dist.all_reduce(res, op=dist.ReduceOp.MAX, group=group)
-        _comm["bytes"] += 2 * (world - 1) * res.numel() * res.element_size() // world
-    return res
+def _all_ranks_max(group):
+    """The per-element residuals (B,) over every rank's tokens: the max across the group, NaN reported as inf
+    so it never counts as converged (the fused op's rule, with the same per-token ratio)."""
+    def reduce(res: torch.Tensor) -> torch.Tensor:
+        res = res.nan_to_num(nan=float("inf"))
+        rank, world = _group_info(group)
+        if world > 1:
+            dist.all_reduce(res, op=dist.ReduceOp.MAX, group=group)
+            _comm["bytes"] += 2 * (world - 1) * res.numel() * res.element_size() // world
+        return res
+    return reduce
 
 
-def _iterate(f, h0, max_iter, tol, group):
-    """Masked fixed-point loop shared by the forward and the implicit adjoint: each batch element stops on
-    its own once its residual < tol, as the fused op's. Returns (last, before last, n_iter, residual)."""
-    B = h0.shape[0]
-    cur, prev = h0, h0
-    n_iter = torch.zeros(B, dtype=torch.int32, device=h0.device)
-    residual = torch.full((B,), float("inf"), dtype=torch.float32, device=h0.device)
-    active = torch.ones(B, dtype=torch.bool, device=h0.device)
-    for _ in range(max_iter):
-        new = f(cur)
-        res = _residual(new, cur, group)
-        m = active[:, None, None]
-        prev, cur = torch.where(m, cur, prev), torch.where(m, new, cur)
-        n_iter += active.int()
-        residual = torch.where(active, res.float(), residual)
-        active = active & ~(res < tol)
-        if not bool(active.any()):  # a host sync per iteration; every rank sees the same reduced residual
-            break
-    return cur, prev, n_iter, residual
-
-
-class _ImplicitGrad(torch.autograd.Function):
-    """Identity forward; backward replaces the upstream gradient g by the fixed-point adjoint w = g + J_hᵀ w."""
-
-    @staticmethod
-    def forward(ctx, h, solve):
-        ctx.solve = solve
-        return h.view_as(h)
-
-    @staticmethod
-    def backward(ctx, g):
-        return ctx.solve(g), None
+def _solve(step, y0, max_iter, tol, group):
+    """The shared fixed-point loop as the fused op runs it: each batch element stops on its own once its
+    residual over all ranks' tokens < tol; a host sync per iteration ends it early (every rank sees the same
+    reduced residual, so all stop together)."""
+    return solve(step, y0, max_iter, tol, host_exit=True, eps=0.0, reduce=_all_ranks_max(group))
 
 
 def fixed_point_rnn(u, lam, hh_u, hh_beta, max_iter=32, tol=1e-4, grad_mode="onestep", return_info=False,
@@ -329,13 +303,13 @@ def fixed_point_rnn(u, lam, hh_u, hh_beta, max_iter=32, tol=1e-4, grad_mode="one
     parallel scan's zero-start pass and correction), one all-gather of 2 * B * D values and one
     all-reduce of B values. The state is computed in float32 (float64 for float64 inputs).
     """
-    if grad_mode not in _GRAD_MODES:
-        raise ValueError(f"linmix.distributed.fixed_point_rnn: grad_mode must be one of {_GRAD_MODES}, got "
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"linmix.distributed.fixed_point_rnn: grad_mode must be one of {GRAD_MODES}, got "
                          f"{grad_mode!r}")
     _check_slice("fixed_point_rnn", u.shape[1])
     if _group_info(group)[1] == 1:
-        return ops.fixed_point.fixed_point_rnn(u, lam, hh_u, hh_beta, max_iter=max_iter, tol=tol, grad_mode=grad_mode,
-                                               return_info=return_info)
+        return ops.fixed_point_rnn.fixed_point_rnn(u, lam, hh_u, hh_beta, max_iter=max_iter, tol=tol,
+                                                   grad_mode=grad_mode, return_info=return_info)
     acc = acc_dtype(u)
     u_, lam_, hh_u_, hh_beta_ = (x.to(acc) for x in (u, lam, hh_u, hh_beta))
 
@@ -343,23 +317,22 @@ def fixed_point_rnn(u, lam, hh_u, hh_beta, max_iter=32, tol=1e-4, grad_mode="one
         return linear_scan(lam_, (1 - lam_) * (h + _householder(hh_u_, hh_beta_, u_ - h)), group=group)
 
     with torch.no_grad():
-        _, h_prev, n_iter, residual = _iterate(step, torch.zeros_like(u_), int(max_iter), float(tol), group)
-    h_in = h_prev.requires_grad_() if grad_mode == "implicit" else h_prev
-    h = step(h_in)
+        _, h_prev, n_iter, residual = _solve(step, torch.zeros_like(u_), int(max_iter), float(tol), group)
+    h = step(h_prev)
     if grad_mode == "implicit" and torch.is_grad_enabled():
-        h = _ImplicitGrad.apply(h, _adjoint_solver(h, h_in, lam_, hh_u_, hh_beta_, int(max_iter), float(tol), group))
+        h = implicit_grad(h, _adjoint(h_prev, lam_, hh_u_, hh_beta_, int(max_iter), float(tol), group))
     h = h.to(u.dtype)
-    return (h, n_iter, residual) if return_info else h
+    return (h, n_iter, residual.float()) if return_info else h
 
 
-def _adjoint_solver(h, h_in, lam, hh_u, hh_beta, max_iter, tol, group):
-    """w = g + J_hᵀ w, iterated as the fused op does: on s = Sᵀ w (S the scan), s^0 = 0,
+def _adjoint(h_prev, lam, hh_u, hh_beta, max_iter, tol, group):
+    """g -> w = g + J_hᵀ w, iterated as the fused op does: on s = Sᵀ w (S the scan), s^0 = 0,
     s^{k+1} = Sᵀ (g + (I - Q)ᵀ ((1 - lam) s^k)), residual on s; returns w with Sᵀ w = the last s."""
-    def solve(g):
+    def adjoint(g):
         # Sᵀ y is the gradient of the (context-parallel) scan with respect to its input, taken on a graph
         # of its own so the collectives of its backward run in the same order on every rank.
         with torch.enable_grad():
-            b = torch.zeros_like(h_in).requires_grad_()
+            b = torch.zeros_like(h_prev).requires_grad_()
             hs = linear_scan(lam.detach(), b, group=group)
 
         def scan_t(y):
@@ -369,8 +342,8 @@ def _adjoint_solver(h, h_in, lam, hh_u, hh_beta, max_iter, tol, group):
             y = (1 - lam) * s
             return y - _householder(hh_u, hh_beta, y, transpose=True)
 
-        g = g.to(h_in.dtype)
-        _, s_prev, _, _ = _iterate(lambda s: scan_t(g + mix_t(s)), torch.zeros_like(g), max_iter, tol, group)
+        g = g.to(h_prev.dtype)
+        s_prev = _solve(lambda s: scan_t(g + mix_t(s)), torch.zeros_like(g), max_iter, tol, group).y_prev
         return g + mix_t(s_prev)
 
-    return solve
+    return adjoint

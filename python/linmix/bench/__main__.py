@@ -20,13 +20,13 @@ import linmix
 from . import env, floors, report, timing
 from . import fixed_point_rnn, gla, linear_scan, selective_scan, selective_state_update
 
-OPS = {m.NAME: m for m in (selective_scan, selective_state_update, gla, fixed_point_rnn, linear_scan)}
+OPS = {m.OP.name: m.OP for m in (selective_scan, selective_state_update, gla, fixed_point_rnn, linear_scan)}
 TOL = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # max |err| / max |ref|, per tensor
 MODES = ("fwd", "fwd+bwd")
 
 
 def shape_str(op, cfg: dict) -> str:
-    return " ".join(f"{k}={cfg[k]}" for k in op.SHAPE)
+    return " ".join(f"{k}={cfg[k]}" for k in op.shape)
 
 
 def _dname(dt: torch.dtype) -> str:
@@ -48,17 +48,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return err, err / max(b.double().abs().max().item(), 1e-30)
 
 
-def _grads(op, impl) -> tuple[str, ...]:
+def _grads(op, impl, x: dict) -> tuple[str, ...]:
     """The inputs whose gradients fwd+bwd computes (and the check compares) for this implementation."""
-    return op.GRAD if impl.grads is None else impl.grads
+    return op.grads(x) if impl.grads is None else impl.grads
 
 
 def check(op, impl, cfg: dict, device: str) -> dict:
     """Output (and, where the op defines them comparably, input gradients) at op.small(cfg) vs float64."""
-    torch.manual_seed(0)
-    scfg = op.small(cfg)
-    x = op.make_inputs(scfg, device)
-    grads = _grads(op, impl) if (op.CHECK_GRAD and "fwd+bwd" in impl.modes) else ()
+    torch.manual_seed(0)  # the random output gradient
+    x = op.make_inputs(op.small(cfg), device)
+    grads = _grads(op, impl, x) if (op.check_grad and "fwd+bwd" in impl.modes) else ()
     xi, xr = _leaves(x, grads), _leaves(x, grads, double=True)
     out, ref = impl.fn(xi), (impl.ref or op.reference)(xr)
     pairs = [(out, ref)]
@@ -123,40 +122,39 @@ def run(args, hw: dict) -> tuple[list[dict], list[str]]:
     rows, checks, inputs_key, x = [], {}, None, None
     for n, (op, idx, cfg, impl, mode) in enumerate(work):
         shape = shape_str(op, cfg)
-        print(f"\r[{n + 1}/{len(work)}] {op.NAME} {impl.label} {mode} {shape}".ljust(100)[:100], file=sys.stderr,
+        print(f"\r[{n + 1}/{len(work)}] {op.name} {impl.label} {mode} {shape}".ljust(100)[:100], file=sys.stderr,
               end="" if sys.stderr.isatty() else "\n", flush=True)
         try:
-            if inputs_key != (op.NAME, idx):
+            if inputs_key != (op.name, idx):
                 x, inputs_key = None, None
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
-                torch.manual_seed(idx)
-                x, inputs_key = op.make_inputs(cfg, args.device), (op.NAME, idx)
-            ckey = (op.NAME, impl.label, shape_str(op, op.small(cfg)), cfg["dtype"])
+                x, inputs_key = op.make_inputs(cfg, args.device, seed=idx), (op.name, idx)
+            ckey = (op.name, impl.label, shape_str(op, op.small(cfg)), cfg["dtype"])
             if ckey not in checks:
                 checks[ckey] = check(op, impl, cfg, args.device)
-            fn = runner(impl, x, mode, _grads(op, impl))
-            nvtx = torch.cuda.nvtx.range(nvtx_name(op.NAME, idx, mode, impl.label)) if args.device == "cuda" else contextlib.nullcontext()
+            fn = runner(impl, x, mode, _grads(op, impl, x))
+            nvtx = torch.cuda.nvtx.range(nvtx_name(op.name, idx, mode, impl.label)) if args.device == "cuda" else contextlib.nullcontext()
             with nvtx:
                 ms, p20, p80 = timing.bench(fn, args.device, args.quick, args.reps)
             del fn
         except Exception as e:  # OOM, a backend refusing a shape: one line, and go on
-            skipped.append(f"{op.NAME} / {impl.label} / {shape} / {mode}: error {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+            skipped.append(f"{op.name} / {impl.label} / {shape} / {mode}: error {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
             continue
         c = (impl.cost or op.cost)(cfg, mode)
         fl, bound = floors.floor_ms(c, hw)
         row = {
-            "op": op.NAME, "impl": impl.label, "impl_name": impl.name, "variant": impl.variant, "shape": shape, "dtype": _dname(cfg["dtype"]), "mode": mode,
+            "op": op.name, "impl": impl.label, "impl_name": impl.name, "variant": impl.variant, "shape": shape, "dtype": _dname(cfg["dtype"]), "mode": mode,
             "ms": ms, "p20": p20, "p80": p80, "tokens_per_s": op.tokens(cfg) / (ms / 1e3),
             "gb_per_s": c["bytes"] / (ms / 1e3) / 1e9, "floor_ms": fl, "floor_bound": bound, "x_floor": ms / fl if fl else None,
-            "config": idx, "sweep": cfg.get(op.SWEEP) if cfg.get("in_sweep", True) else None, "sweep_key": op.SWEEP,
+            "config": idx, "sweep": cfg.get(op.sweep) if cfg.get("in_sweep", True) else None, "sweep_key": op.sweep,
             "cost": c, **checks[ckey],
         }
         rows.append(row)
     if sys.stderr.isatty():
         print(file=sys.stderr)
-    for op in {r[0] for r in work}:
-        if hasattr(op, "annotate"):
+    for op in {r[0].name: r[0] for r in work}.values():
+        if op.annotate:
             op.annotate(rows)
     report.add_speedups(rows)
     return rows, skipped
@@ -176,7 +174,7 @@ def profile_cmds(args) -> str:
     ]
     for mode in MODES:
         rng = nvtx_name(name, idx, mode, "linmix")
-        lines.append(f"ncu --kernel-name regex:{op.KERNELS} --nvtx --nvtx-include '{rng}/' --set full --import-source yes "
+        lines.append(f"ncu --kernel-name regex:{op.kernels} --nvtx --nvtx-include '{rng}/' --set full --import-source yes "
                      f"-o linmix_{name}_{idx}_{mode.replace('+', '')} -f {one} --mode {mode} --reps 1")
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
-"""What an implementation is, and the baselines more than one op uses: a vectorised PyTorch scan,
-PyTorch SDPA pinned to one backend, flash-linear-attention and mamba-ssm (each skipped with a reason when absent)."""
+"""What an op's bench and an implementation are, and the baselines more than one op uses: the float64 loop
+reference, a vectorised PyTorch scan, PyTorch SDPA pinned to one backend, flash-linear-attention and mamba-ssm
+(each skipped with a reason when absent)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-import linmix
+from linmix._cases import Case, make
 
-Inputs = dict  # name -> tensor
+Inputs = dict  # the op's keyword arguments (linmix._cases.make)
 
 
 @dataclass
@@ -41,9 +42,73 @@ class Impl:
         return f"{self.name} [{self.variant}]" if self.variant else self.name
 
 
-def linmix_impl(name: str, attr: str, call: Callable, **kw) -> Impl:
-    """linmix's own op `linmix.<attr>`, called as call(op, inputs)."""
-    return Impl(name, lambda x: call(getattr(linmix, attr), x), **kw)
+def linmix_impl(name: str, op: Callable, options: dict | None = None, **kw) -> Impl:
+    """linmix's own op on the inputs (plus `options`), its first output."""
+    def fn(x):
+        out = op(**x, **(options or {}))
+        return out[0] if isinstance(out, tuple) else out
+
+    return Impl(name, fn, **kw)
+
+
+def loop_reference(case: Case, cuda_limit: int, cpu_limit: int, gb: Callable[[dict], float] | None = None) -> Impl:
+    """The float64 reference timed as a baseline: a plain loop over time whose autograd graph grows with every
+    step, so it runs only up to a length per device (and below 16 GB of states, `gb(cfg)`, where given)."""
+    def when(cfg: dict, device: str) -> str | None:
+        limit = cuda_limit if device == "cuda" else cpu_limit
+        if cfg[case.time] > limit:
+            return f"float64 loop reference timed only at {case.time} <= {limit}"
+        size = gb(cfg) if gb else 0.0
+        return f"float64 loop reference would keep {size:.0f} GB of states" if size > 16 else None
+
+    def fn(x):
+        dtype = next(v.dtype for v in x.values() if torch.is_tensor(v))
+        return case.reference(**x)[0].to(dtype)
+
+    return Impl("torch reference (float64 loop)", fn, when=when)
+
+
+@dataclass(frozen=True)
+class BenchOp:
+    """One op's bench: its case (linmix._cases: inputs, reference, differentiable inputs), the configurations
+    timed and how each is called, the implementations compared, and the cost model of its floor.
+
+    configs(device, quick) gives the configurations: the case's sizes by name, plus "dtype" (and "in_sweep":
+    False keeps a configuration out of the plotted sweep over `sweep`); `shape` names the sizes shown.
+    choices(cfg) gives linmix._cases.make's choices for a configuration (which optional inputs and options).
+    small(cfg) is the configuration the correctness check runs at; check_grad says whether it compares input
+    gradients too. cost(cfg, mode) gives bytes / flops / sfu for floors.floor_ms; annotate, if given, adds
+    op-specific columns to the finished rows. `kernels` is the ncu --kernel-name regex of the op's kernels."""
+
+    case: Case
+    kernels: str
+    shape: tuple[str, ...]
+    sweep: str
+    configs: Callable[[str, bool], list[dict]]
+    choices: Callable[[dict], dict]
+    small: Callable[[dict], dict]
+    impls: Callable[[str], list[Impl]]
+    cost: Callable[[dict, str], dict]
+    check_grad: bool = True
+    annotate: Callable[[list[dict]], None] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.case.name
+
+    def make_inputs(self, cfg: dict, device: str, seed: int = 0) -> Inputs:
+        sizes = {k: v for k, v in cfg.items() if k in self.case.sizes}
+        return make(self.case, device, cfg["dtype"], seed=seed, sizes=sizes, **self.choices(cfg))
+
+    def reference(self, x: Inputs) -> torch.Tensor:
+        return self.case.reference(**x)[0]
+
+    def grads(self, x: Inputs) -> tuple[str, ...]:
+        """The inputs whose gradients fwd+bwd computes."""
+        return tuple(n for n in self.case.grads if x.get(n) is not None)
+
+    def tokens(self, cfg: dict) -> int:
+        return cfg[self.case.batch] * (cfg[self.case.time] if self.case.time else 1)
 
 
 def optional(module: str, attr: str):

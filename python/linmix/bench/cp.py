@@ -21,74 +21,44 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 import linmix
 import linmix.distributed as lmd
+from linmix._cases import CASES, make
 
 from . import env
 
 
-def _configs(quick: bool) -> list[dict]:
+def _configs(quick: bool) -> list[tuple[str, dict, dict]]:
+    """(op, sizes, linmix._cases.make choices) per configuration."""
     s = 4 if quick else 2
     return [
-        dict(op="linear_scan", B=2, T=16384 // s, D=256),
-        dict(op="selective_scan", b=1, d=256, n=16, L=8192 // s),
-        dict(op="chunk_gla", B=1, T=8192 // s, H=4, K=64, V=64),
-        dict(op="fixed_point_rnn", B=1, T=4096 // s, D=64, R=2, iters=8),
+        ("linear_scan", dict(B=2, T=16384 // s, D=256), {}),
+        ("selective_scan", dict(b=1, d=256, n=16, L=8192 // s), dict(z="given", delta_softplus=True)),
+        ("chunk_gla", dict(B=1, T=8192 // s, H=4, K=64, V=64), {}),
+        ("fixed_point_rnn", dict(B=1, T=4096 // s, D=64, R=2), dict(max_iter=8, tol=0.0)),
     ]
 
 
-def _inputs(cfg: dict, device: str) -> tuple[list[torch.Tensor], list[int | None]]:
-    """Full-sequence inputs (float32) and each one's time dim (None: replicated)."""
-    g = torch.Generator().manual_seed(0)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g)
-
-    op = cfg["op"]
-    if op == "linear_scan":
-        B, T, D = cfg["B"], cfg["T"], cfg["D"]
-        xs, dims = [torch.sigmoid(r(B, T, D) + 2), r(B, T, D)], [1, 1]
-    elif op == "selective_scan":
-        b, d, n, L = cfg["b"], cfg["d"], cfg["n"], cfg["L"]
-        xs = [r(b, d, L), r(b, d, L) - 1, -torch.rand(d, n, generator=g) - 0.5, r(b, n, L), r(b, n, L), r(b, d, L)]
-        dims = [2, 2, None, 2, 2, 2]
-    elif op == "chunk_gla":
-        B, T, H, K, V = (cfg[k] for k in "BTHKV")
-        xs, dims = [r(B, T, H, K), r(B, T, H, K), r(B, T, H, V), F.logsigmoid(r(B, T, H, K) + 3)], [1, 1, 1, 1]
-    else:
-        B, T, D, R = cfg["B"], cfg["T"], cfg["D"], cfg["R"]
-        xs = [r(B, T, D), 0.5 + 0.4 * torch.rand(B, T, D, generator=g), F.normalize(r(B, T, R, D), dim=-1),
-              torch.rand(B, T, R, generator=g)]
-        dims = [1, 1, 1, 1]
-    return [x.to(device) for x in xs], dims
+def _call(op: str, cp: bool, x: dict):
+    """The op (its context-parallel version with cp) on keyword inputs; its first output."""
+    out = getattr(lmd if cp else linmix, op)(**x)
+    return out[0] if isinstance(out, tuple) else out
 
 
-def _call(op: str, cp: bool, cfg: dict, xs):
-    m = lmd if cp else linmix
-    if op == "linear_scan":
-        return m.linear_scan(*xs)
-    if op == "selective_scan":
-        u, delta, A, B, C, z = xs
-        return m.selective_scan(u, delta, A, B, C, z=z, delta_softplus=True)
-    if op == "chunk_gla":
-        return m.chunk_gla(*xs)[0]
-    return m.fixed_point_rnn(*xs, max_iter=cfg["iters"], tol=0.0)
-
-
-def _runner(op, cp, cfg, xs, mode):
+def _runner(op, cp, x, mode):
     if mode == "fwd":
         def fwd():
             with torch.no_grad():
-                return _call(op, cp, cfg, xs)
+                return _call(op, cp, x)
         return fwd
-    leaves = [x.detach().requires_grad_() for x in xs]
+    x = {k: v.detach().requires_grad_() if torch.is_tensor(v) else v for k, v in x.items()}
+    leaves = [v for v in x.values() if torch.is_tensor(v)]
     with torch.no_grad():
-        dout = torch.randn_like(_call(op, cp, cfg, leaves))
+        dout = torch.randn_like(_call(op, cp, x))
 
     def fwd_bwd():
-        return torch.autograd.grad(_call(op, cp, cfg, leaves), leaves, dout)
+        return torch.autograd.grad(_call(op, cp, x), leaves, dout)
     return fwd_bwd
 
 
@@ -102,8 +72,8 @@ def _timed(fn, device: str) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def _shape(cfg: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in cfg.items() if k != "op")
+def _shape(sizes: dict, choices: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in {**sizes, **choices}.items())
 
 
 def _worker(rank: int, world: int, port: int, device: str, quick: bool, reps: int, out_path: str):
@@ -115,19 +85,21 @@ def _worker(rank: int, world: int, port: int, device: str, quick: bool, reps: in
                             rank=rank, world_size=world, timeout=datetime.timedelta(minutes=10))
     dev = f"cuda:{rank}" if device == "cuda" else "cpu"
     rows = []
-    for cfg in _configs(quick):
-        op = cfg["op"]
-        full, dims = _inputs(cfg, dev)
-        T = full[0].shape[dims[0]]
+    for op, sizes, choices in _configs(quick):
+        case = CASES[op]
+        full = make(case, dev, seed=0, sizes=sizes, **choices)  # every rank draws the whole sequence alike
+        T = sizes[case.time]
         lo, hi = rank * T // world, (rank + 1) * T // world
-        mine = [x if d is None else x.narrow(d, lo, hi - lo).contiguous() for x, d in zip(full, dims)]
+        mine = {k: v if full.time_dim(k) is None else v.narrow(full.time_dim(k), lo, hi - lo).contiguous()
+                for k, v in full.items()}  # replicated where it has no time axis
+        out_time = full.time_dim(next(iter(full)))  # the output's time axis: the first input's
         with torch.no_grad():
-            want = _call(op, False, cfg, full).narrow(dims[0], lo, hi - lo)
-            got = _call(op, True, cfg, mine)
+            want = _call(op, False, full).narrow(out_time, lo, hi - lo)
+            got = _call(op, True, mine)
         err = ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).reshape(1)
         dist.all_reduce(err, op=dist.ReduceOp.MAX)
         for mode in ("fwd", "fwd+bwd"):
-            single, fn = _runner(op, False, cfg, full, mode), _runner(op, True, cfg, mine, mode)
+            single, fn = _runner(op, False, full, mode), _runner(op, True, mine, mode)
             lmd.reset_comm_bytes()
             fn()  # also the warm-up
             nbytes = lmd.comm_bytes()
@@ -145,8 +117,9 @@ def _worker(rank: int, world: int, port: int, device: str, quick: bool, reps: in
             dist.all_reduce(ms, op=dist.ReduceOp.MAX)  # the slowest rank
             if rank == 0:
                 one = torch.tensor(t_single, dtype=torch.float64).median().item()
-                rows.append(dict(op=op, shape=_shape(cfg), mode=mode, ranks=world, single_ms=one, cp_ms=ms.item(),
-                                 speedup=one / ms.item(), comm_bytes_per_rank=nbytes, rel_err=err.item()))
+                rows.append(dict(op=op, shape=_shape(sizes, choices), mode=mode, ranks=world, single_ms=one,
+                                 cp_ms=ms.item(), speedup=one / ms.item(), comm_bytes_per_rank=nbytes,
+                                 rel_err=err.item()))
     if rank == 0:
         torch.save(rows, out_path)
     dist.destroy_process_group()
@@ -169,11 +142,12 @@ def run(world: int, device: str, quick: bool, out_dir: str) -> list[str]:
     mp.spawn(_worker, args=(world, free_port(), device, quick, reps, tmp), nprocs=world)
     rows = torch.load(tmp)
     os.remove(tmp)
-    head = f"{'op':<16} {'shape':<30} {'mode':<8} {'ranks':>5} {'1 proc ms':>10} {'CP ms':>10} {'speedup':>8} " \
+    w = max(len(r["shape"]) for r in rows)
+    head = f"{'op':<16} {'shape':<{w}} {'mode':<8} {'ranks':>5} {'1 proc ms':>10} {'CP ms':>10} {'speedup':>8} " \
            f"{'comm B/rank':>12}  rel err"
     print(head + "\n" + "-" * len(head))
     for r in rows:
-        print(f"{r['op']:<16} {r['shape']:<30} {r['mode']:<8} {r['ranks']:>5} {r['single_ms']:>10.3f} "
+        print(f"{r['op']:<16} {r['shape']:<{w}} {r['mode']:<8} {r['ranks']:>5} {r['single_ms']:>10.3f} "
               f"{r['cp_ms']:>10.3f} {r['speedup']:>8.2f} {r['comm_bytes_per_rank']:>12}  {r['rel_err']:.1e}")
     meta = env.collect(device)
     meta["args"] = dict(cp=world, quick=quick, reps=reps, threads_per_rank=1 if device == "cpu" else None)

@@ -5,22 +5,15 @@ linear_scan pass at the same (B, T, D), the yardstick for one fused iteration.""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 import linmix
 import linmix.reference as R
+from linmix._cases import FIXED_POINT_RNN
 
 from . import linear_scan
-from .baselines import Impl, linmix_impl, scan_torch
+from .baselines import BenchOp, Impl, linmix_impl, scan_torch
 
-NAME = "fixed_point_rnn"
-KERNELS = "linmix_fixed_point_rnn_"
-SHAPE = ("B", "T", "D", "R", "n_iter")
-SWEEP = "n_iter"
-GRAD = ("u", "lam", "hh_u", "hh_beta")
-CHECK_GRAD = False  # onestep / implicit gradients are not the reference's unrolled gradient: output only
 SCAN_PASS = "linmix.linear_scan (1 pass)"
-
 
 
 def configs(device: str, quick: bool) -> list[dict]:
@@ -31,21 +24,6 @@ def configs(device: str, quick: bool) -> list[dict]:
 
 def small(cfg: dict) -> dict:
     return dict(cfg, B=2, T=min(cfg["T"], 100), D=min(cfg["D"], 64))
-
-
-def make_inputs(cfg: dict, device: str) -> dict:
-    B, T, D, Rr, dt = cfg["B"], cfg["T"], cfg["D"], cfg["R"], cfg["dtype"]
-    return {
-        "u": torch.randn(B, T, D, device=device).to(dt),
-        "lam": torch.sigmoid(torch.randn(B, T, D, device=device) + 2).to(dt),
-        "hh_u": F.normalize(torch.randn(B, T, Rr, D, device=device), dim=-1).to(dt),
-        "hh_beta": (2 * torch.rand(B, T, Rr, device=device)).clamp_max(1.99).to(dt),
-        "n_iter": cfg["n_iter"],
-    }
-
-
-def reference(x: dict) -> torch.Tensor:
-    return R.fixed_point_iter_ref(x["u"], x["lam"], x["hh_u"], x["hh_beta"], x["n_iter"])
 
 
 def _step(h, u, lam, hh_u, hh_beta):
@@ -89,12 +67,8 @@ def fp_torch(u, lam, hh_u, hh_beta, n_iter: int, tol: float = 0.0, grad_mode: st
     return out.to(u.dtype)
 
 
-def _linmix(mode):
-    return lambda f, x: f(x["u"], x["lam"], x["hh_u"], x["hh_beta"], max_iter=x["n_iter"], tol=0.0, grad_mode=mode)
-
-
 def _torch(mode):
-    return lambda x: fp_torch(x["u"], x["lam"], x["hh_u"], x["hh_beta"], x["n_iter"], grad_mode=mode)
+    return lambda x: fp_torch(x["u"], x["lam"], x["hh_u"], x["hh_beta"], x["max_iter"], grad_mode=mode)
 
 
 def impls(device: str) -> list[Impl]:
@@ -103,8 +77,8 @@ def impls(device: str) -> list[Impl]:
                 ref=lambda x: R.linear_scan_ref(x["lam"], x["u"]),
                 cost=lambda c, m: linear_scan.cost(c, m))
     return [
-        linmix_impl("linmix", "fixed_point_rnn", _linmix("onestep")),
-        linmix_impl("linmix", "fixed_point_rnn", _linmix("implicit"), **implicit),
+        linmix_impl("linmix", linmix.fixed_point_rnn),
+        linmix_impl("linmix", linmix.fixed_point_rnn, dict(grad_mode="implicit"), **implicit),
         Impl("torch (host check)", _torch("onestep")),
         Impl("torch (host check)", _torch("implicit"), **implicit),
         scan,
@@ -113,17 +87,14 @@ def impls(device: str) -> list[Impl]:
 
 def annotate(rows: list[dict]) -> None:
     """ms per iteration on the layer's rows; for linmix's forward, one iteration / one linear_scan pass."""
-    scan = {r["shape"]: r["ms"] for r in rows if r["op"] == NAME and r["impl"] == SCAN_PASS}
+    name = FIXED_POINT_RNN.name
+    scan = {r["shape"]: r["ms"] for r in rows if r["op"] == name and r["impl"] == SCAN_PASS}
     for r in rows:
-        if r["op"] != NAME or r["impl"] == SCAN_PASS:
+        if r["op"] != name or r["impl"] == SCAN_PASS:
             continue
         r["ms_per_iter"] = r["ms"] / int(r["shape"].split("n_iter=")[1])
         if r["impl"] == "linmix" and r["mode"] == "fwd" and r["shape"] in scan:
             r["iter_vs_scan"] = r["ms_per_iter"] / scan[r["shape"]]
-
-
-def tokens(cfg: dict) -> int:
-    return cfg["B"] * cfg["T"]
 
 
 def cost(cfg: dict, mode: str, grad_mode: str = "onestep") -> dict:
@@ -139,3 +110,10 @@ def cost(cfg: dict, mode: str, grad_mode: str = "onestep") -> dict:
     vjp = {"bytes": BT * ((7 + 2 * Rr) * D + 2 * Rr) * s, "flops": 2 * it["flops"]}
     adj = n if grad_mode == "implicit" else 0
     return {k: fwd[k] + vjp[k] + adj * it[k] for k in fwd}
+
+
+# n_iter iterations exactly (tol = 0); onestep / implicit gradients are not the reference's unrolled gradient, so
+# the check compares outputs only
+OP = BenchOp(FIXED_POINT_RNN, kernels="linmix_fixed_point_rnn_", shape=("B", "T", "D", "R", "n_iter"), sweep="n_iter",
+             configs=configs, choices=lambda cfg: dict(max_iter=cfg["n_iter"], tol=0.0), small=small, impls=impls,
+             cost=cost, check_grad=False, annotate=annotate)

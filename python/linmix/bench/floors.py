@@ -9,7 +9,7 @@ import time
 
 import torch
 
-# H100 SXM (DESIGN.md section 4): device-to-device copy bandwidth as measured, dense bf16 tensor-core matmul,
+# H100 SXM (bench/NOTES.md, floors): device-to-device copy bandwidth as measured, dense bf16 tensor-core matmul,
 # CUDA-core fp32 FMA rate (132 SMs x 128 lanes x 2 flops x 1.83 GHz) and MUFU ex2 rate (16/clk/SM x 132 x 1.83 GHz).
 H100 = {
     "name": "H100 SXM (nominal)",

@@ -6,21 +6,15 @@ from __future__ import annotations
 import inspect
 
 import torch
-import torch.nn.functional as F
 
+import linmix
 import linmix.reference as R
 from linmix import _C
+from linmix._cases import CHUNK_GLA
 
-from .baselines import Impl, linmix_impl, optional, sdpa_impls
+from .baselines import BenchOp, Impl, linmix_impl, loop_reference, optional, sdpa_impls
 
-NAME = "chunk_gla"
-KERNELS = "linmix_.*gla"
-SHAPE = ("B", "T", "H", "K", "V")
-SWEEP = "T"
-GRAD = ("q", "k", "v", "g")
-CHECK_GRAD = True
-CHUNK = _C.gla_chunk  # kGlaChunk: the chunk size the floor's flop count assumes (DESIGN.md section 3)
-
+CHUNK = _C.gla_chunk  # kGlaChunk: the chunk size the floor's flop count assumes
 
 
 def _cfg(B, T, H, D, dtype, in_sweep=False):
@@ -43,19 +37,6 @@ def small(cfg: dict) -> dict:
     return dict(cfg, B=1, T=min(cfg["T"], 150), H=min(cfg["H"], 2))
 
 
-def make_inputs(cfg: dict, device: str) -> dict:
-    B, T, H, K, V, dt = cfg["B"], cfg["T"], cfg["H"], cfg["K"], cfg["V"], cfg["dtype"]
-    x = {n: torch.randn(B, T, H, K, device=device).to(dt) for n in ("q", "k")}
-    x["v"] = torch.randn(B, T, H, V, device=device).to(dt)
-    # GLA's gate: logsigmoid(x) / 16 (its gate-logit normaliser), a log forget gate <= 0
-    x["g"] = (F.logsigmoid(torch.randn(B, T, H, K, device=device)) / 16).to(dt)
-    return x
-
-
-def reference(x: dict) -> torch.Tensor:
-    return R.gla_ref(x["q"], x["k"], x["v"], x["g"])[0]
-
-
 def _fla(attr: str, device: str) -> Impl:
     fn, why = optional("fla.ops.gla", attr)
     if fn is None or device != "cuda":
@@ -65,12 +46,8 @@ def _fla(attr: str, device: str) -> Impl:
     return Impl(f"fla {attr}", lambda x: fn(x["q"], x["k"], x["v"], x["g"], **kw)[0])
 
 
-def _ref_when(cfg: dict, device: str) -> str | None:
-    limit = 2048 if device == "cuda" else 512
-    if cfg["T"] > limit:
-        return f"float64 loop reference timed only at T <= {limit}"
-    gb = cfg["B"] * cfg["T"] * cfg["H"] * cfg["K"] * cfg["V"] * 8 / 1e9  # autograd keeps every float64 state
-    return f"float64 loop reference would keep {gb:.0f} GB of states" if gb > 16 else None
+def _states_gb(cfg: dict) -> float:
+    return cfg["B"] * cfg["T"] * cfg["H"] * cfg["K"] * cfg["V"] * 8 / 1e9  # autograd keeps every float64 state
 
 
 def _recurrent_when(cfg: dict, device: str) -> str | None:
@@ -79,19 +56,14 @@ def _recurrent_when(cfg: dict, device: str) -> str | None:
 
 def impls(device: str) -> list[Impl]:
     return [
-        linmix_impl("linmix", "chunk_gla", lambda f, x: f(x["q"], x["k"], x["v"], x["g"])[0]),
-        linmix_impl("linmix fused_recurrent_gla", "fused_recurrent_gla", lambda f, x: f(x["q"], x["k"], x["v"], x["g"])[0],
-                    when=_recurrent_when),
+        linmix_impl("linmix", linmix.chunk_gla),
+        linmix_impl("linmix fused_recurrent_gla", linmix.fused_recurrent_gla, when=_recurrent_when),
         _fla("chunk_gla", device),
         _fla("fused_recurrent_gla", device),
         *sdpa_impls(device),
         Impl("torch chunked (fp32)", lambda x: R.gla_chunked_ref(x["q"], x["k"], x["v"], x["g"])),
-        Impl("torch reference (float64 loop)", lambda x: reference(x).to(x["q"].dtype), when=_ref_when),
+        loop_reference(CHUNK_GLA, cuda_limit=2048, cpu_limit=512, gb=_states_gb),
     ]
-
-
-def tokens(cfg: dict) -> int:
-    return cfg["B"] * cfg["T"]
 
 
 def cost(cfg: dict, mode: str) -> dict:
@@ -108,3 +80,7 @@ def cost(cfg: dict, mode: str) -> dict:
         "tc_flops": 3 * fwd["tc_flops"] + 2 * BTH * K * V,
         "sfu": 3 * fwd["sfu"],
     }
+
+
+OP = BenchOp(CHUNK_GLA, kernels="linmix_.*gla", shape=("B", "T", "H", "K", "V"), sweep="T", configs=configs,
+             choices=lambda cfg: {}, small=small, impls=impls, cost=cost)

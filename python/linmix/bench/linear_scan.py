@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import torch
 
-import linmix.reference as R
+import linmix
+from linmix._cases import LINEAR_SCAN
 
-from .baselines import Impl, linmix_impl, scan_torch
-
-NAME = "linear_scan"
-KERNELS = "linmix_linear_scan"
-SHAPE = ("B", "T", "D")
-SWEEP = "T"
-GRAD = ("a", "b")
-CHECK_GRAD = True
-
+from .baselines import BenchOp, Impl, linmix_impl, loop_reference, scan_torch
 
 
 def configs(device: str, quick: bool) -> list[dict]:
@@ -30,31 +23,13 @@ def small(cfg: dict) -> dict:
     return dict(cfg, B=2, T=min(cfg["T"], 300), D=min(cfg["D"], 256))
 
 
-def make_inputs(cfg: dict, device: str) -> dict:
-    B, T, D, dt = cfg["B"], cfg["T"], cfg["D"], cfg["dtype"]
-    # decays in (0.5, 1): long memory without overflow, as in a real gated recurrence
-    return {"a": (0.5 + 0.5 * torch.rand(B, T, D, device=device)).to(dt), "b": torch.randn(B, T, D, device=device, dtype=dt)}
-
-
-def reference(x: dict) -> torch.Tensor:
-    return R.linear_scan_ref(x["a"].double(), x["b"].double())
-
-
-def _ref_when(cfg: dict, device: str) -> str | None:
-    limit = 2048 if device == "cuda" else 256  # its backward is quadratic in T (a full-size gradient per step)
-    return f"float64 loop reference timed only at T <= {limit}" if cfg["T"] > limit else None
-
-
 def impls(device: str) -> list[Impl]:
     return [
-        linmix_impl("linmix", "linear_scan", lambda f, x: f(x["a"], x["b"])),
+        linmix_impl("linmix", linmix.linear_scan),
         Impl("torch (doubling scan, fp32)", lambda x: scan_torch(x["a"], x["b"]).to(x["a"].dtype)),
-        Impl("torch reference (float64 loop)", lambda x: R.linear_scan_ref(x["a"], x["b"]).to(x["a"].dtype), when=_ref_when),
+        # its backward is quadratic in T (a full-size gradient per step)
+        loop_reference(LINEAR_SCAN, cuda_limit=2048, cpu_limit=256),
     ]
-
-
-def tokens(cfg: dict) -> int:
-    return cfg["B"] * cfg["T"]
 
 
 def cost(cfg: dict, mode: str) -> dict:
@@ -63,3 +38,7 @@ def cost(cfg: dict, mode: str) -> dict:
     if mode == "fwd":
         return {"bytes": 3 * n * s, "flops": 2 * n}
     return {"bytes": 8 * n * s, "flops": 6 * n}
+
+
+OP = BenchOp(LINEAR_SCAN, kernels="linmix_linear_scan", shape=("B", "T", "D"), sweep="T", configs=configs,
+             choices=lambda cfg: {}, small=small, impls=impls, cost=cost)

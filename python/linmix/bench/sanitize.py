@@ -1,7 +1,12 @@
-"""Every linmix op's forward and backward once on tiny CUDA shapes (odd lengths included), for
-`compute-sanitizer --tool memcheck|racecheck python -m linmix.bench.sanitize [OP ...]`; naming ops (case-name
-prefixes such as chunk_gla or fixed_point_rnn) runs only their cases, so a slow tool can be given one op at a
-time. Exits non-zero on any error."""
+"""Every linmix op's forward and backward on tiny CUDA shapes, for
+`compute-sanitizer --tool memcheck|racecheck python -m linmix.bench.sanitize [OP ...]`; naming ops (such as
+chunk_gla or fixed_point_rnn) runs only their cases, so a slow tool can be given one op at a time. Exits non-zero
+on any error.
+
+The cases come from linmix._cases: per op, the default call at three lengths (1, a prime, past a chunk) and
+every documented argument value the CUDA backend takes, one at a time, at the prime length; in float32 and
+bfloat16.
+"""
 
 from __future__ import annotations
 
@@ -9,87 +14,59 @@ import argparse
 import sys
 
 import torch
-import torch.nn.functional as F
 
 import linmix
+from linmix._cases import CASES, make, variants
+
+# Per op: sizes that reach the kernels' tilings (channels past a warp, head dims of a tensor-core tile), and the
+# lengths of its default call; every other variant runs at the middle one.
+SHAPES = {
+    "linear_scan": (dict(B=2, D=40), (1, 37, 300)),
+    "selective_scan": (dict(b=2, d=24, n=16), (1, 37, 300)),
+    "selective_state_update": (dict(b=3, d=192, p=64, n=17), (None,)),  # Mamba-1 d = 192; heads: 3 of 64
+    "chunk_gla": (dict(B=1, H=2, K=64, V=64), (1, 37, 130)),
+    "fused_recurrent_gla": (dict(B=1, H=2, K=64, V=64), (1, 37, 130)),
+    "fixed_point_rnn": (dict(B=2, D=48, R=2), (1, 37, 300)),
+}
 
 
-def _cases(dev: str, dt: torch.dtype):
-    """(name, callable returning an output to differentiate, its leaf inputs) for every linmix op."""
-    def r(*s, fp32=False):
-        return torch.randn(*s, device=dev, dtype=torch.float32 if fp32 else dt).requires_grad_()
+def runs(dev: str, dt: torch.dtype, ops=()):
+    """(case, label, inputs) for every run (of `ops` only, if given): inputs from linmix._cases.make."""
+    for name, (sizes, lengths) in SHAPES.items():
+        if ops and name not in ops:
+            continue
+        case = CASES[name]
+        for T in lengths:
+            for choice in variants(case, dev) if T == lengths[len(lengths) // 2] else [{}]:
+                s = dict(sizes) if T is None else dict(sizes, **{case.time: T})
+                label = " ".join([name, *(f"{k}={v}" for k, v in choice.items())] + ([] if T is None else [f"T={T}"]))
+                yield case, label, make(case, dev, dt, seed=1, sizes=s, **choice)
 
-    for T in (1, 37, 300):
-        a = torch.rand(2, T, 40, device=dev, dtype=dt).requires_grad_()
-        b = r(2, T, 40)
-        yield f"linear_scan T={T}", lambda a=a, b=b: linmix.linear_scan(a, b), [a, b]
-        yield f"linear_scan reverse T={T}", lambda a=a, b=b: linmix.linear_scan(a, b, reverse=True), [a, b]
-    for L in (1, 37, 300):
-        b_, d, n = 2, 24, 16
-        u, delta, z, B, C = r(b_, d, L), r(b_, d, L), r(b_, d, L), r(b_, n, L), r(b_, n, L)
-        A = (-torch.rand(d, n, device=dev) - 0.5).requires_grad_()
-        D, bias = r(d, fp32=True), r(d, fp32=True)
-        leaves = [u, delta, A, B, C, D, z, bias]
-        yield (f"selective_scan L={L}",
-               lambda v=leaves: linmix.selective_scan(*v[:7], delta_bias=v[7], delta_softplus=True), leaves)
-        # grouped B, C (b, g, n, L), no D / z, a differentiable initial and final state
-        Bg, Cg, h0 = r(b_, 2, n, L), r(b_, 2, n, L), r(b_, d, n, fp32=True)
 
-        def grouped(v=(u, delta, A, Bg, Cg, h0)):
-            out, last = linmix.selective_scan(*v[:5], initial_state=v[5], return_final_state=True)
-            return out.float().sum() + last.sum()
-
-        yield f"selective_scan grouped+state L={L}", grouped, [u, delta, A, Bg, Cg, h0]
-    for T in (1, 37, 130):
-        q, k, v = r(1, T, 2, 64), r(1, T, 2, 64), r(1, T, 2, 64)
-        g = (F.logsigmoid(torch.randn(1, T, 2, 64, device=dev)) / 16).to(dt).requires_grad_()
-        s0 = r(1, 2, 64, 64, fp32=True)
-        for fname in ("chunk_gla", "fused_recurrent_gla"):
-            f = getattr(linmix, fname)
-            yield f"{fname} T={T}", lambda f=f, x=(q, k, v, g): f(*x)[0], [q, k, v, g]
-
-            def with_state(f=f, x=(q, k, v, g), s0=s0):
-                o, last = f(*x, initial_state=s0, output_final_state=True)
-                return o.float().sum() + last.sum()
-
-            yield f"{fname} state T={T}", with_state, [q, k, v, g, s0]
-    for T in (1, 37, 300):
-        u, lam = r(2, T, 48), torch.rand(2, T, 48, device=dev, dtype=dt).requires_grad_()
-        hh_u = F.normalize(torch.randn(2, T, 2, 48, device=dev), dim=-1).to(dt).requires_grad_()
-        beta = torch.rand(2, T, 2, device=dev, dtype=dt).requires_grad_()
-        for mode in ("onestep", "implicit"):
-            yield (f"fixed_point_rnn {mode} T={T}",
-                   lambda m=mode, x=(u, lam, hh_u, beta): linmix.fixed_point_rnn(*x, max_iter=4, tol=0.0, grad_mode=m),
-                   [u, lam, hh_u, beta])
-    # decoding steps (no backward: leaves empty): Mamba-1 and head layouts, a cache indexed per request with a
-    # padding row, fp32 state with the activations' dtype
-    for b_, h, p, n in ((3, 24, 1, 16), (2, 3, 64, 17)):
-        state = torch.randn(b_ + 2, h, p, n, device=dev)
-        x, dt_, z = (torch.randn(b_, h, p, device=dev, dtype=dt) for _ in range(3))
-        A = -torch.rand(h, p, n, device=dev) - 0.5
-        B, C = torch.randn(b_, 1, n, device=dev, dtype=dt), torch.randn(b_, 1, n, device=dev, dtype=dt)
-        idx = torch.tensor([b_ + 1] + [-1] + list(range(b_ - 2)), device=dev)
-        yield (f"selective_state_update b={b_} h={h} p={p} n={n}",
-               lambda x=(state, x, dt_, A, B, C, z, idx): linmix.selective_state_update(
-                   *x[:6], z=x[6], dt_softplus=True, state_batch_indices=x[7]), [])
+def run(case, x) -> None:
+    """The op's forward, and its backward for one random output gradient where it has one."""
+    names = [n for n in case.grads if x.get(n) is not None]
+    for n in names:
+        x[n].requires_grad_()
+    outs = [o for o in case.run(x) if o.requires_grad]
+    if outs:
+        torch.autograd.grad(outs, [x[n] for n in names], [torch.randn_like(o) for o in outs], allow_unused=True)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m linmix.bench.sanitize")
-    ap.add_argument("ops", nargs="*", help="run only the cases whose name starts with one of these")
+    ap.add_argument("ops", nargs="*", help=f"run only these ops' cases (of {', '.join(SHAPES)})")
     args = ap.parse_args(argv)
+    if set(args.ops) - set(SHAPES):
+        ap.error(f"unknown ops {sorted(set(args.ops) - set(SHAPES))}; the ops are {', '.join(SHAPES)}")
     if not (torch.cuda.is_available() and linmix.build_info()["cuda"]):
         print("sanitize: needs a GPU and a linmix build with the CUDA backend")
         return 1
     failed = 0
     for dt in (torch.float32, torch.bfloat16):
-        for name, fn, leaves in _cases("cuda", dt):
-            if args.ops and not any(name.startswith(op + " ") for op in args.ops):
-                continue
+        for case, name, x in runs("cuda", dt, args.ops):
             try:
-                out = fn()
-                if leaves:
-                    torch.autograd.grad(out, leaves, torch.randn_like(out), allow_unused=True)
+                run(case, x)
                 torch.cuda.synchronize()
                 print(f"ok   {name} {dt}")
             except Exception as e:

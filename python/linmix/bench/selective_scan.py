@@ -9,18 +9,12 @@ import os
 import torch
 import torch.nn.functional as F
 
-import linmix.reference as R
+import linmix
+from linmix._cases import SELECTIVE_SCAN
 
-from .baselines import Impl, linmix_impl, optional, scan_torch
+from .baselines import BenchOp, Impl, linmix_impl, loop_reference, optional, scan_torch
 
-NAME = "selective_scan"
-KERNELS = "linmix_selective_scan"
-SHAPE = ("b", "d", "n", "L")
-SWEEP = "L"
-GRAD = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-CHECK_GRAD = True
-ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-
+ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")  # mamba-ssm's positional order
 
 
 def configs(device: str, quick: bool) -> list[dict]:
@@ -33,25 +27,6 @@ def configs(device: str, quick: bool) -> list[dict]:
 
 def small(cfg: dict) -> dict:
     return dict(cfg, b=2, d=min(cfg["d"], 24), L=min(cfg["L"], 200))
-
-
-def make_inputs(cfg: dict, device: str) -> dict:
-    b, d, n, L, dt = cfg["b"], cfg["d"], cfg["n"], cfg["L"], cfg["dtype"]
-    dt_init = torch.exp(torch.rand(d, device=device) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-    return {
-        "u": torch.randn(b, d, L, device=device).to(dt),
-        "delta": (0.5 * torch.rand(b, d, L, device=device)).to(dt),
-        "A": -torch.arange(1, n + 1, device=device, dtype=torch.float32).repeat(d, 1),  # (d, n), S4D-real init
-        "B": torch.randn(b, n, L, device=device).to(dt),
-        "C": torch.randn(b, n, L, device=device).to(dt),
-        "D": torch.ones(d, device=device),
-        "z": torch.randn(b, d, L, device=device).to(dt),
-        "delta_bias": dt_init + torch.log(-torch.expm1(-dt_init)),  # softplus^-1 of dt in [1e-3, 0.1]
-    }
-
-
-def reference(x: dict) -> torch.Tensor:
-    return R.selective_scan_ref(*(x[n] for n in ARGS), delta_softplus=True)
 
 
 def sscan_torch(u, delta, A, B, C, D, z, delta_bias) -> torch.Tensor:
@@ -70,11 +45,6 @@ def _torch_when(cfg: dict, device: str) -> str | None:
     return f"would hold about {gb:.0f} GB of (b, d, n, L) tensors" if gb > 40 else None
 
 
-def _ref_when(cfg: dict, device: str) -> str | None:
-    limit = 1024 if device == "cuda" else 512
-    return f"float64 loop reference timed only at L <= {limit}" if cfg["L"] > limit else None
-
-
 def _deterministic_when(cfg: dict, device: str) -> str | None:
     if device != "cuda":
         return "the CPU backward is deterministic already (the linmix row)"
@@ -88,18 +58,12 @@ def impls(device: str) -> list[Impl]:
     if mamba is not None and device != "cuda":
         why = "mamba-ssm's selective_scan_fn is CUDA only"
     return [
-        linmix_impl("linmix", "selective_scan", lambda f, x: f(*(x[n] for n in ARGS), delta_softplus=True)),
-        linmix_impl("linmix deterministic", "selective_scan",
-                    lambda f, x: f(*(x[n] for n in ARGS), delta_softplus=True, deterministic=True),
-                    when=_deterministic_when),
+        linmix_impl("linmix", linmix.selective_scan),
+        linmix_impl("linmix deterministic", linmix.selective_scan, dict(deterministic=True), when=_deterministic_when),
         Impl("mamba-ssm", lambda x: mamba(*(x[n] for n in ARGS), delta_softplus=True)) if why is None else Impl("mamba-ssm", skip=why),
         Impl("torch (doubling scan, fp32)", lambda x: sscan_torch(*(x[n] for n in ARGS)), when=_torch_when),
-        Impl("torch reference (float64 loop)", lambda x: reference(x).to(x["u"].dtype), when=_ref_when),
+        loop_reference(SELECTIVE_SCAN, cuda_limit=1024, cpu_limit=512),
     ]
-
-
-def tokens(cfg: dict) -> int:
-    return cfg["b"] * cfg["L"]
 
 
 def cost(cfg: dict, mode: str) -> dict:
@@ -114,3 +78,9 @@ def cost(cfg: dict, mode: str) -> dict:
         return fwd
     bwd = {"bytes": 7 * bdL * s + 4 * bnL * s + 2 * par, "flops": bdL * (14 * n + 20), "sfu": bdL * (n + 4)}
     return {k: fwd[k] + bwd[k] for k in fwd}
+
+
+# mamba's usage: variable B and C, D, the z gate, delta_bias and softplus
+OP = BenchOp(SELECTIVE_SCAN, kernels="linmix_selective_scan", shape=("b", "d", "n", "L"), sweep="L", configs=configs,
+             choices=lambda cfg: dict(D="given", z="given", delta_bias="given", delta_softplus=True), small=small,
+             impls=impls, cost=cost)

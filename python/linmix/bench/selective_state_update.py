@@ -4,24 +4,16 @@ mamba-ssm's Triton kernel. The step updates the state in place, so every timed c
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-import linmix.reference as R
+import linmix
+from linmix._cases import SELECTIVE_STATE_UPDATE
 
-from .baselines import Impl, linmix_impl, optional
+from .baselines import BenchOp, Impl, linmix_impl, optional
 
-NAME = "selective_state_update"
-KERNELS = "linmix_selective_state_update"
-SHAPE = ("layout", "b", "d", "n")
-SWEEP = "b"
-GRAD = ()
-CHECK_GRAD = False
-ARGS = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+ARGS = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")  # mamba-ssm's positional order
 HEADDIM = 64  # Mamba-2's head dim
-
 
 
 def configs(device: str, quick: bool) -> list[dict]:
@@ -32,36 +24,13 @@ def configs(device: str, quick: bool) -> list[dict]:
     else:
         bs, ds = ([1, 16, 64, 256], [2048, 5120]) if device == "cuda" else ([1, 16, 256], [1024, 5120])
     dtype, sdt = (torch.bfloat16, torch.float32) if device == "cuda" else (torch.float32, torch.float32)
-    return [dict(layout=layout, b=b, d=d, n=16, dtype=dtype, state_dtype=sdt, in_sweep=layout == "m1" and d == ds[-1])
+    return [dict(layout=layout, b=b, d=d, n=16, p=HEADDIM, dtype=dtype, state_dtype=sdt,
+                 in_sweep=layout == "m1" and d == ds[-1])
             for layout in ("m1", "m2") for d in ds for b in bs]
 
 
 def small(cfg: dict) -> dict:
     return dict(cfg, b=min(cfg["b"], 3), d=min(cfg["d"], 4 * HEADDIM))
-
-
-def make_inputs(cfg: dict, device: str) -> dict:
-    b, d, n, dt, sdt = cfg["b"], cfg["d"], cfg["n"], cfg["dtype"], cfg["state_dtype"]
-    kw = dict(device=device)
-    dt_init = torch.exp(torch.rand(d, **kw) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-    bias = dt_init + torch.log(-torch.expm1(-dt_init))  # softplus^-1 of dt in [1e-3, 0.1]
-    if cfg["layout"] == "m1":
-        return dict(state=torch.randn(b, d, n, **kw).to(sdt), x=torch.randn(b, d, **kw).to(dt),
-                    dt=(0.1 * torch.randn(b, d, **kw)).to(dt),
-                    A=-torch.arange(1, n + 1, dtype=torch.float32, **kw).repeat(d, 1),  # S4D-real init
-                    B=torch.randn(b, n, **kw).to(dt), C=torch.randn(b, n, **kw).to(dt), D=torch.ones(d, **kw),
-                    z=torch.randn(b, d, **kw).to(dt), dt_bias=bias)
-    h, p = d // HEADDIM, HEADDIM
-    return dict(state=torch.randn(b, h, p, n, **kw).to(sdt), x=torch.randn(b, h, p, **kw).to(dt),
-                dt=(0.1 * torch.randn(b, h, 1, **kw)).to(dt).expand(b, h, p),
-                A=-torch.rand(h, 1, 1, **kw).add(0.5).expand(h, p, n),
-                B=torch.randn(b, 1, n, **kw).to(dt), C=torch.randn(b, 1, n, **kw).to(dt),
-                D=torch.ones(h, 1, **kw).expand(h, p), z=torch.randn(b, h, p, **kw).to(dt),
-                dt_bias=bias[:h, None].expand(h, p))
-
-
-def reference(x: dict) -> torch.Tensor:
-    return R.selective_state_update_ref(*(x[k] for k in ARGS), dt_softplus=True)[0]
 
 
 def step_torch(state, x, dt, A, B, C, D, z, dt_bias) -> torch.Tensor:
@@ -85,16 +54,11 @@ def impls(device: str) -> list[Impl]:
         why = "mamba-ssm's selective_state_update is a Triton (CUDA) kernel"
     fwd = ("fwd",)
     return [
-        linmix_impl("linmix", "selective_state_update",
-                    lambda f, x: f(*(x[k] for k in ARGS), dt_softplus=True), modes=fwd),
+        linmix_impl("linmix", linmix.selective_state_update, modes=fwd),
         Impl("mamba-ssm (Triton)", lambda x: mamba(*(x[k] for k in ARGS), dt_softplus=True), modes=fwd)
         if why is None else Impl("mamba-ssm (Triton)", skip=why),
         Impl("torch step (fp32)", lambda x: step_torch(*(x[k] for k in ARGS)), modes=fwd),
     ]
-
-
-def tokens(cfg: dict) -> int:
-    return cfg["b"]
 
 
 def cost(cfg: dict, mode: str) -> dict:
@@ -107,3 +71,14 @@ def cost(cfg: dict, mode: str) -> dict:
     params = (0 if tied else d * n * 4) + 2 * d * 4
     byts = 2 * b * d * n * ss + 4 * b * d * s + 2 * b * n * s + params
     return {"bytes": byts, "flops": b * d * (5 * n + 10), "sfu": b * d * ((0 if tied else n) + 4)}
+
+
+def _choices(cfg: dict) -> dict:
+    """Mamba-1's layout (m1) or Mamba-2's heads of HEADDIM (m2, A, dt, D and dt_bias tied per head), with D, the
+    z gate, dt_bias and softplus: mamba's decoding step. The state is float32 whatever the activations."""
+    return dict(state="mamba1" if cfg["layout"] == "m1" else "heads", D="given", z="given", dt_bias="given",
+                dt_softplus=True)
+
+
+OP = BenchOp(SELECTIVE_STATE_UPDATE, kernels="linmix_selective_state_update", shape=("layout", "b", "d", "n"),
+             sweep="b", configs=configs, choices=_choices, small=small, impls=impls, cost=cost, check_grad=False)

@@ -1,10 +1,12 @@
 """Drop-in sequence-mixing layers built on linmix's ops (mamba-ssm's and flash-linear-attention's names)."""
 
 from .cache import InferenceParams, RecurrentCache
-from .fixed_point import FixedPointRNN
+from .conv import ShortConvolution
+from .fixed_point_rnn import FixedPointRNN
 from .fp_mamba import FPMamba, FPMambaState
 from .gla import GatedLinearAttention
 from .mamba import Mamba
+from .norm import RMSNorm
 
 __all__ = [
     "FPMamba",
@@ -13,5 +15,7 @@ __all__ = [
     "GatedLinearAttention",
     "InferenceParams",
     "Mamba",
+    "RMSNorm",
     "RecurrentCache",
+    "ShortConvolution",
 ]

@@ -9,14 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._fixed_point_loop import LOOP_GRAD_MODES, implicit_grad, shift, solve, step_adjoint
 from .._native import acc_dtype
+from ..ops.fixed_point_rnn import STOPPING
 from ..ops.selective_scan import selective_scan
-from ._conv import causal_conv
-from ._fixed_point_loop import attach_implicit_grad, shift, solve
+from .conv import causal_conv
 from .mamba import init_dt_proj
-
-GRAD_MODES = ("onestep", "implicit", "unroll")
-STOPPING = ("element", "batch", "causal")
 
 
 class FPMambaState(NamedTuple):
@@ -94,8 +92,8 @@ class FPMamba(nn.Module):
                  max_iter=16, tol=1e-3, damping=1.0, stopping="element", quantile=0.75, grad_mode="onestep", norm_eps=1e-5,
                  mixer_gate_bias_init=-4.0, device=None, dtype=None):
         super().__init__()
-        if grad_mode not in GRAD_MODES:
-            raise ValueError(f"linmix.nn.FPMamba: grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+        if grad_mode not in LOOP_GRAD_MODES:
+            raise ValueError(f"linmix.nn.FPMamba: grad_mode must be one of {LOOP_GRAD_MODES}, got {grad_mode!r}")
         if not 0.0 < damping <= 1.0:
             raise ValueError(f"linmix.nn.FPMamba: damping must be in (0, 1], got {damping}")
         if stopping not in STOPPING:
@@ -117,7 +115,7 @@ class FPMamba(nn.Module):
                        if d_conv > 0 else None)
         self.x_proj = nn.Linear(d, self.dt_rank, bias=False, **factory)
         self.dt_proj = nn.Linear(self.dt_rank, d, bias=True, **factory)
-        init_dt_proj(self.dt_proj, dt_init, dt_scale, dt_min, dt_max, dt_init_floor, "FPMamba")
+        init_dt_proj("FPMamba", self.dt_proj, dt_init, dt_scale, dt_min, dt_max, dt_init_floor)
         a = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).expand(d, d_state)
         self.A_log = nn.Parameter(torch.log(a).contiguous())
         self.D = nn.Parameter(torch.ones(d, device=device))
@@ -185,15 +183,15 @@ class FPMamba(nn.Module):
         y0 = torch.zeros_like(x)
         loop = (self.max_iter, self.tol, self.damping, self.stopping, self.quantile)
         if self.grad_mode == "unroll":
-            y, n_iter, residual = solve(lambda y: self._iteration(consts, y), y0, *loop)
+            y, _, n_iter, residual = solve(lambda y: self._iteration(consts, y), y0, *loop)
             h = self._iteration(consts, y, final_state=True)[1] if return_state else None
         else:
             with torch.no_grad():
-                y_star, n_iter, residual = solve(lambda y: self._iteration(consts, y), y0, *loop)
+                y_star, _, n_iter, residual = solve(lambda y: self._iteration(consts, y), y0, *loop)
             y, h = self._iteration(consts, y_star, final_state=True)
             if self.grad_mode == "implicit" and y.requires_grad:
                 fixed = tuple(None if c is None else c.detach() for c in consts)
-                y = attach_implicit_grad(lambda y: self._iteration(fixed, y), y_star, y, self.max_iter)
+                y = implicit_grad(y, step_adjoint(lambda y: self._iteration(fixed, y), y_star, self.max_iter))
         gate = F.silu(z + self.z_y_proj(shift(y, consts[6])))
         out = self.out_proj(gate * y)
         extras = ((FPMambaState(conv, h, y[:, -1]),) if return_state else ()) + (

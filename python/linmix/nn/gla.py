@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.gla import chunk_gla, fused_recurrent_gla
-from ._conv import causal_conv
 from .cache import RecurrentCache
+from .conv import ShortConvolution
+from .norm import RMSNorm
 
 # The activation names fla's ACT2FN gives these layers that linmix implements; others raise.
 _ACTIVATIONS = {
@@ -24,38 +25,6 @@ def _activation(arg: str, name: str | None):
         raise NotImplementedError(f"linmix.nn.GatedLinearAttention: {arg}={name!r} is not implemented; "
                                   f"supported: {sorted(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]
-
-
-class RMSNorm(nn.Module):
-    """RMS norm over the last dim, computed in float32: x / sqrt(mean(x²) + eps) * weight (weight optional)."""
-
-    def __init__(self, hidden_size: int, elementwise_affine: bool = True, eps: float = 1e-5, dtype=None):
-        super().__init__()
-        self.hidden_size, self.eps = hidden_size, eps
-        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype)) if elementwise_affine else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float() if x.dtype != torch.float64 else x
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            y = y * self.weight.to(y.dtype)
-        return y.to(x.dtype)
-
-
-class ShortConvolution(nn.Conv1d):
-    """Depthwise causal conv with SiLU over (B, T, D) input; weight (D, 1, W) as fla's ``ShortConvolution``."""
-
-    def __init__(self, hidden_size: int, kernel_size: int, bias: bool = False, activation: str | None = "silu"):
-        super().__init__(hidden_size, hidden_size, kernel_size, groups=hidden_size, padding=kernel_size - 1,
-                         bias=bias)
-        if activation not in (None, "silu", "swish"):
-            raise NotImplementedError(f"linmix.nn.ShortConvolution: activation {activation!r}; only silu/swish")
-        self.activation = activation
-
-    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None):
-        """x (B, T, D), cache (B, D, W) or None -> (y (B, T, D), new cache (B, D, W): the last W inputs)."""
-        y, state = causal_conv(x.transpose(1, 2), self.weight, self.bias, cache, silu=self.activation is not None)
-        return y.transpose(1, 2), state
 
 
 class GatedLinearAttention(nn.Module):

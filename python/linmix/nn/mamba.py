@@ -10,12 +10,12 @@ from torch import nn
 
 from .._native import acc_dtype
 from ..ops.selective_scan import selective_scan, selective_state_update
-from ._conv import causal_conv
+from .conv import causal_conv
 
 
-def init_dt_proj(dt_proj: nn.Linear, dt_init: str, dt_scale: float, dt_min: float, dt_max: float,
-                 dt_init_floor: float, layer: str) -> None:
-    """Mamba's dt initialisation (Gu & Dao 2023, sec. 3.6), in place.
+def init_dt_proj(layer: str, dt_proj: nn.Linear, dt_init: str, dt_scale: float, dt_min: float, dt_max: float,
+                 dt_init_floor: float) -> None:
+    """Mamba's dt initialisation (Gu & Dao 2023, sec. 3.6), in place, for linmix.nn.<layer>.
 
     weight: uniform in ±dt_scale / sqrt(dt_rank) ("random") or that constant ("constant"); bias: softplus⁻¹
     of dt = exp(U(log dt_min, log dt_max)) floored at dt_init_floor, i.e. dt + log(1 - exp(-dt)), so that
@@ -75,7 +75,7 @@ class Mamba(nn.Module):
                                 bias=conv_bias, **factory)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
-        init_dt_proj(self.dt_proj, dt_init, dt_scale, dt_min, dt_max, dt_init_floor, "Mamba")
+        init_dt_proj("Mamba", self.dt_proj, dt_init, dt_scale, dt_min, dt_max, dt_init_floor)
 
         a = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).expand(self.d_inner, d_state)
         self.A_log = nn.Parameter(torch.log(a).contiguous())

@@ -108,7 +108,7 @@ def chunk_gla(
             Every g <= 0 is exact, -inf included (the decays across it are 0, and so is its gradient), on
             CPU and with ``LINMIX_UNVERIFIED_KERNELS=1`` on CUDA: decays are sums over the segment they span.
             The default CUDA kernel takes differences of running gate sums: NaN for -inf, and a relative error
-            that grows with a gate below about -1e3 (issue 12).
+            that grows with a gate below about -1e3.
         scale: multiplies q S; defaults to K ** -0.5.
         initial_state: optional (B, H, K, V), cast to float32 (float64 for float64 inputs).
         output_final_state: return the final state as well.

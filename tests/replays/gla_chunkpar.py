@@ -1,4 +1,4 @@
-"""A PyTorch emulation of the chunk-parallel CUDA chunk_gla kernels (csrc/gla/gla_chunkpar_*.cuh).
+"""A PyTorch replay of the chunk-parallel CUDA chunk_gla kernels (csrc/gla/gla_chunkpar_*.cuh): fwd and bwd.
 
 It follows the kernels' block structure: the same chunk (64), sub-chunk (16), K and V tiles, the same phases in
 the same order, the same segment-sum decays and the same dg closed form. Every loop over blocks of a grid
@@ -119,7 +119,7 @@ def _inputs(q, k, v, g, acc):
     return qc, kc, vc, glc
 
 
-def chunkpar_fwd(q, k, v, g, scale, h0=None, acc=torch.float32):
+def fwd(q, k, v, g, scale, h0=None, acc=torch.float32):
     """Forward: o (B, T, H, V) in q's dtype, final state (B, H, K, V) in acc."""
     op = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else acc
     T = q.shape[1]
@@ -139,7 +139,7 @@ def chunkpar_fwd(q, k, v, g, scale, h0=None, acc=torch.float32):
     return _unchunked(o, T).to(q.dtype), states[:, :, -1]
 
 
-def chunkpar_bwd(q, k, v, g, do, dht, scale, h0=None, acc=torch.float32):
+def bwd(q, k, v, g, do, dht, scale, h0=None, acc=torch.float32):
     """Backward: dq, dk, dv, dg in q's dtype and dh0 in acc."""
     op = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else acc
     T, out_dtype = q.shape[1], q.dtype

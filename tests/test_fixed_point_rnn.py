@@ -3,7 +3,7 @@ import torch
 
 import linmix
 from linmix.reference import fixed_point_dense_ref, fixed_point_iter_ref, fixed_point_step_ref, linear_scan_ref
-from linmix.reference.fixed_point import householder_apply_ref, householder_dense_ref
+from linmix.reference.fixed_point_rnn import householder_apply_ref, householder_dense_ref
 
 from conftest import DEVICES, cuda_only, low_precision_close
 

@@ -7,12 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.fixed_point import _check_converged, fixed_point_rnn
+from .._fixed_point_loop import LOOP_GRAD_MODES, implicit_grad, shift, solve, step_adjoint
+from ..ops.fixed_point_rnn import GRAD_MODES, STOPPING, check_converged, fixed_point_rnn
 from ..ops.linear_scan import linear_scan
-from ._fixed_point_loop import attach_implicit_grad, shift, solve
 
 MIXERS = ("householder", "none")
-STOPPING = ("element", "batch", "causal")
 
 
 class FixedPointRNN(nn.Module):
@@ -65,7 +64,7 @@ class FixedPointRNN(nn.Module):
             raise ValueError(f"linmix.nn.FixedPointRNN: mixer must be one of {MIXERS}, got {mixer!r}")
         if state_dependent and mixer != "householder":
             raise ValueError("linmix.nn.FixedPointRNN: state_dependent=True needs mixer='householder'")
-        modes = ("onestep", "implicit", "unroll") if state_dependent else ("onestep", "implicit")
+        modes = LOOP_GRAD_MODES if state_dependent else GRAD_MODES
         if grad_mode not in modes:
             raise ValueError(f"linmix.nn.FixedPointRNN: grad_mode must be one of {modes}, got {grad_mode!r}")
         if stopping not in STOPPING:
@@ -147,16 +146,15 @@ class FixedPointRNN(nn.Module):
         loop = (self.max_iter, self.tol, self.damping, self.stopping, self.quantile, True)
         z0 = torch.zeros_like(u)
         if self.grad_mode == "unroll":
-            h, n_iter, residual = solve(lambda z: self._iteration(consts, z), z0, *loop)
+            h, _, n_iter, residual = solve(lambda z: self._iteration(consts, z), z0, *loop)
         else:
             with torch.no_grad():
-                z, n_iter, residual = solve(lambda z: self._iteration(consts, z), z0, *loop)
+                z, _, n_iter, residual = solve(lambda z: self._iteration(consts, z), z0, *loop)
             h = self._iteration(consts, z)
             if self.grad_mode == "implicit" and h.requires_grad:
                 fixed = tuple(None if c is None else c.detach() for c in consts)
-                h = attach_implicit_grad(lambda z: self._iteration(fixed, z), z, h, self.max_iter)
-        if self.on_nonconvergence != "ignore" and self.tol > 0 and u.shape[0] > 0 and not torch.compiler.is_compiling():
-            _check_converged(h, residual, self.tol, self.max_iter, self.stopping, self.quantile, self.on_nonconvergence)
+                h = implicit_grad(h, step_adjoint(lambda z: self._iteration(fixed, z), z, self.max_iter))
+        check_converged(h, residual, self.tol, self.max_iter, self.stopping, self.quantile, self.on_nonconvergence)
         return h, n_iter, residual.detach()
 
     def step(self, x: torch.Tensor, state: torch.Tensor | None = None):

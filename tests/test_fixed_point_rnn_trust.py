@@ -1,4 +1,4 @@
-"""fixed_point_rnn's iteration variants and its convergence record (issue 14, item 2): damping, the
+"""fixed_point_rnn's iteration variants and its convergence record: damping, the
 stopping rules (per element, the authors' batch quantile, causal per token), initial/final state for
 streaming decode, and the failure modes users hit (a pinned iteration count, implicit training to NaN)."""
 
@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import linmix
-from linmix.ops.fixed_point import FixedPointConvergenceError, FixedPointConvergenceWarning
+from linmix import FixedPointConvergenceError, FixedPointConvergenceWarning
 from linmix.reference import fixed_point_dense_ref, fixed_point_step_ref
-from linmix.reference.fixed_point import fixed_point_iter_ref, fixed_point_iterate_ref, fixed_point_solve_ref
+from linmix.reference.fixed_point_rnn import fixed_point_iter_ref, fixed_point_iterate_ref, fixed_point_solve_ref
 
 from conftest import cuda_only, rel_err
-from test_fixed_point import make
+from test_fixed_point_rnn import make
 
 
 def layer_like(B, T, D, R, seed, lam_shift=0.0):
@@ -135,7 +135,7 @@ def test_streaming_decode_matches_forward(stopping):
 
 
 def test_failure_mode_pinned_at_cap():
-    # Issue 14: beta in [0, 2) (lam = sigmoid, beta = 2 sigmoid) and max_iter=16: the count pins at the cap
+    # A layer's ranges, beta in [0, 2) (lam = sigmoid, beta = 2 sigmoid), and max_iter=16: the count pins at the cap
     # with the output far from the fixed point. The record must say so, and warn / raise on request.
     inputs = layer_like(4, 64, 16, 1, seed=21)
     h, n_iter, res = linmix.fixed_point_rnn(*inputs, max_iter=16, tol=1e-4, return_info=True)
@@ -154,7 +154,7 @@ def test_failure_mode_pinned_at_cap():
 
 
 def test_failure_mode_implicit_training_nan():
-    # Issue 14: implicit training went to NaN with no warning. Where rho(diag(1 - lam)(I - Q)) > 1 the
+    # Implicit training once went to NaN with no warning. Where rho(diag(1 - lam)(I - Q)) > 1 the
     # forward has no attracting fixed point and the adjoint iteration diverges with it.
     u, lam, hh_u, hh_beta = layer_like(2, 32, 8, 1, seed=22, lam_shift=-4.0)  # lam ~ 0.02, beta up to 2
     hh_beta = hh_beta.clamp(min=1.5)
@@ -251,11 +251,11 @@ def test_cuda_rejects_cpu_only_arguments():
 
 @pytest.mark.parametrize("rank", [1, 2, 3])
 def test_documented_convergence_range(rank):
-    # Issue 14 item 2: the ranges where convergence is guaranteed are documented, and they hold. The
+    # The ranges where convergence is guaranteed are documented, and they hold. The
     # docstring's sufficient check: (1 - min_d lam_td) * min(2, sum_i beta_ti) < 1 for every token.
     doc = linmix.fixed_point_rnn.__doc__
     assert "(1 - min_d lam_{t,d}) * min(2, sum_i beta_{t,i}) < 1" in doc and "lam > 1/2" in doc
-    from linmix.reference.fixed_point import householder_dense_ref
+    from linmix.reference.fixed_point_rnn import householder_dense_ref
 
     gen = torch.Generator().manual_seed(40 + rank)
     B, T, D = 3, 24, 6

@@ -8,9 +8,10 @@ import torch
 
 from .._native import acc_dtype, check_backend, nvtx_range
 
-_GRAD_MODES = ("onestep", "implicit")
-_STOPPING = ("element", "batch", "causal")
-_ON_NONCONVERGENCE = ("ignore", "warn", "raise")
+# The values of the arguments of the same names, shared by the layers and linmix.distributed.
+GRAD_MODES = ("onestep", "implicit")
+STOPPING = ("element", "batch", "causal")
+ON_NONCONVERGENCE = ("ignore", "warn", "raise")
 
 
 class FixedPointConvergenceWarning(RuntimeWarning):
@@ -176,21 +177,20 @@ def fixed_point_rnn(
         FixedPointConvergenceError: with on_nonconvergence="raise".
     """
     check_backend("fixed_point_rnn", u, lam, hh_u, hh_beta, initial_state)
-    if grad_mode not in _GRAD_MODES:
-        raise ValueError(f"linmix.fixed_point_rnn: grad_mode must be one of {_GRAD_MODES}, got {grad_mode!r}")
-    if stopping not in _STOPPING:
-        raise ValueError(f"linmix.fixed_point_rnn: stopping must be one of {_STOPPING}, got {stopping!r}")
-    if on_nonconvergence not in _ON_NONCONVERGENCE:
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"linmix.fixed_point_rnn: grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+    if stopping not in STOPPING:
+        raise ValueError(f"linmix.fixed_point_rnn: stopping must be one of {STOPPING}, got {stopping!r}")
+    if on_nonconvergence not in ON_NONCONVERGENCE:
         raise ValueError(
-            f"linmix.fixed_point_rnn: on_nonconvergence must be one of {_ON_NONCONVERGENCE}, got {on_nonconvergence!r}"
+            f"linmix.fixed_point_rnn: on_nonconvergence must be one of {ON_NONCONVERGENCE}, got {on_nonconvergence!r}"
         )
     q = float(quantile) if stopping == "batch" else -1.0
     h, n_iter, residual = FixedPointRNNFn.apply(
         u, lam, hh_u, hh_beta, initial_state, int(max_iter), float(tol), grad_mode, float(damping), q,
         stopping == "causal", on_nonconvergence,
     )
-    if on_nonconvergence != "ignore" and tol > 0 and _can_check(u) and u.shape[0] > 0:
-        _check_converged(h, residual, float(tol), int(max_iter), stopping, q, on_nonconvergence)
+    check_converged(h, residual, float(tol), int(max_iter), stopping, q, on_nonconvergence)
     out = (h,)
     if output_final_state:
         out += (h[:, -1] if h.shape[1] > 0 else _initial_or_zeros(u, initial_state),)
@@ -203,13 +203,20 @@ def _initial_or_zeros(u: torch.Tensor, initial_state: torch.Tensor | None) -> to
     return initial_state if initial_state is not None else u.new_zeros(u.shape[0], u.shape[2])
 
 
-def _check_converged(h, residual, tol, max_iter, stopping, q, on_nonconvergence) -> None:
+def check_converged(h: torch.Tensor, residual: torch.Tensor, tol: float, max_iter: int, stopping: str, quantile: float,
+                    on_nonconvergence: str) -> None:
+    """Warn or raise (on_nonconvergence "warn" / "raise") when a forward ended at max_iter without meeting its
+    stopping rule (the residuals (B,), as returned with return_info) or with a non-finite output h. Reads the
+    residual on the host: nothing is checked with "ignore", tol = 0, an empty batch, under torch.compile or
+    while capturing a CUDA graph."""
+    if on_nonconvergence == "ignore" or tol <= 0 or h.shape[0] == 0 or not _can_check(h):
+        return
     res = residual.detach().float().cpu()
     if stopping == "batch":  # non-finite residuals count as the largest float (torch.quantile would give NaN)
         big = torch.finfo(res.dtype).max
-        quant = torch.quantile(res.nan_to_num(nan=big, posinf=big), q).item()
+        quant = torch.quantile(res.nan_to_num(nan=big, posinf=big), quantile).item()
         bad = quant >= tol
-        what = f"the {q} quantile of the batch's residuals is {quant:.3g}"
+        what = f"the {quantile} quantile of the batch's residuals is {quant:.3g}"
     else:
         bad_mask = ~(res < tol)  # NaN counts as not converged
         bad = bool(bad_mask.any())
