@@ -6,6 +6,9 @@
 #include <pybind11/stl.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <string>
+
 #include "common/emulation.h"
 #include "common/kernels.h"
 #include "gla/gla_common.h"
@@ -44,7 +47,14 @@ PYBIND11_MODULE(_C, mod) {
       pybind11::dict d;
       d["name"] = k.name;
       d["op"] = k.op;
-      d["kernels"] = k.kernels;
+      pybind11::list patterns;
+      const std::string all = k.kernels;
+      for (size_t start = 0; start < all.size();) {
+        const size_t end = std::min(all.find("; ", start), all.size());
+        patterns.append(all.substr(start, end - start));
+        start = end + 2;
+      }
+      d["kernels"] = patterns;
       d["tier"] = k.tier == linmix::Tier::kGpuVerified         ? "gpu-verified"
                   : k.tier == linmix::Tier::kEmulationVerified ? "emulation-verified"
                                                                : "unverified";

@@ -121,7 +121,7 @@ def fixed_point_case(B, T, D, R, grad_mode, seed=0):
     beta = torch.rand(B, T, R, **f64) * 0.5
 
     def fn(u, lam, hh_u, beta):
-        return (linmix.fixed_point_rnn(u, lam, hh_u, beta, max_iter=40, tol=0.0, grad_mode=grad_mode),)
+        return (linmix.fixed_point_rnn(u, lam, hh_u, beta, max_iter=12, tol=0.0, grad_mode=grad_mode),)
     return fn, [u, lam, hh_u, beta]
 
 

@@ -115,3 +115,26 @@ def test_sanitizer_catches(case, sanitizer):
 def test_sanitizers_quiet_on_correct_kernels(case, sanitizer):
     p = run_under(sanitizer, case)
     assert p.returncode == 0, f"{p.stdout}\n{p.stderr[-3000:]}"
+
+
+# Bugs the emulator found in kernels on main, each pinned: the kernel, the fault, and the run that shows it.
+LINEAR_SCAN_BWD = ("import torch, linmix\n"
+                   "a, b = torch.rand(2, 70, 40, requires_grad=True), torch.randn(2, 70, 40, requires_grad=True)\n"
+                   "h0 = torch.randn(2, 40, requires_grad=True)\n"
+                   "linmix.linear_scan(a, b, h0).sum().backward()\n")
+
+
+@sanitizer_builds
+def test_linear_scan_bwd_dh0_race():
+    """linmix_linear_scan_bwd_kernel: every warp of a block wrote dh0 (the same value), a write-write race that
+    ThreadSanitizer reports in the GPU-verified instance; the one-writer instance is race-free."""
+    env = emulation.environment("thread")
+    unsuppressed = dict(env, TSAN_OPTIONS=":".join(o for o in env["TSAN_OPTIONS"].split(":")
+                                                   if not o.startswith("suppressions=")))
+    p = subprocess.run([sys.executable, "-c", LINEAR_SCAN_BWD], env=unsuppressed, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode != 0 and "data race" in p.stderr, p.stderr[-3000:]
+    assert "linmix_linear_scan_bwd_kernel<linmix::ChannelScanTraits<8, 8>, float, false>" in p.stderr
+    fixed = dict(unsuppressed, LINMIX_KERNELS="linear_scan_bwd_one_writer")
+    p = subprocess.run([sys.executable, "-c", LINEAR_SCAN_BWD], env=fixed, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]

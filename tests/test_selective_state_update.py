@@ -61,6 +61,8 @@ ITYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("itype", ITYPES)
 @pytest.mark.parametrize("has_z", [False, True])
+@pytest.mark.no_emulation("mamba-ssm's shapes (d = 2048: 4096 blocks a call) take about half a minute a call in the emulator; "
+                            "tests/test_emulated_kernels.py runs the decode step's kernels on small shapes")
 @pytest.mark.parametrize("dstate", [16, 32, 64])
 def test_mamba1_layout(device, itype, has_z, dstate):
     torch.manual_seed(0)
@@ -71,6 +73,8 @@ def test_mamba1_layout(device, itype, has_z, dstate):
 @pytest.mark.parametrize("itype", ITYPES)
 @pytest.mark.parametrize("has_z, tie_hdim", [(False, False), (True, True), (True, False)])
 @pytest.mark.parametrize("ngroups", [1, 2, 4])
+@pytest.mark.no_emulation("mamba-ssm's shapes (d = 2048: 4096 blocks a call) take about half a minute a call in the emulator; "
+                            "tests/test_emulated_kernels.py runs the decode step's kernels on small shapes")
 @pytest.mark.parametrize("dstate", [16, 64])
 def test_heads_layout(device, itype, has_z, tie_hdim, ngroups, dstate):
     torch.manual_seed(0)

@@ -15,6 +15,7 @@ enum class Tier : int { kGpuVerified = 0, kEmulationVerified = 1, kUnverified = 
 
 enum class KernelFamily : int {
   kLinearScan,
+  kLinearScanBwdOneWriter,
   kSelectiveScan,
   kSelectiveScanFwdWarp,
   kSelectiveScanBwdTiled,
@@ -31,7 +32,7 @@ struct KernelRecord {
   KernelFamily family;
   const char* name;     // the switch name (LINMIX_KERNELS) and the row of bench/results/README.md
   const char* op;
-  const char* kernels;  // the family's kernels as Nsight and the emulator name them (fnmatch patterns), spaces
+  const char* kernels;  // the family's kernels as Nsight and the emulator name them: fnmatch patterns, "; " between
   Tier tier;
   bool is_default;      // the op's default path for the calls it serves
   const char* what;
@@ -39,37 +40,41 @@ struct KernelRecord {
 
 inline constexpr KernelRecord kKernels[] = {
     {KernelFamily::kLinearScan, "linear_scan", "linear_scan",
-     "linmix_linear_scan_fwd_kernel<*> linmix_linear_scan_bwd_kernel<*>", Tier::kGpuVerified, true,
+     "linmix_linear_scan_fwd_kernel<*>; linmix_linear_scan_bwd_kernel<*, false>", Tier::kGpuVerified, true,
      "block scan over channels of 32, chunked in time"},
+    {KernelFamily::kLinearScanBwdOneWriter, "linear_scan_bwd_one_writer", "linear_scan",
+     "linmix_linear_scan_bwd_kernel<*, true>", Tier::kEmulationVerified, false,
+     "backward with one warp writing dh0 (the default has every warp write the same value)"},
     {KernelFamily::kSelectiveScan, "selective_scan", "selective_scan",
-     "linmix_selective_scan_fwd_kernel<*> linmix_selective_scan_bwd_kernel<*>", Tier::kGpuVerified, true,
+     "linmix_selective_scan_fwd_kernel<*>; linmix_selective_scan_bwd_kernel<*>", Tier::kGpuVerified, true,
      "one block per (batch, channel), checkpointed state per chunk; variable dB/dC through float atomics"},
     {KernelFamily::kSelectiveScanFwdWarp, "selective_scan_fwd_warp", "selective_scan",
-     "linmix_selective_scan_fwd_warp_kernel<*>", Tier::kUnverified, false,
+     "linmix_selective_scan_fwd_warp_kernel<*>", Tier::kEmulationVerified, false,
      "forward with one warp per channel, no block barrier"},
     {KernelFamily::kSelectiveScanBwdTiled, "selective_scan_bwd_tiled", "selective_scan",
-     "linmix_selective_scan_bwd_tiled_kernel<*> linmix_selective_scan_bwd_reduce_kernel<*>", Tier::kUnverified,
+     "linmix_selective_scan_bwd_tiled_kernel<*>; linmix_selective_scan_bwd_reduce_kernel<*>", Tier::kEmulationVerified,
      false, "atomic-free backward on 16-channel tiles; deterministic=True with variable B/C"},
     {KernelFamily::kSelectiveStateUpdate, "selective_state_update", "selective_state_update",
-     "linmix_selective_state_update_fwd_kernel<*>", Tier::kUnverified, false,
+     "linmix_selective_state_update_fwd_kernel<*>", Tier::kEmulationVerified, false,
      "one decoding step; the default CUDA path is selective_scan's forward at L = 1"},
     {KernelFamily::kChunkGla, "chunk_gla", "chunk_gla",
-     "linmix_chunk_gla_fwd_kernel<*> linmix_chunk_gla_bwd_states_kernel<*> linmix_chunk_gla_bwd_grads_kernel<*>",
+     "linmix_chunk_gla_fwd_kernel<*>; linmix_chunk_gla_bwd_states_kernel<*>; linmix_chunk_gla_bwd_grads_kernel<*>",
      Tier::kGpuVerified, true, "serial over chunks, WMMA inside a chunk; decays from differences of running sums"},
     {KernelFamily::kGlaChunkpar, "gla_chunkpar", "chunk_gla",
-     "linmix_gla_chunkpar_fwd_state_kernel<*> linmix_gla_chunkpar_fwd_scan_kernel linmix_gla_chunkpar_fwd_out_kernel<*> "
-     "linmix_gla_chunkpar_bwd_dstate_kernel<*> linmix_gla_chunkpar_bwd_scan_kernel "
-     "linmix_gla_chunkpar_bwd_dqk_kernel<*> linmix_gla_chunkpar_bwd_dv_kernel<*>",
-     Tier::kUnverified, false, "chunk-parallel (fla's structure), decays from segment sums: exact for any g <= 0"},
+     "linmix_gla_chunkpar_fwd_state_kernel<*>; linmix_gla_chunkpar_fwd_scan_kernel; "
+     "linmix_gla_chunkpar_fwd_out_kernel<*>; linmix_gla_chunkpar_bwd_dstate_kernel<*>; "
+     "linmix_gla_chunkpar_bwd_scan_kernel; linmix_gla_chunkpar_bwd_dqk_kernel<*>; linmix_gla_chunkpar_bwd_dv_kernel<*>",
+     Tier::kEmulationVerified, false,
+     "chunk-parallel (fla's structure), decays from segment sums: exact for any g <= 0"},
     {KernelFamily::kFusedRecurrentGla, "fused_recurrent_gla", "fused_recurrent_gla",
-     "linmix_fused_recurrent_gla_fwd_kernel<*> linmix_fused_recurrent_gla_bwd_dqk_kernel<*, false> "
+     "linmix_fused_recurrent_gla_fwd_kernel<*>; linmix_fused_recurrent_gla_bwd_dqk_kernel<*, false>; "
      "linmix_fused_recurrent_gla_bwd_dv_kernel<*>",
      Tier::kGpuVerified, true, "one step at a time, state in registers"},
     {KernelFamily::kFusedRecurrentGlaExactDg, "fused_recurrent_gla_exact_dg", "fused_recurrent_gla",
-     "linmix_fused_recurrent_gla_bwd_dqk_kernel<*, true>", Tier::kUnverified, false,
+     "linmix_fused_recurrent_gla_bwd_dqk_kernel<*, true>", Tier::kEmulationVerified, false,
      "backward dq, dk with dg exactly 0 where the decay underflows"},
     {KernelFamily::kFixedPointRnn, "fixed_point_rnn", "fixed_point_rnn",
-     "linmix_fixed_point_rnn_fwd_*_kernel<*> linmix_fixed_point_rnn_bwd_*_kernel<*>", Tier::kGpuVerified, true,
+     "linmix_fixed_point_rnn_fwd_*_kernel<*>; linmix_fixed_point_rnn_bwd_*_kernel<*>", Tier::kGpuVerified, true,
      "fixed-point iteration of (Householder mix, diagonal scan) with a device-side convergence test"},
 };
 constexpr bool kernel_records_in_order() {

@@ -111,7 +111,7 @@ std::string Arena::describe_overrun(size_t redzone, size_t i) const {
 
 // ---------------------------------------------------------------- runtime.h
 void* static_shared(const void* tag, size_t size, size_t align, const char* name) {
-  Worker& w = this_worker();
+  Worker& w = *self().worker;
   Launch& L = *w.block.launch;
   bool added = false;
   unsigned char* p = w.arena.find_or_add_static(tag, size, align, added);
@@ -137,7 +137,7 @@ void* static_shared(const void* tag, size_t size, size_t align, const char* name
 
 void* dynamic_shared(size_t align) {
   if (align > Arena::kDynOffset) fault("extern __shared__ aligned to more than 1024 bytes");
-  return this_worker().arena.dynamic_base();
+  return self().worker->arena.dynamic_base();
 }
 
 }  // namespace linmix::emu

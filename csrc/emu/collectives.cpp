@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -15,13 +16,20 @@
 namespace linmix::emu {
 namespace {
 
-bool warp_group_complete(const Block& B, const Fiber& f) {
-  for (int l = 0; l < 32; ++l) {
-    if (!(f.mask >> l & 1u)) continue;
-    const Fiber& g = B.fibers[f.tc.warp * 32 + l];
-    if (g.state != State::kWarp || g.op != f.op || g.mask != f.mask) return false;
+// Counts `f`'s arrival in its warp's group for (op, mask); true when that was the last lane the mask names.
+bool arrive(Block& B, const Fiber& f) {
+  std::vector<WarpGroup>& groups = B.pending[f.tc.warp];
+  for (size_t i = 0; i < groups.size(); ++i) {
+    WarpGroup& g = groups[i];
+    if (g.op != f.op || g.mask != f.mask) continue;
+    if (++g.arrived < g.expected) return false;
+    groups.erase(groups.begin() + static_cast<std::ptrdiff_t>(i));
+    return true;
   }
-  return true;
+  const int expected = __builtin_popcount(f.mask);
+  if (expected == 1) return true;
+  groups.push_back(WarpGroup{f.op, f.mask, 1, expected});
+  return false;
 }
 
 int shuffle_source(const Fiber& g) {
@@ -52,9 +60,11 @@ float elem_to_float(const void* base, int i, WmmaElem e) {
 // The last lane to arrive completes the collective for the whole group (in fiber context).
 void complete_group(Launch& L, Block& B, Fiber& last) {
   const int warp = last.tc.warp;
-  std::vector<Fiber*> lanes;
+  Fiber* lane_list[32];
+  int n_lanes = 0;
   for (int l = 0; l < 32; ++l)
-    if (last.mask >> l & 1u) lanes.push_back(&B.fibers[warp * 32 + l]);
+    if (last.mask >> l & 1u) lane_list[n_lanes++] = &B.fibers[warp * 32 + l];
+  const std::span<Fiber*> lanes(lane_list, n_lanes);
   const Fiber& f0 = *lanes.front();
   switch (last.op) {
     case WarpOp::kSyncwarp:
@@ -110,7 +120,7 @@ void complete_group(Launch& L, Block& B, Fiber& last) {
 
 // Arrive at a warp collective (in fiber context); returns when the group completed.
 void warp_collective(Fiber& f, WarpOp op, unsigned mask, const char* file, int line) {
-  Worker& w = this_worker();
+  Worker& w = *f.worker;
   Block& B = w.block;
   Launch& L = *B.launch;
   f.op = op;
@@ -127,7 +137,7 @@ void warp_collective(Fiber& f, WarpOp op, unsigned mask, const char* file, int l
   f.warp_gen = B.syncwarp_gen[f.tc.warp];
   if (op == WarpOp::kSyncwarp) hb_release(B.warp_sync(f.tc.warp, f.warp_gen));
   f.state = State::kWarp;
-  if (warp_group_complete(B, f)) {
+  if (arrive(B, f)) {
     complete_group(L, B, f);
   } else {
     w.yield(f);
@@ -139,8 +149,8 @@ void warp_collective(Fiber& f, WarpOp op, unsigned mask, const char* file, int l
 
 // ---------------------------------------------------------------- runtime.h
 void syncthreads(const char* file, int line) {
-  Worker& w = this_worker();
   Fiber& f = self();
+  Worker& w = *f.worker;
   f.state = State::kBarrier;
   f.file = file;
   f.line = line;
@@ -176,8 +186,8 @@ void threadfence() {
 }
 
 const uint8_t* wmma_positions(int kind) {
-  Worker& w = this_worker();
-  return w.block.launch->wmma_pos[kind][w.current->tc.lane];
+  const Fiber& f = self();
+  return f.worker->block.launch->wmma_pos[kind][f.tc.lane];
 }
 
 void wmma_memory_op(WmmaOp op, const void* ptr, unsigned ldm, bool row_major, size_t elem_bytes, const char* file,

@@ -161,12 +161,17 @@ void switch_context(Context& from_ctx, FiberSide& from, const Context& to_ctx, F
 #endif
 }
 
-void fiber_entered(FiberSide& self, FiberSide& from) {
+void fiber_entered(FiberSide& self, FiberSide& scheduler) {
 #if LINMIX_EMU_SANITIZER == 1
-  __sanitizer_finish_switch_fiber(self.asan_fake_stack, &from.stack_bottom, &from.stack_size);
+  // The side we came from; the first fiber a worker ever enters comes from its scheduler (the native stack),
+  // whose bounds the later switches back to it need.
+  const void* bottom = nullptr;
+  size_t size = 0;
+  __sanitizer_finish_switch_fiber(self.asan_fake_stack, &bottom, &size);
+  if (scheduler.stack_bottom == nullptr) scheduler.stack_bottom = bottom, scheduler.stack_size = size;
 #endif
   (void)self;
-  (void)from;
+  (void)scheduler;
 }
 
 void unpoison(const void* p, size_t n) {

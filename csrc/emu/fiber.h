@@ -58,8 +58,9 @@ void fiber_side_native(FiberSide& side);                             // the call
 void fiber_side_destroy(FiberSide& side);
 // Switch from `from` (whose context is saved in `from_ctx`) to `to`. `finishing`: `from` never runs again.
 void switch_context(Context& from_ctx, FiberSide& from, const Context& to_ctx, FiberSide& to, bool finishing);
-// The first thing a new fiber does (AddressSanitizer completes the switch that entered it).
-void fiber_entered(FiberSide& self, FiberSide& from);
+// The first thing a new fiber does (AddressSanitizer completes the switch that entered it, and learns the
+// scheduler's stack from the first one).
+void fiber_entered(FiberSide& self, FiberSide& scheduler);
 
 // Clears AddressSanitizer's poison left on a stack by a fiber that was abandoned mid-call.
 void unpoison(const void* p, size_t n);

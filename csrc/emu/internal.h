@@ -7,7 +7,6 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -43,8 +42,11 @@ enum class State : uint8_t { kRunnable, kBarrier, kWarp, kExited };
 enum class WarpOp : uint8_t { kSyncwarp, kShuffle, kWmmaLoad, kWmmaStore, kWmmaMma };
 const char* warp_op_name(WarpOp op, ShflMode mode);
 
+struct Worker;
+
 // One emulated CUDA thread.
 struct Fiber {
+  Worker* worker = nullptr;  // the OS thread's emulation state that runs its block
   Context ctx;
   FiberSide side;
   ThreadCtx tc{};
@@ -129,21 +131,39 @@ class Arena {
   std::vector<size_t> redzones_;
 };
 
+// Lanes of one warp waiting at one collective (same op, same mask).
+struct WarpGroup {
+  WarpOp op;
+  unsigned mask;
+  int arrived, expected;
+};
+
 // One block in flight on a worker.
 struct Block {
   Launch* launch = nullptr;
   uint3 idx{};
   std::vector<Fiber> fibers;
-  std::vector<int> order;
+  std::vector<int> order;  // this round's order of the threads
+  int pos = 0;             // the next index of `order` this round
+  std::vector<std::vector<WarpGroup>> pending;  // per warp: its collectives waiting for lanes
+  uint64_t rng = 0;        // xorshift state for the shuffled schedule
   int n_exited = 0;
   uint64_t barrier_gen = 0;
   std::vector<uint64_t> syncwarp_gen;  // per warp: __syncwarp groups completed
-  std::mt19937_64 rng;
   // ThreadSanitizer sync objects of this block: barrier generations (2), and per warp 2 for __syncwarp. Fresh
   // memory per block, freed after it, so no edge leaks from one block into the next.
   std::unique_ptr<char[]> sync;
   const void* barrier_sync(uint64_t gen) const { return sync.get() + (gen & 1); }
   const void* warp_sync(int warp, uint64_t gen) const { return sync.get() + 2 + 2 * warp + (gen & 1); }
+
+  // The next runnable thread of this round, or nullptr at its end.
+  Fiber* next_runnable() {
+    while (pos < static_cast<int>(order.size())) {
+      Fiber& f = fibers[order[pos++]];
+      if (f.state == State::kRunnable) return &f;
+    }
+    return nullptr;
+  }
 };
 
 // One OS thread's emulation state: its fiber stacks, its arena, the block it runs.
@@ -153,7 +173,6 @@ struct Worker {
   StackPool stacks;
   Arena arena;
   Block block;
-  Fiber* current = nullptr;
 
   Worker();
   void run(Launch& L);  // blocks of L until none is left
@@ -161,14 +180,19 @@ struct Worker {
   void schedule(Launch& L, Block& B);
   void resolve_stall(Launch& L, Block& B);
   void resume(Fiber& f);
-  // In fiber context: back to the scheduler until this fiber is runnable again; or for good.
+  // In fiber context: hand over to the next runnable thread of the round (or, at its end, the scheduler) until
+  // this fiber is runnable again; or for good. A direct switch between fibers halves the switches per barrier.
   void yield(Fiber& f);
   [[noreturn]] void finish(Fiber& f);
+
+ private:
+  void hand_over(Fiber& f, bool finishing);
 };
 
 Worker& this_worker();  // the calling OS thread's (created on first use)
-// In fiber context: the running fiber, and its launch.
-Fiber& self();
+
+// In fiber context: the running fiber (its worker: self().worker).
+inline Fiber& self() { return *static_cast<Fiber*>(tls_thread->fiber); }
 
 // Ends the calling fiber's launch with an error naming kernel, block, thread, seed and schedule; never returns.
 [[noreturn]] void fault(const std::string& what);

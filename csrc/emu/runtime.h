@@ -20,6 +20,7 @@ struct ThreadCtx {
   dim3 grid_dim;
   int lane;  // linear thread index % 32: CUDA forms warps from the linear index x + y Dx + z Dx Dy
   int warp;
+  void* fiber;  // the runtime's record of this thread (internal.h)
 };
 
 // Set by the scheduler before it resumes a fiber. __thread: no TLS wrapper, so a kernel's read is a plain load.

@@ -11,6 +11,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <random>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
@@ -108,7 +109,7 @@ thread_local std::unique_ptr<Worker> t_worker;
 
 void fiber_main(void* arg) {
   Fiber& f = *static_cast<Fiber*>(arg);
-  Worker& w = *t_worker;
+  Worker& w = *f.worker;
   fiber_entered(f.side, w.sched_side);
   Launch& L = *w.block.launch;
   hb_acquire(&L.sync_in);
@@ -177,11 +178,9 @@ Worker& this_worker() {
   return *t_worker;
 }
 
-Fiber& self() { return *t_worker->current; }
-
 void fault(const std::string& what) {
-  Worker& w = *t_worker;
-  Fiber& f = *w.current;
+  Fiber& f = self();
+  Worker& w = *f.worker;
   w.block.launch->record_error(describe(*w.block.launch, w.block, &f) + what);
   f.state = State::kExited;
   w.finish(f);
@@ -234,7 +233,8 @@ void Worker::run_block(Launch& L, uint3 idx, uint64_t linear) {
   B.n_exited = 0;
   B.barrier_gen = 0;
   B.syncwarp_gen.assign((L.threads + 31) / 32, 0);
-  B.rng.seed(L.cfg.seed ^ (linear * 0xbf58476d1ce4e5b9ull));
+  B.pending.assign((L.threads + 31) / 32, {});
+  B.rng = (L.cfg.seed ^ (linear * 0xbf58476d1ce4e5b9ull)) | 1;
   const int n = L.threads;
   B.sync.reset(new char[2 + 2 * ((n + 31) / 32)]);
   arena.begin_block(L.dyn_smem);
@@ -251,6 +251,8 @@ void Worker::run_block(Launch& L, uint3 idx, uint64_t linear) {
     f.tc.grid_dim = L.grid;
     f.tc.lane = t % 32;
     f.tc.warp = t / 32;
+    f.tc.fiber = &f;
+    f.worker = this;
     fiber_side_create(f.side, stacks.bottom(t), StackPool::size());
     make_context(f.ctx, stacks.bottom(t), StackPool::size(), &fiber_main, &f);
     B.order[t] = t;
@@ -267,37 +269,47 @@ void Worker::run_block(Launch& L, uint3 idx, uint64_t linear) {
   B.sync.reset();
 }
 
+// A round runs every runnable thread once, in the round's order, each until it blocks or exits; a blocking
+// thread hands over to the next one directly (hand_over), the last to the scheduler.
 void Worker::schedule(Launch& L, Block& B) {
   const int n = static_cast<int>(B.fibers.size());
   for (;;) {
-    if (L.cfg.schedule == Schedule::kShuffle) std::shuffle(B.order.begin(), B.order.end(), B.rng);
-    bool ran = false;
-    for (int t : B.order) {
-      Fiber& f = B.fibers[t];
-      if (f.state != State::kRunnable) continue;
-      resume(f);
-      ran = true;
-      if (L.failed.load()) return;
+    if (L.cfg.schedule == Schedule::kShuffle) {
+      for (int i = n - 1; i > 0; --i) {  // Fisher-Yates with xorshift64
+        B.rng ^= B.rng << 13, B.rng ^= B.rng >> 7, B.rng ^= B.rng << 17;
+        std::swap(B.order[i], B.order[B.rng % (i + 1)]);
+      }
     }
+    B.pos = 0;
+    Fiber* first = B.next_runnable();
+    if (first != nullptr) resume(*first);
+    if (L.failed.load()) return;
     if (B.n_exited == n) return;
-    if (ran) continue;
-    resolve_stall(L, B);
+    if (first == nullptr) resolve_stall(L, B);
     if (L.failed.load()) return;
   }
 }
 
 void Worker::resume(Fiber& f) {
-  current = &f;
   tls_thread = &f.tc;
   switch_context(sched_ctx, sched_side, f.ctx, f.side, false);
   tls_thread = nullptr;
-  current = nullptr;
 }
 
-void Worker::yield(Fiber& f) { switch_context(f.ctx, f.side, sched_ctx, sched_side, false); }
+void Worker::hand_over(Fiber& f, bool finishing) {
+  Fiber* g = block.launch->failed.load() ? nullptr : block.next_runnable();
+  if (g == nullptr) {
+    switch_context(f.ctx, f.side, sched_ctx, sched_side, finishing);
+    return;
+  }
+  tls_thread = &g->tc;
+  switch_context(f.ctx, f.side, g->ctx, g->side, finishing);
+}
+
+void Worker::yield(Fiber& f) { hand_over(f, false); }
 
 void Worker::finish(Fiber& f) {
-  switch_context(f.ctx, f.side, sched_ctx, sched_side, true);
+  hand_over(f, true);
   __builtin_unreachable();
 }
 

@@ -39,7 +39,7 @@ __global__ void linmix_emu_selftest_ok_kernel(const float* in, int n, float* out
   }
   // up / down / idx: every lane recovers its neighbours' lane ids
   const int up = __shfl_up_sync(0xffffffffu, lane, 1), down = __shfl_down_sync(0xffffffffu, lane, 1);
-  const int idx = __shfl_sync(0xffffffffu, lane, 31 - lane), half = __shfl_xor_sync(0x0000ffffu | 0xffff0000u, lane, 16, 32);
+  const int idx = __shfl_sync(0xffffffffu, lane, 31 - lane), half = __shfl_xor_sync(0xffffffffu, lane, 16, 32);
   const bool ok = up == (lane > 0 ? lane - 1 : lane) && down == (lane < 31 ? lane + 1 : lane) && idx == 31 - lane &&
                   half == (lane ^ 16) && s_dyn[t] == s_dyn[t];
   __syncwarp();
@@ -191,7 +191,8 @@ Result case_wmma(bool layout_dependent, int offset, unsigned ldm) {
   }
   launch_kernel(linmix_emu_selftest_wmma_kernel, dim3(1), dim3(32), 0, nullptr, ap, b, d, ldm, layout_dependent);
   for (int i = 0; i < 256; ++i)
-    if (d[i] != ref[i]) return wrong("D[" + std::to_string(i) + "] = " + std::to_string(d[i]) + " != " + std::to_string(ref[i]));
+    if (d[i] != ref[i])
+      return wrong("D[" + std::to_string(i) + "] = " + std::to_string(d[i]) + " != " + std::to_string(ref[i]));
   return {};
 }
 

@@ -4,6 +4,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/kernels.h"
 #include "linear_scan/linear_scan_cpu.h"
 #include "linear_scan/linear_scan_cuda.h"
 #include "linear_scan/params.h"
@@ -71,7 +72,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_bwd(const at::Tensor&
   p.dh0 = dh0.data_ptr();
   launch<backend, LinearScanCudaLaunchers>(
       a, [&](DType dt) { linear_scan_bwd_cpu(p, dt); },
-      [&](const auto& cuda, DType dt, cudaStream_t stream) { cuda.bwd(dt, p, stream); });
+      [&](const auto& cuda, DType dt, cudaStream_t stream) {
+        (kernel_enabled(KernelFamily::kLinearScanBwdOneWriter) ? cuda.bwd_one_writer : cuda.bwd)(dt, p, stream);
+      });
   return {da, db, dh0};
 }
 

@@ -91,14 +91,15 @@ def environment(sanitizer: str | None = None, schedule: str | None = None, seed:
         env["LINMIX_EMU_WORKERS"] = str(workers)
     if sanitizer is not None:
         env["LINMIX_EMU_SANITIZER"] = sanitizer
-        env["LD_PRELOAD"] = ":".join(sanitizer_runtimes(sanitizer) + [p for p in [env.get("LD_PRELOAD")] if p])
+        env["LD_PRELOAD"] = ":".join(sanitizer_runtimes(sanitizer))  # one sanitizer per process
         # Python and torch are not instrumented: leaks at exit, their allocator pairs and their own threads are
         # not ours to report. A report ends the process with a non-zero status.
         log = f":log_path={os.path.join(report_dir, 'report')}" if report_dir else ""
         env["ASAN_OPTIONS"] = "detect_leaks=0:alloc_dealloc_mismatch=0:detect_odr_violation=0:halt_on_error=1" + log
         env["UBSAN_OPTIONS"] = "halt_on_error=1:print_stacktrace=1" + log
+        suppressions = Path(__file__).with_name("emu_tsan_suppressions.txt")
         env["TSAN_OPTIONS"] = ("halt_on_error=1:exitcode=66:suppress_equal_addresses=0:ignore_noninstrumented_modules=1"
-                               ":report_signal_unsafe=0" + log)
+                               f":report_signal_unsafe=0:suppressions={suppressions}" + log)
     return env
 
 
