@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import linmix
 from linmix import emulation
@@ -87,3 +88,20 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, *
 def poison(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN so an unwritten output element shows up."""
     return t.fill_(float("nan"))
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that copy a tensor value to the host (.item(), bool(tensor), data-dependent shapes: each a
+    synchronisation on a GPU) in `count`; with strict=True the first one fails instead."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+
+    def __init__(self, strict: bool = False):
+        super().__init__()
+        self.strict, self.count = strict, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            assert not self.strict, f"host synchronisation: {func}"
+            self.count += 1
+        return func(*args, **(kwargs or {}))

@@ -22,6 +22,8 @@ import linmix
 import linmix.distributed as lmd
 from linmix.bench.cp import free_port
 
+from conftest import HostReads
+
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
 
@@ -153,29 +155,74 @@ def _fixed_point_inputs(dtype, T, B=2, D=6, R=2):
     return [x.to(dtype) for x in (u, lam, hh_u, hh_beta)]
 
 
+def _slice_by_slice(splits, u, lam, hh_u, hh_beta, initial_state=None, **kw):
+    """linmix.fixed_point_rnn on one process over the slices in turn, each from the last state of the one
+    before (chunked decoding): (h, final state, n_iter, residual) as linmix.distributed.fixed_point_rnn
+    gives them, which is what it computes exactly with tol = 0."""
+    outs, e, lo = [], initial_state, 0
+    for n in splits:
+        h, n_iter, res = linmix.fixed_point_rnn(*(x[:, lo : lo + n] for x in (u, lam, hh_u, hh_beta)),
+                                                initial_state=e, return_info=True, **kw)
+        outs.append((h, n_iter, res))
+        e, lo = h[:, -1], lo + n
+    hs, ns, rs = zip(*outs)
+    return torch.cat(hs, 1), e, torch.stack(ns).amax(0), torch.stack(rs).amax(0)
+
+
 def case_fixed_point_rnn(world):
     T = 9
-    for dtype, grad_mode, max_iter, tol in ((torch.float64, "onestep", 4, 0.0), (torch.float64, "implicit", 40, 1e-9),
-                                            (torch.float32, "onestep", 40, 1e-4)):
+    rank = dist.get_rank()
+    # tol = 0: exactly the slice-by-slice run (outputs, final state, every gradient, the info), every argument
+    for dtype, grad_mode, damping, stopping in ((torch.float64, "onestep", 1.0, "element"),
+                                                (torch.float64, "implicit", 0.7, "batch"),
+                                                (torch.float32, "onestep", 1.0, "causal")):
         for kind in (0, 1):
-            inputs = _fixed_point_inputs(dtype, T)
+            for with_h0 in (False, True):
+                inputs = _fixed_point_inputs(dtype, T) + [torch.randn(2, 6, dtype=dtype) if with_h0 else None]
+                kw = dict(max_iter=6, tol=0.0, grad_mode=grad_mode, damping=damping, stopping=stopping, quantile=0.5)
+                splits, info = _splits(world, T, kind), {}
 
-            def run(fn):
-                def go(*xs):
-                    h, n_iter, res = fn(*xs, max_iter=max_iter, tol=tol, grad_mode=grad_mode, return_info=True)
-                    run.info = (n_iter, res)
-                    return h, None
-                return go
+                def single(u, lam, hh_u, hh_beta, h0):
+                    h, fin, *info["single"] = _slice_by_slice(splits, u, lam, hh_u, hh_beta, h0, **kw)
+                    return h, fin
 
-            t = TOL[dtype] if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
-            splits = _splits(world, T, kind)
-            single, parallel = run(linmix.fixed_point_rnn), run(lmd.fixed_point_rnn)
-            _compare(splits, inputs, [1, 1, 1, 1], lambda *xs: single(*xs), lambda *xs: parallel(*xs), 1, tol=t)
-            # Same stopping iteration per batch element as the fused op (residual all-reduced over ranks).
-            full_n, _ = linmix.fixed_point_rnn(*inputs, max_iter=max_iter, tol=tol, return_info=True)[1:]
-            cp_n = lmd.fixed_point_rnn(*_slices(world, T, kind, *inputs), max_iter=max_iter, tol=tol,
-                                       return_info=True)[1]
-            assert torch.equal(full_n, cp_n), (full_n, cp_n)
+                def parallel(u, lam, hh_u, hh_beta, h0):
+                    h, fin, *info["parallel"] = lmd.fixed_point_rnn(u, lam, hh_u, hh_beta, initial_state=h0,
+                                                                    output_final_state=True, return_info=True, **kw)
+                    return h, fin
+
+                exact = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-6)
+                _compare(splits, inputs, [1, 1, 1, 1, "init"], single, parallel, 1, tol=exact)
+                for a, b in zip(info["single"], info["parallel"]):
+                    assert torch.equal(a, b), (a, b)
+    # tol > 0, run to convergence: the whole sequence's fixed point and its exact gradient, every stopping rule
+    inputs = _fixed_point_inputs(torch.float64, T) + [torch.randn(2, 6, dtype=torch.float64)]
+    for stopping in ("element", "batch", "causal"):
+        kw = dict(max_iter=300, tol=1e-12, grad_mode="implicit", stopping=stopping, quantile=1.0)
+        _compare(_splits(world, T, 1), inputs, [1, 1, 1, 1, "init"],
+                 lambda u, lam, hh_u, hh_beta, h0: linmix.fixed_point_rnn(
+                     u, lam, hh_u, hh_beta, initial_state=h0, output_final_state=True, **kw),
+                 lambda u, lam, hh_u, hh_beta, h0: lmd.fixed_point_rnn(
+                     u, lam, hh_u, hh_beta, initial_state=h0, output_final_state=True, **kw),
+                 1, tol=dict(rtol=1e-8, atol=1e-8))
+    # No host synchronisation per iteration: 30 iterations on every rank (tol is never met), at most a few host
+    # reads per round of the relay, forward and backward (a loop with one per iteration reads 30 or more).
+    xs = [x.clone().requires_grad_() for x in _slices(world, T, 0, *_fixed_point_inputs(torch.float64, T))]
+    with HostReads() as reads:
+        h, n_iter, _ = lmd.fixed_point_rnn(*xs, max_iter=30, tol=1e-300, return_info=True)
+        h.sum().backward()
+    assert (n_iter == 30).all() and reads.count <= 4 * world, (n_iter, reads.count)
+    # Slices of 100 tokens: the state forgets within a slice, so the second round moves no entering state by 1e-8
+    # and the relay stops there: two rounds of W - 1 received payloads of B (D + 3) float64 values, not W.
+    lmd.reset_comm_bytes()
+    with torch.no_grad():
+        lmd.fixed_point_rnn(*(x.chunk(world, 1)[rank] for x in _fixed_point_inputs(torch.float64, 100 * world)),
+                            max_iter=20, tol=1e-8)
+    assert lmd.comm_bytes() == 2 * (world - 1) * 2 * (6 + 3) * 8, lmd.comm_bytes()
+    # on_nonconvergence reads the residual of every rank: all of them raise together
+    with pytest.raises(linmix.FixedPointConvergenceError, match="did not converge"):
+        lmd.fixed_point_rnn(*_slices(world, T, 0, *inputs[:4]), max_iter=1, tol=1e-12, on_nonconvergence="raise",
+                            initial_state=inputs[4] if rank == 0 else None)
 
 
 class _TinyMixer(torch.nn.Module):
@@ -276,6 +323,9 @@ def _worker(rank, world, port, out_path):
     if rank == 0:
         torch.save(gathered, out_path)
     dist.destroy_process_group()
+    # Leave without the interpreter's teardown: after DDP on gloo, torch's C++ static destructors abort now and
+    # then ("terminate called without an active exception", no Python frame), once every result is written.
+    os._exit(0)
 
 
 @pytest.mark.slow

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -5,7 +7,7 @@ import torch.nn.functional as F
 import linmix
 from linmix.reference import gla_ref
 
-from conftest import DEVICES, HAS_CUDA, low_precision_close, rel_err
+from conftest import DEVICES, HAS_CUDA, cuda_only, low_precision_close, rel_err
 
 ALGOS = {"chunk": linmix.chunk_gla, "recurrent": linmix.fused_recurrent_gla}
 
@@ -211,7 +213,7 @@ def _bad(**over):
         (dict(k=torch.rand(2, 5, 3, 7)), "k must have shape"),
         (dict(g=torch.rand(2, 6, 3, 8)), "g must have shape"),
         (dict(v=torch.rand(2, 5, 2, 4)), "v must have shape"),
-        (dict(v=torch.rand(2, 5, 3, 300)), "head dims K and V must be in"),
+        (dict(v=torch.rand(2, 5, 3, 513)), r"head dims K and V must be in \[1, 512\]"),
         (dict(k=torch.rand(2, 5, 3, 8, dtype=torch.float16)), "k must have the same dtype"),
         (dict(q=torch.rand(2, 5, 3, 8).int()), "q must be float32"),
         (dict(initial_state=torch.rand(2, 3, 4, 8)), "initial_state must have shape"),
@@ -220,6 +222,29 @@ def _bad(**over):
 def test_bad_inputs(algo, over, match):
     with pytest.raises(RuntimeError, match=match):
         ALGOS[algo](**_bad(**over))
+
+
+@pytest.mark.parametrize("algo", ["chunk", "recurrent"])
+@pytest.mark.parametrize("T, K, V", [(70, 320, 320), (20, 512, 512), (33, 300, 512)])
+def test_head_dims_up_to_512(algo, T, K, V):
+    # fla's own test_chunk runs K = V = 320 and 512; the CPU kernels take any K, V <= 512
+    for dtype in (torch.float64, torch.float32):
+        q, k, v, g, h0 = make(1, T, 1, K, V, dtype, "cpu", requires_grad=True)
+        ro, rht = gla_ref(q, k, v, g, initial_state=h0, output_final_state=True)
+        do, dht = torch.randn_like(ro), torch.randn_like(rht)
+        got = run_and_grads(ALGOS[algo], q, k, v, g, h0, True, do, dht)
+        want = run_and_grads(gla_ref, q, k, v, g, h0, True, do, dht)
+        for name, a, b in zip(["o", "final_state", "dq", "dk", "dv", "dg", "dh0"], got, want):
+            assert rel_err(a, b) < (1e-11 if dtype == torch.float64 else 2e-5), name
+
+
+@cuda_only
+@pytest.mark.parametrize("algo", ["chunk", "recurrent"])
+def test_cuda_head_dims_above_256(algo):
+    # the CUDA kernels size their tiles for 256: above it a named error, before any launch
+    for K, V in ((320, 64), (64, 512)):
+        with pytest.raises(NotImplementedError, match="above 256 run on the CPU only for now"):
+            ALGOS[algo](*make(1, 10, 2, K, V, torch.float32, "cuda")[:4])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -309,6 +334,23 @@ def test_fla_recurrent_keywords(device):
         rec(q, k, v, g, gk=g)
     with pytest.raises(NotImplementedError, match="gv"):
         rec(q, k, v, gk=g, gv=torch.zeros_like(v))
+
+
+def test_fla_deprecated_transpose_state_layout():
+    # fla renamed transpose_state_layout to state_v_first: the old name still works with a DeprecationWarning,
+    # both at once is a ValueError, and the new name alone warns nothing (fla's test_fused_recurrent_state_v_first)
+    q, k, v, g, s = make(2, 9, 2, 8, 5, torch.float64, "cpu")
+    s_vk = s.transpose(-1, -2).contiguous()
+    rec = linmix.fused_recurrent_gla
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        want = rec(q, k, v, gk=g, initial_state=s_vk, output_final_state=True, state_v_first=True)
+    with pytest.warns(DeprecationWarning, match="transpose_state_layout is deprecated"):
+        got = rec(q, k, v, gk=g, initial_state=s_vk, output_final_state=True, transpose_state_layout=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not both"):
+        rec(q, k, v, gk=g, state_v_first=True, transpose_state_layout=True)
 
 
 def _fla_gla():

@@ -21,7 +21,7 @@ struct GlaChunkTraits {
   static constexpr int kSub = kGlaSubChunk;
   static constexpr int kBK = 32;  // key channels per slice
   static constexpr int kBV = 32;  // value columns per slice
-  static constexpr int kMaxK = 256;
+  static constexpr int kMaxK = kGlaCudaMaxHeadDim;
   static constexpr int kNWarps = 4;
   static constexpr int kThreads = 32 * kNWarps;
   static_assert(kSub == 16, "sub-blocks are single 16x16 WMMA tiles");

@@ -24,7 +24,7 @@ struct GlaRecurrentTraits {
   static constexpr int kNWarps = 8;
   static constexpr int kThreads = 32 * kNWarps;
   static constexpr int kSteps = kNWarps;           // steps per staged group; warp s reduces step s
-  static constexpr int kMaxDim = 256;              // K, V <= kMaxDim
+  static constexpr int kMaxDim = kGlaCudaMaxHeadDim;  // K, V <= kMaxDim
   static constexpr int kRowsPerThread = kMaxDim / kNWarps;  // column layout: key rows per thread
   static constexpr int kColsPerLane = kMaxDim / 32;         // row layout: value columns per lane
   static_assert(kSteps == kNWarps, "one warp reduces one step of a group");

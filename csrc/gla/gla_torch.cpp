@@ -39,6 +39,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     check_same_device(*h0, "initial_state", q, "q");
   }
   if (cuda_kernels) {
+    TORCH_CHECK_NOT_IMPLEMENTED(K <= kGlaCudaMaxHeadDim && V <= kGlaCudaMaxHeadDim, "linmix: head dims above ",
+                                kGlaCudaMaxHeadDim, " run on the CPU only for now (CUDA kernels take K, V <= ",
+                                kGlaCudaMaxHeadDim, "), got K = ", K, ", V = ", V);
     TORCH_CHECK(B * H <= int64_t(2147483647), "linmix: B * H too large for the CUDA grid");
     TORCH_CHECK(T <= int64_t(65535) * kGlaChunk, "linmix: T must be at most ", 65535 * kGlaChunk, " on CUDA");
   }

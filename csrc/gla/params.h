@@ -6,8 +6,10 @@
 
 namespace linmix {
 
-// Largest head dim K and V; the CUDA kernels size their shared memory and register tiles for it.
-constexpr int64_t kGlaMaxHeadDim = 256;
+// Largest head dim K and V (flash-linear-attention's own tests run 512).
+constexpr int64_t kGlaMaxHeadDim = 512;
+// Largest head dim of the CUDA kernels for now: they size their shared memory and register tiles for it.
+constexpr int64_t kGlaCudaMaxHeadDim = 256;
 
 // A (B, T, H, X) tensor with unit stride along X; element strides for B, T and H (64-bit).
 struct BTHView {

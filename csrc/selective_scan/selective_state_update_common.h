@@ -98,17 +98,37 @@ LINMIX_HD acc_t ssu_delta(acc_t dt, acc_t dt_bias, bool softplus_dt) {
   return softplus_dt ? ssu_softplus(v) : v;
 }
 
-// One state element: s' = exp(δ a) s + (δ x) b_n; returns s'.
-template <typename acc_t>
-LINMIX_HD acc_t ssu_state_step(acc_t s, acc_t decay, acc_t dx, acc_t b_n) {
-  return decay * s + dx * b_n;
+// v as a tensor of dtype S holds it (rounded to nearest even), read back in the accumulation type.
+template <typename S, typename acc_t>
+LINMIX_HD acc_t ssu_round(acc_t v) {
+#if defined(__CUDACC__)
+  return to_float(from_float<S>(v));
+#else
+  return static_cast<acc_t>(static_cast<S>(v));
+#endif
 }
 
-// The row's output from y = Σ_n C_n s'_n: (y + D x) · silu(z), silu(z) = z / (1 + e^-z).
+// One state element: s' = exp(δ a) s + (δ x) b_n, rounded to the state's dtype S. The caller stores it and
+// accumulates y = Σ_n C_n s'_n from this stored value, as mamba-ssm's selective_state_update_ref does
+// (state.copy_(...), then einsum over the state read back): the output is C · the state the next step starts
+// from. With a 16-bit state this matters: summing the unrounded values instead is off by up to 0.25 in bf16 at
+// n = 64, over mamba's tolerance.
+template <typename S, typename acc_t>
+LINMIX_HD acc_t ssu_state_step(acc_t s, acc_t decay, acc_t dx, acc_t b_n) {
+  return ssu_round<S>(decay * s + dx * b_n);
+}
+
+// silu(z) = z / (1 + e^-z). The output gate is ssu_round<T>(ssu_silu(z)), rounded to z's dtype T as the
+// reference's F.silu on a T tensor is.
 template <typename acc_t>
-LINMIX_HD acc_t ssu_output(acc_t y, acc_t D, acc_t x, bool has_z, acc_t z) {
-  const acc_t o = y + D * x;
-  return has_z ? o * (z / (acc_t(1) + ssu_exp(-z))) : o;
+LINMIX_HD acc_t ssu_silu(acc_t z) {
+  return z / (acc_t(1) + ssu_exp(-z));
+}
+
+// The row's output from y = Σ_n C_n s'_n and the gate (1 without z): (y + D x) · gate.
+template <typename acc_t>
+LINMIX_HD acc_t ssu_output(acc_t y, acc_t D, acc_t x, acc_t gate) {
+  return (y + D * x) * gate;
 }
 
 }  // namespace linmix

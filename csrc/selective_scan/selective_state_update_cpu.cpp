@@ -83,7 +83,7 @@ void impl(const SelectiveStateUpdateParams& p) {
       }
 #pragma omp simd
       for (int64_t r = 0; r < rows; ++r) dx[r] = delta[r] * xv[r];
-      // The state pass: read, step and write each state element once; y = C · s'.
+      // The state pass: read, step and write each state element once; y = C · s' (s' as stored).
       S* state = static_cast<S*>(p.state) + srow * p.state_s0 + h * p.state_s1;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t j = j0 + r;
@@ -95,7 +95,7 @@ void impl(const SelectiveStateUpdateParams& p) {
           const acc_t decay = ssu_exp(d * a_row[0]);
 #pragma omp simd reduction(+ : acc)
           for (int64_t k = 0; k < N; ++k) {
-            const acc_t v = ssu_state_step(static_cast<acc_t>(s[k]), decay, dxr, Bn[k]);
+            const acc_t v = ssu_state_step<S>(static_cast<acc_t>(s[k]), decay, dxr, Bn[k]);
             s[k] = static_cast<S>(v);
             acc += v * Cn[k];
           }
@@ -106,7 +106,7 @@ void impl(const SelectiveStateUpdateParams& p) {
           }
 #pragma omp simd reduction(+ : acc)
           for (int64_t k = 0; k < N; ++k) {
-            const acc_t v = ssu_state_step(static_cast<acc_t>(s[k]), ssu_exp(d * a_row[k]), dxr, Bn[k]);
+            const acc_t v = ssu_state_step<S>(static_cast<acc_t>(s[k]), ssu_exp(d * a_row[k]), dxr, Bn[k]);
             s[k] = static_cast<S>(v);
             acc += v * Cn[k];
           }
@@ -116,10 +116,15 @@ void impl(const SelectiveStateUpdateParams& p) {
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t j = j0 + r;
         Dv[r] = D ? D[h * p.D.s0 + j * p.D.s1] : acc_t(0);
-        zv[r] = has_z ? static_cast<acc_t>(z[b * p.z.s0 + h * p.z.s1 + j * p.z.s2]) : acc_t(0);
+        zv[r] = has_z ? static_cast<acc_t>(z[b * p.z.s0 + h * p.z.s1 + j * p.z.s2]) : acc_t(1);
+      }
+      if (has_z) {  // the gate: silu, then its rounding to T, in two passes (gcc vectorises neither fused)
+#pragma omp simd
+        for (int64_t r = 0; r < rows; ++r) zv[r] = ssu_silu(zv[r]);
+        for (int64_t r = 0; r < rows; ++r) zv[r] = ssu_round<T>(zv[r]);
       }
 #pragma omp simd
-      for (int64_t r = 0; r < rows; ++r) y[r] = ssu_output(y[r], Dv[r], xv[r], has_z, zv[r]);
+      for (int64_t r = 0; r < rows; ++r) y[r] = ssu_output(y[r], Dv[r], xv[r], zv[r]);
       for (int64_t r = 0; r < rows; ++r) out_row[r] = static_cast<T>(y[r]);
     }
   });

@@ -84,8 +84,8 @@ __global__ void __launch_bounds__(kSsuThreads, kSsuMinBlocks) linmix_selective_s
         const int64_t k = k0 + i;
         if (k < p.dstate) {
           const float decay = p.A.s2 == 0 ? scalar_decay : ssu_exp(delta * a_row[k * p.A.s2]);
-          const float v = ssu_state_step(to_float(sv.v[i]), decay, dx,
-                                         ssu_load(p.B.ptr, p.B_dtype, b_off + k * p.B.s2));
+          const float v = ssu_state_step<S>(to_float(sv.v[i]), decay, dx,
+                                            ssu_load(p.B.ptr, p.B_dtype, b_off + k * p.B.s2));
           sv.v[i] = from_float<S>(v);
           y += v * ssu_load(p.C.ptr, p.C_dtype, c_off + k * p.C.s2);
         }
@@ -104,9 +104,12 @@ __global__ void __launch_bounds__(kSsuThreads, kSsuMinBlocks) linmix_selective_s
   for (int off = kTPR / 2; off > 0; off >>= 1) y += __shfl_xor_sync(0xffffffffu, y, off);
   if (active && lane == 0) {
     const float dj = p.D.ptr ? static_cast<const float*>(p.D.ptr)[h * p.D.s0 + j * p.D.s1] : 0.f;
-    const bool has_z = p.z.ptr != nullptr;
-    const float zj = has_z ? to_float(static_cast<const T*>(p.z.ptr)[b * p.z.s0 + h * p.z.s1 + j * p.z.s2]) : 0.f;
-    *out = from_float<T>(ssu_output(y, dj, xj, has_z, zj));
+    float gate = 1.f;
+    if (p.z.ptr) {
+      const float zj = to_float(static_cast<const T*>(p.z.ptr)[b * p.z.s0 + h * p.z.s1 + j * p.z.s2]);
+      gate = ssu_round<T>(ssu_silu(zj));
+    }
+    *out = from_float<T>(ssu_output(y, dj, xj, gate));
   }
 }
 

@@ -1,6 +1,6 @@
 """The fixed-point loop in Python, shared by the layers whose iteration is not the fused op's (FPMamba,
-FixedPointRNN(state_dependent=True)) and by linmix.distributed.fixed_point_rnn: damping, the stopping rules,
-and the implicit gradient. The fused op (linmix.fixed_point_rnn) runs the same rules on the device."""
+FixedPointRNN(state_dependent=True)): damping, the stopping rules, and the implicit gradient. The fused op
+(linmix.fixed_point_rnn) runs the same rules on the device."""
 
 from __future__ import annotations
 
@@ -31,14 +31,12 @@ class Solution(NamedTuple):
 
 
 def solve(step: Step, y: torch.Tensor, max_iter: int, tol: float = 0.0, damping: float = 1.0,
-          stopping: str = "element", quantile: float = 1.0, host_exit: bool = False, eps: float = 1e-8,
-          reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Solution:
+          stopping: str = "element", quantile: float = 1.0, host_exit: bool = False) -> Solution:
     """Up to max_iter damped iterations y <- s f(y) + (1 - s) y from y (B, L, d), f = step, frozen where
     converged. With the per-token ratio r_t (token_ratio, before damping, as the authors), stopping "element"
     stops an element once its residual max_t r_t < tol, "batch" stops all once the ``quantile`` of the
     elements' residuals is < tol, "causal" stops token t once max_{s<=t} r_s < tol. tol = 0 runs max_iter
-    iterations. `reduce` maps the (B,) residuals before the rules read them (linmix.distributed: the max over
-    the ranks' tokens).
+    iterations. The ratio's denominator is |f_t|_inf + 1e-8, as in the authors' layers.
 
     The loop always runs max_iter iterations and reads nothing back (no host synchronisation; it traces
     under torch.compile), unless host_exit: then it reads ``done`` after each iteration and ends once
@@ -52,14 +50,14 @@ def solve(step: Step, y: torch.Tensor, max_iter: int, tol: float = 0.0, damping:
     host_exit = host_exit and not torch.compiler.is_compiling()
     for _ in range(max_iter):
         f = step(y)
-        r = token_ratio(f, y, eps).to(ratio.dtype)  # (B, L)
+        r = token_ratio(f, y, 1e-8).to(ratio.dtype)  # (B, L)
         active = ~done
         new = f if damping == 1.0 else damping * f + (1 - damping) * y
         y_prev = torch.where(active[..., None], y, y_prev)
         y = torch.where(active[..., None], new, y)
         n_iter = n_iter + active.any(-1).to(torch.int32)
         ratio = torch.where(active, r, ratio)
-        residual = ratio.amax(-1) if reduce is None else reduce(ratio.amax(-1))
+        residual = ratio.amax(-1)
         if tol > 0:
             if stopping == "causal":
                 done = done | (ratio.cummax(-1).values < tol)

@@ -20,6 +20,10 @@ point-to-point sends would move P bytes per rank but serialise W - 1 latency-bou
 overlap them with; for the group sizes context parallelism uses (2 to 16 ranks) the one collective is the
 cheaper choice, so it is the only one implemented.
 
+fixed_point_rnn is the exception: its transition over a slice is a dense (D, D) matrix (the fixed point is a
+dense linear RNN), too large to share. Each rank solves its slice with the fused op from the state entering it,
+and the ranks relay those states in rounds until none moves (at most W rounds, typically two); see its docstring.
+
 Conventions (the usual ones for context parallelism; the tests check each against a single-process run):
 - The time axis is split contiguously: rank 0 holds the first tokens (the last ones with ``reverse``).
   Slices may have different lengths, each at least 1 token.
@@ -40,14 +44,15 @@ associative scan of linear recurrences (Blelloch 1990), applied across ranks ins
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import ops
-from ._fixed_point_loop import implicit_grad, solve
-from ._native import acc_dtype
-from .ops.fixed_point_rnn import GRAD_MODES
+from ._native import acc_dtype, check_backend
+from .ops import fixed_point_rnn as fp
 
 _comm = {"bytes": 0}
 
@@ -69,16 +74,21 @@ def _group_info(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def _all_gather(x: torch.Tensor, group, world: int) -> torch.Tensor:
+    """(P,) per rank -> (W, P) in rank order."""
+    out = x.new_empty(world * x.numel())
+    dist.all_gather_single(out, x.contiguous(), group=group)
+    _comm["bytes"] += (world - 1) * x.numel() * x.element_size()
+    return out.view(world, x.numel())
+
+
 class _AllGather(torch.autograd.Function):
     """(P,) per rank -> (W, P); backward: the sum over ranks of each rank's gradient for my row."""
 
     @staticmethod
     def forward(ctx, x, group, world):
         ctx.group, ctx.world = group, world
-        out = x.new_empty(world * x.numel())
-        dist.all_gather_single(out, x.contiguous(), group=group)
-        _comm["bytes"] += (world - 1) * x.numel() * x.element_size()
-        return out.view(world, x.numel())
+        return _all_gather(x, group, world)
 
     @staticmethod
     def backward(ctx, dout):
@@ -251,99 +261,167 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     return o, (final if output_final_state else None)
 
 
-def _householder(hh_u: torch.Tensor, hh_beta: torch.Tensor, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """Q_t x_t (Q_tᵀ x_t with transpose) with Q_t = H_{t,R} ⋯ H_{t,1}, H_{t,i} = I - beta u uᵀ; (B, T, D)."""
-    factors = range(hh_u.shape[2] - 1, -1, -1) if transpose else range(hh_u.shape[2])
-    for i in factors:
-        w = hh_u[:, :, i]
-        x = x - hh_beta[:, :, i, None] * (w * x).sum(-1, keepdim=True) * w
-    return x
+def _relay(run, first, zero, group, tol, reverse=False):
+    """Settle a chain over the ranks in which each rank's result depends on the ranks before it only through
+    one boundary tensor: x_r = run(e_r), e_r = the boundary returned by the rank before r (in rank order, or
+    reversed), e = ``first`` on the first rank.
 
+    Every rank runs from its current e (``zero`` until a boundary arrives), one all-gather shares every rank's
+    boundary, and a rank whose e moved since its last run, by max |change| >= tol * max |e| in some batch row
+    (by anything with tol = 0, NaN included), runs again; then the next all-gather, until no e moves. The first
+    rank's e never changes, so rank r's is final after round r: at most W rounds and W all-gathers, and two host
+    reads per round (whether any e moved, whether this rank's did), whatever the work inside ``run``.
 
-def _all_ranks_max(group):
-    """The per-element residuals (B,) over every rank's tokens: the max across the group, NaN reported as inf
-    so it never counts as converged (the fused op's rule, with the same per-token ratio)."""
-    def reduce(res: torch.Tensor) -> torch.Tensor:
-        res = res.nan_to_num(nan=float("inf"))
-        rank, world = _group_info(group)
-        if world > 1:
-            dist.all_reduce(res, op=dist.ReduceOp.MAX, group=group)
-            _comm["bytes"] += 2 * (world - 1) * res.numel() * res.element_size() // world
-        return res
-    return reduce
-
-
-def _solve(step, y0, max_iter, tol, group):
-    """The shared fixed-point loop as the fused op runs it: each batch element stops on its own once its
-    residual over all ranks' tokens < tol; a host sync per iteration ends it early (every rank sees the same
-    reduced residual, so all stop together)."""
-    return solve(step, y0, max_iter, tol, host_exit=True, eps=0.0, reduce=_all_ranks_max(group))
-
-
-def fixed_point_rnn(u, lam, hh_u, hh_beta, max_iter=32, tol=1e-4, grad_mode="onestep", return_info=False,
-                    group=None):
-    """Context-parallel :func:`linmix.fixed_point_rnn` over a sequence split on T.
-
-    Each iteration's diagonal scan is a context-parallel :func:`linear_scan` carrying the state across ranks,
-    the Householder channel mix is per token (local), and the convergence test is the per-batch residual
-    all-reduced (max) over the group, so every rank stops at the same iteration as a single-process run.
-    Implemented in PyTorch over ``linmix.linear_scan`` (the fused op has no initial state to start a slice
-    from); same arguments, math, stopping rule and gradients as the fused op, plus ``group``.
-
-    Args: u, lam (B, T_r, D), hh_u (B, T_r, R, D), hh_beta (B, T_r, R): this rank's slices, T_r >= 1.
-    grad_mode: "onestep" (the VJP of the last iteration with the one before it detached) or "implicit"
-    (the adjoint w = g + J_hᵀ w is iterated with the same max_iter / tol and convergence all-reduce,
-    then the last iteration's VJP is taken with w).
-
-    Returns:
-        h (B, T_r, D) in u's dtype; with return_info also n_iter (B,) int32 and residual (B,) float32
-        (identical on every rank; a NaN residual is reported as inf).
-
-    Cost per iteration and rank: one Householder mix and two linear scans on T/W tokens (the context-
-    parallel scan's zero-start pass and correction), one all-gather of 2 * B * D values and one
-    all-reduce of B values. The state is computed in float32 (float64 for float64 inputs).
+    run(e) -> (result, boundary (B, ...) in zero's dtype, extras (P,) in zero's dtype). Returns this rank's last
+    result, the last boundaries and extras of every rank by position in the chain ((W, B, ...), (W, P)), and the
+    relative gap (W - 1, B) between the e each later position last ran from and the boundary before it.
     """
-    if grad_mode not in GRAD_MODES:
-        raise ValueError(f"linmix.distributed.fixed_point_rnn: grad_mode must be one of {GRAD_MODES}, got "
-                         f"{grad_mode!r}")
+    rank, world = _group_info(group)
+    order = list(range(world))[::-1] if reverse else list(range(world))
+    pos = order.index(rank)
+    used = zero.expand(world - 1, *zero.shape).clone()  # the e each position 1.. last ran from
+    result, boundary, extras = run(first if pos == 0 else zero)
+    for rnd in range(1, world + 1):
+        gathered = _all_gather(torch.cat([boundary.reshape(-1), extras]), group, world)[order]  # (W, P)
+        bounds = gathered[:, : zero.numel()].view(world, *zero.shape)
+        diff, scale = ((bounds[:-1] - used).abs().flatten(2).amax(-1), bounds[:-1].abs().flatten(2).amax(-1))
+        gap = torch.where(diff == 0, torch.zeros_like(diff), diff / scale)  # NaN stays NaN
+        moved = (~((gap == 0) | (gap < tol))).any(-1)  # (W - 1,) per position
+        if rnd == world or not bool(moved.any()):
+            break
+        if pos > 0 and bool(moved[pos - 1]):
+            result, boundary, extras = run(bounds[pos - 1])
+        used = torch.where(moved.view(-1, *[1] * zero.dim()), bounds[:-1], used)
+    return result, bounds, gathered[:, zero.numel() :], gap
+
+
+class _FixedPointRNN(torch.autograd.Function):
+    """The context-parallel fixed point: the fused op per rank, its entering state relayed (_relay) forward,
+    the gradient of that state relayed backward, from the last rank down."""
+
+    @staticmethod
+    def forward(ctx, u, lam, hh_u, hh_beta, h0, args):
+        B, D = u.shape[0], u.shape[2]
+        acc = acc_dtype(u)
+        last = {}
+
+        def run(e):  # e: initial_state (u's dtype) on rank 0, a relayed boundary (acc) elsewhere
+            e = None if e is None else e.to(u.dtype)
+            h, h_prev, n_iter, res = fp.fused_fwd(u, lam, hh_u, hh_beta, e, args.max_iter, args.tol, args.damping,
+                                                  args.quantile, args.causal)
+            last.update(h_prev=h_prev, e=e)
+            finite = h.isfinite().flatten(1).all(1)
+            return h, h[:, -1].to(acc), torch.stack([n_iter.to(acc), res.to(acc), finite.to(acc)], 1).reshape(-1)
+
+        h, bounds, extras, gap = _relay(run, h0, u.new_zeros(B, D, dtype=acc), args.group, args.tol)
+        extras = extras.view(bounds.shape[0], B, 3)
+        n_iter = extras[..., 0].amax(0).to(torch.int32)
+        residual = torch.maximum(extras[..., 1].amax(0), gap.amax(0)).float()
+        finite = extras[..., 2].amin(0) > 0  # (B,) every rank's outputs finite
+        ctx.save_for_backward(u, lam, hh_u, hh_beta, last["e"], last["h_prev"])
+        ctx.args, ctx.has_h0 = args, h0 is not None
+        ctx.mark_non_differentiable(n_iter, residual, finite)
+        return h, bounds[-1].to(u.dtype), n_iter, residual, finite
+
+    @staticmethod
+    def backward(ctx, dh, dfinal, _dn, _dres, _dfinite):
+        u, lam, hh_u, hh_beta, e, h_prev = ctx.saved_tensors
+        args = ctx.args
+        acc = acc_dtype(u)
+        _, world = _group_info(args.group)
+        adjoint = fp.adjoint_iterations(args.grad_mode, args.max_iter, args.tol)
+        # The final state is the last rank's last token, returned on every rank: its gradient is their sum.
+        dfinal = dfinal.to(acc).contiguous()
+        dist.all_reduce(dfinal, group=args.group)
+        _comm["bytes"] += 2 * (world - 1) * dfinal.numel() * dfinal.element_size() // world
+
+        def run(c):  # c: dL/d(this rank's last-token state), from the rank after it (the sum above on the last)
+            g = dh.to(u.dtype).clone()
+            g[:, -1] += c.to(u.dtype)
+            grads = fp.fused_bwd(u, lam, hh_u, hh_beta, e, h_prev, g, adjoint, args.damping)
+            finite = torch.stack([x.isfinite().all() for x in grads if x is not None]).all()
+            de = grads[-1] if grads[-1] is not None else torch.zeros_like(c)
+            return grads, de.to(acc), finite.to(acc).reshape(1)
+
+        grads, _, extras, _ = _relay(run, dfinal, torch.zeros_like(dfinal), args.group, args.tol, reverse=True)
+        if args.on_nonconvergence != "ignore":
+            fp.check_grads(bool(extras.amin() > 0), adjoint, args.on_nonconvergence)
+        # the entering state's gradient is initial_state's on the first rank, the relayed boundary elsewhere
+        return *grads[:4], (grads[4] if ctx.has_h0 else None), None
+
+
+class _FixedPointArgs(NamedTuple):
+    max_iter: int
+    tol: float
+    grad_mode: str
+    damping: float
+    quantile: float  # the fused op's batch_quantile
+    causal: bool
+    on_nonconvergence: str
+    group: object
+
+
+def fixed_point_rnn(u, lam, hh_u, hh_beta, max_iter=32, tol=1e-4, grad_mode="onestep", return_info=False, *,
+                    initial_state=None, output_final_state=False, damping=1.0, stopping="element", quantile=0.9,
+                    on_nonconvergence="ignore", group=None):
+    """Context-parallel :func:`linmix.fixed_point_rnn` over a sequence split on T: the same arguments (plus
+    ``group``) and returns, each rank running the fused op, with its device-side loop, on its own slice.
+
+    Design. One iteration of the fixed point is a diagonal scan over the whole sequence, so the iterates couple
+    the ranks: running the iteration itself across ranks needs an exchange of boundary states in every
+    iteration and a decision to stop after each (a host synchronisation), and the fused op cannot be split
+    into iterations. The fixed point does not need it: it is a (dense) linear RNN, so on a rank's slice it
+    depends on the earlier tokens only through the state entering the slice, and it is the fixed point of
+    the slice's own iteration started from that state: h_r = fixed_point_rnn(slice r, initial_state=E_r) with
+    E_r = h_{r-1}[:, -1], which is how the op decodes a long sequence chunk by chunk. The ranks solve their
+    slices at once and relay the entering states: every rank runs the fused op from its current E_r (zero at
+    first; ``initial_state`` on rank 0), one all-gather shares the last-token states, and a rank whose E_r
+    moved by at least tol (relative, max norm; by anything at all when tol = 0) runs again. Rank r's E_r is
+    final after round r, so there are at most W rounds; when the state forgets within a slice (a contractive
+    map over T / W tokens) the second round leaves every E_r within tol and the relay stops there. With
+    tol = 0 the result is exactly the slice-by-slice run on one process. The backward relays the gradient of
+    the entering states the same way from the last rank down (the fused backward from dh plus that gradient
+    at the slice's last token), so the gradients are those of the slice-by-slice run: the one-step or
+    implicit gradient of each slice, chained exactly through the entering states.
+
+    What differs from one process: with tol > 0 the result equals the whole-sequence fixed point only up to
+    the tolerance (each slice is solved to tol, and each E_r is within tol of the slice before it), not the
+    whole-sequence iterate: the iteration counts are per slice, and with a max_iter too small to converge
+    the outputs are different unconverged iterates. ``stopping`` applies per slice ("batch": the quantile
+    of the slice's residuals; "causal" stays causal: a rank reruns only on what the ranks before it send).
+
+    Args: u, lam (B, T_r, D), hh_u (B, T_r, R, D), hh_beta (B, T_r, R): this rank's slices, T_r >= 1; the
+    rest as :func:`linmix.fixed_point_rnn`. ``initial_state`` (B, D) is read on rank 0 (its gradient appears
+    there); ``group`` as :func:`linear_scan`. On CUDA the relay needs the fused op's ``initial_state``.
+
+    Returns: as :func:`linmix.fixed_point_rnn`, identical on every rank apart from h (B, T_r, D): the global
+    final state (B, D) if ``output_final_state``; with ``return_info`` n_iter (B,) int32, the most iterations
+    a rank's last run took, and residual (B,) float32, the largest over the ranks of their last run's residual
+    and of the relative gap between the state it started from and the one the rank before it ended with.
+    ``on_nonconvergence`` reads that residual (and every rank's gradients in the backward), so all ranks warn
+    or raise together.
+
+    Cost per rank: the fused op on T / W tokens once per round (a rank whose entering state stayed put skips
+    the round), two rounds typically and W at most, forward and backward alike; communication per round one
+    all-gather of B * (D + 3) values forward, B * D + 1 backward, plus one all-reduce of B * D values for the
+    final state's gradient; two host reads per round and none per iteration.
+    """
+    fp.check_args("distributed.fixed_point_rnn", grad_mode, stopping, on_nonconvergence)
     _check_slice("fixed_point_rnn", u.shape[1])
-    if _group_info(group)[1] == 1:
-        return ops.fixed_point_rnn.fixed_point_rnn(u, lam, hh_u, hh_beta, max_iter=max_iter, tol=tol,
-                                                   grad_mode=grad_mode, return_info=return_info)
-    acc = acc_dtype(u)
-    u_, lam_, hh_u_, hh_beta_ = (x.to(acc) for x in (u, lam, hh_u, hh_beta))
-
-    def step(h):  # one iteration: x~ = h + Q (u - h), then the scan h_t = lam_t h_{t-1} + (1 - lam_t) x~_t
-        return linear_scan(lam_, (1 - lam_) * (h + _householder(hh_u_, hh_beta_, u_ - h)), group=group)
-
-    with torch.no_grad():
-        _, h_prev, n_iter, residual = _solve(step, torch.zeros_like(u_), int(max_iter), float(tol), group)
-    h = step(h_prev)
-    if grad_mode == "implicit" and torch.is_grad_enabled():
-        h = implicit_grad(h, _adjoint(h_prev, lam_, hh_u_, hh_beta_, int(max_iter), float(tol), group))
-    h = h.to(u.dtype)
-    return (h, n_iter, residual.float()) if return_info else h
-
-
-def _adjoint(h_prev, lam, hh_u, hh_beta, max_iter, tol, group):
-    """g -> w = g + J_hᵀ w, iterated as the fused op does: on s = Sᵀ w (S the scan), s^0 = 0,
-    s^{k+1} = Sᵀ (g + (I - Q)ᵀ ((1 - lam) s^k)), residual on s; returns w with Sᵀ w = the last s."""
-    def adjoint(g):
-        # Sᵀ y is the gradient of the (context-parallel) scan with respect to its input, taken on a graph
-        # of its own so the collectives of its backward run in the same order on every rank.
-        with torch.enable_grad():
-            b = torch.zeros_like(h_prev).requires_grad_()
-            hs = linear_scan(lam.detach(), b, group=group)
-
-        def scan_t(y):
-            return torch.autograd.grad(hs, b, y, retain_graph=True)[0]
-
-        def mix_t(s):
-            y = (1 - lam) * s
-            return y - _householder(hh_u, hh_beta, y, transpose=True)
-
-        g = g.to(h_prev.dtype)
-        s_prev = _solve(lambda s: scan_t(g + mix_t(s)), torch.zeros_like(g), max_iter, tol, group).y_prev
-        return g + mix_t(s_prev)
-
-    return adjoint
+    _, world = _group_info(group)
+    if world == 1:
+        return fp.fixed_point_rnn(
+            u, lam, hh_u, hh_beta, max_iter=max_iter, tol=tol, grad_mode=grad_mode, return_info=return_info,
+            initial_state=initial_state, output_final_state=output_final_state, damping=damping, stopping=stopping,
+            quantile=quantile, on_nonconvergence=on_nonconvergence)
+    check_backend("distributed.fixed_point_rnn", u, lam, hh_u, hh_beta, initial_state)
+    q = fp.batch_quantile(stopping, quantile)
+    args = _FixedPointArgs(int(max_iter), float(tol), grad_mode, float(damping), q, stopping == "causal",
+                           on_nonconvergence, group)
+    h, final, n_iter, residual, finite = _FixedPointRNN.apply(u, lam, hh_u, hh_beta, initial_state, args)
+    # check_converged reads its first argument for the batch size and finiteness: every rank's verdict, so that
+    # all ranks warn or raise together.
+    fp.check_converged(torch.where(finite, 0.0, float("nan")), residual, args.tol, args.max_iter, stopping, q,
+                       on_nonconvergence)
+    out = (h,) + ((final,) if output_final_state else ()) + ((n_iter, residual) if return_info else ())
+    return out if len(out) > 1 else h

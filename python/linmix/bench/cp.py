@@ -36,7 +36,8 @@ def _configs(quick: bool) -> list[tuple[str, dict, dict]]:
         ("linear_scan", dict(B=2, T=16384 // s, D=256), {}),
         ("selective_scan", dict(b=1, d=256, n=16, L=8192 // s), dict(z="given", delta_softplus=True)),
         ("chunk_gla", dict(B=1, T=8192 // s, H=4, K=64, V=64), {}),
-        ("fixed_point_rnn", dict(B=1, T=4096 // s, D=64, R=2), dict(max_iter=8, tol=0.0)),
+        # converged (about 16 iterations): unconverged, a slice's iterate is not the whole sequence's
+        ("fixed_point_rnn", dict(B=1, T=4096 // s, D=64, R=2), dict(max_iter=64, tol=1e-4)),
     ]
 
 

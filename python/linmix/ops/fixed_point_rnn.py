@@ -53,17 +53,61 @@ def _can_check(x: torch.Tensor) -> bool:
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def check_args(name: str, grad_mode: str, stopping: str, on_nonconvergence: str) -> None:
+    """ValueError for a grad_mode / stopping / on_nonconvergence outside its values, prefixed linmix.<name>."""
+    for arg, value, allowed in (("grad_mode", grad_mode, GRAD_MODES), ("stopping", stopping, STOPPING),
+                                ("on_nonconvergence", on_nonconvergence, ON_NONCONVERGENCE)):
+        if value not in allowed:
+            raise ValueError(f"linmix.{name}: {arg} must be one of {allowed}, got {value!r}")
+
+
+def batch_quantile(stopping: str, quantile: float) -> float:
+    """The fused op's batch_quantile: the quantile with stopping="batch", -1 otherwise."""
+    return float(quantile) if stopping == "batch" else -1.0
+
+
+def adjoint_iterations(grad_mode: str, max_iter: int, tol: float) -> tuple[int, float]:
+    """The backward's (max_iter, tol). onestep: w = g, i.e. exactly one adjoint iteration; implicit: iterate
+    w = g + J_hᵀ w like the forward."""
+    return (1, 0.0) if grad_mode == "onestep" else (max_iter, tol)
+
+
+def fused_fwd(u, lam, hh_u, hh_beta, h0, max_iter, tol, damping, quantile, causal):
+    """The fused forward op: (h, h_prev (the iterate h was computed from), n_iter, residual)."""
+    with nvtx_range("linmix/fixed_point_rnn/fwd", u):
+        return torch.ops.linmix.fixed_point_rnn_fwd(
+            u=u, lam=lam, hh_u=hh_u, hh_beta=hh_beta, initial_state=h0, max_iter=max_iter, tol=tol,
+            damping=damping, batch_quantile=quantile, causal=causal,
+        )
+
+
+def fused_bwd(u, lam, hh_u, hh_beta, h0, h_prev, dh, adjoint, damping):
+    """The fused backward op: (du, dlam, dhh_u, dhh_beta, dh0), dh0 None without h0; adjoint = (max_iter, tol)."""
+    with nvtx_range("linmix/fixed_point_rnn/bwd", u):
+        *grads, dh0 = torch.ops.linmix.fixed_point_rnn_bwd(
+            u=u, lam=lam, hh_u=hh_u, hh_beta=hh_beta, initial_state=h0, h_prev=h_prev, dh=dh.to(u.dtype),
+            max_iter=adjoint[0], tol=adjoint[1], damping=damping,
+        )
+    return (*grads, dh0 if h0 is not None else None)
+
+
+def check_grads(finite: bool, adjoint: tuple[int, float], on_nonconvergence: str) -> None:
+    """Warn or raise (on_nonconvergence "warn" / "raise") when the backward's gradients are not all finite."""
+    if not finite:
+        _report(
+            "linmix.fixed_point_rnn: the backward produced non-finite gradients"
+            + (" (the implicit adjoint iteration diverged: the forward map is not a contraction here; see the"
+               " convergence condition in the docstring)" if adjoint[0] > 1 else ""),
+            on_nonconvergence,
+        )
+
+
 class FixedPointRNNFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, lam, hh_u, hh_beta, h0, max_iter, tol, grad_mode, damping, quantile, causal, on_nonconv):
-        with nvtx_range("linmix/fixed_point_rnn/fwd", u):
-            h, h_prev, n_iter, residual = torch.ops.linmix.fixed_point_rnn_fwd(
-                u=u, lam=lam, hh_u=hh_u, hh_beta=hh_beta, initial_state=h0, max_iter=max_iter, tol=tol,
-                damping=damping, batch_quantile=quantile, causal=causal,
-            )
+        h, h_prev, n_iter, residual = fused_fwd(u, lam, hh_u, hh_beta, h0, max_iter, tol, damping, quantile, causal)
         ctx.save_for_backward(u, lam, hh_u, hh_beta, h_prev, h0)
-        # onestep: w = g, i.e. exactly one adjoint iteration; implicit: iterate w = g + J_hᵀ w like the forward.
-        ctx.adjoint = (1, 0.0) if grad_mode == "onestep" else (max_iter, tol)
+        ctx.adjoint = adjoint_iterations(grad_mode, max_iter, tol)
         ctx.damping, ctx.on_nonconv = damping, on_nonconv
         ctx.mark_non_differentiable(n_iter, residual)
         return h, n_iter, residual
@@ -71,21 +115,10 @@ class FixedPointRNNFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh, _dn, _dres):
         u, lam, hh_u, hh_beta, h_prev, h0 = ctx.saved_tensors
-        with nvtx_range("linmix/fixed_point_rnn/bwd", u):
-            max_iter, tol = ctx.adjoint
-            du, dlam, dhh_u, dhh_beta, dh0 = torch.ops.linmix.fixed_point_rnn_bwd(
-                u=u, lam=lam, hh_u=hh_u, hh_beta=hh_beta, initial_state=h0, h_prev=h_prev, dh=dh.to(u.dtype),
-                max_iter=max_iter, tol=tol, damping=ctx.damping,
-            )
-        grads = (du, dlam, dhh_u, dhh_beta) + ((dh0,) if h0 is not None else ())
-        if ctx.on_nonconv != "ignore" and _can_check(u) and not all(bool(g.isfinite().all()) for g in grads):
-            _report(
-                "linmix.fixed_point_rnn: the backward produced non-finite gradients"
-                + (" (the implicit adjoint iteration diverged: the forward map is not a contraction here; see the"
-                   " convergence condition in the docstring)" if ctx.adjoint[0] > 1 else ""),
-                ctx.on_nonconv,
-            )
-        return du, dlam, dhh_u, dhh_beta, (dh0 if h0 is not None else None), *([None] * 7)
+        grads = fused_bwd(u, lam, hh_u, hh_beta, h0, h_prev, dh, ctx.adjoint, ctx.damping)
+        if ctx.on_nonconv != "ignore" and _can_check(u):
+            check_grads(all(bool(g.isfinite().all()) for g in grads if g is not None), ctx.adjoint, ctx.on_nonconv)
+        return *grads, *([None] * 7)
 
 
 def fixed_point_rnn(
@@ -177,15 +210,8 @@ def fixed_point_rnn(
         FixedPointConvergenceError: with on_nonconvergence="raise".
     """
     check_backend("fixed_point_rnn", u, lam, hh_u, hh_beta, initial_state)
-    if grad_mode not in GRAD_MODES:
-        raise ValueError(f"linmix.fixed_point_rnn: grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
-    if stopping not in STOPPING:
-        raise ValueError(f"linmix.fixed_point_rnn: stopping must be one of {STOPPING}, got {stopping!r}")
-    if on_nonconvergence not in ON_NONCONVERGENCE:
-        raise ValueError(
-            f"linmix.fixed_point_rnn: on_nonconvergence must be one of {ON_NONCONVERGENCE}, got {on_nonconvergence!r}"
-        )
-    q = float(quantile) if stopping == "batch" else -1.0
+    check_args("fixed_point_rnn", grad_mode, stopping, on_nonconvergence)
+    q = batch_quantile(stopping, quantile)
     h, n_iter, residual = FixedPointRNNFn.apply(
         u, lam, hh_u, hh_beta, initial_state, int(max_iter), float(tol), grad_mode, float(damping), q,
         stopping == "causal", on_nonconvergence,

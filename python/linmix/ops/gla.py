@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .._native import acc_dtype, check_backend, nvtx_range
@@ -119,7 +121,7 @@ def chunk_gla(
             one launch per sequence from a host loop (reading the offsets is a host sync, and
             torch.compile cannot trace it): correct, but not fused. cu_seqlens_cpu, if given, is used
             instead of cu_seqlens.
-        K and V may be anything in [1, 256].
+        K and V may be anything in [1, 512]; on CUDA in [1, 256] for now (above it a NotImplementedError).
 
     Returns:
         o: (B, T, H, V) in q's dtype; final_state: (B, H, K, V) float32 (float64 for float64 inputs)
@@ -144,6 +146,7 @@ def fused_recurrent_gla(
     *,
     gk: torch.Tensor | None = None,
     gv: torch.Tensor | None = None,
+    transpose_state_layout: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention computed step by step: the decoding / short-sequence path.
 
@@ -151,7 +154,16 @@ def fused_recurrent_gla(
     flash-linear-attention's keywords work too: ``gk`` is ``g`` (no gate at all means no decay),
     ``reverse=True`` runs the recurrence from T-1 down to 0, ``state_v_first`` and ``cu_seqlens`` as in
     :func:`chunk_gla`; value gates (``gv``) are not supported yet and raise ``NotImplementedError``.
+    ``transpose_state_layout`` is fla's former name of ``state_v_first``: it still works, with a
+    ``DeprecationWarning``, and passing it together with ``state_v_first=True`` is a ``ValueError`` (as fla).
     """
+    if transpose_state_layout is not None:
+        if state_v_first:
+            raise ValueError("linmix.fused_recurrent_gla: pass state_v_first or the deprecated transpose_state_layout, "
+                             "not both")
+        warnings.warn("linmix.fused_recurrent_gla: transpose_state_layout is deprecated and renamed to state_v_first",
+                      DeprecationWarning, stacklevel=2)
+        state_v_first = transpose_state_layout
     if g is not None and gk is not None:
         raise ValueError("linmix.fused_recurrent_gla: pass the key gate as g or as gk, not both")
     if gv is not None:

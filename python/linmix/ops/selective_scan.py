@@ -175,7 +175,9 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     Dtypes: x float32 / float16 / bfloat16 (float64 on CPU), z like x, out in x's dtype. state, dt, B, C, A,
     D, dt_bias: any of those float dtypes, independently (e.g. float32 parameters and state with bfloat16
     activations). All arithmetic is float32 (float64 for float64 x); the new state is rounded once to
-    state's dtype.
+    state's dtype, and, as in mamba-ssm's ``selective_state_update_ref``, the sum over n reads that stored
+    (rounded) state and silu(z) is rounded to z's dtype. (CUDA's default path below sums the float32 state:
+    with a 16-bit state its outputs can miss mamba's bf16 tolerance at n = 64.)
 
     state_batch_indices: optional (b,) int32 / int64: batch row i updates state row state_batch_indices[i]
     of the cache; a negative entry marks a padding row (out 0, no state touched; mamba-ssm's convention).

@@ -53,8 +53,11 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
 
     Returns (out, new_state): out in float64 with x's shape; new_state a float64 copy of the whole state with
     the indexed rows stepped (padding rows, negative indices, untouched). Nothing is updated in place.
+    Two roundings are part of the contract (mamba-ssm's selective_state_update_ref makes them): the output
+    reads the new state as stored, rounded to state's dtype, and silu(z) is rounded to z's dtype.
     """
     heads = state.dim() == 4
+    state_dtype, z_dtype = state.dtype, None if z is None else z.dtype
     f = lambda t: None if t is None else t.double()  # noqa: E731
     S, x, dt, A, B, C, D, z, dt_bias = (f(t) for t in (state, x, dt, A, B, C, D, z, dt_bias))
     if not heads:  # Mamba-1: channels are heads of size 1
@@ -68,9 +71,9 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
     delta = F.softplus(delta) if dt_softplus else delta
     Bh, Ch = (t.repeat_interleave(h // t.shape[1], dim=1)[:, :, None] for t in (B, C))  # (b, h, 1, n)
     s = S[rows.clamp(min=0).to(S.device)]
-    s = torch.exp(delta[..., None] * A) * s + delta[..., None] * Bh * x[..., None]
+    s = (torch.exp(delta[..., None] * A) * s + delta[..., None] * Bh * x[..., None]).to(state_dtype).double()
     out = (s * Ch).sum(-1) + (0 if D is None else D * x)
-    out = out * F.silu(z) if z is not None else out
+    out = out * F.silu(z).to(z_dtype).double() if z is not None else out
     out[(rows < 0).to(out.device)] = 0
     new = S.clone()
     new[rows[live].to(S.device)] = s[live.to(S.device)]
