@@ -7,8 +7,23 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import linmix
+from linmix import emulation
 
 HAS_CUDA = torch.cuda.is_available() and linmix.build_info()["cuda"]
+
+# LINMIX_EMULATE_CUDA=1: CPU calls in fp32/fp16/bf16 run the CUDA kernels' source under the emulator
+# (linmix.emulation). Tests marked no_emulation("why") are skipped then: shapes too large for the emulator, or
+# behaviour of the CPU kernels only (the CUDA path has another contract there).
+EMULATED = emulation.enabled()
+
+
+def pytest_collection_modifyitems(config, items):
+    if not EMULATED:
+        return
+    for item in items:
+        mark = item.get_closest_marker("no_emulation")
+        if mark is not None:
+            item.add_marker(pytest.mark.skip(reason=f"LINMIX_EMULATE_CUDA=1: {mark.args[0]}"))
 
 # Marks a test that needs a CUDA device and linmix's CUDA backend; DEVICES parametrises over cpu and cuda.
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device/backend")

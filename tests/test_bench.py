@@ -25,6 +25,7 @@ def _rows(path):
 
 
 @pytest.mark.slow
+@pytest.mark.no_emulation("times the CPU kernels; under the emulator it would time the emulator")
 def test_bench_linear_scan(tmp_path):
     out = _run(tmp_path, "--op", "linear_scan")
     assert "linear_scan" in out and "wrote" in out
@@ -47,6 +48,7 @@ def test_bench_linear_scan(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.no_emulation("times the CPU kernels; under the emulator it would time the emulator")
 def test_bench_all_ops(tmp_path):
     _run(tmp_path, "--op", "all", "--no-plot")
     rows, skipped = _rows(tmp_path / "bench_quick.json")
@@ -89,6 +91,7 @@ def test_partial_gradient_baseline_checks_and_runs():
     assert len(grads) == 3 and all(g is not None for g in grads)
 
 
+@pytest.mark.no_emulation("runs every documented argument, some without CUDA kernels yet (fixed_point_rnn's)")
 def test_sanitize_cases_run_on_cpu():
     # The sanitizer's runs (every op, every argument value, both dtypes), forward and backward, on the CPU: what
     # compute-sanitizer will see on a GPU, less the device.

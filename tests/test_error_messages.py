@@ -31,7 +31,7 @@ def public_names() -> set[str]:
     methods of those classes."""
     spaces = {"linmix": (linmix, linmix.__all__), "linmix.nn": (linmix.nn, linmix.nn.__all__),
               "linmix.distributed": (linmix.distributed, [n for n in dir(linmix.distributed) if not n.startswith("_")])}
-    names = {"linmix"}
+    names = {"linmix", "linmix.emulation"}  # a command-line module prefixes its messages with its name
     for space, (module, public) in spaces.items():
         for name in public:
             obj = getattr(module, name)

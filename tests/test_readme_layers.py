@@ -4,6 +4,7 @@ import pathlib
 import re
 import warnings
 
+import pytest
 import torch
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
@@ -16,6 +17,7 @@ def layers_blocks() -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", section.group(1), flags=re.S | re.M)
 
 
+@pytest.mark.no_emulation("the FixedPointRNN example uses arguments without CUDA kernels yet")
 def test_readme_layers_snippets_run(capsys):
     blocks = layers_blocks()
     assert blocks, "no python block in the README's Layers section"

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import linmix
 from linmix.reference import selective_state_update_ref
 
-from conftest import DEVICES, assert_close, cuda_only
+from conftest import DEVICES, EMULATED, assert_close, cuda_only
 from replays import selective_state_update as selective_state_update_replay
 
 EPS = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
@@ -62,6 +62,8 @@ ITYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("itype", ITYPES)
 @pytest.mark.parametrize("has_z", [False, True])
+@pytest.mark.no_emulation("mamba-ssm's shapes (d = 2048: 4096 blocks a call) take about half a minute a call in the emulator; "
+                            "tests/test_emulated_kernels.py runs the decode step's kernels on small shapes")
 @pytest.mark.parametrize("dstate", [16, 32, 64])
 def test_mamba1_layout(device, itype, has_z, dstate):
     torch.manual_seed(0)
@@ -72,6 +74,8 @@ def test_mamba1_layout(device, itype, has_z, dstate):
 @pytest.mark.parametrize("itype", ITYPES)
 @pytest.mark.parametrize("has_z, tie_hdim", [(False, False), (True, True), (True, False)])
 @pytest.mark.parametrize("ngroups", [1, 2, 4])
+@pytest.mark.no_emulation("mamba-ssm's shapes (d = 2048: 4096 blocks a call) take about half a minute a call in the emulator; "
+                            "tests/test_emulated_kernels.py runs the decode step's kernels on small shapes")
 @pytest.mark.parametrize("dstate", [16, 64])
 def test_heads_layout(device, itype, has_z, tie_hdim, ngroups, dstate):
     torch.manual_seed(0)
@@ -127,7 +131,7 @@ def test_mamba_tolerances(monkeypatch, device, itype, heads, indexed, has_z):
     # reads the state as stored and silu(z) is rounded to z's dtype, as in mamba's selective_state_update_ref;
     # summing the unrounded states instead misses them by up to 0.25 in bf16. On CUDA: the kernel (the default
     # L = 1 selective_scan path sums the fp32 state).
-    if device == "cuda":
+    if device == "cuda" or EMULATED:
         monkeypatch.setenv("LINMIX_UNVERIFIED_KERNELS", "1")
     torch.manual_seed(0)
     batch = 16 if indexed else 2
@@ -149,7 +153,7 @@ def test_output_reads_stored_state(monkeypatch, device, itype, has_z):
     # The semantics behind test_mamba_tolerances, pinned tightly: out = (C · s' + D x) silu(z) with s' the state as
     # stored (after its rounding) and silu(z) in z's dtype, up to fp32 accumulation and a unit in the last place of
     # silu(z) and of out (the host's exp is not torch's). Summing the unrounded s' instead is off by about 0.01 in bf16.
-    if device == "cuda":
+    if device == "cuda" or EMULATED:
         monkeypatch.setenv("LINMIX_UNVERIFIED_KERNELS", "1")
     torch.manual_seed(0)
     a = mamba_inputs(device, itype, 4, 4096, 64, has_z)

@@ -12,6 +12,8 @@
 #include <utility>
 
 #include "common/cuda_check.h"
+#include "common/launch.h"
+#include "common/shared_memory.h"
 
 namespace linmix {
 

@@ -1,11 +1,11 @@
 // The element types the kernels are instantiated for, and loads/stores through fp32.
-// Torch-free: CPU code uses c10's Half/BFloat16 (layout-compatible with CUDA's __half/__nv_bfloat16),
-// CUDA code uses the CUDA types. The torch glue reinterprets data pointers accordingly.
+// Torch-free: CPU code uses c10's Half/BFloat16 (layout-compatible with CUDA's __half/__nv_bfloat16), kernel
+// source (nvcc or the CUDA emulator) uses the CUDA types. The torch glue reinterprets data pointers accordingly.
 #pragma once
 
 #include "common/math.h"
 
-#if defined(__CUDACC__)
+#if defined(LINMIX_KERNEL_SOURCE)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #endif
@@ -14,7 +14,7 @@ namespace linmix {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
-#if defined(__CUDACC__)
+#if defined(LINMIX_KERNEL_SOURCE)
 LINMIX_HD float to_float(float x) { return x; }
 LINMIX_HD float to_float(__half x) { return __half2float(x); }
 LINMIX_HD float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -31,7 +31,7 @@ LINMIX_HD __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bflo
 
 }  // namespace linmix
 
-#if defined(__CUDACC__)
+#if defined(LINMIX_KERNEL_SOURCE)
 namespace linmix {
 template <DType dt> struct CudaTypeOf;
 template <> struct CudaTypeOf<DType::kFloat32> { using type = float; };

@@ -5,6 +5,11 @@
 #include <cmath>
 #include <cstdint>
 
+// Kernel source compiles under nvcc, or as host C++ for the CUDA emulator (csrc/emu/, LINMIX_CUDA_EMU).
+#if defined(__CUDACC__) || defined(LINMIX_CUDA_EMU)
+#define LINMIX_KERNEL_SOURCE 1
+#endif
+
 #if defined(__CUDACC__)
 #define LINMIX_HD __host__ __device__ __forceinline__
 #else

@@ -3,7 +3,7 @@
 // (so never instantiates or calls) the CUDA side there.
 #pragma once
 
-#if defined(__CUDACC__) || defined(LINMIX_WITH_CUDA)
+#if defined(__CUDACC__) || defined(LINMIX_WITH_CUDA) || defined(LINMIX_CUDA_EMU)
 #include <cuda_runtime_api.h>
 #else
 struct CUstream_st;

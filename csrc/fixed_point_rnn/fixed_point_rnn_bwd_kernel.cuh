@@ -111,9 +111,8 @@ void fixed_point_rnn_bwd_cuda(const FixedPointRnnParams& p, cudaStream_t stream)
     fixed_point_rnn_launch_adjoint_iter<T>(p, w, FixedPointRnnIter{s_buf[(l - 1) & 1], s_buf[l & 1], l, true}, stream);
   }
   const dim3 tok_blocks = fixed_point_rnn_token_grid(p);
-  linmix_fixed_point_rnn_bwd_grads_kernel<T><<<tok_blocks, 32 * kFpWarpsPerBlock, 0, stream>>>(p, w, s_buf[0],
-                                                                                               s_buf[1], h_new);
-  LINMIX_CHECK_LAUNCH();
+  launch_kernel(linmix_fixed_point_rnn_bwd_grads_kernel<T>, tok_blocks, 32 * kFpWarpsPerBlock, 0, stream, p, w,
+                s_buf[0], s_buf[1], h_new);
 }
 
 }  // namespace linmix

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "common/dtype.h"
+#include "common/launchers.h"
 #include "common/stream.h"
 #include "fixed_point_rnn/params.h"
 
@@ -42,5 +43,12 @@ inline FixedPointRnnWorkspace fixed_point_rnn_workspace(const FixedPointRnnParam
 
 template <DType dt> void fixed_point_rnn_fwd_cuda(const FixedPointRnnParams& p, cudaStream_t stream);
 template <DType dt> void fixed_point_rnn_bwd_cuda(const FixedPointRnnParams& p, cudaStream_t stream);
+
+// The launcher table (common/launchers.h); get() is in fixed_point_rnn_launchers.cu.
+struct FixedPointRnnCudaLaunchers {
+  static constexpr const char* kName = "fixed_point_rnn";
+  PerCudaDtype<void(const FixedPointRnnParams&, cudaStream_t)> fwd, bwd;
+  static const FixedPointRnnCudaLaunchers& get();
+};
 
 }  // namespace linmix

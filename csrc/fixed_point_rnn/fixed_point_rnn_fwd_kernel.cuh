@@ -68,8 +68,7 @@ __global__ void linmix_fixed_point_rnn_fwd_select_kernel(FixedPointRnnParams p, 
 template <typename T>
 void fixed_point_rnn_launch_gram(const FixedPointRnnParams& p, const FixedPointRnnWork& w, cudaStream_t stream) {
   const dim3 tok_blocks = fixed_point_rnn_token_grid(p);
-  linmix_fixed_point_rnn_fwd_gram_kernel<T><<<tok_blocks, 32 * kFpWarpsPerBlock, 0, stream>>>(p, w.gram);
-  LINMIX_CHECK_LAUNCH();
+  launch_kernel(linmix_fixed_point_rnn_fwd_gram_kernel<T>, tok_blocks, 32 * kFpWarpsPerBlock, 0, stream, p, w.gram);
 }
 
 // Launches one forward iteration (mix then scan): h = f(src).
@@ -96,8 +95,7 @@ void fixed_point_rnn_fwd_cuda(const FixedPointRnnParams& p, cudaStream_t stream)
     fixed_point_rnn_launch_iter<T>(p, w, FixedPointRnnIter{buf[(l - 1) & 1], buf[l & 1], l, true}, stream);
   }
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(BTD, 256), 65536));
-  linmix_fixed_point_rnn_fwd_select_kernel<T><<<blocks, 256, 0, stream>>>(p, buf[1]);
-  LINMIX_CHECK_LAUNCH();
+  launch_kernel(linmix_fixed_point_rnn_fwd_select_kernel<T>, blocks, 256, 0, stream, p, buf[1]);
 }
 
 }  // namespace linmix

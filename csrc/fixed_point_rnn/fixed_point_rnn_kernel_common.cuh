@@ -130,9 +130,9 @@ __device__ __forceinline__ void fixed_point_rnn_mix(const FixedPointRnnParams& p
 template <typename Traits, typename T, bool kAdjoint>
 __device__ __forceinline__ void fixed_point_rnn_scan(const FixedPointRnnParams& p, const FixedPointRnnWork& w,
                                                  const FixedPointRnnIter& it) {
-  __shared__ ScanPair<float> s_agg[Traits::kNWarps * 32];
-  __shared__ float s_red[Traits::kNWarps];
-  __shared__ bool s_last;
+  LINMIX_SHARED(ScanPair<float>, s_agg, [Traits::kNWarps * 32]);
+  LINMIX_SHARED(float, s_red, [Traits::kNWarps]);
+  LINMIX_SHARED(bool, s_last);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t bi = blockIdx.x, L = p.seqlen, D = p.dim;
   if (it.track && w.done[bi]) return;  // uniform over the block, before any barrier
@@ -248,10 +248,8 @@ inline void fixed_point_rnn_launch_pair(FixedPointRnnIterKernel mix, FixedPointR
                                         const FixedPointRnnParams& p, const FixedPointRnnWork& w,
                                         const FixedPointRnnIter& it, cudaStream_t stream) {
   const dim3 tok_blocks = fixed_point_rnn_token_grid(p), scan_grid = fixed_point_rnn_scan_grid(p);
-  mix<<<tok_blocks, 32 * kFpWarpsPerBlock, 0, stream>>>(p, w, it);
-  LINMIX_CHECK_LAUNCH();
-  scan<<<scan_grid, FixedPointRnnScanTraits::kThreads, 0, stream>>>(p, w, it);
-  LINMIX_CHECK_LAUNCH();
+  launch_kernel(mix, tok_blocks, 32 * kFpWarpsPerBlock, 0, stream, p, w, it);
+  launch_kernel(scan, scan_grid, FixedPointRnnScanTraits::kThreads, 0, stream, p, w, it);
 }
 
 }  // namespace linmix

@@ -14,7 +14,7 @@ namespace {
 
 void check_inputs(const at::Tensor& u, const at::Tensor& lam, const at::Tensor& hh_u, const at::Tensor& hh_beta,
                   int64_t max_iter, double tol, const std::optional<at::Tensor>& h0, double damping,
-                  double batch_quantile, bool causal) {
+                  double batch_quantile, bool causal, bool cuda_kernels) {
   TORCH_CHECK(u.dim() == 3, "linmix.fixed_point_rnn: u must have shape (B, T, D), got ", shape_str(u.sizes()));
   check_float_dtype(u, "u");
   const int64_t B = u.size(0), T = u.size(1), D = u.size(2);
@@ -45,8 +45,8 @@ void check_inputs(const at::Tensor& u, const at::Tensor& lam, const at::Tensor& 
   TORCH_CHECK(!(causal && batch_quantile >= 0),
               "linmix.fixed_point_rnn: causal (per-token) stopping and a batch quantile exclude each other");
   // The GPU-verified kernels run the plain iteration from zeros with per-element stopping; the variants are
-  // CPU-only until CUDA code for them exists (it would start behind unverified_kernels_enabled()).
-  TORCH_CHECK(!u.is_cuda() || (batch_quantile < 0 && !causal && !h0.has_value() && damping == 1.0),
+  // CPU-only until CUDA code for them exists (it would start opt-in, common/kernels.h).
+  TORCH_CHECK(!cuda_kernels || (batch_quantile < 0 && !causal && !h0.has_value() && damping == 1.0),
               "linmix.fixed_point_rnn: initial_state, damping != 1, stopping='batch' and stopping='causal' are "
               "implemented on the CPU only so far; on CUDA use the defaults (stopping='element', damping=1, "
               "no initial_state)");
@@ -69,7 +69,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_rnn_fwd(
     const at::Tensor& u_in, const at::Tensor& lam_in, const at::Tensor& hh_u_in, const at::Tensor& hh_beta_in,
     const std::optional<at::Tensor>& h0_in, int64_t max_iter, double tol, double damping, double batch_quantile,
     bool causal) {
-  check_inputs(u_in, lam_in, hh_u_in, hh_beta_in, max_iter, tol, h0_in, damping, batch_quantile, causal);
+  check_inputs(u_in, lam_in, hh_u_in, hh_beta_in, max_iter, tol, h0_in, damping, batch_quantile, causal,
+               runs_cuda_kernels<backend>(u_in));
   const at::Tensor u = u_in.contiguous(), lam = lam_in.contiguous(), hh_u = hh_u_in.contiguous(),
                    hh_beta = hh_beta_in.contiguous();
   const at::Tensor h0 = h0_in.has_value() ? h0_in->contiguous() : at::Tensor();
@@ -86,14 +87,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_rnn_fwd(
   p.batch_quantile = batch_quantile, p.causal = causal;
   p.h = h.data_ptr(), p.h_prev = h_prev.data_ptr(), p.n_iter = n_iter.data_ptr<int32_t>();
   p.residual = residual.data_ptr<float>();
-  launch<backend>(
+  launch<backend, FixedPointRnnCudaLaunchers>(
       u, [&](DType dt) { fixed_point_rnn_fwd_cpu(p, dt); },
-      [&]<DType dt>(cudaStream_t stream) {
+      [&](const auto& cuda, DType dt, cudaStream_t stream) {
         const FixedPointRnnWorkspace ws = fixed_point_rnn_workspace(p, /*backward=*/false);
         at::Tensor work = at::empty({ws.work_floats}, u.options().dtype(at::kFloat));
         at::Tensor flags = at::empty({ws.flag_ints}, u.options().dtype(at::kInt));
         p.work = work.data_ptr(), p.flags = flags.data_ptr();
-        fixed_point_rnn_fwd_cuda<dt>(p, stream);
+        cuda.fwd(dt, p, stream);
       });
   return {h, h_prev, n_iter, residual};
 }
@@ -103,7 +104,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_poi
     const at::Tensor& u_in, const at::Tensor& lam_in, const at::Tensor& hh_u_in, const at::Tensor& hh_beta_in,
     const std::optional<at::Tensor>& h0_in, const at::Tensor& h_prev_in, const at::Tensor& dh_in, int64_t max_iter,
     double tol, double damping) {
-  check_inputs(u_in, lam_in, hh_u_in, hh_beta_in, max_iter, tol, h0_in, damping, -1.0, false);
+  check_inputs(u_in, lam_in, hh_u_in, hh_beta_in, max_iter, tol, h0_in, damping, -1.0, false,
+               runs_cuda_kernels<backend>(u_in));
   check_shape(dh_in, "dh", {u_in.size(0), u_in.size(1), u_in.size(2)}, "(B, T, D) like u");
   check_same_dtype(dh_in, "dh", u_in, "u");
   check_same_device(dh_in, "dh", u_in, "u");
@@ -125,14 +127,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_poi
   p.h_prev = const_cast<void*>(h_prev.data_ptr());
   p.dh = dh.data_ptr(), p.du = du.data_ptr(), p.dlam = dlam.data_ptr(), p.dhh_u = dhh_u.data_ptr();
   p.dhh_beta = dhh_beta.data_ptr();
-  launch<backend>(
+  launch<backend, FixedPointRnnCudaLaunchers>(
       u, [&](DType dt) { fixed_point_rnn_bwd_cpu(p, dt); },
-      [&]<DType dt>(cudaStream_t stream) {
+      [&](const auto& cuda, DType dt, cudaStream_t stream) {
         const FixedPointRnnWorkspace ws = fixed_point_rnn_workspace(p, /*backward=*/true);
         at::Tensor work = at::empty({ws.work_floats}, u.options().dtype(at::kFloat));
         at::Tensor flags = at::empty({ws.flag_ints}, u.options().dtype(at::kInt));
         p.work = work.data_ptr(), p.flags = flags.data_ptr();
-        fixed_point_rnn_bwd_cuda<dt>(p, stream);
+        cuda.bwd(dt, p, stream);
       });
   return {du, dlam, dhh_u, dhh_beta, dh0};
 }

@@ -30,7 +30,7 @@ template <typename T>
 __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd_states_kernel(GlaParams p, bool reverse) {
   using Tr = GlaChunkTraits;
   constexpr int C = Tr::kChunk, BK = Tr::kBK, BV = Tr::kBV, NT = Tr::kThreads;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  LINMIX_DYNAMIC_SHARED_ALIGNED(128, unsigned char, smem_raw);
   auto& s = *reinterpret_cast<GlaChunkStatesSmem*>(smem_raw);
   const int tid = threadIdx.x;
   const int64_t bh = blockIdx.x, bi = bh / p.heads, hi = bh % p.heads;
@@ -121,7 +121,7 @@ template <typename T>
 __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd_grads_kernel(GlaParams p) {
   using Tr = GlaChunkTraits;
   constexpr int C = Tr::kChunk, BK = Tr::kBK, BV = Tr::kBV, NT = Tr::kThreads;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  LINMIX_DYNAMIC_SHARED_ALIGNED(128, unsigned char, smem_raw);
   auto& s = *reinterpret_cast<GlaChunkGradsSmem*>(smem_raw);
   const int tid = threadIdx.x;
   const int64_t bh = blockIdx.x, ci = blockIdx.y, bi = bh / p.heads, hi = bh % p.heads;
@@ -280,14 +280,12 @@ void chunk_gla_bwd_cuda(const GlaParams& p, cudaStream_t stream) {
   const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
   const dim3 states_grid(bh, static_cast<unsigned>(ceil_div(p.dim_v, Tr::kBV)));
   for (bool reverse : {false, true}) {
-    linmix_chunk_gla_bwd_states_kernel<T><<<states_grid, Tr::kThreads, states_smem, stream>>>(p, reverse);
-    LINMIX_CHECK_LAUNCH();
+    launch_kernel(linmix_chunk_gla_bwd_states_kernel<T>, states_grid, Tr::kThreads, states_smem, stream, p, reverse);
   }
   const int64_t n_chunks = ceil_div(p.seqlen, Tr::kChunk);
   if (n_chunks == 0) return;
-  linmix_chunk_gla_bwd_grads_kernel<T>
-      <<<dim3(bh, static_cast<unsigned>(n_chunks)), Tr::kThreads, grads_smem, stream>>>(p);
-  LINMIX_CHECK_LAUNCH();
+  launch_kernel(linmix_chunk_gla_bwd_grads_kernel<T>, dim3(bh, static_cast<unsigned>(n_chunks)), Tr::kThreads,
+                grads_smem, stream, p);
 }
 
 }  // namespace linmix

@@ -34,7 +34,7 @@ template <typename T>
 __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_fwd_kernel(GlaParams p) {
   using Tr = GlaChunkTraits;
   constexpr int C = Tr::kChunk, BK = Tr::kBK, BV = Tr::kBV, NT = Tr::kThreads;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  LINMIX_DYNAMIC_SHARED_ALIGNED(128, unsigned char, smem_raw);
   auto& s = *reinterpret_cast<GlaChunkFwdSmem<T>*>(smem_raw);
   const int tid = threadIdx.x;
   const int64_t bh = blockIdx.x, bi = bh / p.heads, hi = bh % p.heads;
@@ -115,8 +115,7 @@ void chunk_gla_fwd_cuda(const GlaParams& p, cudaStream_t stream) {
   static_assert(smem <= 160 * 1024, "fits an sm_80 block (163 KB opt-in)");
   opt_in_smem(linmix_chunk_gla_fwd_kernel<T>, smem);
   const dim3 grid(static_cast<unsigned>(p.batch * p.heads), static_cast<unsigned>(ceil_div(p.dim_v, Tr::kBV)));
-  linmix_chunk_gla_fwd_kernel<T><<<grid, Tr::kThreads, smem, stream>>>(p);
-  LINMIX_CHECK_LAUNCH();
+  launch_kernel(linmix_chunk_gla_fwd_kernel<T>, grid, Tr::kThreads, smem, stream, p);
 }
 
 }  // namespace linmix

@@ -1,6 +1,6 @@
 // The chunk-parallel CUDA chunk_gla (flash-linear-attention's structure): launchers and their fp32 workspaces,
-// torch-free. Kernels in gla_chunkpar_{fwd,bwd}_kernel.cuh; selected only with LINMIX_UNVERIFIED_KERNELS=1 until a
-// GPU session verifies them (bench/results/README.md).
+// torch-free. Kernels in gla_chunkpar_{fwd,bwd}_kernel.cuh; opt-in (LINMIX_KERNELS=gla_chunkpar, common/kernels.h)
+// until a GPU session verifies them (bench/results/README.md).
 #pragma once
 
 #include <cstdint>

@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(GlaParTraits::kThreads)
     linmix_gla_chunkpar_bwd_dqk_kernel(GlaParams p, GlaChunkparWorkspace ws) {
   using Tr = GlaParTraits;
   constexpr int C = Tr::kChunk, SUB = Tr::kSub, BK = Tr::kDqkBK, BV = Tr::kDqkBV;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  LINMIX_DYNAMIC_SHARED_ALIGNED(128, unsigned char, smem_raw);
   auto& s = *reinterpret_cast<GlaParDqkSmem<T>*>(smem_raw);
   const int K = static_cast<int>(p.dim_k), V = static_cast<int>(p.dim_v);
   const int64_t bh = blockIdx.x, bi = bh / p.heads, hi = bh % p.heads, n = blockIdx.z, t0 = n * C;

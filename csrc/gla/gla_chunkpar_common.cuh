@@ -114,8 +114,7 @@ void chunkpar_launch(Kernel kernel, const char* grid_what, int64_t tiles, size_t
                      const GlaChunkparWorkspace& ws, cudaStream_t stream) {
   opt_in_smem(kernel, smem);
   const dim3 grid = checked_grid("chunk_gla", grid_what, p.batch * p.heads, tiles, gla_chunkpar_n_chunks(p.seqlen));
-  kernel<<<grid, GlaParTraits::kThreads, smem, stream>>>(p, ws);
-  LINMIX_CHECK_LAUNCH();
+  launch_kernel(kernel, grid, GlaParTraits::kThreads, smem, stream, p, ws);
 }
 
 inline int64_t chunkpar_state_tiles(const GlaParams& p) {

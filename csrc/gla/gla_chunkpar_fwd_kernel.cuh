@@ -33,7 +33,7 @@ template <typename T, bool kQuery>
 __device__ __forceinline__ void chunkpar_local_state(const GlaParams& p, float* store, float* gate_sums, float scale) {
   using Tr = GlaParTraits;
   constexpr int C = Tr::kChunk, BK = Tr::kStateBK, BV = Tr::kStateBV;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  LINMIX_DYNAMIC_SHARED_ALIGNED(128, unsigned char, smem_raw);
   auto& s = *reinterpret_cast<GlaParStateSmem<T>*>(smem_raw);
   const int K = static_cast<int>(p.dim_k), V = static_cast<int>(p.dim_v);
   const int n_kt = static_cast<int>(ceil_div(K, BK));
@@ -101,7 +101,7 @@ template <typename T, bool kDv>
 __device__ __forceinline__ void chunkpar_value_tile(const GlaParams& p, const GlaChunkparWorkspace& ws) {
   using Tr = GlaParTraits;
   constexpr int C = Tr::kChunk, BK = Tr::kOutBK, BV = Tr::kOutBV;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  LINMIX_DYNAMIC_SHARED_ALIGNED(128, unsigned char, smem_raw);
   auto& s = *reinterpret_cast<GlaParOutSmem<T>*>(smem_raw);
   const int K = static_cast<int>(p.dim_k), V = static_cast<int>(p.dim_v);
   const int64_t bh = blockIdx.x, bi = bh / p.heads, hi = bh % p.heads, n = blockIdx.z, t0 = n * C;

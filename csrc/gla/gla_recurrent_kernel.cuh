@@ -81,7 +81,7 @@ __device__ __forceinline__ void reduce_column_group(const GlaColumnSmem& s, cons
 template <typename T>
 __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_recurrent_gla_fwd_kernel(GlaParams p) {
   using Tr = GlaRecurrentTraits;
-  __shared__ GlaColumnSmem s;
+  LINMIX_SHARED(GlaColumnSmem, s);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
   const int64_t v0 = int64_t(blockIdx.y) * 32, v = v0 + lane;
@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_rec
 template <typename T>
 __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_recurrent_gla_bwd_dv_kernel(GlaParams p) {
   using Tr = GlaRecurrentTraits;
-  __shared__ GlaColumnSmem s;
+  LINMIX_SHARED(GlaColumnSmem, s);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
   const int64_t v0 = int64_t(blockIdx.y) * 32, v = v0 + lane;
@@ -175,8 +175,8 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_rec
 template <typename T, bool kExactGateGrad>
 __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_recurrent_gla_bwd_dqk_kernel(GlaParams p) {
   using Tr = GlaRecurrentTraits;
-  __shared__ float s_v[Tr::kSteps][Tr::kMaxDim];   // (kSteps, V)
-  __shared__ float s_do[Tr::kSteps][Tr::kMaxDim];  // (kSteps, V)
+  LINMIX_SHARED(float, s_v, [Tr::kSteps][Tr::kMaxDim]);   // (kSteps, V)
+  LINMIX_SHARED(float, s_do, [Tr::kSteps][Tr::kMaxDim]);  // (kSteps, V)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
   const int64_t c = int64_t(blockIdx.y) * Tr::kNWarps + warp;  // this warp's key row
@@ -269,8 +269,7 @@ template <DType dt>
 void fused_recurrent_gla_fwd_cuda(const GlaParams& p, cudaStream_t stream) {
   using Tr = GlaRecurrentTraits;
   const dim3 grid(static_cast<unsigned>(p.batch * p.heads), static_cast<unsigned>(ceil_div(p.dim_v, 32)));
-  linmix_fused_recurrent_gla_fwd_kernel<cuda_t<dt>><<<grid, Tr::kThreads, 0, stream>>>(p);
-  LINMIX_CHECK_LAUNCH();
+  launch_kernel(linmix_fused_recurrent_gla_fwd_kernel<cuda_t<dt>>, grid, Tr::kThreads, 0, stream, p);
 }
 
 template <DType dt>
@@ -278,14 +277,11 @@ void fused_recurrent_gla_bwd_cuda(const GlaParams& p, cudaStream_t stream) {
   using Tr = GlaRecurrentTraits;
   const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
   const dim3 dqk_grid(bh, static_cast<unsigned>(ceil_div(p.dim_k, Tr::kNWarps)));
-  if (p.exact_gate_grad)
-    linmix_fused_recurrent_gla_bwd_dqk_kernel<cuda_t<dt>, true><<<dqk_grid, Tr::kThreads, 0, stream>>>(p);
-  else
-    linmix_fused_recurrent_gla_bwd_dqk_kernel<cuda_t<dt>, false><<<dqk_grid, Tr::kThreads, 0, stream>>>(p);
-  LINMIX_CHECK_LAUNCH();
-  linmix_fused_recurrent_gla_bwd_dv_kernel<cuda_t<dt>>
-      <<<dim3(bh, static_cast<unsigned>(ceil_div(p.dim_v, 32))), Tr::kThreads, 0, stream>>>(p);
-  LINMIX_CHECK_LAUNCH();
+  launch_kernel(p.exact_gate_grad ? linmix_fused_recurrent_gla_bwd_dqk_kernel<cuda_t<dt>, true>
+                                  : linmix_fused_recurrent_gla_bwd_dqk_kernel<cuda_t<dt>, false>,
+                dqk_grid, Tr::kThreads, 0, stream, p);
+  launch_kernel(linmix_fused_recurrent_gla_bwd_dv_kernel<cuda_t<dt>>,
+                dim3(bh, static_cast<unsigned>(ceil_div(p.dim_v, 32))), Tr::kThreads, 0, stream, p);
 }
 
 }  // namespace linmix

@@ -8,8 +8,7 @@
 #include "common/dispatch.h"
 #include "gla/gla_common.h"
 #include "gla/gla_cpu.h"
-#include "common/unverified.h"
-#include "gla/gla_chunkpar.h"
+#include "common/kernels.h"
 #include "gla/gla_cuda.h"
 #include "gla/params.h"
 
@@ -20,7 +19,7 @@ BTHView bth_view(const at::Tensor& t) { return BTHView{t.data_ptr(), t.stride(0)
 
 // Checks shared by both algorithms and directions.
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
-                  const std::optional<at::Tensor>& h0) {
+                  const std::optional<at::Tensor>& h0, bool cuda_kernels) {
   TORCH_CHECK(q.dim() == 4, "linmix: q must have shape (B, T, H, K), got ", shape_str(q.sizes()));
   check_float_dtype(q, "q");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), K = q.size(3);
@@ -39,7 +38,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     check_dtype(*h0, "initial_state", acc_dtype(q));
     check_same_device(*h0, "initial_state", q, "q");
   }
-  if (q.is_cuda()) {
+  if (cuda_kernels) {
     TORCH_CHECK_NOT_IMPLEMENTED(K <= kGlaCudaMaxHeadDim && V <= kGlaCudaMaxHeadDim, "linmix: head dims above ",
                                 kGlaCudaMaxHeadDim, " run on the CPU only for now (CUDA kernels take K, V <= ",
                                 kGlaCudaMaxHeadDim, "), got K = ", K, ", V = ", V);
@@ -63,23 +62,23 @@ constexpr CpuGemm kCpuGemm{&cpu_gemm<float>, &cpu_gemm<double>, &cpu_gemm_bf16};
 
 enum class Algo { kChunk, kRecurrent };
 
-// The chunk-parallel CUDA chunk_gla (gla_chunkpar.h), not yet run on a GPU: only with LINMIX_UNVERIFIED_KERNELS=1.
-template <DType dt>
-void chunkpar_gla_cuda(const GlaParams& p, bool backward, const at::Tensor& like, cudaStream_t stream) {
+// The chunk-parallel CUDA chunk_gla (gla_chunkpar.h), opt-in (LINMIX_KERNELS=gla_chunkpar, common/kernels.h).
+void chunkpar_gla_cuda(const GlaCudaLaunchers& cuda, DType dt, const GlaParams& p, bool backward,
+                       const at::Tensor& like, cudaStream_t stream) {
   const auto f32 = like.options().dtype(at::kFloat);
   const int64_t BH = p.batch * p.heads, N = gla_chunkpar_n_chunks(p.seqlen), KV = p.dim_k * p.dim_v;
   const at::Tensor states = at::empty({BH, N + 1, KV}, f32), sums = at::empty({BH, N, p.dim_k}, f32);
   const at::Tensor dstates = backward ? at::empty({BH, N, KV}, f32) : at::Tensor();
   const GlaChunkparWorkspace ws{states.data_ptr<float>(), backward ? dstates.data_ptr<float>() : nullptr,
                                 sums.data_ptr<float>()};
-  (backward ? chunkpar_gla_bwd_cuda<dt> : chunkpar_gla_fwd_cuda<dt>)(p, ws, stream);
+  (backward ? cuda.chunkpar_bwd : cuda.chunkpar_fwd)(dt, p, ws, stream);
 }
 
 template <Backend backend>
 std::tuple<at::Tensor, at::Tensor> gla_fwd(Algo algo, const at::Tensor& q_in, const at::Tensor& k_in,
                                            const at::Tensor& v_in, const at::Tensor& g_in, double scale,
                                            const std::optional<at::Tensor>& h0_in) {
-  check_inputs(q_in, k_in, v_in, g_in, h0_in);
+  check_inputs(q_in, k_in, v_in, g_in, h0_in, runs_cuda_kernels<backend>(q_in));
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in),
                    g = last_dim_contiguous(g_in);
   const auto h0 = contiguous_opt(h0_in);
@@ -90,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> gla_fwd(Algo algo, const at::Tensor& q_in, co
   GlaParams p = make_params(q, k, v, g, scale, h0);
   p.o = bth_view(o);
   p.ht = ht.data_ptr();
-  launch<backend>(
+  launch<backend, GlaCudaLaunchers>(
       q,
       [&](DType dt) {
         if (algo == Algo::kChunk)
@@ -98,11 +97,11 @@ std::tuple<at::Tensor, at::Tensor> gla_fwd(Algo algo, const at::Tensor& q_in, co
         else
           fused_recurrent_gla_fwd_cpu(p, dt);
       },
-      [&]<DType dt>(cudaStream_t stream) {
-        if (algo == Algo::kChunk && unverified_kernels_enabled())
-          chunkpar_gla_cuda<dt>(p, /*backward=*/false, q, stream);
+      [&](const GlaCudaLaunchers& cuda, DType dt, cudaStream_t stream) {
+        if (algo == Algo::kChunk && kernel_enabled(KernelFamily::kGlaChunkpar))
+          chunkpar_gla_cuda(cuda, dt, p, /*backward=*/false, q, stream);
         else
-          (algo == Algo::kChunk ? chunk_gla_fwd_cuda<dt> : fused_recurrent_gla_fwd_cuda<dt>)(p, stream);
+          (algo == Algo::kChunk ? cuda.chunk_fwd : cuda.recurrent_fwd)(dt, p, stream);
       });
   return {o, ht};
 }
@@ -112,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gla_bwd(
     Algo algo, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& g_in,
     const at::Tensor& dout_in, const std::optional<at::Tensor>& dht_in, double scale,
     const std::optional<at::Tensor>& h0_in) {
-  check_inputs(q_in, k_in, v_in, g_in, h0_in);
+  check_inputs(q_in, k_in, v_in, g_in, h0_in, runs_cuda_kernels<backend>(q_in));
   check_shape(dout_in, "dout", {v_in.size(0), v_in.size(1), v_in.size(2), v_in.size(3)}, "(B, T, H, V) like v");
   check_same_dtype(dout_in, "dout", q_in, "q");
   check_same_device(dout_in, "dout", q_in, "q");
@@ -134,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gla_bwd(
   p.dht = dht ? dht->data_ptr() : nullptr;
   p.dq = bth_view(dq), p.dk = bth_view(dk), p.dv = bth_view(dv), p.dg = bth_view(dg);
   p.dh0 = dh0.data_ptr();
-  launch<backend>(
+  launch<backend, GlaCudaLaunchers>(
       q,
       [&](DType dt) {
         if (algo == Algo::kChunk)
@@ -142,9 +141,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gla_bwd(
         else
           fused_recurrent_gla_bwd_cpu(p, dt);
       },
-      [&]<DType dt>(cudaStream_t stream) {
-        if (algo == Algo::kChunk && unverified_kernels_enabled()) {
-          chunkpar_gla_cuda<dt>(p, /*backward=*/true, q, stream);
+      [&](const GlaCudaLaunchers& cuda, DType dt, cudaStream_t stream) {
+        if (algo == Algo::kChunk && kernel_enabled(KernelFamily::kGlaChunkpar)) {
+          chunkpar_gla_cuda(cuda, dt, p, /*backward=*/true, q, stream);
           return;
         }
         const auto f32 = q.options().dtype(at::kFloat);
@@ -157,9 +156,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gla_bwd(
         } else {
           ws0 = at::empty(q.sizes(), f32);
           p.workspace = ws0.data_ptr<float>();
-          p.exact_gate_grad = unverified_kernels_enabled();
+          p.exact_gate_grad = kernel_enabled(KernelFamily::kFusedRecurrentGlaExactDg);
         }
-        (algo == Algo::kChunk ? chunk_gla_bwd_cuda<dt> : fused_recurrent_gla_bwd_cuda<dt>)(p, stream);
+        (algo == Algo::kChunk ? cuda.chunk_bwd : cuda.recurrent_bwd)(dt, p, stream);
       });
   return {dq, dk, dv, dg, dh0};
 }

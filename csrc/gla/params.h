@@ -36,7 +36,7 @@ struct GlaParams {
   BTHView dv;                // (B, T, H, V) output
   void* dh0 = nullptr;       // (B, H, K, V) contiguous, accumulation type
   // fused_recurrent CUDA backward: dg exactly 0 where the decay underflows (gla_gate_grad). Off, the GPU-verified
-  // kernel as it ran; on only with LINMIX_UNVERIFIED_KERNELS=1 until a GPU session verifies it.
+  // kernel as it ran; on only with LINMIX_KERNELS=fused_recurrent_gla_exact_dg until a GPU session verifies it.
   bool exact_gate_grad = false;
   // CUDA backward workspaces (fp32, contiguous)
   float* workspace = nullptr;      // fused_recurrent: (B, T, H, K) copy of dq, for the dg sum

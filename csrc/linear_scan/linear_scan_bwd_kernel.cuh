@@ -15,9 +15,12 @@ namespace linmix {
 
 // Backward, scanning r = 0..T-1 over scan positions s = T-1-r:
 //   g_s = dh_s + a_{s+1} g_{s+1};  da_s = g_s h_{s-1};  db_s = g_s;  dh0 = a_0 g_0.
-template <typename Traits, typename T>
+// kOneWriter: warp 0 alone writes dh0. The GPU-verified instance (false) has every warp write it, all the same
+// value: harmless on a GPU, but a write-write race by the memory model, which the CUDA emulator's ThreadSanitizer
+// build reports. It stays the default until a GPU session verifies the true instance (common/kernels.h).
+template <typename Traits, typename T, bool kOneWriter>
 __global__ void __launch_bounds__(Traits::kThreads) linmix_linear_scan_bwd_kernel(LinearScanParams p) {
-  __shared__ ScanPair<float> s_agg[Traits::kNWarps * 32];
+  LINMIX_SHARED(ScanPair<float>, s_agg, [Traits::kNWarps * 32]);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t bi = blockIdx.x;
   const int64_t d = int64_t(blockIdx.y) * 32 + lane;
@@ -48,19 +51,28 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_linear_scan_bwd_kerne
     }
   }
   // After the last chunk, carry = g at s = 0.
-  if (active && L > 0) {
+  if (active && L > 0 && (!kOneWriter || warp == 0)) {
     const float a0 = to_float(btd_row<const T>(p.a, bi, scan_time(0, L, p.reverse))[d]);
     static_cast<float*>(p.dh0)[bi * p.dim + d] = a0 * carry;
   }
 }
 
-template <DType dt>
-void linear_scan_bwd_cuda(const LinearScanParams& p, cudaStream_t stream) {
+template <DType dt, bool kOneWriter>
+void linear_scan_bwd_launch(const LinearScanParams& p, cudaStream_t stream) {
   using Traits = ChannelScanDefaultTraits;
   if (p.batch == 0 || p.dim == 0) return;
   const dim3 grid = checked_grid("linear_scan", "(B, ceil(D / 32))", p.batch, ceil_div(p.dim, 32));
-  linmix_linear_scan_bwd_kernel<Traits, cuda_t<dt>><<<grid, Traits::kThreads, 0, stream>>>(p);
-  LINMIX_CHECK_LAUNCH();
+  launch_kernel(linmix_linear_scan_bwd_kernel<Traits, cuda_t<dt>, kOneWriter>, grid, Traits::kThreads, 0, stream, p);
+}
+
+template <DType dt>
+void linear_scan_bwd_cuda(const LinearScanParams& p, cudaStream_t stream) {
+  linear_scan_bwd_launch<dt, false>(p, stream);
+}
+
+template <DType dt>
+void linear_scan_bwd_one_writer_cuda(const LinearScanParams& p, cudaStream_t stream) {
+  linear_scan_bwd_launch<dt, true>(p, stream);
 }
 
 }  // namespace linmix

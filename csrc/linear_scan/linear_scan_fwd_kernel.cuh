@@ -22,7 +22,7 @@ namespace linmix {
 // grid: (B, ceil(D / 32)); block: Traits::kThreads.
 template <typename Traits, typename T>
 __global__ void __launch_bounds__(Traits::kThreads) linmix_linear_scan_fwd_kernel(LinearScanParams p) {
-  __shared__ ScanPair<float> s_agg[Traits::kNWarps * 32];
+  LINMIX_SHARED(ScanPair<float>, s_agg, [Traits::kNWarps * 32]);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t bi = blockIdx.x;
   const int64_t d = int64_t(blockIdx.y) * 32 + lane;
@@ -52,8 +52,7 @@ void linear_scan_fwd_cuda(const LinearScanParams& p, cudaStream_t stream) {
   using Traits = ChannelScanDefaultTraits;
   if (p.batch == 0 || p.dim == 0) return;
   const dim3 grid = checked_grid("linear_scan", "(B, ceil(D / 32))", p.batch, ceil_div(p.dim, 32));
-  linmix_linear_scan_fwd_kernel<Traits, cuda_t<dt>><<<grid, Traits::kThreads, 0, stream>>>(p);
-  LINMIX_CHECK_LAUNCH();
+  launch_kernel(linmix_linear_scan_fwd_kernel<Traits, cuda_t<dt>>, grid, Traits::kThreads, 0, stream, p);
 }
 
 }  // namespace linmix

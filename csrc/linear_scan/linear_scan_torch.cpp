@@ -4,6 +4,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/kernels.h"
 #include "linear_scan/linear_scan_cpu.h"
 #include "linear_scan/linear_scan_cuda.h"
 #include "linear_scan/params.h"
@@ -42,9 +43,9 @@ at::Tensor linear_scan_fwd(const at::Tensor& a_in, const at::Tensor& b_in, const
   p.a = btd_view(a), p.b = btd_view(b), p.h = btd_view(h);
   p.h0 = h0 ? h0->data_ptr() : nullptr;
   if (h.numel() == 0) return h;
-  launch<backend>(
+  launch<backend, LinearScanCudaLaunchers>(
       a, [&](DType dt) { linear_scan_fwd_cpu(p, dt); },
-      [&]<DType dt>(cudaStream_t stream) { linear_scan_fwd_cuda<dt>(p, stream); });
+      [&](const auto& cuda, DType dt, cudaStream_t stream) { cuda.fwd(dt, p, stream); });
   return h;
 }
 
@@ -69,9 +70,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_bwd(const at::Tensor&
   p.a = btd_view(a), p.h = btd_view(h), p.dh = btd_view(dh), p.da = btd_view(da), p.db = btd_view(db);
   p.h0 = h0 ? h0->data_ptr() : nullptr;
   p.dh0 = dh0.data_ptr();
-  launch<backend>(
+  launch<backend, LinearScanCudaLaunchers>(
       a, [&](DType dt) { linear_scan_bwd_cpu(p, dt); },
-      [&]<DType dt>(cudaStream_t stream) { linear_scan_bwd_cuda<dt>(p, stream); });
+      [&](const auto& cuda, DType dt, cudaStream_t stream) {
+        (kernel_enabled(KernelFamily::kLinearScanBwdOneWriter) ? cuda.bwd_one_writer : cuda.bwd)(dt, p, stream);
+      });
   return {da, db, dh0};
 }
 

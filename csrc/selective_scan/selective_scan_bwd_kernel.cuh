@@ -21,12 +21,12 @@ namespace linmix {
 template <typename Traits, typename T>
 __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_bwd_kernel(SelectiveScanParams p) {
   constexpr int kItems = Traits::kItems, kNWarps = Traits::kNWarps;
-  extern __shared__ float s_dyn[];
+  LINMIX_DYNAMIC_SHARED(float, s_dyn);
   const int64_t N = p.dstate, L = p.seqlen;
   float* s_s = s_dyn;         // (n): adjoint entering the current chunk from the later one
   float* s_part = s_dyn + N;  // (kNWarps, 3, n): per-warp sums of dA, fixed dB, fixed dC
-  __shared__ ScanPair<float> s_warp[2 * kNWarps];
-  __shared__ float s_red[2][kNWarps];  // per-warp sums of dD, ddelta_bias
+  LINMIX_SHARED(ScanPair<float>, s_warp, [2 * kNWarps]);
+  LINMIX_SHARED(float, s_red, [2][kNWarps]);  // per-warp sums of dD, ddelta_bias
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int64_t bd = blockIdx.x, bi = bd / p.dim, di = bd % p.dim, bdn = bd * N;
   const auto [A, bias, Dv, u, delta, z, dout] = ss_bwd_channel<T>(p, bi, di);
@@ -139,8 +139,7 @@ void selective_scan_bwd_cuda(const SelectiveScanParams& p, cudaStream_t stream) 
   const auto kernel = linmix_selective_scan_bwd_kernel<Traits, cuda_t<dt>>;
   const size_t smem = size_t(1 + 3 * Traits::kNWarps) * size_t(p.dstate) * sizeof(float);
   opt_in_smem(kernel, smem);
-  kernel<<<checked_grid("selective_scan", "(b d)", p.batch * p.dim), Traits::kThreads, smem, stream>>>(p);
-  LINMIX_CHECK_LAUNCH();
+  launch_kernel(kernel, checked_grid("selective_scan", "(b d)", p.batch * p.dim), Traits::kThreads, smem, stream, p);
 }
 
 }  // namespace linmix

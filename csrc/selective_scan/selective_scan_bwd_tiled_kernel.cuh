@@ -1,5 +1,5 @@
-// CUDA selective scan, backward without per-element atomics (unverified: runs only with
-// LINMIX_UNVERIFIED_KERNELS=1, see common/unverified.h).
+// CUDA selective scan, backward without per-element atomics (opt-in: LINMIX_KERNELS=selective_scan_bwd_tiled, see
+// common/kernels.h).
 //
 // The default backward (selective_scan_bwd_kernel.cuh) gives each (batch, channel) its own block, so every
 // block adds its variable dB_t[n] = Σ_d g δ u and dC_t[n] = Σ_d dy h into the group's (b, g, n, L) buffer
@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(SelectiveScanTiledTraits::kThreads)
     linmix_selective_scan_bwd_tiled_kernel(SelectiveScanParams p, SelectiveScanTiling tl) {
   using Tr = SelectiveScanTiledTraits;
   constexpr int kItems = Tr::kItems, kSub = Tr::kSub, kNSub = Tr::kNSub;
-  __shared__ __align__(16) float s_ex[2][Tr::kWarps][2][kSub];  // [buffer][warp][dB, dC][step of the sub-chunk]
+  LINMIX_SHARED_ALIGNED(16, float, s_ex, [2][Tr::kWarps][2][kSub]);  // [buffer][warp][dB, dC][step of the sub-chunk]
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int64_t N = p.dstate, L = p.seqlen;
   const int64_t bi = blockIdx.x / tl.n_tiles, tile = blockIdx.x % tl.n_tiles;
@@ -224,9 +224,9 @@ void selective_scan_bwd_tiled_cuda(const SelectiveScanParams& p, cudaStream_t st
   using Tr = SelectiveScanTiledTraits;
   if (p.batch * p.dim == 0) return;
   const SelectiveScanTiling tl = selective_scan_tiling(p);
-  linmix_selective_scan_bwd_tiled_kernel<cuda_t<dt>>
-      <<<checked_grid("selective_scan", "(b channel_tiles)", p.batch * tl.n_tiles), Tr::kThreads, 0, stream>>>(p, tl);
-  LINMIX_CHECK_LAUNCH();
+  launch_kernel(linmix_selective_scan_bwd_tiled_kernel<cuda_t<dt>>,
+                checked_grid("selective_scan", "(b channel_tiles)", p.batch * tl.n_tiles), Tr::kThreads, 0, stream, p,
+                tl);
   const int64_t nl = p.dstate * p.seqlen;
   for (int which = 0; which < 2; ++which) {
     const BCView& v = which == 0 ? p.B : p.C;
@@ -236,10 +236,9 @@ void selective_scan_bwd_tiled_cuda(const SelectiveScanParams& p, cudaStream_t st
     const int64_t total = p.batch * v.n_groups * nl;
     constexpr int kThreads = 256;
     const int64_t blocks = ceil_div(total, kThreads) < 65535 * 16 ? ceil_div(total, kThreads) : 65535 * 16;
-    linmix_selective_scan_bwd_reduce_kernel<kThreads><<<dim3(static_cast<unsigned>(blocks)), kThreads, 0, stream>>>(
-        static_cast<const float*>(tiles), static_cast<float*>(which == 0 ? p.dB : p.dC), p.batch, v.n_groups,
-        tl.n_tiles, per_group, nl);
-    LINMIX_CHECK_LAUNCH();
+    launch_kernel(linmix_selective_scan_bwd_reduce_kernel<kThreads>, dim3(static_cast<unsigned>(blocks)), kThreads, 0,
+                  stream, static_cast<const float*>(tiles), static_cast<float*>(which == 0 ? p.dB : p.dC), p.batch,
+                  v.n_groups, tl.n_tiles, per_group, nl);
   }
 }
 

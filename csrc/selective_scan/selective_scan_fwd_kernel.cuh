@@ -16,8 +16,8 @@ namespace linmix {
 template <typename Traits, typename T>
 __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_fwd_kernel(SelectiveScanParams p) {
   constexpr int kItems = Traits::kItems, kNWarps = Traits::kNWarps;
-  extern __shared__ float s_h[];  // (n): state after the previous chunk
-  __shared__ ScanPair<float> s_warp[2 * kNWarps];
+  LINMIX_DYNAMIC_SHARED(float, s_h);  // (n): state after the previous chunk
+  LINMIX_SHARED(ScanPair<float>, s_warp, [2 * kNWarps]);
   const int tid = threadIdx.x;
   const int64_t bd = blockIdx.x, bi = bd / p.dim, di = bd % p.dim;
   const int64_t N = p.dstate, L = p.seqlen, bdn = bd * N;
@@ -84,8 +84,7 @@ void selective_scan_fwd_cuda(const SelectiveScanParams& p, cudaStream_t stream) 
   const auto kernel = linmix_selective_scan_fwd_kernel<Traits, cuda_t<dt>>;
   const size_t smem = size_t(p.dstate) * sizeof(float);
   opt_in_smem(kernel, smem);
-  kernel<<<checked_grid("selective_scan", "(b d)", p.batch * p.dim), Traits::kThreads, smem, stream>>>(p);
-  LINMIX_CHECK_LAUNCH();
+  launch_kernel(kernel, checked_grid("selective_scan", "(b d)", p.batch * p.dim), Traits::kThreads, smem, stream, p);
 }
 
 }  // namespace linmix

@@ -1,5 +1,5 @@
-// CUDA selective scan, forward with one warp per channel (unverified: runs only with LINMIX_UNVERIFIED_KERNELS=1,
-// see common/unverified.h).
+// CUDA selective scan, forward with one warp per channel (opt-in: LINMIX_KERNELS=selective_scan_fwd_warp, see
+// common/kernels.h).
 //
 // The default forward (selective_scan_fwd_kernel.cuh) scans a 1024-step chunk with a whole block per channel,
 // one __syncthreads per state. Here a warp owns a channel and walks it in sub-chunks of kSelectiveScanSubChunk
@@ -91,8 +91,7 @@ void selective_scan_fwd_warp_cuda(const SelectiveScanParams& p, cudaStream_t str
   using Tr = SelectiveScanWarpFwdTraits;
   if (p.batch * p.dim == 0) return;
   const dim3 grid = checked_grid("selective_scan", "(ceil(b d / warps))", ceil_div(p.batch * p.dim, Tr::kWarps));
-  linmix_selective_scan_fwd_warp_kernel<cuda_t<dt>><<<grid, Tr::kThreads, 0, stream>>>(p);
-  LINMIX_CHECK_LAUNCH();
+  launch_kernel(linmix_selective_scan_fwd_warp_kernel<cuda_t<dt>>, grid, Tr::kThreads, 0, stream, p);
 }
 
 }  // namespace linmix

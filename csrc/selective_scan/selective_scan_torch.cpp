@@ -5,7 +5,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
-#include "common/unverified.h"
+#include "common/kernels.h"
 #include "selective_scan/params.h"
 #include "selective_scan/selective_scan_cpu.h"
 #include "selective_scan/selective_scan_cuda.h"
@@ -122,36 +122,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
   at::Tensor final_state = at::empty({p.batch, p.dim, p.dstate}, acc_opts);
   p.out = bdl_view(out), p.checkpoints = ckpt.data_ptr(), p.final_state = final_state.data_ptr();
   if (p.batch * p.dim == 0) return {out, ckpt, final_state};
-  launch<backend>(
+  launch<backend, SelectiveScanCudaLaunchers>(
       u, [&](DType dt) { selective_scan_fwd_cpu(p, dt); },
-      [&]<DType dt>(cudaStream_t stream) {
-        if (unverified_kernels_enabled()) {  // the warp-per-channel forward is not yet GPU-verified
-          selective_scan_fwd_warp_cuda<dt>(p, stream);
-        } else {
-          selective_scan_fwd_cuda<dt>(p, stream);
-        }
+      [&](const SelectiveScanCudaLaunchers& cuda, DType dt, cudaStream_t stream) {
+        // the warp-per-channel forward is not yet GPU-verified
+        (kernel_enabled(KernelFamily::kSelectiveScanFwdWarp) ? cuda.fwd_warp : cuda.fwd)(dt, p, stream);
       });
   return {out, ckpt, final_state};
 }
 
-// The atomic-free tiled backward (deterministic with per-tile partials) runs only with the unverified-kernel
-// switch; the default kernel adds variable dB/dC with float atomics (fixed B/C: no atomics, deterministic).
-template <DType dt>
-void bwd_cuda(SelectiveScanParams& p, bool det, bool det_requested, const at::TensorOptions& f32,
-              cudaStream_t stream) {
+// The atomic-free tiled backward (deterministic with per-tile partials) runs when switched on
+// (LINMIX_KERNELS=selective_scan_bwd_tiled, common/kernels.h), or for a deterministic backward with variable B/C,
+// which no GPU-verified kernel serves, once it is emulation-verified; the default kernel adds variable dB/dC with
+// float atomics (fixed B/C: no atomics, deterministic).
+void bwd_cuda(const SelectiveScanCudaLaunchers& cuda, DType dt, SelectiveScanParams& p, bool det,
+              bool det_requested, const at::TensorOptions& f32, cudaStream_t stream) {
   const bool variable_bc = p.B.variable || p.C.variable;
-  if (!unverified_kernels_enabled()) {
-    if (variable_bc) {
-      TORCH_CHECK(!det_requested, "linmix.selective_scan: deterministic=True with variable B or C on CUDA needs the "
-                  "atomic-free backward kernel, which has not yet been verified on a GPU; set "
-                  "LINMIX_UNVERIFIED_KERNELS=1 to use it (the default backward adds dB/dC with float atomics)");
-      if (det) {
-        at::globalContext().alertNotDeterministic(
-            "linmix.selective_scan backward with variable B or C on CUDA (float atomics; the deterministic kernel "
-            "runs with LINMIX_UNVERIFIED_KERNELS=1)");
-      }
+  bool use_tiled = kernel_enabled(KernelFamily::kSelectiveScanBwdTiled);
+  if (!use_tiled && variable_bc && det) {
+    bool warn = false;
+    use_tiled = kernel_serves_uncovered_call(KernelFamily::kSelectiveScanBwdTiled, warn);
+    if (warn) {
+      TORCH_WARN("linmix.selective_scan: a deterministic backward with variable B or C on CUDA runs the atomic-free "
+                 "backward kernel, which passes the test suite and sanitizers under the CUDA emulator but has not "
+                 "yet run on a GPU (bench/results/README.md)");
     }
-    selective_scan_bwd_cuda<dt>(p, stream);
+  }
+  if (!use_tiled) {
+    if (variable_bc && det) {
+      TORCH_CHECK(!det_requested, "linmix.selective_scan: deterministic=True with variable B or C on CUDA needs the "
+                  "atomic-free backward kernel, which has not yet been verified; set "
+                  "LINMIX_KERNELS=selective_scan_bwd_tiled to use it (the default backward adds dB/dC with float "
+                  "atomics)");
+      at::globalContext().alertNotDeterministic(
+          "linmix.selective_scan backward with variable B or C on CUDA (float atomics; the deterministic kernel "
+          "runs with LINMIX_KERNELS=selective_scan_bwd_tiled)");
+    }
+    cuda.bwd(dt, p, stream);
     return;
   }
   const SelectiveScanTiling tl = selective_scan_tiling(p);
@@ -163,7 +170,7 @@ void bwd_cuda(SelectiveScanParams& p, bool det, bool det_requested, const at::Te
   p.sub_states = sub_states.data_ptr();
   p.dB_tiles = dB_tiles.defined() ? dB_tiles.data_ptr() : nullptr;
   p.dC_tiles = dC_tiles.defined() ? dC_tiles.data_ptr() : nullptr;
-  selective_scan_bwd_tiled_cuda<dt>(p, stream);
+  cuda.bwd_tiled(dt, p, stream);
 }
 
 using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -210,9 +217,11 @@ BwdResult selective_scan_bwd(const at::Tensor& u_in, const at::Tensor& delta_in,
   p.ddelta_bias_part = dbias.data_ptr(), p.dinitial_state = dh0.data_ptr();
   if (b * d > 0) {
     const bool det = deterministic || at::globalContext().deterministicAlgorithms();
-    launch<backend>(
+    launch<backend, SelectiveScanCudaLaunchers>(
         u, [&](DType dt) { selective_scan_bwd_cpu(p, dt); },
-        [&]<DType dt>(cudaStream_t stream) { bwd_cuda<dt>(p, det, deterministic, acc_opts, stream); });
+        [&](const SelectiveScanCudaLaunchers& cuda, DType dt, cudaStream_t stream) {
+          bwd_cuda(cuda, dt, p, det, deterministic, acc_opts, stream);
+        });
   }
   // Deterministic reductions of the per-(b, d) partials over the batch.
   dB = B.dim() == 4 ? dB.to(B.scalar_type()) : dB.sum(0);

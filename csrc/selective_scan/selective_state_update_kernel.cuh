@@ -125,8 +125,7 @@ void ssu_launch(const SelectiveStateUpdateParams& p, cudaStream_t stream) {
   constexpr int kRowsPerBlock = kSsuThreads / kTPR;
   const int64_t row_blocks = (p.nheads * p.headdim + kRowsPerBlock - 1) / kRowsPerBlock;
   const dim3 grid = checked_grid("selective_state_update", "(b ceil(h p / rows_per_block))", p.batch * row_blocks);
-  linmix_selective_state_update_fwd_kernel<T, S, kTPR><<<grid, kSsuThreads, 0, stream>>>(p);
-  LINMIX_CHECK_LAUNCH();
+  launch_kernel(linmix_selective_state_update_fwd_kernel<T, S, kTPR>, grid, kSsuThreads, 0, stream, p);
 }
 
 template <DType xdt, DType sdt>

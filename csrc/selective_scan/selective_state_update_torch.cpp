@@ -11,7 +11,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
-#include "common/unverified.h"
+#include "common/kernels.h"
 #include "selective_scan/selective_state_update_common.h"
 #include "selective_scan/selective_state_update_cpu.h"
 #include "selective_scan/selective_state_update_cuda.h"
@@ -188,7 +188,7 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
   at::Tensor out = at::empty(c.x.sizes(), c.x.options().memory_format(at::MemoryFormat::Contiguous));
   const at::Tensor public_out = state.dim() == 3 ? out.flatten(1) : out;
   if (b == 0 || out.numel() == 0) return public_out;
-  if (backend == Backend::kCUDA && !unverified_kernels_enabled()) {
+  if (runs_cuda_kernels<backend>(c.x) && !kernel_enabled(KernelFamily::kSelectiveStateUpdate)) {
     update_via_selective_scan(c, dt_softplus, state_batch_indices, out);
     return public_out;
   }
@@ -215,13 +215,11 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
   p.B_dtype = to_linmix_dtype(c.B.scalar_type()), p.C_dtype = to_linmix_dtype(c.C.scalar_type());
   p.out = out.data_ptr();
   const DType sdt = to_linmix_dtype(state.scalar_type());
-  launch<backend>(
+  launch<backend, SelectiveStateUpdateCudaLaunchers>(
       c.x, [&](DType xdt) { selective_state_update_cpu(p, xdt, sdt); },
-      [&]<DType kX>(cudaStream_t stream) {
-        LINMIX_DTYPE_SWITCH(sdt, kS, [&] {
-          TORCH_CHECK(kS != DType::kFloat64, kOp, "a float64 state runs on the CPU backend only");
-          if constexpr (kS != DType::kFloat64) selective_state_update_cuda<kX, kS>(p, stream);
-        });
+      [&](const SelectiveStateUpdateCudaLaunchers& cuda, DType xdt, cudaStream_t stream) {
+        TORCH_CHECK(sdt != DType::kFloat64, kOp, "a float64 state runs on the CPU backend only");
+        cuda.update(xdt, sdt, p, stream);
       });
   return public_out;
 }

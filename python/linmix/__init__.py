@@ -1,6 +1,6 @@
 """linmix: handwritten CUDA and C++ kernels for linear sequence mixers."""
 
-from ._native import build_info
+from ._native import build_info, kernels
 from .ops.fixed_point_rnn import FixedPointConvergenceError, FixedPointConvergenceWarning, fixed_point_rnn
 from .ops.gla import chunk_gla, fused_recurrent_gla
 from .ops.linear_scan import linear_scan
@@ -15,6 +15,7 @@ __all__ = [
     "chunk_gla",
     "fixed_point_rnn",
     "fused_recurrent_gla",
+    "kernels",
     "linear_scan",
     "selective_scan",
     "selective_scan_fn",

@@ -237,8 +237,8 @@ SELECTIVE_SCAN = Case(
         Arg("delta_bias", (None, "given"), tensor=True), Arg("delta_softplus", (False, True)),
         Arg("initial_state", (None, "given"), tensor=True), Arg("return_final_state", (False, True)),
         Arg("cu_seqlens", (None, "given"), tensor=True),
-        # True with variable B or C runs the atomic-free backward, on CUDA only with LINMIX_UNVERIFIED_KERNELS=1
-        Arg("deterministic", (False, True), cuda=(False,)),
+        # True with variable B or C runs the atomic-free backward (selective_scan_bwd_tiled) on CUDA
+        Arg("deterministic", (False, True)),
     ),
     reference=_selective_scan_reference,
     grads=("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"),

@@ -18,6 +18,19 @@ def build_info() -> dict:
     return info
 
 
+def kernels() -> list[dict]:
+    """The CUDA kernel families linmix can run, and how far each is verified.
+
+    One dict per family: ``name`` (its switch: ``LINMIX_KERNELS=name[,name...]``; ``LINMIX_UNVERIFIED_KERNELS=1``
+    switches on all), ``op``, ``kernels`` (the kernels' names as Nsight shows them, a list of fnmatch patterns),
+    ``tier`` (``"gpu-verified"``: tests and compute-sanitizer passed on a GPU at the commit
+    bench/results/README.md records; ``"emulation-verified"``: the tests and the AddressSanitizer / ThreadSanitizer
+    runs pass under the CUDA emulator, see :mod:`linmix.emulation`; ``"unverified"``), ``default`` (the op's
+    default path) and ``what``. The default of every op is GPU-verified.
+    """
+    return list(_C.kernel_registry())
+
+
 _HAS_CUDA = bool(_C.build_info()["cuda"])
 
 

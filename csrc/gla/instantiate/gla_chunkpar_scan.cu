@@ -50,11 +50,8 @@ __global__ void __launch_bounds__(GlaParTraits::kScanThreads)
 void chunkpar_gla_scan_cuda(const GlaParams& p, const GlaChunkparWorkspace& ws, bool reverse, cudaStream_t stream) {
   const dim3 grid =
       checked_grid("chunk_gla", "(ceil(B H K V / threads))", ceil_div(p.batch * p.heads * p.dim_k * p.dim_v, GlaParTraits::kScanThreads));
-  if (reverse)
-    linmix_gla_chunkpar_bwd_scan_kernel<<<grid, GlaParTraits::kScanThreads, 0, stream>>>(p, ws);
-  else
-    linmix_gla_chunkpar_fwd_scan_kernel<<<grid, GlaParTraits::kScanThreads, 0, stream>>>(p, ws);
-  LINMIX_CHECK_LAUNCH();
+  launch_kernel(reverse ? linmix_gla_chunkpar_bwd_scan_kernel : linmix_gla_chunkpar_fwd_scan_kernel, grid,
+                GlaParTraits::kScanThreads, 0, stream, p, ws);
 }
 
 }  // namespace linmix

@@ -3,4 +3,5 @@
 
 namespace linmix {
 template void linear_scan_bwd_cuda<DType::kFloat16>(const LinearScanParams&, cudaStream_t);
+template void linear_scan_bwd_one_writer_cuda<DType::kFloat16>(const LinearScanParams&, cudaStream_t);
 }  // namespace linmix
