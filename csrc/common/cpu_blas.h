@@ -12,11 +12,6 @@ template <typename T>
 void cpu_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
               const T* b, int64_t ldb, T beta, T* c, int64_t ldc);
 
-// The same with bf16 operands (raw bf16 bits) and fp32 C, accumulated in fp32: the CPU's bf16 GEMM (MKL's
-// gemm_bf16bf16f32, AVX512-BF16 where the CPU has it), or the operands widened to fp32 where libtorch_cpu lacks it.
-void cpu_gemm_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
-                   int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc);
-
 extern template void cpu_gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t,
                                      const float*, int64_t, float, float*, int64_t);
 extern template void cpu_gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t,

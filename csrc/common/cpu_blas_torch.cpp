@@ -5,9 +5,7 @@
 
 #include <dlfcn.h>
 
-#include <cstring>
 #include <type_traits>
-#include <vector>
 
 namespace linmix {
 namespace {
@@ -37,23 +35,20 @@ using MklSetLocalThreads = int (*)(int);  // MKL_Set_Num_Threads_Local, the C en
 }  // namespace
 
 // Row-major C = alpha op(A) op(B) + beta C is column-major C^T = alpha op(B)^T op(A)^T + beta C^T, so BLAS
-// gets the operands swapped. Tile sizes here are at most 512, far inside BLAS's 32-bit ints.
-template <typename S>
-void call_blas(FortranGemm blas, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, S alpha, const void* a,
-               int64_t lda, const void* b, int64_t ldb, S beta, void* c, int64_t ldc) {
-  static const auto mkl_local = reinterpret_cast<MklSetLocalThreads>(find_blas_symbol("MKL_Set_Num_Threads_Local"));
-  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-  const int M = int(m), N = int(n), Kd = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
-  const int prev = mkl_local ? mkl_local(1) : 0;
-  blas(&tb, &ta, &N, &M, &Kd, &alpha, b, &lb, a, &la, &beta, c, &lc);
-  if (mkl_local) mkl_local(prev);
-}
-
+// gets the operands swapped. Tile sizes here are at most 256, far inside BLAS's 32-bit ints.
 template <typename T>
 void cpu_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
               const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   static const auto blas = reinterpret_cast<FortranGemm>(find_blas_symbol(std::is_same_v<T, double> ? "dgemm_" : "sgemm_"));
-  if (blas) return call_blas(blas, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  static const auto mkl_local = reinterpret_cast<MklSetLocalThreads>(find_blas_symbol("MKL_Set_Num_Threads_Local"));
+  if (blas) {
+    const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+    const int M = int(m), N = int(n), Kd = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
+    const int prev = mkl_local ? mkl_local(1) : 0;
+    blas(&tb, &ta, &N, &M, &Kd, &alpha, b, &lb, a, &la, &beta, c, &lc);
+    if (mkl_local) mkl_local(prev);
+    return;
+  }
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   const auto tile = [&](const T* x, bool t, int64_t rows, int64_t cols, int64_t ld) {  // op(X): (rows, cols)
     return t ? at::from_blob(const_cast<T*>(x), {cols, rows}, {ld, 1}, opts).t()
@@ -61,25 +56,6 @@ void cpu_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alp
   };
   at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
   C.addmm_(tile(a, trans_a, m, k, lda), tile(b, trans_b, k, n, ldb), beta, alpha);  // beta 0 ignores C's contents
-}
-
-void cpu_gemm_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
-                   int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  static const auto blas = reinterpret_cast<FortranGemm>(find_blas_symbol("gemm_bf16bf16f32_"));
-  if (blas) return call_blas(blas, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  // stored (rows, cols) with row stride ld -> contiguous fp32 (a bf16 is the top half of a float)
-  const auto widen = [](const uint16_t* x, int64_t rows, int64_t cols, int64_t ld) {
-    std::vector<float> out(rows * cols);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t col = 0; col < cols; ++col) {
-        const uint32_t bits = uint32_t(x[r * ld + col]) << 16;
-        std::memcpy(&out[r * cols + col], &bits, sizeof bits);
-      }
-    return out;
-  };
-  const int64_t a_cols = trans_a ? m : k, b_cols = trans_b ? k : n;
-  const auto a32 = widen(a, trans_a ? k : m, a_cols, lda), b32 = widen(b, trans_b ? n : k, b_cols, ldb);
-  cpu_gemm<float>(trans_a, trans_b, m, n, k, alpha, a32.data(), a_cols, b32.data(), b_cols, beta, c, ldc);
 }
 
 template void cpu_gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*,

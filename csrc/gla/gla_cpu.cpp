@@ -27,17 +27,20 @@ constexpr int64_t C = kGlaChunk;
 
 // Copies rows t0 .. t0+L-1 of (batch b, head h) into dst (L, n) in the accumulation type.
 template <typename T, typename acc_t>
-void load_rows(const BTHView& x, int64_t b, int64_t h, int64_t t0, int64_t L, int64_t n, acc_t* dst) {
+LINMIX_CPU_CLONES void load_rows(const BTHView& x, int64_t b, int64_t h, int64_t t0, int64_t L, int64_t n, acc_t* dst) {
   for (int64_t i = 0; i < L; ++i) {
     const T* src = gla_row<const T>(x, b, t0 + i, h);
+    LINMIX_SIMD
     for (int64_t c = 0; c < n; ++c) dst[i * n + c] = static_cast<acc_t>(src[c]);
   }
 }
 
 template <typename T, typename acc_t>
-void store_rows(const BTHView& x, int64_t b, int64_t h, int64_t t0, int64_t L, int64_t n, const acc_t* src) {
+LINMIX_CPU_CLONES void store_rows(const BTHView& x, int64_t b, int64_t h, int64_t t0, int64_t L, int64_t n,
+                                  const acc_t* src) {
   for (int64_t i = 0; i < L; ++i) {
     T* out = gla_row<T>(x, b, t0 + i, h);
+    LINMIX_SIMD
     for (int64_t c = 0; c < n; ++c) out[c] = static_cast<T>(src[i * n + c]);
   }
 }
@@ -80,43 +83,19 @@ struct ChunkBuffers {
 
   int64_t K, V, L = 0;
   CpuGemmFn<acc_t> gemm_fn;
-  CpuGemmBf16Fn bf16_fn;          // bf16 inputs: every product on bf16 operands, fp32 accumulation
-  std::vector<uint16_t> ba, bb;   // its operands, rounded to bf16
   std::vector<acc_t> q, k, a, v;  // (C, K) x3, (C, V); a = log2 gates
   std::vector<acc_t> eq, ek;      // (C, K): decay from the chunk's start to row i (inclusive), from row j to its end
   std::vector<acc_t> etot;        // (K) decay across the whole chunk
   std::vector<acc_t> fac, op;     // (kLevels, C, K): per level, each row's factor to its split, and q or k times it
   std::vector<acc_t> A;           // (C, C) intra-chunk scores, lower triangle; the upper one stays 0
   std::vector<acc_t> tmp;         // (C, max(K, V))
-  ChunkBuffers(int64_t K_, int64_t V_, CpuGemmFn<acc_t> gemm, CpuGemmBf16Fn bf16 = nullptr)
-      : K(K_), V(V_), gemm_fn(gemm), bf16_fn(bf16), ba(bf16 ? operand_size() : 0), bb(ba.size()), q(C * K_), k(C * K_), a(C * K_), v(C * V_), eq(C * K_), ek(C * K_), etot(K_),
+  ChunkBuffers(int64_t K_, int64_t V_, CpuGemmFn<acc_t> gemm)
+      : K(K_), V(V_), gemm_fn(gemm), q(C * K_), k(C * K_), a(C * K_), v(C * V_), eq(C * K_), ek(C * K_), etot(K_),
         fac(kLevels * C * K_), op(kLevels * C * K_), A(C * C), tmp(C * std::max(K_, V_)) {}
 
-  int64_t operand_size() const { return std::max({K * V, C * std::max(K, V), C * C}); }
-
-  // C (m, n) = alpha op(A) op(B) + beta C, as cpu_gemm. With bf16 inputs the operands are rounded to bf16 (as the
-  // tensor-core operands of the CUDA kernels) and the GEMM accumulates in fp32.
   void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t kk, acc_t alpha, const acc_t* a_, int64_t lda,
-            const acc_t* bm, int64_t ldb, acc_t beta, acc_t* c, int64_t ldc) {
-    if (m <= 0 || n <= 0 || kk <= 0) return;
-    if constexpr (std::is_same_v<acc_t, float>) {
-      if (bf16_fn) {
-        const int64_t a_cols = ta ? m : kk, b_cols = tb ? kk : n;
-        to_bf16(a_, ta ? kk : m, a_cols, lda, ba.data());
-        to_bf16(bm, tb ? n : kk, b_cols, ldb, bb.data());
-        bf16_fn(ta, tb, m, n, kk, alpha, ba.data(), a_cols, bb.data(), b_cols, beta, c, ldc);
-        return;
-      }
-    }
-    gemm_fn(ta, tb, m, n, kk, alpha, a_, lda, bm, ldb, beta, c, ldc);
-  }
-
-  // Stored (rows, cols) with row stride ld -> contiguous bf16 bits, rounded to nearest even.
-  LINMIX_CPU_CLONES static void to_bf16(const acc_t* x, int64_t rows, int64_t cols, int64_t ld, uint16_t* out) {
-    for (int64_t r = 0; r < rows; ++r) {
-      LINMIX_SIMD
-      for (int64_t col = 0; col < cols; ++col) out[r * cols + col] = c10::BFloat16(float(x[r * ld + col])).x;
-    }
+            const acc_t* bm, int64_t ldb, acc_t beta, acc_t* c, int64_t ldc) const {
+    if (m > 0 && n > 0 && kk > 0) gemm_fn(ta, tb, m, n, kk, alpha, a_, lda, bm, ldb, beta, c, ldc);
   }
 
   // Loads rows t0 .. t0+L-1 with their decays to the chunk's ends; with `scores` also q and the level factors.
@@ -249,7 +228,7 @@ struct ChunkBuffers {
 
   // out[0:L] (ldo) += alpha A[0:L, 0:L] x[0:L] (x (C, ncol)), in row blocks of kGemmRows so the upper triangle's
   // zeros are mostly skipped.
-  void lower_times(acc_t alpha, const acc_t* x, int64_t ncol, acc_t* out) {
+  void lower_times(acc_t alpha, const acc_t* x, int64_t ncol, acc_t* out) const {
     for (int64_t i0 = 0; i0 < L; i0 += kGemmRows) {
       const int64_t i1 = std::min(i0 + kGemmRows, L);
       gemm(false, false, i1 - i0, ncol, i1, alpha, &A[i0 * C], C, x, ncol, 1, &out[i0 * ncol], ncol);
@@ -280,7 +259,7 @@ void chunk_fwd_impl(const GlaParams& p, const CpuGemm& gemm) {
   const int64_t K = p.dim_k, V = p.dim_v, KV = K * V;
   const acc_t scale = static_cast<acc_t>(p.scale);
   at::parallel_for(0, p.batch * p.heads, cpu_grain(p.seqlen * KV), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
-    ChunkBuffers<acc_t> cb(K, V, pick_gemm<acc_t>(gemm), dt == DType::kBFloat16 ? gemm.bf16 : nullptr);
+    ChunkBuffers<acc_t> cb(K, V, pick_gemm<acc_t>(gemm));
     std::vector<acc_t> S(KV), o(C * V), qe(C * K);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bi = task / p.heads, hi = task % p.heads;
@@ -319,7 +298,7 @@ void chunk_bwd_impl(const GlaParams& p, const CpuGemm& gemm) {
   constexpr int64_t kRows = ChunkBuffers<acc_t>::kGemmRows;
   const acc_t scale = static_cast<acc_t>(p.scale);
   at::parallel_for(0, p.batch * p.heads, cpu_grain(p.seqlen * KV), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
-    ChunkBuffers<acc_t> cb(K, V, pick_gemm<acc_t>(gemm), dt == DType::kBFloat16 ? gemm.bf16 : nullptr);
+    ChunkBuffers<acc_t> cb(K, V, pick_gemm<acc_t>(gemm));
     std::vector<acc_t> states((n_chunks + 1) * KV);  // state entering chunk c; the last is the final state
     std::vector<acc_t> dS(KV), dout(C * V), dA(C * C), run(K);
     std::vector<acc_t> dq(C * K), dk(C * K), dv(C * V), dg(C * K), qe(C * K);

@@ -14,14 +14,9 @@ namespace linmix {
 template <typename T>
 using CpuGemmFn = void (*)(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
                            int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc);
-// bf16 operands (raw bits) with fp32 C and accumulation, for bf16 inputs (common/cpu_blas.h's cpu_gemm_bf16).
-using CpuGemmBf16Fn = void (*)(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-                               const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c,
-                               int64_t ldc);
 struct CpuGemm {
   CpuGemmFn<float> f32 = nullptr;
   CpuGemmFn<double> f64 = nullptr;
-  CpuGemmBf16Fn bf16 = nullptr;
 };
 
 void chunk_gla_fwd_cpu(const GlaParams& p, DType dtype, const CpuGemm& gemm);

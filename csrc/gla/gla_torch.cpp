@@ -58,7 +58,7 @@ GlaParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 }
 
 // The GEMM handed to the CPU chunk kernel (common/cpu_blas.h).
-constexpr CpuGemm kCpuGemm{&cpu_gemm<float>, &cpu_gemm<double>, &cpu_gemm_bf16};
+constexpr CpuGemm kCpuGemm{&cpu_gemm<float>, &cpu_gemm<double>};
 
 enum class Algo { kChunk, kRecurrent };
 
