@@ -1,10 +1,11 @@
 // Schemas: each op's sit beside its implementation, in a TORCH_LIBRARY_FRAGMENT(linmix) in its *_torch.cpp.
 // Order: input tensors, forward outputs the backward reuses, output grads d<name>, then scalars; named returns.
-// This file owns the namespace (the one TORCH_LIBRARY) and the pybind11 module `linmix._C`, which only exposes
-// build facts and constants: importing it runs the registrations.
+// This file owns the namespace (the one STABLE_TORCH_LIBRARY) and the pybind11 module `linmix._C`, which only
+// exposes build facts and constants: importing it runs the registrations of the CPU library. The CUDA library
+// (liblinmix_cuda.so) registers the CUDA implementations when linmix/_native.py loads it.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
 #include <algorithm>
 #include <string>
@@ -15,7 +16,7 @@
 #include "gla/params.h"
 #include "selective_scan/params.h"
 
-TORCH_LIBRARY(linmix, m) {}
+STABLE_TORCH_LIBRARY(linmix, m) {}
 
 #ifndef LINMIX_CUDA_VERSION
 #define LINMIX_CUDA_VERSION ""
@@ -28,9 +29,10 @@ PYBIND11_MODULE(_C, mod) {
   mod.doc() = "linmix native extension (ops are registered under torch.ops.linmix)";
   mod.def("build_info", [] {
     pybind11::dict info;
-    info["torch_version"] = LINMIX_TORCH_VERSION;
-#ifdef LINMIX_WITH_CUDA
-    info["cuda"] = true;
+    info["torch_version"] = LINMIX_TORCH_VERSION;  // built against
+    info["torch_min"] = LINMIX_TORCH_MIN;          // the oldest torch the stable-ABI build runs on
+#ifdef LINMIX_CUDA_LIBRARY_BUILT
+    info["cuda"] = true;  // the CUDA library was built beside this one
 #else
     info["cuda"] = false;
 #endif
@@ -73,4 +75,5 @@ PYBIND11_MODULE(_C, mod) {
   mod.attr("selective_scan_chunk") = linmix::kSelectiveScanChunk;
   mod.attr("gla_chunk") = linmix::kGlaChunk;
   mod.attr("gla_max_head_dim") = linmix::kGlaMaxHeadDim;
+  mod.attr("gla_cuda_max_head_dim") = linmix::kGlaCudaMaxHeadDim;
 }

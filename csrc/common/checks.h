@@ -1,10 +1,16 @@
-// Input validation and preparation helpers for the *_torch.cpp files (the only files that see torch types).
+// Input validation and preparation helpers for the *_torch.cpp files (the only files that see torch types). Torch's
+// stable ABI only (torch/csrc/stable, torch/headeronly): the extension loads with every torch of its supported range.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/stableivalue_conversions.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
 
+#include <array>
 #include <optional>
+#include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -12,63 +18,123 @@
 
 namespace linmix {
 
-inline std::string shape_str(at::IntArrayRef s) {
+using Tensor = torch::stable::Tensor;
+using OptTensor = std::optional<torch::stable::Tensor>;
+using ScalarType = torch::headeronly::ScalarType;
+
+namespace detail {
+template <typename... Args>
+[[noreturn]] void fail(const Args&... args) {
+  std::ostringstream os;
+  (os << ... << args);
+  throw std::runtime_error(os.str());
+}
+}  // namespace detail
+
+}  // namespace linmix
+
+// A failed check raises RuntimeError in Python with exactly this message (the arguments streamed together).
+#define LINMIX_CHECK(cond, ...)                              \
+  do {                                                       \
+    if (!(cond)) ::linmix::detail::fail(__VA_ARGS__);        \
+  } while (false)
+
+namespace linmix {
+
+inline std::string shape_str(torch::headeronly::IntHeaderOnlyArrayRef s) {
   std::string out = "(";
   for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
   return out + ")";
 }
 
+inline std::string device_str(const Tensor& t) {
+  if (t.is_cpu()) return "cpu";
+  return std::string(t.is_cuda() ? "cuda" : "device") + ":" + std::to_string(t.get_device_index());
+}
+
 // Checks `t` has exactly `expected` sizes; -1 matches any size.
-inline void check_shape(const at::Tensor& t, const char* name, std::vector<int64_t> expected, const char* layout) {
+inline void check_shape(const Tensor& t, const char* name, std::vector<int64_t> expected, const char* layout) {
   bool ok = t.dim() == static_cast<int64_t>(expected.size());
   for (size_t i = 0; ok && i < expected.size(); ++i) ok = expected[i] < 0 || t.size(i) == expected[i];
-  TORCH_CHECK(ok, "linmix: ", name, " must have shape ", layout, " = ", shape_str(expected), ", got ",
-              shape_str(t.sizes()));
+  LINMIX_CHECK(ok, "linmix: ", name, " must have shape ", layout, " = ", shape_str(expected), ", got ",
+               shape_str(t.sizes()));
 }
 
-inline void check_float_dtype(const at::Tensor& t, const char* name) {
-  const auto dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble, "linmix: ", name,
-              " must be float32, float16, bfloat16 (or float64 on CPU), got ", dt);
-  TORCH_CHECK(dt != at::kDouble || t.device().is_cpu(), "linmix: ", name,
-              " is float64, which only the CPU backend supports");
+inline void check_float_dtype(const Tensor& t, const char* name) {
+  const ScalarType dt = t.scalar_type();
+  LINMIX_CHECK(dt == ScalarType::Float || dt == ScalarType::Half || dt == ScalarType::BFloat16 ||
+                   dt == ScalarType::Double,
+               "linmix: ", name, " must be float32, float16, bfloat16 (or float64 on CPU), got ", dt);
+  LINMIX_CHECK(dt != ScalarType::Double || t.is_cpu(), "linmix: ", name,
+               " is float64, which only the CPU backend supports");
 }
 
-inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "linmix: ", name, " must have the same dtype as ", ref_name,
-              " (", ref.scalar_type(), "), got ", t.scalar_type());
+inline void check_same_dtype(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name) {
+  LINMIX_CHECK(t.scalar_type() == ref.scalar_type(), "linmix: ", name, " must have the same dtype as ", ref_name,
+               " (", ref.scalar_type(), "), got ", t.scalar_type());
 }
 
-inline void check_dtype(const at::Tensor& t, const char* name, at::ScalarType expected) {
-  TORCH_CHECK(t.scalar_type() == expected, "linmix: ", name, " must be ", expected, ", got ", t.scalar_type());
+inline void check_dtype(const Tensor& t, const char* name, ScalarType expected) {
+  LINMIX_CHECK(t.scalar_type() == expected, "linmix: ", name, " must be ", expected, ", got ", t.scalar_type());
 }
 
-inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), "linmix: ", name, " is on ", t.device(), " but ", ref_name, " is on ",
-              ref.device(), "; all inputs must be on the same device");
+inline void check_same_device(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name) {
+  LINMIX_CHECK(t.is_cpu() == ref.is_cpu() && t.is_cuda() == ref.is_cuda() &&
+                   t.get_device_index() == ref.get_device_index(),
+               "linmix: ", name, " is on ", device_str(t), " but ", ref_name, " is on ", device_str(ref),
+               "; all inputs must be on the same device");
 }
 
-inline DType to_linmix_dtype(at::ScalarType dt) {
+inline DType to_linmix_dtype(ScalarType dt) {
   switch (dt) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kDouble: return DType::kFloat64;
-    default: TORCH_CHECK(false, "linmix: unsupported dtype ", dt);
+    case ScalarType::Float: return DType::kFloat32;
+    case ScalarType::Half: return DType::kFloat16;
+    case ScalarType::BFloat16: return DType::kBFloat16;
+    case ScalarType::Double: return DType::kFloat64;
+    default: detail::fail("linmix: unsupported dtype ", dt);
   }
 }
 
 // The dtype of fp32 "state" tensors (initial/final states, checkpoints, fixed A/B/C/D): fp64 when the inputs
 // are fp64 (the CPU-only test dtype), fp32 for every activation dtype. The CPU twins' cpu_acc_t matches it.
-inline at::ScalarType acc_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-inline std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
-  return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+inline ScalarType acc_dtype(const Tensor& x) {
+  return x.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
 }
 
+// Allocation on `like`'s device: uninitialised, or zero-filled; in `like`'s dtype unless one is given.
+inline Tensor empty(const Tensor& like, std::vector<int64_t> sizes, std::optional<ScalarType> dtype = std::nullopt) {
+  return torch::stable::new_empty(like, sizes, dtype ? dtype : std::optional<ScalarType>(like.scalar_type()));
+}
+inline Tensor zeros(const Tensor& like, std::vector<int64_t> sizes, std::optional<ScalarType> dtype = std::nullopt) {
+  Tensor t = empty(like, std::move(sizes), dtype);
+  torch::stable::zero_(t);
+  return t;
+}
+inline std::vector<int64_t> sizes(const Tensor& t) {
+  const auto s = t.sizes();
+  return {s.begin(), s.end()};
+}
+
+inline Tensor as_contiguous(const Tensor& t) { return torch::stable::contiguous(t); }
+inline OptTensor contiguous_opt(const OptTensor& t) { return t ? OptTensor(as_contiguous(*t)) : std::nullopt; }
+
 // Strides are passed to kernels in elements; a tensor whose last dim is not unit-stride is copied.
-inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
-  return (t.numel() == 0 || t.stride(-1) == 1) ? t : t.contiguous();
+inline Tensor last_dim_contiguous(const Tensor& t) {
+  return (t.numel() == 0 || t.stride(t.dim() - 1) == 1) ? t : as_contiguous(t);
+}
+
+inline const void* opt_ptr(const OptTensor& t) { return t ? t->data_ptr() : nullptr; }
+
+// An op that torch/csrc/stable has no wrapper for, called through the stable dispatcher by its schema name (e.g.
+// "aten::index_copy_", ""): its first `Outputs` outputs.
+template <size_t Outputs, typename... Args>
+std::array<Tensor, Outputs> call_op(const char* name, const char* overload, const Args&... args) {
+  constexpr size_t kSlots = sizeof...(Args) > Outputs ? sizeof...(Args) : Outputs;
+  std::array<StableIValue, kSlots> stack{torch::stable::detail::from(args)...};
+  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
+  std::array<Tensor, Outputs> out;
+  for (size_t i = 0; i < Outputs; ++i) out[i] = torch::stable::detail::to<Tensor>(stack[i]);
+  return out;
 }
 
 }  // namespace linmix

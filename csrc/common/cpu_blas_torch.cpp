@@ -1,7 +1,8 @@
-// The BLAS loader behind cpu_blas.h: a Fortran GEMM looked up once in libtorch_cpu, at::addmm_ without one.
+// The BLAS loader behind cpu_blas.h: a Fortran GEMM looked up once in libtorch_cpu, torch's matmul (stable ABI)
+// without one.
 #include "common/cpu_blas.h"
 
-#include <ATen/ATen.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <dlfcn.h>
 
@@ -12,7 +13,7 @@ namespace {
 
 // ATen's raw-pointer cpublas::gemm is not exported from libtorch, and at::addmm on from_blob tiles costs
 // microseconds of dispatch per 64x64 tile, so we call the Fortran BLAS that libtorch_cpu carries (MKL in the
-// x86 wheels exports sgemm_/dgemm_), found once with dlsym. Without one, at::addmm_
+// x86 wheels exports sgemm_/dgemm_), found once with dlsym. Without one, torch's matmul
 // on the tiles is the (correct, slower) fallback.
 using FortranGemm = void (*)(const char*, const char*, const int*, const int*, const int*, const void*, const void*,
                              const int*, const void*, const int*, const void*, void*, const int*);
@@ -49,13 +50,19 @@ void cpu_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alp
     if (mkl_local) mkl_local(prev);
     return;
   }
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const auto dtype = std::is_same_v<T, double> ? torch::headeronly::ScalarType::Double
+                                                : torch::headeronly::ScalarType::Float;
+  const torch::stable::Device cpu(torch::headeronly::DeviceType::CPU);
   const auto tile = [&](const T* x, bool t, int64_t rows, int64_t cols, int64_t ld) {  // op(X): (rows, cols)
-    return t ? at::from_blob(const_cast<T*>(x), {cols, rows}, {ld, 1}, opts).t()
-             : at::from_blob(const_cast<T*>(x), {rows, cols}, {ld, 1}, opts);
+    return t ? torch::stable::from_blob(const_cast<T*>(x), {rows, cols}, {1, ld}, cpu, dtype)
+             : torch::stable::from_blob(const_cast<T*>(x), {rows, cols}, {ld, 1}, cpu, dtype);
   };
-  at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
-  C.addmm_(tile(a, trans_a, m, k, lda), tile(b, trans_b, k, n, ldb), beta, alpha);  // beta 0 ignores C's contents
+  const torch::stable::Tensor r =
+      torch::stable::contiguous(torch::stable::matmul(tile(a, trans_a, m, k, lda), tile(b, trans_b, k, n, ldb)));
+  const T* rp = static_cast<const T*>(r.data_ptr());
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j)  // beta 0 ignores C's contents
+      c[i * ldc + j] = alpha * rp[i * n + j] + (beta == T(0) ? T(0) : beta * c[i * ldc + j]);
 }
 
 template void cpu_gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*,

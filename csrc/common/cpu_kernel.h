@@ -8,7 +8,8 @@
 // The extension is built for baseline x86-64 (SSE2, no FMA), so a plain loop runs 4 fp32 lanes wide without FMA.
 // A function carrying LINMIX_CPU_CLONES is also compiled for x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512), and
 // the loader picks the best one the CPU has (GCC function multiversioning through an ifunc). It goes on the
-// at::parallel_for lambdas and on the out-of-line helpers they call; code inlined into them is compiled with them.
+// parallel_for lambdas (common/parallel.h) and on the out-of-line helpers they call; code inlined into them is
+// compiled with them.
 // FMA contraction in the wider clones rounds differently from the baseline, within every fp32 tolerance.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define LINMIX_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -16,7 +17,7 @@
 #define LINMIX_CPU_CLONES
 #endif
 
-// The hot elementwise loops carry `omp simd` (the build passes -fopenmp): it lets the compiler vectorise float
+// The hot elementwise loops carry `omp simd` (the build passes -fopenmp-simd): it lets the compiler vectorise float
 // sums (a reordering it may not do on its own) and inlined helpers such as exp2_cpu.
 #define LINMIX_PRAGMA(x) _Pragma(#x)
 #define LINMIX_SIMD LINMIX_PRAGMA(omp simd)
@@ -29,7 +30,7 @@ namespace linmix {
 // 0.03 ms scan).
 constexpr int64_t kMinThreadWork = int64_t(1) << 16;
 
-// at::parallel_for's grain for tasks of `work` steps each: a call with fewer than kMinThreadWork steps per thread
+// parallel_for's grain for tasks of `work` steps each: a call with fewer than kMinThreadWork steps per thread
 // runs on the calling thread alone.
 inline int64_t cpu_grain(int64_t work) {
   return std::max<int64_t>(1, kMinThreadWork / std::max<int64_t>(work, 1));

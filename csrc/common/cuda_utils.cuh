@@ -39,7 +39,7 @@ void opt_in_smem(Kernel kernel, size_t bytes) {
   if (bytes <= have) return;
   cudaFuncAttributes attr;
   LINMIX_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  if (attr.sharedSizeBytes + bytes > 48 * 1024) {
+  if (attr.sharedSizeBytes + bytes > kDefaultBlockSharedBytes) {
     LINMIX_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   }

@@ -7,6 +7,15 @@
 //   LINMIX_DYNAMIC_SHARED_ALIGNED(128, unsigned char, smem_raw);
 #pragma once
 
+#include <cstddef>
+
+namespace linmix {
+// A block's shared memory without an opt-in (static plus dynamic), and the most any kernel here opts in to: what
+// an sm_80 block may take (163 KiB; sm_90 allows 227 KiB), so every kernel runs on both architectures.
+inline constexpr size_t kDefaultBlockSharedBytes = 48 * 1024;
+inline constexpr size_t kMaxBlockSharedBytes = 160 * 1024;
+}  // namespace linmix
+
 #if defined(LINMIX_CUDA_EMU)
 // One slot per declaration and instantiation of the enclosing function (the tag is a function-local static),
 // shared by the threads of a block, as CUDA's static shared variables are.

@@ -4,8 +4,6 @@
 // arithmetic is fixed_point_rnn_common.h's.
 #include "fixed_point_rnn/fixed_point_rnn_cpu.h"
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -15,6 +13,7 @@
 
 #include "common/cpu_kernel.h"
 #include "common/cpu_types.h"
+#include "common/parallel.h"
 #include "common/static_switch.h"
 #include "fixed_point_rnn/fixed_point_rnn_common.h"
 
@@ -254,7 +253,7 @@ void fwd_impl(const FixedPointRnnParams& p) {
   using acc_t = cpu_acc_t<dt>;
   using Run = ForwardRun<T, acc_t>;
   if (p.batch_quantile < 0) {  // every element on its own
-    at::parallel_for(0, p.batch, cpu_grain(p.seqlen * p.dim), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+    parallel_for(0, p.batch, cpu_grain(p.seqlen * p.dim), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
       for (int64_t bi = begin; bi < end; ++bi) {
         Run run(p, bi);
         while (!run.step()) run.advance();
@@ -265,20 +264,20 @@ void fwd_impl(const FixedPointRnnParams& p) {
   }
   // The authors' rule: the batch iterates together until the quantile of its residuals is below tol.
   std::vector<std::unique_ptr<Run>> runs(p.batch);
-  at::parallel_for(0, p.batch, cpu_grain(p.seqlen * p.dim), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+  parallel_for(0, p.batch, cpu_grain(p.seqlen * p.dim), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     for (int64_t bi = begin; bi < end; ++bi) runs[bi] = std::make_unique<Run>(p, bi);
   });
   std::vector<acc_t> res(p.batch);
   for (int l = 1;; ++l) {
-    at::parallel_for(0, p.batch, cpu_grain(p.seqlen * p.dim), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+    parallel_for(0, p.batch, cpu_grain(p.seqlen * p.dim), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
       for (int64_t bi = begin; bi < end; ++bi) runs[bi]->step(), res[bi] = runs[bi]->res;
     });
     if (l >= p.max_iter || batch_quantile(res, p.batch_quantile) < p.tol) break;
-    at::parallel_for(0, p.batch, cpu_grain(p.seqlen * p.dim), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+    parallel_for(0, p.batch, cpu_grain(p.seqlen * p.dim), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
       for (int64_t bi = begin; bi < end; ++bi) runs[bi]->advance();
     });
   }
-  at::parallel_for(0, p.batch, cpu_grain(p.seqlen * p.dim), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+  parallel_for(0, p.batch, cpu_grain(p.seqlen * p.dim), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     for (int64_t bi = begin; bi < end; ++bi) runs[bi]->finish(bi);
   });
 }
@@ -290,7 +289,7 @@ void bwd_impl(const FixedPointRnnParams& p) {
   using T = cpu_t<dt>;
   using acc_t = cpu_acc_t<dt>;
   const int64_t TD = p.seqlen * p.dim, D = p.dim, R = p.rank;
-  at::parallel_for(0, p.batch, cpu_grain(p.seqlen * p.dim), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+  parallel_for(0, p.batch, cpu_grain(p.seqlen * p.dim), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     std::vector<acc_t> h_new(TD), s_a(TD), s_b(TD), v(2 * D), e(D);
     for (int64_t bi = begin; bi < end; ++bi) {
       const Element<T, acc_t> el(p, bi);

@@ -1,7 +1,4 @@
 // Torch glue for fixed_point_rnn: input checks, outputs, params, and the launch (common/dispatch.h).
-#include <ATen/ATen.h>
-#include <torch/library.h>
-
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "fixed_point_rnn/fixed_point_rnn_common.h"
@@ -12,18 +9,18 @@
 namespace linmix {
 namespace {
 
-void check_inputs(const at::Tensor& u, const at::Tensor& lam, const at::Tensor& hh_u, const at::Tensor& hh_beta,
-                  int64_t max_iter, double tol, const std::optional<at::Tensor>& h0, double damping,
+void check_inputs(const Tensor& u, const Tensor& lam, const Tensor& hh_u, const Tensor& hh_beta,
+                  int64_t max_iter, double tol, const OptTensor& h0, double damping,
                   double batch_quantile, bool causal, bool cuda_kernels) {
-  TORCH_CHECK(u.dim() == 3, "linmix.fixed_point_rnn: u must have shape (B, T, D), got ", shape_str(u.sizes()));
+  LINMIX_CHECK(u.dim() == 3, "linmix.fixed_point_rnn: u must have shape (B, T, D), got ", shape_str(u.sizes()));
   check_float_dtype(u, "u");
   const int64_t B = u.size(0), T = u.size(1), D = u.size(2);
   check_shape(lam, "lam", {B, T, D}, "(B, T, D) like u");
-  TORCH_CHECK(hh_u.dim() == 4, "linmix.fixed_point_rnn: hh_u must have shape (B, T, R, D), got ",
+  LINMIX_CHECK(hh_u.dim() == 4, "linmix.fixed_point_rnn: hh_u must have shape (B, T, R, D), got ",
               shape_str(hh_u.sizes()));
   const int64_t R = hh_u.size(2);
   check_shape(hh_u, "hh_u", {B, T, R, D}, "(B, T, R, D)");
-  TORCH_CHECK(R >= 1 && R <= kFixedPointRnnMaxRank,
+  LINMIX_CHECK(R >= 1 && R <= kFixedPointRnnMaxRank,
               "linmix.fixed_point_rnn: hh_u's rank R = hh_u.size(2) must be in [1, ", kFixedPointRnnMaxRank,
               "], got ", R);
   check_shape(hh_beta, "hh_beta", {B, T, R}, "(B, T, R)");
@@ -31,68 +28,67 @@ void check_inputs(const at::Tensor& u, const at::Tensor& lam, const at::Tensor& 
     check_same_dtype(*t, name, u, "u");
     check_same_device(*t, name, u, "u");
   }
-  TORCH_CHECK(max_iter >= 1 && max_iter <= (int64_t(1) << 30), "linmix.fixed_point_rnn: max_iter must be >= 1, got ",
+  LINMIX_CHECK(max_iter >= 1 && max_iter <= (int64_t(1) << 30), "linmix.fixed_point_rnn: max_iter must be >= 1, got ",
               max_iter);
-  TORCH_CHECK(tol >= 0, "linmix.fixed_point_rnn: tol must be >= 0, got ", tol);
+  LINMIX_CHECK(tol >= 0, "linmix.fixed_point_rnn: tol must be >= 0, got ", tol);
   if (h0.has_value()) {
     check_shape(*h0, "initial_state", {B, D}, "(B, D)");
     check_same_dtype(*h0, "initial_state", u, "u");
     check_same_device(*h0, "initial_state", u, "u");
   }
-  TORCH_CHECK(damping > 0 && damping <= 1, "linmix.fixed_point_rnn: damping must be in (0, 1], got ", damping);
-  TORCH_CHECK(batch_quantile < 0 || batch_quantile <= 1,
+  LINMIX_CHECK(damping > 0 && damping <= 1, "linmix.fixed_point_rnn: damping must be in (0, 1], got ", damping);
+  LINMIX_CHECK(batch_quantile < 0 || batch_quantile <= 1,
               "linmix.fixed_point_rnn: quantile must be in [0, 1], got ", batch_quantile);
-  TORCH_CHECK(!(causal && batch_quantile >= 0),
+  LINMIX_CHECK(!(causal && batch_quantile >= 0),
               "linmix.fixed_point_rnn: causal (per-token) stopping and a batch quantile exclude each other");
   // The GPU-verified kernels run the plain iteration from zeros with per-element stopping; the variants are
   // CPU-only until CUDA code for them exists (it would start opt-in, common/kernels.h).
-  TORCH_CHECK(!cuda_kernels || (batch_quantile < 0 && !causal && !h0.has_value() && damping == 1.0),
+  LINMIX_CHECK(!cuda_kernels || (batch_quantile < 0 && !causal && !h0.has_value() && damping == 1.0),
               "linmix.fixed_point_rnn: initial_state, damping != 1, stopping='batch' and stopping='causal' are "
               "implemented on the CPU only so far; on CUDA use the defaults (stopping='element', damping=1, "
               "no initial_state)");
 }
 
-FixedPointRnnParams make_params(const at::Tensor& u, const at::Tensor& lam, const at::Tensor& hh_u,
-                             const at::Tensor& hh_beta, int64_t max_iter, double tol, const at::Tensor& h0,
-                             double damping) {
+FixedPointRnnParams make_params(const Tensor& u, const Tensor& lam, const Tensor& hh_u, const Tensor& hh_beta, int64_t max_iter, double tol, const OptTensor& h0,
+                                double damping) {
   FixedPointRnnParams p;
   p.batch = u.size(0), p.seqlen = u.size(1), p.dim = u.size(2), p.rank = hh_u.size(2);
   p.max_iter = static_cast<int>(max_iter), p.tol = tol;
   p.u = u.data_ptr(), p.lam = lam.data_ptr(), p.hh_u = hh_u.data_ptr(), p.hh_beta = hh_beta.data_ptr();
-  p.h0 = h0.defined() ? h0.data_ptr() : nullptr;
+  p.h0 = opt_ptr(h0);
   p.damping = damping;
   return p;
 }
 
 template <Backend backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_rnn_fwd(
-    const at::Tensor& u_in, const at::Tensor& lam_in, const at::Tensor& hh_u_in, const at::Tensor& hh_beta_in,
-    const std::optional<at::Tensor>& h0_in, int64_t max_iter, double tol, double damping, double batch_quantile,
-    bool causal) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> fixed_point_rnn_fwd(Tensor u_in, Tensor lam_in, Tensor hh_u_in,
+                                                             Tensor hh_beta_in, OptTensor h0_in, int64_t max_iter,
+                                                             double tol, double damping, double batch_quantile,
+                                                             bool causal) {
   check_inputs(u_in, lam_in, hh_u_in, hh_beta_in, max_iter, tol, h0_in, damping, batch_quantile, causal,
                runs_cuda_kernels<backend>(u_in));
-  const at::Tensor u = u_in.contiguous(), lam = lam_in.contiguous(), hh_u = hh_u_in.contiguous(),
-                   hh_beta = hh_beta_in.contiguous();
-  const at::Tensor h0 = h0_in.has_value() ? h0_in->contiguous() : at::Tensor();
-  at::Tensor h = at::empty(u.sizes(), u.options());
-  at::Tensor h_prev = at::empty(u.sizes(), u.options().dtype(acc_dtype(u)));
-  at::Tensor n_iter = at::zeros({u.size(0)}, u.options().dtype(at::kInt));
-  at::Tensor residual = at::zeros({u.size(0)}, u.options().dtype(at::kFloat));
+  const Tensor u = as_contiguous(u_in), lam = as_contiguous(lam_in), hh_u = as_contiguous(hh_u_in),
+               hh_beta = as_contiguous(hh_beta_in);
+  const OptTensor h0 = contiguous_opt(h0_in);
+  Tensor h = empty(u, sizes(u));
+  Tensor h_prev = empty(u, sizes(u), acc_dtype(u));
+  Tensor n_iter = zeros(u, {u.size(0)}, ScalarType::Int);
+  Tensor residual = zeros(u, {u.size(0)}, ScalarType::Float);
   if (u.numel() == 0) {  // nothing to iterate: zero residual after one (empty) iteration
-    n_iter.fill_(1);
-    h_prev.zero_();
+    torch::stable::fill_(n_iter, 1);
+    torch::stable::zero_(h_prev);
     return {h, h_prev, n_iter, residual};
   }
   FixedPointRnnParams p = make_params(u, lam, hh_u, hh_beta, max_iter, tol, h0, damping);
   p.batch_quantile = batch_quantile, p.causal = causal;
-  p.h = h.data_ptr(), p.h_prev = h_prev.data_ptr(), p.n_iter = n_iter.data_ptr<int32_t>();
-  p.residual = residual.data_ptr<float>();
+  p.h = h.data_ptr(), p.h_prev = h_prev.data_ptr(), p.n_iter = static_cast<int32_t*>(n_iter.data_ptr());
+  p.residual = static_cast<float*>(residual.data_ptr());
   launch<backend, FixedPointRnnCudaLaunchers>(
       u, [&](DType dt) { fixed_point_rnn_fwd_cpu(p, dt); },
-      [&](const auto& cuda, DType dt, cudaStream_t stream) {
+      [&](const FixedPointRnnCudaLaunchers& cuda, DType dt, cudaStream_t stream) {
         const FixedPointRnnWorkspace ws = fixed_point_rnn_workspace(p, /*backward=*/false);
-        at::Tensor work = at::empty({ws.work_floats}, u.options().dtype(at::kFloat));
-        at::Tensor flags = at::empty({ws.flag_ints}, u.options().dtype(at::kInt));
+        const Tensor work = empty(u, {ws.work_floats}, ScalarType::Float);
+        const Tensor flags = empty(u, {ws.flag_ints}, ScalarType::Int);
         p.work = work.data_ptr(), p.flags = flags.data_ptr();
         cuda.fwd(dt, p, stream);
       });
@@ -100,10 +96,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_rnn_fwd(
 }
 
 template <Backend backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_rnn_bwd(
-    const at::Tensor& u_in, const at::Tensor& lam_in, const at::Tensor& hh_u_in, const at::Tensor& hh_beta_in,
-    const std::optional<at::Tensor>& h0_in, const at::Tensor& h_prev_in, const at::Tensor& dh_in, int64_t max_iter,
-    double tol, double damping) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fixed_point_rnn_bwd(Tensor u_in, Tensor lam_in, Tensor hh_u_in,
+                                                                     Tensor hh_beta_in, OptTensor h0_in,
+                                                                     Tensor h_prev_in, Tensor dh_in, int64_t max_iter,
+                                                                     double tol, double damping) {
   check_inputs(u_in, lam_in, hh_u_in, hh_beta_in, max_iter, tol, h0_in, damping, -1.0, false,
                runs_cuda_kernels<backend>(u_in));
   check_shape(dh_in, "dh", {u_in.size(0), u_in.size(1), u_in.size(2)}, "(B, T, D) like u");
@@ -112,27 +108,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_poi
   check_shape(h_prev_in, "h_prev", {u_in.size(0), u_in.size(1), u_in.size(2)}, "(B, T, D) like u");
   check_dtype(h_prev_in, "h_prev", acc_dtype(u_in));
   check_same_device(h_prev_in, "h_prev", u_in, "u");
-  const at::Tensor u = u_in.contiguous(), lam = lam_in.contiguous(), hh_u = hh_u_in.contiguous(),
-                   hh_beta = hh_beta_in.contiguous(), dh = dh_in.contiguous(), h_prev = h_prev_in.contiguous();
-  const at::Tensor h0 = h0_in.has_value() ? h0_in->contiguous() : at::Tensor();
-  at::Tensor du = at::empty(u.sizes(), u.options());
-  at::Tensor dlam = at::empty(u.sizes(), u.options());
-  at::Tensor dhh_u = at::zeros(hh_u.sizes(), u.options());
-  at::Tensor dhh_beta = at::zeros(hh_beta.sizes(), u.options());
+  const Tensor u = as_contiguous(u_in), lam = as_contiguous(lam_in), hh_u = as_contiguous(hh_u_in),
+               hh_beta = as_contiguous(hh_beta_in), dh = as_contiguous(dh_in), h_prev = as_contiguous(h_prev_in);
+  const OptTensor h0 = contiguous_opt(h0_in);
+  Tensor du = empty(u, sizes(u)), dlam = empty(u, sizes(u));
+  Tensor dhh_u = zeros(u, sizes(hh_u)), dhh_beta = zeros(u, sizes(hh_beta));
   // dh0 = lam_0 * s_0; with no tokens the initial state passes straight through: zero gradient
-  at::Tensor dh0 = h0.defined() ? at::zeros(h0.sizes(), u.options()) : at::empty({0}, u.options());
+  Tensor dh0 = h0 ? zeros(u, sizes(*h0)) : empty(u, {0});
   if (u.numel() == 0) return {du, dlam, dhh_u, dhh_beta, dh0};
   FixedPointRnnParams p = make_params(u, lam, hh_u, hh_beta, max_iter, tol, h0, damping);
-  p.dh0 = h0.defined() ? dh0.data_ptr() : nullptr;
-  p.h_prev = const_cast<void*>(h_prev.data_ptr());
+  p.dh0 = h0 ? dh0.data_ptr() : nullptr;
+  p.h_prev = h_prev.data_ptr();
   p.dh = dh.data_ptr(), p.du = du.data_ptr(), p.dlam = dlam.data_ptr(), p.dhh_u = dhh_u.data_ptr();
   p.dhh_beta = dhh_beta.data_ptr();
   launch<backend, FixedPointRnnCudaLaunchers>(
       u, [&](DType dt) { fixed_point_rnn_bwd_cpu(p, dt); },
-      [&](const auto& cuda, DType dt, cudaStream_t stream) {
+      [&](const FixedPointRnnCudaLaunchers& cuda, DType dt, cudaStream_t stream) {
         const FixedPointRnnWorkspace ws = fixed_point_rnn_workspace(p, /*backward=*/true);
-        at::Tensor work = at::empty({ws.work_floats}, u.options().dtype(at::kFloat));
-        at::Tensor flags = at::empty({ws.flag_ints}, u.options().dtype(at::kInt));
+        const Tensor work = empty(u, {ws.work_floats}, ScalarType::Float);
+        const Tensor flags = empty(u, {ws.flag_ints}, ScalarType::Int);
         p.work = work.data_ptr(), p.flags = flags.data_ptr();
         cuda.bwd(dt, p, stream);
       });
@@ -143,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_poi
 
 // fixed_point_rnn: dense linear RNN as the fixed point of (Householder mix, diagonal scan); u, lam (B, T, D).
 // The backward reads the forward's h_prev; its max_iter and tol bound the adjoint iteration.
-TORCH_LIBRARY_FRAGMENT(linmix, m) {
+LINMIX_OP_SCHEMAS(m) {
   m.def("fixed_point_rnn_fwd(Tensor u, Tensor lam, Tensor hh_u, Tensor hh_beta, Tensor? initial_state, int max_iter, "
         "float tol, float damping=1.0, float batch_quantile=-1.0, bool causal=False) -> (Tensor h, Tensor h_prev, "
         "Tensor n_iter, Tensor residual)");
@@ -152,16 +146,9 @@ TORCH_LIBRARY_FRAGMENT(linmix, m) {
         "Tensor dhh_beta, Tensor dinitial_state)");
 }
 
-TORCH_LIBRARY_IMPL(linmix, CPU, m) {
-  m.impl("fixed_point_rnn_fwd", &fixed_point_rnn_fwd<Backend::kCPU>);
-  m.impl("fixed_point_rnn_bwd", &fixed_point_rnn_bwd<Backend::kCPU>);
+LINMIX_OP_IMPLS(m) {
+  m.impl("fixed_point_rnn_fwd", TORCH_BOX(&fixed_point_rnn_fwd<LINMIX_BACKEND>));
+  m.impl("fixed_point_rnn_bwd", TORCH_BOX(&fixed_point_rnn_bwd<LINMIX_BACKEND>));
 }
-
-#ifdef LINMIX_WITH_CUDA
-TORCH_LIBRARY_IMPL(linmix, CUDA, m) {
-  m.impl("fixed_point_rnn_fwd", &fixed_point_rnn_fwd<Backend::kCUDA>);
-  m.impl("fixed_point_rnn_bwd", &fixed_point_rnn_bwd<Backend::kCUDA>);
-}
-#endif
 
 }  // namespace linmix

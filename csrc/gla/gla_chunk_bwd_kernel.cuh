@@ -274,17 +274,17 @@ void chunk_gla_bwd_cuda(const GlaParams& p, cudaStream_t stream) {
   using Tr = GlaChunkTraits;
   using T = cuda_t<dt>;
   constexpr size_t states_smem = sizeof(GlaChunkStatesSmem), grads_smem = sizeof(GlaChunkGradsSmem);
-  static_assert(states_smem <= 160 * 1024 && grads_smem <= 160 * 1024, "fits an sm_80 block (163 KB opt-in)");
+  static_assert(states_smem <= kMaxBlockSharedBytes && grads_smem <= kMaxBlockSharedBytes);
   opt_in_smem(linmix_chunk_gla_bwd_states_kernel<T>, states_smem);
   opt_in_smem(linmix_chunk_gla_bwd_grads_kernel<T>, grads_smem);
-  const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
-  const dim3 states_grid(bh, static_cast<unsigned>(ceil_div(p.dim_v, Tr::kBV)));
+  const dim3 states_grid = checked_grid("chunk_gla", "(B H, ceil(V / 32))", p.batch * p.heads, ceil_div(p.dim_v, Tr::kBV));
   for (bool reverse : {false, true}) {
     launch_kernel(linmix_chunk_gla_bwd_states_kernel<T>, states_grid, Tr::kThreads, states_smem, stream, p, reverse);
   }
   const int64_t n_chunks = ceil_div(p.seqlen, Tr::kChunk);
   if (n_chunks == 0) return;
-  launch_kernel(linmix_chunk_gla_bwd_grads_kernel<T>, dim3(bh, static_cast<unsigned>(n_chunks)), Tr::kThreads,
+  launch_kernel(linmix_chunk_gla_bwd_grads_kernel<T>,
+                checked_grid("chunk_gla", "(B H, ceil(T / 64))", p.batch * p.heads, n_chunks), Tr::kThreads,
                 grads_smem, stream, p);
 }
 

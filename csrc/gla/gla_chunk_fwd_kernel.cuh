@@ -112,9 +112,9 @@ void chunk_gla_fwd_cuda(const GlaParams& p, cudaStream_t stream) {
   using Tr = GlaChunkTraits;
   using T = cuda_t<dt>;
   constexpr size_t smem = sizeof(GlaChunkFwdSmem<T>);
-  static_assert(smem <= 160 * 1024, "fits an sm_80 block (163 KB opt-in)");
+  static_assert(smem <= kMaxBlockSharedBytes);
   opt_in_smem(linmix_chunk_gla_fwd_kernel<T>, smem);
-  const dim3 grid(static_cast<unsigned>(p.batch * p.heads), static_cast<unsigned>(ceil_div(p.dim_v, Tr::kBV)));
+  const dim3 grid = checked_grid("chunk_gla", "(B H, ceil(V / 32))", p.batch * p.heads, ceil_div(p.dim_v, Tr::kBV));
   launch_kernel(linmix_chunk_gla_fwd_kernel<T>, grid, Tr::kThreads, smem, stream, p);
 }
 

@@ -163,7 +163,7 @@ void chunkpar_gla_bwd_cuda(const GlaParams& p, const GlaChunkparWorkspace& ws, c
   chunkpar_launch(linmix_gla_chunkpar_bwd_dstate_kernel<T>, "(B H, state tiles, ceil(T / 64))",
                   chunkpar_state_tiles(p), sizeof(GlaParStateSmem<T>), p, ws, stream);
   chunkpar_gla_scan_cuda(p, ws, /*reverse=*/true, stream);
-  static_assert(sizeof(GlaParDqkSmem<T>) <= 160 * 1024, "fits an sm_80 block (163 KB opt-in)");
+  static_assert(sizeof(GlaParDqkSmem<T>) <= kMaxBlockSharedBytes);
   chunkpar_launch(linmix_gla_chunkpar_bwd_dqk_kernel<T>, "(B H, K slices, ceil(T / 64))",
                   ceil_div(p.dim_k, GlaParTraits::kDqkBK), sizeof(GlaParDqkSmem<T>), p, ws, stream);
   chunkpar_launch(linmix_gla_chunkpar_bwd_dv_kernel<T>, "(B H, ceil(V / 64), ceil(T / 64))",

@@ -160,7 +160,7 @@ template <DType dt>
 void chunkpar_gla_fwd_cuda(const GlaParams& p, const GlaChunkparWorkspace& ws, cudaStream_t stream) {
   using T = cuda_t<dt>;
   chunkpar_gla_states_cuda<T>(p, ws, stream);
-  static_assert(sizeof(GlaParOutSmem<T>) <= 160 * 1024, "fits an sm_80 block (163 KB opt-in)");
+  static_assert(sizeof(GlaParOutSmem<T>) <= kMaxBlockSharedBytes);
   chunkpar_launch(linmix_gla_chunkpar_fwd_out_kernel<T>, "(B H, ceil(V / 64), ceil(T / 64))",
                   ceil_div(p.dim_v, GlaParTraits::kOutBV), sizeof(GlaParOutSmem<T>), p, ws, stream);
 }

@@ -1,4 +1,4 @@
-// CPU gated linear attention: parallel over (batch, head) with at::parallel_for.
+// CPU gated linear attention: parallel over (batch, head) with parallel_for (common/parallel.h).
 //
 // chunk_gla runs the chunked algorithm of the CUDA kernels (chunks of kGlaChunk) with segment-sum decays: the
 // intra-chunk scores by halving the chunk down to single rows (ChunkBuffers), so every decay factors at a split
@@ -9,13 +9,12 @@
 // product and sum is fp32 (fp64 for fp64 inputs).
 #include "gla/gla_cpu.h"
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <vector>
 
 #include "common/cpu_kernel.h"
 #include "common/cpu_types.h"
+#include "common/parallel.h"
 #include "common/static_switch.h"
 #include "common/exp2_cpu.h"
 #include "gla/gla_common.h"
@@ -258,7 +257,7 @@ void chunk_fwd_impl(const GlaParams& p, const CpuGemm& gemm) {
   using acc_t = cpu_acc_t<dt>;
   const int64_t K = p.dim_k, V = p.dim_v, KV = K * V;
   const acc_t scale = static_cast<acc_t>(p.scale);
-  at::parallel_for(0, p.batch * p.heads, cpu_grain(p.seqlen * KV), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+  parallel_for(0, p.batch * p.heads, cpu_grain(p.seqlen * KV), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     ChunkBuffers<acc_t> cb(K, V, pick_gemm<acc_t>(gemm));
     std::vector<acc_t> S(KV), o(C * V), qe(C * K);
     for (int64_t task = begin; task < end; ++task) {
@@ -297,7 +296,7 @@ void chunk_bwd_impl(const GlaParams& p, const CpuGemm& gemm) {
   const int64_t n_chunks = ceil_div(p.seqlen, C);
   constexpr int64_t kRows = ChunkBuffers<acc_t>::kGemmRows;
   const acc_t scale = static_cast<acc_t>(p.scale);
-  at::parallel_for(0, p.batch * p.heads, cpu_grain(p.seqlen * KV), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+  parallel_for(0, p.batch * p.heads, cpu_grain(p.seqlen * KV), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     ChunkBuffers<acc_t> cb(K, V, pick_gemm<acc_t>(gemm));
     std::vector<acc_t> states((n_chunks + 1) * KV);  // state entering chunk c; the last is the final state
     std::vector<acc_t> dS(KV), dout(C * V), dA(C * C), run(K);
@@ -365,7 +364,7 @@ void recurrent_fwd_impl(const GlaParams& p) {
   using acc_t = cpu_acc_t<dt>;
   const int64_t K = p.dim_k, V = p.dim_v, KV = K * V;
   const acc_t scale = static_cast<acc_t>(p.scale);
-  at::parallel_for(0, p.batch * p.heads, cpu_grain(p.seqlen * KV), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+  parallel_for(0, p.batch * p.heads, cpu_grain(p.seqlen * KV), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     std::vector<acc_t> S(KV), q(K), k(K), g(K), v(V), o(V);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bi = task / p.heads, hi = task % p.heads;
@@ -401,7 +400,7 @@ void recurrent_bwd_impl(const GlaParams& p) {
   using acc_t = cpu_acc_t<dt>;
   const int64_t K = p.dim_k, V = p.dim_v, KV = K * V;
   const acc_t scale = static_cast<acc_t>(p.scale);
-  at::parallel_for(0, p.batch * p.heads, cpu_grain(p.seqlen * KV), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+  parallel_for(0, p.batch * p.heads, cpu_grain(p.seqlen * KV), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     std::vector<acc_t> S(KV), dS(KV), q(K), k(K), g(K), v(V), dout(V), dk(K), dv(V), run(K), dg(K);
     std::vector<acc_t> dq(p.seqlen * K);  // kept in the accumulation type for the dg sum
     for (int64_t task = begin; task < end; ++task) {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "common/dtype.h"
+#include "common/kernels.h"
 #include "common/launchers.h"
 #include "common/stream.h"
 #include "gla/gla_chunkpar.h"
@@ -20,4 +21,55 @@ struct GlaCudaLaunchers {
   PerCudaDtype<void(const GlaParams&, const GlaChunkparWorkspace&, cudaStream_t)> chunkpar_fwd, chunkpar_bwd;
   static const GlaCudaLaunchers& get();
 };
+
+enum class GlaAlgo { kChunk, kRecurrent };
+
+// The kernel family the registry picks for a call (common/kernels.h), and the one fp32 workspace it needs, for
+// every family alike: the caller allocates plan.workspace_floats and hands it to gla_launch, which lays it out.
+// (GlaParams keeps its workspace fields and exact_gate_grad for the kernels, whose parameter layout stays as the
+// GPU verified it; only gla_launch fills them.)
+struct GlaPlan {
+  KernelFamily family = KernelFamily::kChunkGla;
+  int64_t workspace_floats = 0;
+};
+
+inline GlaPlan gla_plan(const GlaParams& p, GlaAlgo algo, bool backward) {
+  const int64_t BH = p.batch * p.heads, KV = p.dim_k * p.dim_v;
+  if (algo == GlaAlgo::kRecurrent) {
+    const bool exact_dg = backward && kernel_enabled(KernelFamily::kFusedRecurrentGlaExactDg);
+    return {exact_dg ? KernelFamily::kFusedRecurrentGlaExactDg : KernelFamily::kFusedRecurrentGla,
+            backward ? p.batch * p.seqlen * p.heads * p.dim_k : 0};  // a (B, T, H, K) copy of dq, for the dg sum
+  }
+  if (kernel_enabled(KernelFamily::kGlaChunkpar)) {
+    const int64_t N = gla_chunkpar_n_chunks(p.seqlen);
+    return {KernelFamily::kGlaChunkpar, BH * (N + 1) * KV + BH * N * p.dim_k + (backward ? BH * N * KV : 0)};
+  }
+  const int64_t n_chunks = ceil_div(p.seqlen, kGlaChunk);  // backward: states entering each chunk, then gradients
+  return {KernelFamily::kChunkGla, backward ? BH * (n_chunks + 1) * KV + BH * n_chunks * KV : 0};
+}
+
+inline void gla_launch(const GlaCudaLaunchers& cuda, const GlaPlan& plan, DType dt, bool backward, GlaParams p,
+                       float* workspace, cudaStream_t stream) {
+  const int64_t BH = p.batch * p.heads, KV = p.dim_k * p.dim_v;
+  switch (plan.family) {
+    case KernelFamily::kGlaChunkpar: {
+      const int64_t N = gla_chunkpar_n_chunks(p.seqlen);
+      float* sums = workspace + BH * (N + 1) * KV;
+      const GlaChunkparWorkspace ws{workspace, backward ? sums + BH * N * p.dim_k : nullptr, sums};
+      (backward ? cuda.chunkpar_bwd : cuda.chunkpar_fwd)(dt, p, ws, stream);
+      return;
+    }
+    case KernelFamily::kChunkGla:
+      if (backward) {
+        p.chunk_states = workspace;
+        p.chunk_dstates = workspace + BH * (ceil_div(p.seqlen, kGlaChunk) + 1) * KV;
+      }
+      (backward ? cuda.chunk_bwd : cuda.chunk_fwd)(dt, p, stream);
+      return;
+    default:  // fused_recurrent_gla, either backward
+      p.workspace = workspace;
+      p.exact_gate_grad = plan.family == KernelFamily::kFusedRecurrentGlaExactDg;
+      (backward ? cuda.recurrent_bwd : cuda.recurrent_fwd)(dt, p, stream);
+  }
+}
 }  // namespace linmix

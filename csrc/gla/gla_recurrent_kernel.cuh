@@ -268,20 +268,21 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_rec
 template <DType dt>
 void fused_recurrent_gla_fwd_cuda(const GlaParams& p, cudaStream_t stream) {
   using Tr = GlaRecurrentTraits;
-  const dim3 grid(static_cast<unsigned>(p.batch * p.heads), static_cast<unsigned>(ceil_div(p.dim_v, 32)));
+  const dim3 grid = checked_grid("fused_recurrent_gla", "(B H, ceil(V / 32))", p.batch * p.heads, ceil_div(p.dim_v, 32));
   launch_kernel(linmix_fused_recurrent_gla_fwd_kernel<cuda_t<dt>>, grid, Tr::kThreads, 0, stream, p);
 }
 
 template <DType dt>
 void fused_recurrent_gla_bwd_cuda(const GlaParams& p, cudaStream_t stream) {
   using Tr = GlaRecurrentTraits;
-  const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
-  const dim3 dqk_grid(bh, static_cast<unsigned>(ceil_div(p.dim_k, Tr::kNWarps)));
+  const int64_t bh = p.batch * p.heads;
+  const dim3 dqk_grid = checked_grid("fused_recurrent_gla", "(B H, ceil(K / 8))", bh, ceil_div(p.dim_k, Tr::kNWarps));
   launch_kernel(p.exact_gate_grad ? linmix_fused_recurrent_gla_bwd_dqk_kernel<cuda_t<dt>, true>
                                   : linmix_fused_recurrent_gla_bwd_dqk_kernel<cuda_t<dt>, false>,
                 dqk_grid, Tr::kThreads, 0, stream, p);
   launch_kernel(linmix_fused_recurrent_gla_bwd_dv_kernel<cuda_t<dt>>,
-                dim3(bh, static_cast<unsigned>(ceil_div(p.dim_v, 32))), Tr::kThreads, 0, stream, p);
+                checked_grid("fused_recurrent_gla", "(B H, ceil(V / 32))", bh, ceil_div(p.dim_v, 32)), Tr::kThreads, 0,
+                stream, p);
 }
 
 }  // namespace linmix

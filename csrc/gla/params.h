@@ -35,10 +35,12 @@ struct GlaParams {
   BTHView dq, dk, dg;        // (B, T, H, K) outputs
   BTHView dv;                // (B, T, H, V) output
   void* dh0 = nullptr;       // (B, H, K, V) contiguous, accumulation type
-  // fused_recurrent CUDA backward: dg exactly 0 where the decay underflows (gla_gate_grad). Off, the GPU-verified
-  // kernel as it ran; on only with LINMIX_KERNELS=fused_recurrent_gla_exact_dg until a GPU session verifies it.
+  // Set by gla_launch (gla_cuda.h) from its plan, never by the glue; they stay in this struct because the kernels
+  // take it by value and the GPU-verified ones keep the parameter layout they were verified with.
+  // fused_recurrent CUDA backward: dg exactly 0 where the decay underflows (gla_gate_grad), the opt-in
+  // fused_recurrent_gla_exact_dg family.
   bool exact_gate_grad = false;
-  // CUDA backward workspaces (fp32, contiguous)
+  // CUDA backward workspaces (fp32, contiguous, parts of the one workspace gla_plan sizes)
   float* workspace = nullptr;      // fused_recurrent: (B, T, H, K) copy of dq, for the dg sum
   float* chunk_states = nullptr;   // chunk: (B * H, n_chunks + 1, K, V) state entering each chunk, then the final one
   float* chunk_dstates = nullptr;  // chunk: (B * H, n_chunks, K, V) gradient of the state leaving each chunk

@@ -2,13 +2,12 @@
 // channel loop innermost, so it walks the channel-last layout contiguously and vectorises.
 #include "linear_scan/linear_scan_cpu.h"
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <vector>
 
 #include "common/cpu_kernel.h"
 #include "common/cpu_types.h"
+#include "common/parallel.h"
 #include "common/static_switch.h"
 
 namespace linmix {
@@ -21,7 +20,7 @@ void fwd_impl(const LinearScanParams& p) {
   using T = cpu_t<dt>;
   using acc_t = cpu_acc_t<dt>;
   const int64_t nblk = ceil_div(p.dim, kChannelBlock);
-  at::parallel_for(0, p.batch * nblk, cpu_grain(p.seqlen * kChannelBlock), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+  parallel_for(0, p.batch * nblk, cpu_grain(p.seqlen * kChannelBlock), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     acc_t h[kChannelBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bi = task / nblk, d0 = (task % nblk) * kChannelBlock;
@@ -49,7 +48,7 @@ void bwd_impl(const LinearScanParams& p) {
   using acc_t = cpu_acc_t<dt>;
   const int64_t nblk = ceil_div(p.dim, kChannelBlock);
   const int64_t T_ = p.seqlen;
-  at::parallel_for(0, p.batch * nblk, cpu_grain(p.seqlen * kChannelBlock), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+  parallel_for(0, p.batch * nblk, cpu_grain(p.seqlen * kChannelBlock), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     acc_t g[kChannelBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bi = task / nblk, d0 = (task % nblk) * kChannelBlock;

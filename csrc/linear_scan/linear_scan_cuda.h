@@ -2,6 +2,7 @@
 #pragma once
 
 #include "common/dtype.h"
+#include "common/kernels.h"
 #include "common/launchers.h"
 #include "common/stream.h"
 #include "linear_scan/params.h"
@@ -18,4 +19,10 @@ struct LinearScanCudaLaunchers {
   PerCudaDtype<void(const LinearScanParams&, cudaStream_t)> fwd, bwd, bwd_one_writer;
   static const LinearScanCudaLaunchers& get();
 };
+
+// The backward the registry picks (common/kernels.h): the one-writer instance when switched on.
+inline void linear_scan_bwd_launch(const LinearScanCudaLaunchers& cuda, DType dt, const LinearScanParams& p,
+                                   cudaStream_t stream) {
+  (kernel_enabled(KernelFamily::kLinearScanBwdOneWriter) ? cuda.bwd_one_writer : cuda.bwd)(dt, p, stream);
+}
 }  // namespace linmix

@@ -36,7 +36,7 @@ struct SelectiveScanTiledTraits {
   static_assert(kSelectiveScanChunk % kSelectiveScanSubChunk == 0, "whole sub-chunks per checkpoint chunk");
   // All shared memory is static (no opt-in): the dB/dC exchange, double-buffered.
   static constexpr size_t kSmemBytes = size_t(2) * kWarps * 2 * kSub * sizeof(float);
-  static_assert(kSmemBytes <= 48 * 1024, "static shared memory must fit the default 48 KiB");
+  static_assert(kSmemBytes <= kDefaultBlockSharedBytes, "static shared memory needs no opt-in");
 };
 
 // grid: (b * n_tiles); block: kThreads. Warp w handles channel ch0 + w, ch0 the tile's first (idle past its end).

@@ -4,14 +4,13 @@
 // backward that walks chunks in reverse and recomputes the states of one chunk at a time.
 #include "selective_scan/selective_scan_cpu.h"
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <numeric>
 #include <vector>
 
 #include "common/cpu_kernel.h"
 #include "common/cpu_types.h"
+#include "common/parallel.h"
 #include "common/static_switch.h"
 #include "selective_scan/selective_scan_common.h"
 
@@ -38,7 +37,7 @@ void fwd_impl(const SelectiveScanParams& p) {
   using acc_t = cpu_acc_t<dt>;
   const int64_t N = p.dstate, L = p.seqlen, K = kSelectiveScanChunk;
   const auto* A = static_cast<const acc_t*>(p.A);
-  at::parallel_for(0, p.batch * p.dim, cpu_grain(L * N), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+  parallel_for(0, p.batch * p.dim, cpu_grain(L * N), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     std::vector<acc_t> dl(K), dlu(K), y(K), h(N);  // δ, δ u, y over the chunk; the state
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bi = task / p.dim, di = task % p.dim;
@@ -88,7 +87,7 @@ void bwd_impl(const SelectiveScanParams& p) {
   const auto* ckpt = static_cast<const acc_t*>(p.checkpoints);
   const int64_t per_task = channels_per_task(p);
   const int64_t tasks_per_batch = p.dim / per_task;
-  at::parallel_for(0, p.batch * tasks_per_batch, cpu_grain(per_task * L * N), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+  parallel_for(0, p.batch * tasks_per_batch, cpu_grain(per_task * L * N), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     // Per chunk: δ, δ u, u, dy, y (pre-gate), a_t and h_{t-1} of the current state, du and dδ accumulators.
     std::vector<acc_t> dl(K), dlu(K), uu(K), dy(K), y(K), a(K), hp(K), du(K), ddl(K), s(N);
     for (int64_t task = begin; task < end; ++task) {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "common/dtype.h"
+#include "common/kernels.h"
 #include "common/launchers.h"
 #include "common/stream.h"
 #include "selective_scan/params.h"
@@ -21,4 +22,66 @@ struct SelectiveScanCudaLaunchers {
   PerCudaDtype<void(const SelectiveScanParams&, cudaStream_t)> fwd, fwd_warp, bwd, bwd_tiled;
   static const SelectiveScanCudaLaunchers& get();
 };
+
+// The forward the registry picks (common/kernels.h).
+inline void selective_scan_fwd_launch(const SelectiveScanCudaLaunchers& cuda, DType dt, const SelectiveScanParams& p,
+                                      cudaStream_t stream) {
+  (kernel_enabled(KernelFamily::kSelectiveScanFwdWarp) ? cuda.fwd_warp : cuda.fwd)(dt, p, stream);
+}
+
+// The backward the registry picks for `p` and what the caller asks (`det`: 0 nothing, 1 a deterministic backward
+// preferred, a non-deterministic one warns, 2 one required), and the fp32 workspace it needs. The atomic-free tiled
+// backward (deterministic with per-tile partials) runs when switched on, or for a deterministic backward with
+// variable B/C, which no GPU-verified kernel serves, once it is emulation-verified; the default kernel adds
+// variable dB/dC with float atomics (fixed B/C: no atomics, deterministic).
+struct SelectiveScanBwdPlan {
+  bool tiled = false;
+  const char* warning = nullptr;  // for the caller to raise as a warning
+  const char* error = nullptr;    // for the caller to raise instead of launching
+  int64_t sub_states = 0, dB_tiles = 0, dC_tiles = 0;  // fp32 elements of each workspace part (tiled only)
+  int64_t workspace_floats() const { return sub_states + dB_tiles + dC_tiles; }
+};
+
+inline SelectiveScanBwdPlan selective_scan_bwd_plan(const SelectiveScanParams& p, int64_t det) {
+  SelectiveScanBwdPlan plan;
+  const bool variable_bc = p.B.variable || p.C.variable;
+  plan.tiled = kernel_enabled(KernelFamily::kSelectiveScanBwdTiled);
+  if (!plan.tiled && variable_bc && det > 0) {
+    bool first = false;
+    plan.tiled = kernel_serves_uncovered_call(KernelFamily::kSelectiveScanBwdTiled, first);
+    if (first)
+      plan.warning = "linmix.selective_scan: a deterministic backward with variable B or C on CUDA runs the "
+                     "atomic-free backward kernel, which passes the test suite and sanitizers under the CUDA "
+                     "emulator but has not yet run on a GPU (bench/results/README.md)";
+  }
+  if (!plan.tiled) {
+    if (variable_bc && det > 0) {
+      const char* why = "linmix.selective_scan: a deterministic backward (deterministic=True or "
+                        "torch.use_deterministic_algorithms(True)) with variable B or C on CUDA needs the atomic-free "
+                        "backward kernel, which has not yet been verified; set LINMIX_KERNELS=selective_scan_bwd_tiled "
+                        "to use it (the default backward adds dB/dC with float atomics)";
+      (det == 1 ? plan.warning : plan.error) = why;
+    }
+    return plan;
+  }
+  const int64_t tile_partials = p.batch * selective_scan_tiling(p).n_tiles * p.dstate * p.seqlen;
+  plan.sub_states = p.batch * p.dim * (kSelectiveScanChunk / kSelectiveScanSubChunk) * p.dstate;
+  plan.dB_tiles = det > 0 && p.B.variable ? tile_partials : 0;
+  plan.dC_tiles = det > 0 && p.C.variable ? tile_partials : 0;
+  return plan;
+}
+
+// Runs the planned backward; `workspace` holds plan.workspace_floats() fp32 elements (its parts in the order
+// above), allocated by the caller and kept alive until the kernels have run (stream-ordered).
+inline void selective_scan_bwd_launch(const SelectiveScanCudaLaunchers& cuda, const SelectiveScanBwdPlan& plan,
+                                      DType dt, SelectiveScanParams& p, float* workspace, cudaStream_t stream) {
+  if (!plan.tiled) {
+    cuda.bwd(dt, p, stream);
+    return;
+  }
+  p.sub_states = workspace;
+  p.dB_tiles = plan.dB_tiles ? workspace + plan.sub_states : nullptr;
+  p.dC_tiles = plan.dC_tiles ? workspace + plan.sub_states + plan.dB_tiles : nullptr;
+  cuda.bwd_tiled(dt, p, stream);
+}
 }  // namespace linmix

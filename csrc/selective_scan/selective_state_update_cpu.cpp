@@ -1,17 +1,16 @@
-// CPU selective_state_update: parallel over (batch, head, tile of head-dim rows) with at::parallel_for. Per
+// CPU selective_state_update: parallel over (batch, head, tile of head-dim rows) with parallel_for (common/parallel.h). Per
 // task: the B/C group rows (staged once per (batch, group) as the accumulation type); δ = softplus(dt + bias)
 // and δx for the tile in one vector pass; per row one pass over the n states that reads, steps and writes the
 // state in place and accumulates C · state; the D x term and the silu(z) gate for the tile in one vector pass.
 // Loops carry `omp simd` (the build passes -fopenmp); exp and log1p are the polynomial host versions.
 #include "selective_scan/selective_state_update_cpu.h"
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <vector>
 
 #include "common/cpu_kernel.h"
 #include "common/cpu_types.h"
+#include "common/parallel.h"
 #include "common/static_switch.h"
 
 namespace linmix {
@@ -21,8 +20,8 @@ template <typename acc_t>
 acc_t load_as(const void* ptr, DType t, int64_t i) {
   switch (t) {
     case DType::kFloat32: return static_cast<acc_t>(static_cast<const float*>(ptr)[i]);
-    case DType::kFloat16: return static_cast<acc_t>(static_cast<const c10::Half*>(ptr)[i]);
-    case DType::kBFloat16: return static_cast<acc_t>(static_cast<const c10::BFloat16*>(ptr)[i]);
+    case DType::kFloat16: return static_cast<acc_t>(static_cast<const torch::headeronly::Half*>(ptr)[i]);
+    case DType::kBFloat16: return static_cast<acc_t>(static_cast<const torch::headeronly::BFloat16*>(ptr)[i]);
     case DType::kFloat64: return static_cast<acc_t>(static_cast<const double*>(ptr)[i]);
   }
   return acc_t(0);
@@ -48,7 +47,7 @@ void impl(const SelectiveStateUpdateParams& p) {
   // Tasks are (batch, head, tile of kRowTile head-dim rows); about 16K state elements per parallel grain.
   const int64_t tiles = (P + kRowTile - 1) / kRowTile;
   const int64_t grain = std::max<int64_t>(1, 16384 / (std::min(P, kRowTile) * std::max<int64_t>(N, 1)));
-  at::parallel_for(0, p.batch * H * tiles, grain, [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+  parallel_for(0, p.batch * H * tiles, grain, [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     std::vector<acc_t> buf(3 * N + 6 * kRowTile);
     acc_t *Bn = buf.data(), *Cn = Bn + N, *An = Cn + N;                   // B, C rows; A row if strided
     acc_t *delta = An + N, *xv = delta + kRowTile, *dx = xv + kRowTile;   // per row of the tile

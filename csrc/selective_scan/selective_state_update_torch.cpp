@@ -1,10 +1,6 @@
 // Torch glue for selective_state_update (one decoding step, mamba-ssm's contract): the schema, checks that
 // name the public argument in the caller's layout, the Mamba-1 -> heads mapping, and the CPU / CUDA dispatch.
 // Every check runs before anything is written, so the state is untouched on every error.
-#include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/library.h>
-
 #include <numeric>
 #include <string>
 #include <vector>
@@ -15,41 +11,47 @@
 #include "selective_scan/selective_state_update_common.h"
 #include "selective_scan/selective_state_update_cpu.h"
 #include "selective_scan/selective_state_update_cuda.h"
-#ifdef LINMIX_WITH_CUDA
-#include <c10/cuda/CUDAGraphsC10Utils.h>
+#ifdef LINMIX_CUDA_LIBRARY
+#include <cuda_runtime_api.h>
 #endif
 
 namespace linmix {
 namespace {
 
-using OptTensor = std::optional<at::Tensor>;
 constexpr const char* kOp = "linmix.selective_state_update: ";
 
-
-Strided3 strided3(const at::Tensor& t) {
+Strided3 strided3(const Tensor& t) {
   Strided3 v;
   v.ptr = t.data_ptr();
   v.s0 = t.stride(0), v.s1 = t.stride(1), v.s2 = t.dim() > 2 ? t.stride(2) : 0;
   return v;
 }
 
-void check_operand(const at::Tensor& t, const char* name, const at::Tensor& state) {
+void check_operand(const Tensor& t, const char* name, const Tensor& state) {
   check_same_device(t, name, state, "state");
   check_float_dtype(t, name);
 }
 
+// t with dim `dim` split into `parts` (a view, as Tensor.unflatten).
+Tensor unflatten(const Tensor& t, int64_t dim, const std::vector<int64_t>& parts) {
+  std::vector<int64_t> shape = sizes(t);
+  shape.erase(shape.begin() + dim);
+  shape.insert(shape.begin() + dim, parts.begin(), parts.end());
+  return torch::stable::view(t, shape);
+}
+
 // B or C: (b, g, n), or (b, n) for one group; g must divide `units` (heads, or channels in Mamba-1's layout).
-at::Tensor check_bc(const at::Tensor& t, const char* name, int64_t b, int64_t units, const char* unit_name,
-                    int64_t n, const at::Tensor& state) {
-  TORCH_CHECK(t.dim() == 2 || t.dim() == 3, "linmix: ", name, " must have shape (b, n) or (b, g, n) = (", b,
+Tensor check_bc(const Tensor& t, const char* name, int64_t b, int64_t units, const char* unit_name,
+                    int64_t n, const Tensor& state) {
+  LINMIX_CHECK(t.dim() == 2 || t.dim() == 3, "linmix: ", name, " must have shape (b, n) or (b, g, n) = (", b,
               ", g, ", n, "), got ", shape_str(t.sizes()));
   if (t.dim() == 2) {
     check_shape(t, name, {b, n}, "(b, n)");
   } else {
     check_shape(t, name, {b, -1, n}, "(b, g, n)");
   }
-  const at::Tensor v = t.dim() == 2 ? t.unsqueeze(1) : t;
-  TORCH_CHECK(v.size(1) >= 1 && units % v.size(1) == 0, kOp, "the group count g = ", v.size(1), " of ", name,
+  const Tensor v = t.dim() == 2 ? torch::stable::unsqueeze(t, 1) : t;
+  LINMIX_CHECK(v.size(1) >= 1 && units % v.size(1) == 0, kOp, "the group count g = ", v.size(1), " of ", name,
               " ", shape_str(t.sizes()), " must divide the ", unit_name, " count ", units);
   check_operand(v, name, state);
   return v;
@@ -57,14 +59,14 @@ at::Tensor check_bc(const at::Tensor& t, const char* name, int64_t b, int64_t un
 
 // The layout-specific shapes, named as the caller wrote them, then the heads view of every tensor.
 struct Canonical {
-  at::Tensor state, x, dt, A, B, C;
+  Tensor state, x, dt, A, B, C;
   OptTensor D, z, dt_bias;
 };
 
-Canonical canonicalise(const at::Tensor& state, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
-                       const at::Tensor& B, const at::Tensor& C, const OptTensor& D, const OptTensor& z,
+Canonical canonicalise(const Tensor& state, const Tensor& x, const Tensor& dt, const Tensor& A,
+                       const Tensor& B, const Tensor& C, const OptTensor& D, const OptTensor& z,
                        const OptTensor& dt_bias, const OptTensor& idx) {
-  TORCH_CHECK(state.dim() == 3 || state.dim() == 4, kOp,
+  LINMIX_CHECK(state.dim() == 3 || state.dim() == 4, kOp,
               "state must have shape (b, d, n) (Mamba-1) or (b, h, p, n) (Mamba-2 heads), got ",
               shape_str(state.sizes()));
   check_float_dtype(state, "state");
@@ -84,8 +86,9 @@ Canonical canonicalise(const at::Tensor& state, const at::Tensor& x, const at::T
     c.C = check_bc(C, "C", b, d, "channel", n, state);
     const int64_t h = std::lcm(c.B.size(1), c.C.size(1));
     const std::vector<int64_t> hp{h, d / h};
-    auto heads = [&](const OptTensor& t, int64_t dim) { return t ? OptTensor(t->unflatten(dim, hp)) : std::nullopt; };
-    c.state = state.unflatten(1, hp), c.x = x.unflatten(1, hp), c.dt = dt.unflatten(1, hp), c.A = A.unflatten(0, hp);
+    auto heads = [&](const OptTensor& t, int64_t dim) { return t ? OptTensor(unflatten(*t, dim, hp)) : std::nullopt; };
+    c.state = unflatten(state, 1, hp), c.x = unflatten(x, 1, hp), c.dt = unflatten(dt, 1, hp);
+    c.A = unflatten(A, 0, hp);
     c.D = heads(D, 0), c.z = heads(z, 1), c.dt_bias = heads(dt_bias, 0);
   } else {
     const int64_t h = state.size(1), p = state.size(2);
@@ -100,7 +103,7 @@ Canonical canonicalise(const at::Tensor& state, const at::Tensor& x, const at::T
     c.C = check_bc(C, "C", b, h, "head", n, state);
     c.state = state, c.x = x, c.dt = dt, c.A = A, c.D = D, c.z = z, c.dt_bias = dt_bias;
   }
-  TORCH_CHECK(n <= 1 || state.stride(-1) == 1, kOp,
+  LINMIX_CHECK(n <= 1 || state.stride(-1) == 1, kOp,
               "state must have unit stride along n (it is updated in place, never copied), got strides ",
               shape_str(state.strides()));
   check_operand(x, "x", state);
@@ -116,87 +119,106 @@ Canonical canonicalise(const at::Tensor& state, const at::Tensor& x, const at::T
   return c;
 }
 
-// Range and uniqueness of state_batch_indices (negative entries are padding). On CUDA this reads the indices
-// back (one sync); under CUDA graph capture it cannot, and the kernels treat an out-of-range entry as padding.
-void check_indices(const at::Tensor& idx, int64_t b, const at::Tensor& state) {
+// Range and uniqueness of state_batch_indices (negative entries are padding); returns the live batch rows and
+// their state rows. On CUDA this reads the indices back (one sync); under CUDA graph capture it cannot (nullopt),
+// and the kernels treat an out-of-range entry as padding.
+struct LiveRows {
+  std::vector<int64_t> batch_rows, state_rows;
+};
+
+std::optional<LiveRows> check_indices(const Tensor& idx, int64_t b, const Tensor& state) {
   check_same_device(idx, "state_batch_indices", state, "state");
-  TORCH_CHECK(idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong,
-              "linmix: state_batch_indices must be int32 or int64, got ", idx.scalar_type());
+  LINMIX_CHECK(idx.scalar_type() == ScalarType::Int || idx.scalar_type() == ScalarType::Long,
+               "linmix: state_batch_indices must be int32 or int64, got ", idx.scalar_type());
   check_shape(idx, "state_batch_indices", {b}, "(b,) like x's first dim");
-#ifdef LINMIX_WITH_CUDA
-  if (idx.is_cuda() && c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
+#ifdef LINMIX_CUDA_LIBRARY
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  const auto stream = torch::stable::accelerator::getCurrentStream(idx.get_device_index());
+  LINMIX_CHECK(cudaStreamIsCapturing(static_cast<cudaStream_t>(stream.nativeHandle()), &capture) == cudaSuccess,
+               kOp, "cudaStreamIsCapturing failed");
+  if (capture != cudaStreamCaptureStatusNone) return std::nullopt;
 #endif
-  const at::Tensor host = idx.to(at::kCPU, at::kLong).contiguous();
-  const int64_t* v = host.data_ptr<int64_t>();
+  const Tensor host = as_contiguous(torch::stable::to(idx, ScalarType::Long, std::nullopt,
+                                                   torch::stable::Device(torch::headeronly::DeviceType::CPU)));
+  const int64_t* v = static_cast<const int64_t*>(host.data_ptr());
   const int64_t S = state.size(0);
   std::vector<int64_t> owner(S, -1);
+  LiveRows live;
   for (int64_t i = 0; i < b; ++i) {
     if (v[i] < 0) continue;
-    TORCH_CHECK(v[i] < S, kOp, "state_batch_indices[", i, "] = ", v[i], " is out of range for a state of ", S,
-                " rows (valid: 0..", S - 1, ", or negative for a padding row)");
-    TORCH_CHECK(owner[v[i]] < 0, kOp, "state_batch_indices[", i, "] = ", v[i], " repeats state_batch_indices[",
-                owner[v[i]], "]: two batch rows cannot update one state row in place");
+    LINMIX_CHECK(v[i] < S, kOp, "state_batch_indices[", i, "] = ", v[i], " is out of range for a state of ", S,
+                 " rows (valid: 0..", S - 1, ", or negative for a padding row)");
+    LINMIX_CHECK(owner[v[i]] < 0, kOp, "state_batch_indices[", i, "] = ", v[i], " repeats state_batch_indices[",
+                 owner[v[i]], "]: two batch rows cannot update one state row in place");
     owner[v[i]] = i;
+    live.batch_rows.push_back(i), live.state_rows.push_back(v[i]);
   }
+  return live;
 }
 
 // The GPU-verified default: selective_scan's forward with L = 1 from the state rows, in fp32. Without
-// state_batch_indices it never syncs (CUDA-graph capturable); with them it selects the live rows (one sync).
-void update_via_selective_scan(const Canonical& c, bool dt_softplus, const OptTensor& idx, at::Tensor& out) {
+// state_batch_indices it never syncs (CUDA-graph capturable); with them it gathers the live rows, which
+// check_indices read back.
+void update_via_selective_scan(const Canonical& c, bool dt_softplus, const std::optional<LiveRows>& live,
+                               Tensor& out) {
   const int64_t h = c.x.size(1), p = c.x.size(2), n = c.A.size(2);
-  OptTensor rows, live;
-  if (idx) {
-    const at::Tensor all = idx->to(at::kLong);
-    live = all.ge(0).logical_and(all.lt(c.state.size(0))).nonzero().squeeze(1);
-    rows = all.index_select(0, *live);
-  }
-  auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat); };
-  auto sel = [&](const at::Tensor& t) { return f32(live ? t.index_select(0, *live) : t); };
-  const int64_t bl = live ? live->size(0) : c.x.size(0);
-  const at::Tensor u = sel(c.x).reshape({bl, h * p, 1}), delta = sel(c.dt).reshape({bl, h * p, 1});
-  const at::Tensor B = sel(c.B).unsqueeze(-1), C = sel(c.C).unsqueeze(-1);
-  const at::Tensor A = f32(c.A).reshape({h * p, n});
-  auto flat = [&](const OptTensor& t) { return t ? OptTensor(f32(*t).reshape({h * p})) : std::nullopt; };
-  const OptTensor z = c.z ? OptTensor(sel(*c.z).reshape({bl, h * p, 1})) : std::nullopt;
-  const at::Tensor h0 = f32(rows ? c.state.index_select(0, *rows) : c.state).reshape({bl, h * p, n});
-  static auto fwd = c10::Dispatcher::singleton()
-                        .findSchemaOrThrow("linmix::selective_scan_fwd", "")
-                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                            const OptTensor&, bool)>();
-  auto [y, ckpt, fin] = fwd.call(u, delta, A, B, C, flat(c.D), z, flat(c.dt_bias), h0, dt_softplus);
-  const at::Tensor new_state = fin.view({bl, h, p, n}).to(c.state.scalar_type());
-  const at::Tensor y_out = y.view({bl, h, p}).to(out.scalar_type());
-  if (rows) {
-    c.state.index_copy_(0, *rows, new_state);
-    out.zero_().index_copy_(0, *live, y_out);
+  const auto on_device = [&](const std::vector<int64_t>& rows) {
+    const Tensor cpu = torch::stable::from_blob(const_cast<int64_t*>(rows.data()), {int64_t(rows.size())}, {1},
+                                                torch::stable::Device(torch::headeronly::DeviceType::CPU),
+                                                ScalarType::Long);
+    return torch::stable::to(cpu, c.x.device(), /*non_blocking=*/false, /*copy=*/true);
+  };
+  const OptTensor batch_rows = live ? OptTensor(on_device(live->batch_rows)) : std::nullopt;
+  const OptTensor state_rows = live ? OptTensor(on_device(live->state_rows)) : std::nullopt;
+  const auto f32 = [](const Tensor& t) { return torch::stable::to(t, ScalarType::Float); };
+  const auto sel = [&](const Tensor& t) { return f32(batch_rows ? torch::stable::index_select(t, 0, *batch_rows) : t); };
+  const int64_t bl = live ? int64_t(live->batch_rows.size()) : c.x.size(0);
+  const Tensor u = torch::stable::reshape(sel(c.x), {bl, h * p, 1});
+  const Tensor delta = torch::stable::reshape(sel(c.dt), {bl, h * p, 1});
+  const Tensor B = torch::stable::unsqueeze(sel(c.B), -1), C = torch::stable::unsqueeze(sel(c.C), -1);
+  const Tensor A = torch::stable::reshape(f32(c.A), {h * p, n});
+  const auto flat = [&](const OptTensor& t) { return t ? OptTensor(torch::stable::reshape(f32(*t), {h * p})) : std::nullopt; };
+  const OptTensor z = c.z ? OptTensor(torch::stable::reshape(sel(*c.z), {bl, h * p, 1})) : std::nullopt;
+  const Tensor h0 = torch::stable::reshape(
+      f32(state_rows ? torch::stable::index_select(c.state, 0, *state_rows) : c.state), {bl, h * p, n});
+  const auto [y, checkpoints, final_state] =
+      call_op<3>("linmix::selective_scan_fwd", "", u, delta, A, B, C, flat(c.D), z, flat(c.dt_bias), OptTensor(h0),
+                 dt_softplus);
+  const Tensor new_state = torch::stable::to(torch::stable::view(final_state, {bl, h, p, n}), c.state.scalar_type());
+  const Tensor y_out = torch::stable::to(torch::stable::view(y, {bl, h, p}), out.scalar_type());
+  if (live) {
+    call_op<1>("aten::index_copy_", "", c.state, int64_t(0), *state_rows, new_state);
+    torch::stable::zero_(out);
+    call_op<1>("aten::index_copy_", "", out, int64_t(0), *batch_rows, y_out);
   } else {
-    c.state.copy_(new_state);
-    out.copy_(y_out);
+    Tensor state = c.state;  // a handle: the caller's state is written
+    torch::stable::copy_(state, new_state);
+    torch::stable::copy_(out, y_out);
   }
 }
 
 template <Backend backend>
-at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, const at::Tensor& dt,
-                                  const at::Tensor& A, const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
-                                  const OptTensor& z, const OptTensor& dt_bias, const OptTensor& state_batch_indices,
-                                  bool dt_softplus) {
+Tensor selective_state_update(Tensor state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, OptTensor D,
+                              OptTensor z, OptTensor dt_bias, OptTensor state_batch_indices, bool dt_softplus) {
   const Canonical c = canonicalise(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices);
   const int64_t b = c.x.size(0);
-  if (state_batch_indices) check_indices(*state_batch_indices, b, state);
-  at::Tensor out = at::empty(c.x.sizes(), c.x.options().memory_format(at::MemoryFormat::Contiguous));
-  const at::Tensor public_out = state.dim() == 3 ? out.flatten(1) : out;
+  const std::optional<LiveRows> live =
+      state_batch_indices ? check_indices(*state_batch_indices, b, state) : std::nullopt;
+  Tensor out = empty(c.x, sizes(c.x));
+  const Tensor public_out = state.dim() == 3 ? torch::stable::flatten(out, 1) : out;
   if (b == 0 || out.numel() == 0) return public_out;
   if (runs_cuda_kernels<backend>(c.x) && !kernel_enabled(KernelFamily::kSelectiveStateUpdate)) {
-    update_via_selective_scan(c, dt_softplus, state_batch_indices, out);
+    LINMIX_CHECK(!state_batch_indices || live, kOp, "state_batch_indices under CUDA graph capture need the fused "
+                 "decode kernel (LINMIX_KERNELS=selective_state_update); the default path gathers the live rows, "
+                 "which reads the indices back");
+    update_via_selective_scan(c, dt_softplus, live, out);
     return public_out;
   }
   // Parameters in the accumulation dtype (no-ops for the usual fp32 parameters).
-  const auto acc = acc_dtype(c.x);
-  const at::Tensor A_acc = c.A.to(acc);
-  const OptTensor D_acc = c.D ? OptTensor(c.D->to(acc)) : std::nullopt;
-  const OptTensor bias_acc = c.dt_bias ? OptTensor(c.dt_bias->to(acc)) : std::nullopt;
+  const ScalarType acc = acc_dtype(c.x);
+  const Tensor A_acc = torch::stable::to(c.A, acc);
+  const OptTensor D_acc = c.D ? OptTensor(torch::stable::to(*c.D, acc)) : std::nullopt;
+  const OptTensor bias_acc = c.dt_bias ? OptTensor(torch::stable::to(*c.dt_bias, acc)) : std::nullopt;
   SelectiveStateUpdateParams p;
   p.batch = b, p.nheads = c.x.size(1), p.headdim = c.x.size(2), p.dstate = c.A.size(2);
   p.B_groups = c.B.size(1), p.C_groups = c.C.size(1);
@@ -205,7 +227,7 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
   p.state_s2 = c.state.stride(2);
   if (state_batch_indices) {
     p.state_batch_indices = state_batch_indices->data_ptr();
-    p.indices_int64 = state_batch_indices->scalar_type() == at::kLong;
+    p.indices_int64 = state_batch_indices->scalar_type() == ScalarType::Long;
   }
   p.x = strided3(c.x), p.dt = strided3(c.dt), p.A = strided3(A_acc), p.B = strided3(c.B), p.C = strided3(c.C);
   if (c.z) p.z = strided3(*c.z);
@@ -218,7 +240,7 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
   launch<backend, SelectiveStateUpdateCudaLaunchers>(
       c.x, [&](DType xdt) { selective_state_update_cpu(p, xdt, sdt); },
       [&](const SelectiveStateUpdateCudaLaunchers& cuda, DType xdt, cudaStream_t stream) {
-        TORCH_CHECK(sdt != DType::kFloat64, kOp, "a float64 state runs on the CPU backend only");
+        LINMIX_CHECK(sdt != DType::kFloat64, kOp, "a float64 state runs on the CPU backend only");
         cuda.update(xdt, sdt, p, stream);
       });
   return public_out;
@@ -226,16 +248,12 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(linmix, m) {
+LINMIX_OP_SCHEMAS(m) {
   // One decoding step; state (b, d, n) or (b, h, p, n) is updated in place. See ops/selective_scan.py.
   m.def("selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
         "Tensor? z, Tensor? dt_bias, Tensor? state_batch_indices, bool dt_softplus) -> Tensor out");
 }
 
-TORCH_LIBRARY_IMPL(linmix, CPU, m) { m.impl("selective_state_update", &selective_state_update<Backend::kCPU>); }
-
-#ifdef LINMIX_WITH_CUDA
-TORCH_LIBRARY_IMPL(linmix, CUDA, m) { m.impl("selective_state_update", &selective_state_update<Backend::kCUDA>); }
-#endif
+LINMIX_OP_IMPLS(m) { m.impl("selective_state_update", TORCH_BOX(&selective_state_update<LINMIX_BACKEND>)); }
 
 }  // namespace linmix

@@ -2,18 +2,42 @@
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 
-from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+from . import _C  # noqa: F401  (importing registers the ops and their CPU implementations)
+
+# The CUDA implementations live in a second library, built against torch's stable ABI like _C and loaded only
+# where torch has CUDA, so one wheel imports and runs on a CPU-only torch and on a CUDA torch.
+_CUDA_LIBRARY = os.path.join(os.path.dirname(__file__), "liblinmix_cuda.so")
+
+
+def _load_cuda_library() -> bool:
+    if torch.version.cuda is None or not os.path.exists(_CUDA_LIBRARY):
+        return False
+    try:
+        torch.ops.load_library(_CUDA_LIBRARY)
+    except OSError as e:  # e.g. a driver too old for the CUDA this build targets: the CPU ops still work
+        warnings.warn(f"linmix: the CUDA kernels could not be loaded ({e}); CUDA tensors will raise", stacklevel=2)
+        return False
+    return True
+
+
+_HAS_CUDA = _load_cuda_library()
 
 
 def build_info() -> dict:
     """What this linmix build was compiled against, and what is running now.
 
-    Keys: ``torch_version`` (built against), ``cuda`` (CUDA backend compiled), ``cuda_version``,
-    ``cuda_archs`` (comma-separated, e.g. ``"80,90a"``), ``runtime_torch_version``.
+    Keys: ``torch_version`` (built against), ``torch_min`` (the oldest torch this build runs on: it uses torch's
+    stable ABI only), ``runtime_torch_version`` (running now), ``cuda`` (CUDA kernels compiled), ``cuda_loaded`` (and loaded
+    into this process: torch has CUDA), ``cuda_version``, ``cuda_archs`` (comma-separated, e.g. ``"80,90a"``),
+    ``cuda_emu`` (the emulated builds of the CUDA kernels, see :mod:`linmix.emulation`).
     """
     info = dict(_C.build_info())
+    info["cuda_loaded"] = _HAS_CUDA
     info["runtime_torch_version"] = torch.__version__
     return info
 
@@ -31,18 +55,14 @@ def kernels() -> list[dict]:
     return list(_C.kernel_registry())
 
 
-_HAS_CUDA = bool(_C.build_info()["cuda"])
-
-
 def check_backend(op: str, *tensors: torch.Tensor | None) -> None:
     """Raise a clear error when a CUDA tensor reaches a build without the CUDA backend."""
     for t in tensors:
         if t is not None and t.is_cuda and not _HAS_CUDA:
-            raise RuntimeError(
-                f"linmix.{op}: got a CUDA tensor, but this linmix build has no CUDA backend "
-                f"(built without nvcc or against a CPU-only torch). Rebuild on a machine with nvcc and a "
-                f"CUDA torch: `pip install --no-build-isolation .` (see README)."
-            )
+            why = ("its CUDA kernels did not load" if _C.build_info()["cuda"] else
+                   "this linmix build has no CUDA kernels (built without nvcc); rebuild on a machine with nvcc: "
+                   "`pip install --no-build-isolation .` (see README)")
+            raise RuntimeError(f"linmix.{op}: got a CUDA tensor, but {why}.")
 
 
 def acc_dtype(x: torch.Tensor) -> torch.dtype:

@@ -6,6 +6,7 @@ import warnings
 
 import torch
 
+from .. import _C
 from .._native import acc_dtype, check_backend, nvtx_range
 from ._varlen import check_states, segments
 
@@ -55,6 +56,13 @@ class GlaFn(torch.autograd.Function):
 def _gla(name, recurrent, q, k, v, g, scale, initial_state, output_final_state, state_v_first=False,
          cu_seqlens=None, reverse=False):
     check_backend(name, q, k, v, g, initial_state)
+    from ..emulation import enabled as emulating  # here: `python -m linmix.emulation` imports linmix first
+
+    K, V, limit = q.shape[-1], v.shape[-1], _C.gla_cuda_max_head_dim
+    cuda_kernels = q.is_cuda or (emulating() and q.dtype != torch.float64)
+    if cuda_kernels and limit < max(K, V) <= _C.gla_max_head_dim:  # beyond the op's limit, the op's error
+        raise NotImplementedError(f"linmix.{name}: head dims above {limit} run on the CPU only for now (CUDA kernels "
+                                  f"take K, V <= {limit}), got K = {K}, V = {V}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if initial_state is not None and state_v_first:
@@ -121,7 +129,8 @@ def chunk_gla(
             one launch per sequence from a host loop (reading the offsets is a host sync, and
             torch.compile cannot trace it): correct, but not fused. cu_seqlens_cpu, if given, is used
             instead of cu_seqlens.
-        K and V may be anything in [1, 512]; on CUDA in [1, 256] for now (above it a NotImplementedError).
+        K and V may be anything in [1, {max_head_dim}]; on CUDA in [1, {cuda_max_head_dim}] for now (above it a
+        NotImplementedError).
 
     Returns:
         o: (B, T, H, V) in q's dtype; final_state: (B, H, K, V) float32 (float64 for float64 inputs)
@@ -173,3 +182,8 @@ def fused_recurrent_gla(
         g = torch.zeros_like(k)
     return _gla("fused_recurrent_gla", True, q, k, v, g, scale, initial_state, output_final_state, state_v_first,
                 cu_seqlens, reverse)
+
+
+# The head-dim limits in the docstring are the extension's (gla/params.h), not copies.
+chunk_gla.__doc__ = chunk_gla.__doc__.replace("{max_head_dim}", str(_C.gla_max_head_dim)).replace(
+    "{cuda_max_head_dim}", str(_C.gla_cuda_max_head_dim))

@@ -24,7 +24,7 @@ def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus
 
 @torch.library.register_fake("linmix::selective_scan_bwd")
 def _bwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, dout, dfinal_state, delta_softplus,
-              deterministic=False):
+              deterministic=0):
     b, d, L = u.shape
     n = A.shape[1]
     acc = acc_dtype(u)
@@ -35,6 +35,18 @@ def _bwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, d
     dC = C.new_empty(C.shape)
     return (du, ddelta, A.new_empty((d, n), dtype=acc), dB, dC, u.new_empty((d,), dtype=acc), dz,
             u.new_empty((d,), dtype=acc), u.new_empty((b, d, n), dtype=acc))
+
+
+def _deterministic_mode(requested: bool) -> int:
+    """selective_scan_bwd's ``deterministic``: 2 a deterministic backward is required (the argument, or
+    ``torch.use_deterministic_algorithms(True)``), 1 one is preferred and a non-deterministic one warns
+    (``warn_only=True``), 0 either will do. torch's global setting is read here, not in the extension, whose
+    stable ABI does not reach it."""
+    if requested:
+        return 2
+    if not torch.are_deterministic_algorithms_enabled():
+        return 0
+    return 1 if torch.is_deterministic_algorithms_warn_only_enabled() else 2
 
 
 class SelectiveScanFn(torch.autograd.Function):
@@ -58,7 +70,7 @@ class SelectiveScanFn(torch.autograd.Function):
             du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state = torch.ops.linmix.selective_scan_bwd(
                 u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
                 checkpoints=checkpoints, dout=dout, dfinal_state=dfinal_state, delta_softplus=ctx.delta_softplus,
-                deterministic=ctx.deterministic)
+                deterministic=_deterministic_mode(ctx.deterministic))
         return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
                 ddelta_bias if delta_bias is not None else None,
                 dinitial_state if initial_state is not None else None, None, None)
