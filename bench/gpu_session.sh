@@ -105,18 +105,25 @@ if [ -n "${BASELINE_SRC:-}" ]; then
     [ -d /tmp/linmix_base_site/linmix ] && BASE_SITE=/tmp/linmix_base_site
 fi
 # one run per op, so that a slow op cannot take the others' results with it
-# op+unverified: the op again with LINMIX_UNVERIFIED_KERNELS=1 (chunk-parallel chunk_gla; warp-per-channel forward and
-# tiled backward of selective_scan; the selective_state_update kernel), into results_unverified
-OPS=(linear_scan selective_scan selective_scan+unverified chunk_gla chunk_gla+unverified fixed_point_rnn
-     selective_state_update selective_state_update+unverified)
+# op+unverified: the op again with LINMIX_UNVERIFIED_KERNELS=1 (warp-per-channel forward and tiled backward of
+# selective_scan; the selective_state_update kernel), into results_unverified. op+FAMILY: linmix's rows again with
+# LINMIX_KERNELS=FAMILY, into results_FAMILY: chunk_gla's serial default, fla and SDPA are timed in the plain run,
+# the fused and the chunk-parallel families right after it on the same card.
+OPS=(linear_scan selective_scan selective_scan+unverified chunk_gla chunk_gla+gla_fused chunk_gla+gla_chunkpar
+     fixed_point_rnn selective_state_update selective_state_update+unverified)
 for i in "${!OPS[@]}"; do
-    op="${OPS[$i]%+unverified}"
+    op="${OPS[$i]%%+*}" tag="${OPS[$i]#*+}" extra=""
     name="$op" switch="LINMIX_UNVERIFIED_KERNELS=0" results="$OUT_DIR/results"
-    [ "$op" != "${OPS[$i]}" ] && name="${op}_unverified" switch="LINMIX_UNVERIFIED_KERNELS=1" results="$OUT_DIR/results_unverified"
+    if [ "$tag" = unverified ]; then
+        name="${op}_unverified" switch="LINMIX_UNVERIFIED_KERNELS=1" results="$OUT_DIR/results_unverified"
+    elif [ "$op" != "${OPS[$i]}" ]; then
+        name="${op}_$tag" switch="LINMIX_KERNELS=$tag" results="$OUT_DIR/results_$tag" extra="--impl linmix"
+    fi
     share=$(( ($(left) - 10) / (${#OPS[@]} - i) ))
     [ -n "$BASE_SITE" ] && share=$((share / 2))
     if [ "$share" -lt 20 ]; then SUMMARY+=("SKIPPED bench_$name: session time spent"); continue; fi
-    step "bench_$name" timeout "$share" env "$switch" "$PY" -m linmix.bench --device cuda --op "$op" $BENCH_ARGS --out "$results"
+    # shellcheck disable=SC2086
+    step "bench_$name" timeout "$share" env "$switch" "$PY" -m linmix.bench --device cuda --op "$op" $BENCH_ARGS $extra --out "$results"
     if [ -n "$BASE_SITE" ] && [ "$name" = "$op" ]; then
         step "baseline_$op" timeout "$share" env PYTHONPATH="$BASE_SITE${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m linmix.bench --device cuda --op "$op" \
             --impl linmix $BENCH_ARGS --out "$OUT_DIR/baseline"

@@ -39,7 +39,7 @@ PYBIND11_MODULE(_C, mod) {
     info["cuda_version"] = LINMIX_CUDA_VERSION;
     info["cuda_archs"] = LINMIX_CUDA_ARCHS;
     // The emulated builds of the CUDA kernels beside the extension (common/emulation.h): "plain", "address",
-    // "thread", comma-separated; "" when built without LINMIX_CUDA_EMU.
+    // "thread", "traffic", comma-separated; "" when built without LINMIX_CUDA_EMU.
     info["cuda_emu"] = linmix::emulated_builds();
     return info;
   });

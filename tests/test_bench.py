@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from linmix import emulation
 from linmix.bench.__main__ import main
 
 
@@ -106,3 +107,21 @@ def test_sanitize_cases_run_on_cpu():
             seen.add(case.name)
     assert seen == set(SHAPES)
     assert [label for _, label, _ in runs("cpu", torch.float32, ["chunk_gla"])][0] == "chunk_gla T=1"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("traffic" not in emulation.builds(),
+                    reason="built without LINMIX_CUDA_EMU_SANITIZERS=ON")
+def test_traffic_counts_at_least_the_minimum():
+    """`--traffic`'s rows: no family moves less than the op's minimum (every input read, every output written), unique
+    bytes never exceed requested ones, and the fused forward moves exactly the minimum in unique bytes: q, k, g, v read,
+    o and the final state written, nothing else."""
+    from linmix.bench import traffic
+
+    shape = dict(B=1, T=70, H=2, K=20, V=33)
+    for family in traffic.FAMILIES["chunk_gla"]:
+        for mode in traffic.MODES:
+            r = traffic.run_one("chunk_gla", family, mode, shape)
+            assert r["min_bytes"] <= r["unique_bytes"] <= r["requested_bytes"], (family, mode, r)
+            if (family, mode) == ("gla_fused", "fwd"):
+                assert r["unique_bytes"] == r["min_bytes"] and len(r["launches"]) == 1, r

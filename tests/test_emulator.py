@@ -5,6 +5,7 @@ AddressSanitizer / ThreadSanitizer build of the kernels it is meant for; a corre
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -138,3 +139,31 @@ def test_linear_scan_bwd_dh0_race():
     fixed = dict(unsuppressed, LINMIX_KERNELS="linear_scan_bwd_one_writer")
     p = subprocess.run([sys.executable, "-c", LINEAR_SCAN_BWD], env=fixed, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
+
+
+traffic_build = pytest.mark.skipif("traffic" not in emulation.builds(), reason="built without LINMIX_CUDA_EMU_SANITIZERS=ON")
+
+
+def traffic_of(case: str) -> list[dict]:
+    script = ("import json, sys; from linmix import emulation; code, msg = emulation.selftest(%r); "
+              "assert code == 0, msg; print(json.dumps(emulation.traffic()))" % case)
+    p = subprocess.run([sys.executable, "-c", script], env=emulation.environment(traffic=True), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.splitlines()[-1])
+
+
+@traffic_build
+def test_traffic_counts_global_bytes_exactly():
+    """linmix_emu_selftest_traffic_kernel: 3 blocks of 128 threads, each thread reads in[i] and in[i + 1] (4 bytes
+    each) and writes out[i]; warp 0 of block 0 loads one 16x16 fp16 WMMA tile (512 bytes). Shared memory, the
+    threads' locals and the kernel's parameters do not count. With reread, every thread reads in[i + 2] too: more
+    requests, the same unique bytes."""
+    n = 3 * 128
+    (base,) = traffic_of("traffic")
+    assert base["kernel"] == "emu_selftest::linmix_emu_selftest_traffic_kernel" and base["blocks"] == 3
+    assert (base["read"], base["unique_read"]) == (2 * 4 * n + 512, 4 * n + 512)
+    assert (base["written"], base["unique_written"]) == (4 * n, 4 * n)
+    (more,) = traffic_of("traffic_reread")
+    assert (more["read"], more["unique_read"]) == (3 * 4 * n + 512, 4 * n + 512)
+    assert (more["written"], more["unique_written"]) == (4 * n, 4 * n)

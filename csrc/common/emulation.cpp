@@ -18,7 +18,8 @@ struct Build {
 };
 constexpr Build kBuilds[] = {{"", "liblinmix_cuda_emu.so"},
                              {"address", "liblinmix_cuda_emu_asan.so"},
-                             {"thread", "liblinmix_cuda_emu_tsan.so"}};
+                             {"thread", "liblinmix_cuda_emu_tsan.so"},
+                             {"traffic", "liblinmix_cuda_emu_traffic.so"}};
 
 std::string extension_dir() {
   Dl_info info{};
@@ -32,7 +33,8 @@ const Build& selected_build() {
   const std::string want = s ? s : "";
   for (const Build& b : kBuilds)
     if (want == b.sanitizer) return b;
-  throw std::invalid_argument("linmix: LINMIX_EMU_SANITIZER must be empty, 'address' or 'thread', got '" + want + "'");
+  throw std::invalid_argument("linmix: LINMIX_EMU_SANITIZER must be empty, 'address', 'thread' or 'traffic', got '" +
+                              want + "'");
 }
 
 std::mutex g_mutex;

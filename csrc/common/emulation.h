@@ -2,7 +2,8 @@
 // fp32/fp16/bf16 calls of every op through the CUDA launchers of the emulated build of the kernels (csrc/emu/, a
 // library beside the extension, loaded on first use) instead of the CPU kernels; fp64 stays on the CPU kernels.
 // LINMIX_EMU_SANITIZER=address|thread picks the build instrumented with AddressSanitizer or ThreadSanitizer (the
-// process must then run with that sanitizer's runtime preloaded: `python -m linmix.emulation --help`).
+// process must then run with that sanitizer's runtime preloaded: `python -m linmix.emulation --help`); =traffic the
+// build that counts every kernel's global-memory bytes (csrc/emu/traffic.cpp; nothing to preload).
 // Torch-free.
 #pragma once
 
@@ -23,7 +24,7 @@ const Launchers& emulated_launchers() {
   return *static_cast<const Launchers*>(emulated_launcher_table(Launchers::kName, sizeof(Launchers)));
 }
 
-// Which emulated builds sit beside the extension: "plain", "address", "thread" (comma-separated, may be empty).
+// Which emulated builds sit beside the extension: "plain", "address", "thread", "traffic" (comma-separated, may be empty).
 std::string emulated_builds();
 // Names of the kernels the emulated build has run in this process, one per line ("" if it was never loaded).
 std::string emulated_kernels_run();

@@ -6,11 +6,13 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 
 namespace linmix::emu {
 
-// LINMIX_EMU_SANITIZER is 0 (plain), 1 (AddressSanitizer) or 2 (ThreadSanitizer): the variant of the kernels this
-// runtime is linked with. The runtime itself is never instrumented.
+// LINMIX_EMU_SANITIZER is 0 (plain), 1 (AddressSanitizer), 2 (ThreadSanitizer) or 3 (traffic: every access of the
+// kernels counted, traffic.cpp): the variant of the kernels this runtime is linked with. The runtime itself is
+// never instrumented.
 #if !defined(LINMIX_EMU_SANITIZER)
 #define LINMIX_EMU_SANITIZER 0
 #endif
@@ -30,6 +32,8 @@ class StackPool {
   void reserve(int count);  // at least `count` usable stacks
   char* bottom(int i) const { return base_ + static_cast<size_t>(i) * stride() + kGuard; }
   static size_t size();
+  // The whole mapping, guard pages included: [first, second).
+  std::pair<const char*, const char*> range() const { return {base_, base_ + static_cast<size_t>(count_) * stride()}; }
   // After a block that used the first n stacks: AddressSanitizer forgets the poison its frames left (fibers
   // abandoned mid-call never unwind); ThreadSanitizer gets fresh stacks for the next block.
   void end_block(int n);

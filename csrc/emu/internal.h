@@ -107,6 +107,7 @@ class Arena {
   void begin_block(size_t dyn);
   void end_block();
   unsigned char* dynamic_base() { return mem_ + kDynOffset; }
+  const unsigned char* base() const { return mem_; }  // kCapacity bytes
   size_t dynamic_bytes() const { return dyn_; }
   size_t static_bytes() const { return static_bytes_; }
   // The slot of the declaration `tag`, added on first use; nullptr when the arena is full.
@@ -193,6 +194,14 @@ Worker& this_worker();  // the calling OS thread's (created on first use)
 
 // In fiber context: the running fiber (its worker: self().worker).
 inline Fiber& self() { return *static_cast<Fiber*>(tls_thread->fiber); }
+
+// Global-memory traffic (traffic.cpp; no-ops outside the traffic build): a launch begins on its launching thread,
+// a block on its worker (whose stacks, arena and fibers are not global memory), a worker is done with the launch,
+// the launch ends (its counts become a record).
+void traffic_launch_begin();
+void traffic_block_begin(Worker& w);
+void traffic_worker_done();
+void traffic_launch_end(const Launch& L);
 
 // Ends the calling fiber's launch with an error naming kernel, block, thread, seed and schedule; never returns.
 [[noreturn]] void fault(const std::string& what);

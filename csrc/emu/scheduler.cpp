@@ -215,9 +215,9 @@ Worker::Worker() { fiber_side_native(sched_side); }
 
 void Worker::run(Launch& L) {
   for (;;) {
-    if (L.failed.load()) return;
+    if (L.failed.load()) return traffic_worker_done();
     const uint64_t i = L.next.fetch_add(1);
-    if (i >= L.n_blocks) return;
+    if (i >= L.n_blocks) return traffic_worker_done();
     const uint64_t lin = (L.order_mul * i + L.order_add) % L.n_blocks;
     run_block(L,
               uint3{static_cast<unsigned>(lin % L.grid.x), static_cast<unsigned>(lin / L.grid.x % L.grid.y),
@@ -258,6 +258,7 @@ void Worker::run_block(Launch& L, uint3 idx, uint64_t linear) {
     B.order[t] = t;
   }
   if (L.cfg.schedule == Schedule::kReverse) std::reverse(B.order.begin(), B.order.end());
+  traffic_block_begin(*this);
   schedule(L, B);
   if (!L.failed.load()) {
     const std::string overrun = arena.check_redzones();
@@ -477,6 +478,7 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, Kern
     std::memcpy(L.wmma_pos[kind], perm, 256);
   }
   hb_release(&L.sync_in);
+  traffic_launch_begin();
   const int helpers = static_cast<int>(std::min<uint64_t>(L.cfg.workers, L.n_blocks)) - 1;
   if (helpers > 0) {
     pool().run(L, helpers);
@@ -484,6 +486,7 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem, Kern
     this_worker().run(L);
   }
   hb_acquire(&L.sync_out);
+  traffic_launch_end(L);
   if (L.failed.load()) set_error(cudaErrorLaunchFailure, L.error);
 }
 

@@ -6,8 +6,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -44,6 +46,26 @@ __global__ void linmix_emu_selftest_ok_kernel(const float* in, int n, float* out
                   half == (lane ^ 16) && s_dyn[t] == s_dyn[t];
   __syncwarp();
   if (!ok) atomicAdd(count, 1);
+}
+
+// Known global traffic, for the traffic build: every thread reads in[i] and in[(i + 1) % n] (each byte read twice;
+// with reread in[(i + 2) % n] too) and writes out[i]; shared memory, locals and the parameters are not global and must not
+// count. A 16x16 WMMA tile of `tile` (512 bytes, fp16) is loaded by warp 0 of block 0.
+__global__ void linmix_emu_selftest_traffic_kernel(const float* in, float* out, int n, const __half* tile,
+                                                   bool reread) {
+  LINMIX_SHARED(float, s_in, [kThreads]);
+  const int t = threadIdx.x, i = blockIdx.x * blockDim.x + t;
+  float local[4] = {in[i], 0.f, 0.f, 0.f};
+  s_in[t] = local[0];
+  __syncthreads();
+  float x = s_in[(t + 1) % kThreads] + in[(i + 1) % n];
+  if (reread) x += in[(i + 2) % n];
+  if (blockIdx.x == 0 && t < 32) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+    wmma::load_matrix_sync(fa, tile, 16);
+    for (int s = 0; s < fa.num_elements; ++s) x += __half2float(fa.x[s]) * 0.f;
+  }
+  out[i] = x;
 }
 
 // D (16x16, fp32) = A B for half A (row-major) and B (col-major), one warp.
@@ -248,6 +270,15 @@ Result dispatch(const std::string& name) {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
       return Result{1, cudaGetErrorString(cudaGetLastError())};
     return simple(kernel, dim3(1), dim3(kThreads), size_t(bytes), out, bytes / 4);
+  }
+  if (name == "traffic" || name == "traffic_reread") {
+    constexpr int kBlocks = 3, n = kBlocks * kThreads;
+    std::vector<float> in(n, 1.f), res(n);
+    // on the heap (the launching thread's stack does not count as global memory), 32-byte aligned for WMMA
+    std::unique_ptr<__half, decltype(&std::free)> tile(static_cast<__half*>(std::aligned_alloc(32, 512)), &std::free);
+    for (int i = 0; i < 256; ++i) tile.get()[i] = __float2half(1.f);
+    return simple(linmix_emu_selftest_traffic_kernel, dim3(kBlocks), dim3(kThreads), 0, static_cast<const float*>(in.data()),
+                  res.data(), n, static_cast<const __half*>(tile.get()), name == "traffic_reread");
   }
   if (name == "block_too_large")
     return simple(linmix_emu_selftest_early_exit_kernel, dim3(1), dim3(2048), 0, out);

@@ -74,12 +74,12 @@ __global__ void __launch_bounds__(GlaParTraits::kThreads)
   for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x) s.dA[idx] = 0.f;
   for (int idx = threadIdx.x; idx < C * BK; idx += blockDim.x) s.dq[idx] = s.dk[idx] = 0.f;
   for (int cc = threadIdx.x; cc < BK; cc += blockDim.x) s.bound[cc] = 0.f;
-  chunkpar_stage<false, T>(s.q, p.q, bi, hi, t0, L, c0, K, BK);
-  chunkpar_stage<false, T>(s.k, p.k, bi, hi, t0, L, c0, K, BK);
-  chunkpar_stage<true, T>(s.gl, p.g, bi, hi, t0, L, c0, K, BK);
+  gla_stage_tile<false, T>(s.q, p.q, bi, hi, t0, L, c0, K, BK);
+  gla_stage_tile<false, T>(s.k, p.k, bi, hi, t0, L, c0, K, BK);
+  gla_stage_tile<true, T>(s.gl, p.g, bi, hi, t0, L, c0, K, BK);
   for (int e0 = 0; e0 < V; e0 += BV) {
-    chunkpar_stage<false, T>(s.dout, p.dout, bi, hi, t0, L, e0, V, BV);
-    chunkpar_stage<false, T>(s.v, p.v, bi, hi, t0, L, e0, V, BV);
+    gla_stage_tile<false, T>(s.dout, p.dout, bi, hi, t0, L, e0, V, BV);
+    gla_stage_tile<false, T>(s.v, p.v, bi, hi, t0, L, e0, V, BV);
     chunkpar_stage_state(s.h, h_in, K, V, c0, e0, BK, BV);
     chunkpar_stage_state(s.dh, dh_out, K, V, c0, e0, BK, BV);
     for (int cc = threadIdx.x; cc < BK && c0 + cc < K; cc += blockDim.x) {

@@ -1,18 +1,10 @@
-// Pieces shared by the chunk-parallel chunk_gla kernels (gla_chunkpar_{fwd,bwd}_kernel.cuh): tiles, staging of
-// one (chunk, channel slice) into shared memory, the segment-sum decays, the intra-chunk scores.
-//
-// Decays are exp2 of log2-scaled gate sums taken directly over the segment they span, never as a difference of
-// running sums (which loses everything after a huge gate and gives NaN for -inf):
-//   query side  P(i; r) = sum_{s=r}^{i} g_s     prefix from a (sub-)chunk's first row r, inclusive
-//   key side    S(j; e) = sum_{s=j+1}^{e-1} g_s  suffix to the end e of the span, exclusive of j
-//   diagonal    seg(i, j) = sum_{s=j+1}^{i} g_s  pairwise inside a 16-row sub-chunk
-// A decay from key row j to query row i, j < r <= i, factors exactly as exp2(P(i; r)) exp2(S(j; r)), so the
-// off-diagonal sub-blocks are tensor-core products of rescaled q and k with both factors in (0, 1] for g <= 0,
-// and a -inf gate makes exactly the decays that cross it 0. tests/gla_chunkpar_emulation.py mirrors all of it.
+// Pieces shared by the chunk-parallel chunk_gla kernels (gla_chunkpar_{fwd,bwd}_kernel.cuh): tiles, staging of a
+// state slice, the launch.
+// The decays and scores are gla_fused_common.cuh's. tests/replays/gla_chunkpar.py mirrors every block.
 #pragma once
 
-#include "gla/gla_chunk_common.cuh"
 #include "gla/gla_chunkpar.h"
+#include "gla/gla_fused_common.cuh"
 
 namespace linmix {
 
@@ -27,20 +19,6 @@ struct GlaParTraits {
   static_assert(kSub == 16 && kChunk % kSub == 0, "sub-chunks are single 16-row WMMA tiles");
 };
 
-// dst[i][cc] (row stride W) = x[t0 + i, c0 + cc] (times log2 e when kGate), zero past row L or column D.
-// The block stages a (kChunk, W) tile; no sync.
-template <bool kGate, typename T, typename Dst>
-__device__ __forceinline__ void chunkpar_stage(Dst* dst, const BTHView& x, int64_t bi, int64_t hi, int64_t t0, int L,
-                                               int c0, int D, int W) {
-  for (int idx = threadIdx.x; idx < GlaParTraits::kChunk * W; idx += blockDim.x) {
-    const int i = idx / W, cc = idx % W;
-    float val = 0.f;
-    if (i < L && c0 + cc < D) val = to_float(gla_row<const T>(x, bi, t0 + i, hi)[c0 + cc]);
-    if (kGate) val = gla_log2_gate(val);
-    dst[idx] = from_float<Dst>(val);
-  }
-}
-
 // dst[cc][e] (row stride BV) = state[c0 + cc][e0 + e] of a (K, V) fp32 matrix, zero outside; no sync.
 template <typename Dst>
 __device__ __forceinline__ void chunkpar_stage_state(Dst* dst, const float* state, int K, int V, int c0, int e0, int BK,
@@ -50,60 +28,6 @@ __device__ __forceinline__ void chunkpar_stage_state(Dst* dst, const float* stat
     const bool ok = c0 + cc < K && e0 + e < V;
     dst[idx] = from_float<Dst>(ok ? state[int64_t(c0 + cc) * V + e0 + e] : 0.f);
   }
-}
-
-// f(i, cc, exp2(P(i; r0))) for rows i in [r0, r1) and channels cc < W of gl (kChunk, W); one thread per channel.
-template <typename F>
-__device__ __forceinline__ void each_prefix_decay(const float* gl, int W, int r0, int r1, F f) {
-  for (int cc = threadIdx.x; cc < W; cc += blockDim.x) {
-    float run = 0.f;
-    for (int i = r0; i < r1; ++i) {
-      run += gl[i * W + cc];
-      f(i, cc, gla_exp2(run));
-    }
-  }
-}
-
-// f(j, cc, exp2(S(j; end))) for rows j in [0, end); one thread per channel.
-template <typename F>
-__device__ __forceinline__ void each_suffix_decay(const float* gl, int W, int end, F f) {
-  for (int cc = threadIdx.x; cc < W; cc += blockDim.x) {
-    float run = 0.f;
-    for (int j = end - 1; j >= 0; --j) {
-      f(j, cc, gla_exp2(run));
-      run += gl[j * W + cc];
-    }
-  }
-}
-
-// A (kChunk, kChunk) fp32 += the contribution of one W-channel slice to the scores
-// A_ij = sum_c q_ic k_jc exp2(seg(i, j)_c), j <= i, from fp32 tiles q, k, gl (kChunk, W). Off-diagonal
-// sub-blocks A[r:r+16, :r] = (q exp2(P(.; r))) (k exp2(S(.; r)))^T through the Op-typed buffers x (16, W) and
-// y (kChunk, W); diagonal sub-blocks elementwise with pairwise segment sums. Starts and ends synced.
-template <typename Op, int W>
-__device__ __forceinline__ void chunkpar_accumulate_scores(float* A, const float* q, const float* k, const float* gl,
-                                                           Op* x, Op* y) {
-  constexpr int C = GlaParTraits::kChunk, SUB = GlaParTraits::kSub;
-  for (int r = SUB; r < C; r += SUB) {
-    each_prefix_decay(gl, W, r, r + SUB, [&](int i, int cc, float d) { x[(i - r) * W + cc] = from_float<Op>(q[i * W + cc] * d); });
-    each_suffix_decay(gl, W, r, [&](int j, int cc, float d) { y[j * W + cc] = from_float<Op>(k[j * W + cc] * d); });
-    __syncthreads();
-    smem_gemm_acc<Op, true, false>(A + r * C, C, x, W, y, W, SUB, r, W);
-    __syncthreads();
-  }
-  for (int idx = threadIdx.x; idx < (C / SUB) * SUB * SUB; idx += blockDim.x) {
-    const int base = SUB * (idx / (SUB * SUB)), ii = (idx / SUB) % SUB, jj = idx % SUB;
-    if (jj > ii) continue;
-    const int i = base + ii, j = base + jj;
-    float acc = 0.f;
-    for (int cc = 0; cc < W; ++cc) {
-      float seg = 0.f;
-      for (int s = j + 1; s <= i; ++s) seg += gl[s * W + cc];
-      acc += q[i * W + cc] * k[j * W + cc] * gla_exp2(seg);
-    }
-    A[i * C + j] += acc;
-  }
-  __syncthreads();
 }
 
 // Launches one chunk-parallel phase on the grid (B H, tiles, N chunks), checked, with `smem` bytes of dynamic

@@ -6,7 +6,7 @@
 //             local state into the state entering its chunk, h_{n+1} = exp2(gate_sum_n) h_n + local_n; the final
 //             state into ws.states[N] and ht.
 //  3. out:    one block per (batch * head, 64-column V tile, chunk): o = scale ((q exp2(P(.; 0))) h_n + tril(A) v),
-//             walking K in 32-channel slices; A from chunkpar_accumulate_scores.
+//             walking K in 32-channel slices; A from gla_accumulate_scores.
 // fp16/bf16 operands on WMMA tensor cores, fp32 accumulation; fp32 inputs take the same structure with fp32
 // CUDA-core products. Rows past T and channels past K or V are zero (g = 0 there). gla_chunkpar_common.cuh
 // states the decays; tests/gla_chunkpar_emulation.py mirrors every block.
@@ -42,9 +42,9 @@ __device__ __forceinline__ void chunkpar_local_state(const GlaParams& p, float* 
   const int L = static_cast<int>(p.seqlen - t0 < C ? p.seqlen - t0 : C);
   const int64_t N = gla_chunkpar_n_chunks(p.seqlen), KV = p.dim_k * p.dim_v;
 
-  chunkpar_stage<true, T>(s.gl, p.g, bi, hi, t0, L, c0, K, BK);
-  chunkpar_stage<false, T>(s.xf, kQuery ? p.q : p.k, bi, hi, t0, L, c0, K, BK);
-  chunkpar_stage<false, T>(s.w, kQuery ? p.dout : p.v, bi, hi, t0, L, e0, V, BV);
+  gla_stage_tile<true, T>(s.gl, p.g, bi, hi, t0, L, c0, K, BK);
+  gla_stage_tile<false, T>(s.xf, kQuery ? p.q : p.k, bi, hi, t0, L, c0, K, BK);
+  gla_stage_tile<false, T>(s.w, kQuery ? p.dout : p.v, bi, hi, t0, L, e0, V, BV);
   for (int idx = threadIdx.x; idx < BK * BV; idx += blockDim.x) s.local[idx] = 0.f;
   __syncthreads();
   const auto put = [&](int i, int cc, float d) { s.x[i * BK + cc] = from_float<T>(s.xf[i * BK + cc] * d); };
@@ -113,11 +113,11 @@ __device__ __forceinline__ void chunkpar_value_tile(const GlaParams& p, const Gl
 
   for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x) s.A[idx] = 0.f;
   for (int idx = threadIdx.x; idx < C * BV; idx += blockDim.x) s.acc[idx] = 0.f;
-  chunkpar_stage<false, T>(s.w, kDv ? p.dout : p.v, bi, hi, t0, L, e0, V, BV);
+  gla_stage_tile<false, T>(s.w, kDv ? p.dout : p.v, bi, hi, t0, L, e0, V, BV);
   for (int c0 = 0; c0 < K; c0 += BK) {
-    chunkpar_stage<false, T>(s.q, p.q, bi, hi, t0, L, c0, K, BK);
-    chunkpar_stage<false, T>(s.k, p.k, bi, hi, t0, L, c0, K, BK);
-    chunkpar_stage<true, T>(s.gl, p.g, bi, hi, t0, L, c0, K, BK);
+    gla_stage_tile<false, T>(s.q, p.q, bi, hi, t0, L, c0, K, BK);
+    gla_stage_tile<false, T>(s.k, p.k, bi, hi, t0, L, c0, K, BK);
+    gla_stage_tile<true, T>(s.gl, p.g, bi, hi, t0, L, c0, K, BK);
     chunkpar_stage_state(s.st, state, K, V, c0, e0, BK, BV);
     __syncthreads();
     // inter-chunk: acc += (q exp2(P(.; 0))) h_n or (k exp2(S(.; C))) dH_n, rows c0 : c0 + BK, columns e0 : e0 + BV
@@ -128,7 +128,7 @@ __device__ __forceinline__ void chunkpar_value_tile(const GlaParams& p, const Gl
     __syncthreads();
     smem_gemm_acc<T, true, true>(s.acc, BV, s.x, BK, s.st, BV, C, BV, BK);
     __syncthreads();
-    chunkpar_accumulate_scores<T, BK>(s.A, s.q, s.k, s.gl, s.x, s.y);
+    gla_accumulate_scores<T, BK>(s.A, s.q, s.k, s.gl, s.x, s.y);
   }
   for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x)
     s.Am[idx] = from_float<T>(idx % C <= idx / C ? (kDv ? scale : 1.f) * s.A[idx] : 0.f);

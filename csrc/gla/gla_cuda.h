@@ -6,6 +6,7 @@
 #include "common/launchers.h"
 #include "common/stream.h"
 #include "gla/gla_chunkpar.h"
+#include "gla/gla_fused.h"
 #include "gla/params.h"
 
 namespace linmix {
@@ -19,6 +20,7 @@ struct GlaCudaLaunchers {
   static constexpr const char* kName = "gla";
   PerCudaDtype<void(const GlaParams&, cudaStream_t)> chunk_fwd, chunk_bwd, recurrent_fwd, recurrent_bwd;
   PerCudaDtype<void(const GlaParams&, const GlaChunkparWorkspace&, cudaStream_t)> chunkpar_fwd, chunkpar_bwd;
+  PerCudaDtype<void(const GlaParams&, void*, cudaStream_t)> fused_fwd;
   static const GlaCudaLaunchers& get();
 };
 
@@ -40,6 +42,7 @@ inline GlaPlan gla_plan(const GlaParams& p, GlaAlgo algo, bool backward) {
     return {exact_dg ? KernelFamily::kFusedRecurrentGlaExactDg : KernelFamily::kFusedRecurrentGla,
             backward ? p.batch * p.seqlen * p.heads * p.dim_k : 0};  // a (B, T, H, K) copy of dq, for the dg sum
   }
+  if (!backward && kernel_enabled(KernelFamily::kGlaFused)) return {KernelFamily::kGlaFused, 0};  // before chunkpar
   if (kernel_enabled(KernelFamily::kGlaChunkpar)) {
     const int64_t N = gla_chunkpar_n_chunks(p.seqlen);
     return {KernelFamily::kGlaChunkpar, BH * (N + 1) * KV + BH * N * p.dim_k + (backward ? BH * N * KV : 0)};
@@ -52,6 +55,9 @@ inline void gla_launch(const GlaCudaLaunchers& cuda, const GlaPlan& plan, DType 
                        float* workspace, cudaStream_t stream) {
   const int64_t BH = p.batch * p.heads, KV = p.dim_k * p.dim_v;
   switch (plan.family) {
+    case KernelFamily::kGlaFused:
+      cuda.fused_fwd(dt, p, workspace, stream);
+      return;
     case KernelFamily::kGlaChunkpar: {
       const int64_t N = gla_chunkpar_n_chunks(p.seqlen);
       float* sums = workspace + BH * (N + 1) * KV;

@@ -12,16 +12,21 @@ and with ThreadSanitizer, which need their runtime preloaded into Python; this m
     python -m linmix.emulation --schedule reverse -- python -m pytest tests/test_gla.py
     python -m linmix.emulation --sanitizer thread -- python -m pytest tests/test_emulated_kernels.py
 
+The traffic build (also from ``LINMIX_CUDA_EMU_SANITIZERS=ON``; ``--traffic``, or ``LINMIX_EMU_SANITIZER=traffic``)
+counts every emulated kernel's global-memory bytes per launch (``csrc/emu/traffic.cpp``); :func:`traffic` reads
+them. ``python -m linmix.bench --op chunk_gla --traffic`` reports them per kernel family.
+
 Environment (read at every launch unless noted): ``LINMIX_EMU_SCHEDULE`` = ``forward`` | ``reverse`` |
 ``shuffle`` (the order of a block's threads between barriers; default shuffle, a fresh order every round),
 ``LINMIX_EMU_SEED`` (per process; errors print it), ``LINMIX_EMU_WORKERS`` (blocks run at once on that many
 threads, in a random order; default 2), ``LINMIX_EMU_ARCH`` = ``80`` | ``90`` (whose launch limits apply;
-default 80), ``LINMIX_EMU_SANITIZER`` = ``address`` | ``thread`` (which build; fixed once loaded).
+default 80), ``LINMIX_EMU_SANITIZER`` = ``address`` | ``thread`` | ``traffic`` (which build; fixed once loaded).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import subprocess
 import sys
@@ -59,6 +64,29 @@ def selftest(name: str) -> tuple[int, str]:
     return tuple(_C.emulator_selftest(name))
 
 
+def traffic(reset: bool = True) -> list[dict]:
+    """Global-memory traffic of the launches since the last reset, in the traffic build (``LINMIX_EMU_SANITIZER=traffic``).
+
+    One dict per launch, in order: ``kernel`` (its name with template arguments), ``blocks``, ``read`` and
+    ``written`` (bytes of every access), ``unique_read`` and ``unique_written`` (each byte once per launch).
+    Only global memory counts: not shared memory, locals or kernel parameters. ``reset`` clears the records.
+    """
+    if os.environ.get("LINMIX_EMU_SANITIZER") != "traffic":
+        raise RuntimeError("linmix.emulation.traffic() needs the traffic build: run with LINMIX_EMU_SANITIZER=traffic "
+                           "(python -m linmix.emulation --traffic -- ...)")
+    # The extension has loaded the library already (RTLD_LOCAL); dlopen of the same file returns that handle.
+    lib = ctypes.CDLL(str(Path(_C.__file__).with_name("liblinmix_cuda_emu_traffic.so")), mode=os.RTLD_LOCAL)
+    lib.linmix_emu_traffic.restype = ctypes.c_char_p
+    lib.linmix_emu_traffic.argtypes = [ctypes.c_int]
+    out = []
+    for line in lib.linmix_emu_traffic(int(reset)).decode().splitlines():
+        name, *counts = line.split("\t")
+        blocks, read, written, unique_read, unique_written = map(int, counts)
+        out.append(dict(kernel=name, blocks=blocks, read=read, written=written, unique_read=unique_read,
+                        unique_written=unique_written))
+    return out
+
+
 def sanitizer_runtimes(sanitizer: str) -> list[str]:
     """The shared libraries to preload for ``sanitizer``: the runtime the emulated build was compiled against."""
     table = Path(__file__).with_name("emu_sanitizer_runtimes.txt")
@@ -73,8 +101,11 @@ def sanitizer_runtimes(sanitizer: str) -> list[str]:
 
 
 def environment(sanitizer: str | None = None, schedule: str | None = None, seed: int | None = None,
-                workers: int | None = None, base: dict | None = None, report_dir: str | None = None) -> dict:
+                workers: int | None = None, base: dict | None = None, report_dir: str | None = None,
+                traffic: bool = False) -> dict:
     """The environment for a process that runs the emulated kernels (and the sanitizer's runtime, preloaded).
+
+    traffic: run the traffic build instead (no sanitizer; :func:`traffic` reads its counts).
 
     report_dir: where the sanitizers write their reports (``report.<pid>`` files) instead of stderr, which a
     test runner may capture and lose when the report ends the process.
@@ -89,6 +120,10 @@ def environment(sanitizer: str | None = None, schedule: str | None = None, seed:
         env["LINMIX_EMU_SEED"] = str(seed)
     if workers is not None:
         env["LINMIX_EMU_WORKERS"] = str(workers)
+    if traffic:
+        if sanitizer is not None:
+            raise ValueError("the traffic build has no sanitizer")
+        env["LINMIX_EMU_SANITIZER"] = "traffic"
     if sanitizer is not None:
         env["LINMIX_EMU_SANITIZER"] = sanitizer
         env["LD_PRELOAD"] = ":".join(sanitizer_runtimes(sanitizer))  # one sanitizer per process
@@ -109,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Run a command with linmix's CUDA kernels emulated on the CPU (LINMIX_EMULATE_CUDA=1), "
                     "optionally under AddressSanitizer or ThreadSanitizer.")
     parser.add_argument("--sanitizer", choices=SANITIZERS, help="run the kernels' sanitizer build")
+    parser.add_argument("--traffic", action="store_true", help="run the traffic build (global bytes per launch)")
     parser.add_argument("--schedule", choices=SCHEDULES, help="thread order between barriers (default shuffle)")
     parser.add_argument("--seed", type=int, help="LINMIX_EMU_SEED")
     parser.add_argument("--workers", type=int, help="blocks run at once (default 2)")
@@ -122,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         print("linmix.emulation: this build has no emulated kernels; rebuild with LINMIX_CUDA_EMU=ON", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="linmix-emu-") as reports:
-        env = environment(args.sanitizer, args.schedule, args.seed, args.workers, report_dir=reports)
+        env = environment(args.sanitizer, args.schedule, args.seed, args.workers, report_dir=reports,
+                          traffic=args.traffic)
         code = subprocess.call(command, env=env)
         found = sorted(Path(reports).glob("report*"))
         for f in found:

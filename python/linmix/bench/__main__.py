@@ -205,6 +205,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default torch's; 1 gives stable numbers on a busy machine)")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--traffic", action="store_true",
+                    help="count each CUDA kernel family's global-memory bytes under the emulator (bench/traffic.py)")
     ap.add_argument("--cp", type=int, default=None, metavar="N",
                     help="time the context-parallel ops on N local processes against the single-process op")
     args = ap.parse_args(argv)
@@ -217,6 +219,13 @@ def main(argv=None) -> int:
         for name in (OPS if args.op == "all" else [args.op]):
             for i, cfg in enumerate(OPS[name].configs(args.device, args.quick)):
                 print(f"{name} {i}: {shape_str(OPS[name], cfg)} {_dname(cfg['dtype'])}")
+        return 0
+    if args.traffic:
+        from . import traffic
+
+        root = env.checkout_root()
+        out = args.out or os.path.join(root or "linmix-bench-results", *(("bench", "results") if root else ()), "emulated")
+        print("wrote " + ", ".join(traffic.run(args.op, args.quick, out, env.collect("cpu"))))
         return 0
     if args.device == "cuda" and not cuda_ok:
         ap.error("--device cuda needs a GPU and a linmix build with the CUDA backend")
