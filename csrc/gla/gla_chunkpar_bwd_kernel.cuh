@@ -136,15 +136,15 @@ __global__ void __launch_bounds__(GlaParTraits::kThreads)
   for (int idx = threadIdx.x; idx < L * BK; idx += blockDim.x) {
     const int i = idx / BK, cc = idx % BK;
     if (c0 + cc < K) {
-      gla_row<T>(p.dq, bi, t0 + i, hi)[c0 + cc] = from_float<T>(s.dq[idx]);
-      gla_row<T>(p.dk, bi, t0 + i, hi)[c0 + cc] = from_float<T>(s.dk[idx]);
+      p.dq.at<T>(bi, t0 + i, hi)[c0 + cc] = from_float<T>(s.dq[idx]);
+      p.dk.at<T>(bi, t0 + i, hi)[c0 + cc] = from_float<T>(s.dk[idx]);
     }
   }
   for (int cc = threadIdx.x; cc < BK && c0 + cc < K; cc += blockDim.x) {
     float run = s.bound[cc];
     for (int t = C - 1; t >= 0; --t) {
       run += s.q[t * BK + cc] * s.dq[t * BK + cc] - s.k[t * BK + cc] * s.dk[t * BK + cc];
-      if (t < L) gla_row<T>(p.dg, bi, t0 + t, hi)[c0 + cc] = from_float<T>(gla_gate_grad(run, s.gl[t * BK + cc]));
+      if (t < L) p.dg.at<T>(bi, t0 + t, hi)[c0 + cc] = from_float<T>(gla_gate_grad(run, s.gl[t * BK + cc]));
     }
   }
 }

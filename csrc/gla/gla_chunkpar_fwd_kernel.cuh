@@ -135,10 +135,10 @@ __device__ __forceinline__ void chunkpar_value_tile(const GlaParams& p, const Gl
   __syncthreads();
   smem_gemm_acc<T, !kDv, true>(s.acc, BV, s.Am, C, s.w, BV, C, BV, C);  // tril(A) v, or (scale tril(A))^T do
   __syncthreads();
-  const BTHView& out = kDv ? p.dv : p.o;
+  const StridedView<3>& out = kDv ? p.dv : p.o;
   for (int idx = threadIdx.x; idx < L * BV; idx += blockDim.x) {
     const int i = idx / BV, e = idx % BV;
-    if (e0 + e < V) gla_row<T>(out, bi, t0 + i, hi)[e0 + e] = from_float<T>((kDv ? 1.f : scale) * s.acc[idx]);
+    if (e0 + e < V) out.at<T>(bi, t0 + i, hi)[e0 + e] = from_float<T>((kDv ? 1.f : scale) * s.acc[idx]);
   }
 }
 
