@@ -187,6 +187,17 @@ def test_chunk_gla_wide_heads(B, T, H, K, V, dtype, switch):
     check(*gla_case(linmix.chunk_gla, B, T, H, K, V), dtype)
 
 
+# head dims above 256: the gla_head512 family (by default there, warning once), both ops
+GLA_HEAD512_SHAPES = [(1, 37, 1, 320, 24), (1, 9, 2, 20, 512), (1, 65, 1, 512, 40)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, T, H, K, V", GLA_HEAD512_SHAPES)
+@pytest.mark.parametrize("op", ["chunk_gla", "fused_recurrent_gla"])
+def test_gla_head512(op, B, T, H, K, V, dtype, switch):
+    check(*gla_case(getattr(linmix, op), B, T, H, K, V), dtype)
+
+
 # chunk_gla families that "all" does not reach (the fused family takes precedence over them)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B, T, H, K, V", GLA_SHAPES)

@@ -42,7 +42,9 @@ def test_every_op_defaults_to_gpu_verified_kernels():
         if k["default"]:
             assert k["tier"] == "gpu-verified", k["name"]
     # every op has a default family, but selective_state_update, whose default CUDA path is selective_scan's
-    without = {k["op"] for k in linmix.kernels()} - {k["op"] for k in linmix.kernels() if k["default"]}
+    def ops(ks):  # a family may serve several ops ("chunk_gla, fused_recurrent_gla")
+        return {op for k in ks for op in k["op"].split(", ")}
+    without = ops(linmix.kernels()) - ops(k for k in linmix.kernels() if k["default"])
     assert without == {"selective_state_update"}
 
 
@@ -65,6 +67,8 @@ def run_every_op():
         cases.check(*cases.selective_scan_case(1, 4, 8, 37, False, 1), dtype)
         for op in (linmix.chunk_gla, linmix.fused_recurrent_gla):
             cases.check(*cases.gla_case(op, 1, 70, 1, 20, 33), dtype)
+            cases.check(*cases.gla_case(op, 1, 9, 1, 260, 40), dtype)  # K > 256: gla_head512
+            cases.check(*cases.gla_case(op, 1, 9, 1, 8, 260), dtype)  # V > 256: gla_head512's dq/dk kernel
         cases.check(*cases.fixed_point_case(1, 37, 20, 2, "onestep"), dtype)
         state = torch.zeros(2, 8, 4)
         linmix.selective_state_update(state, torch.randn(2, 8).to(dtype), torch.rand(2, 8), -torch.rand(8, 4),

@@ -25,6 +25,7 @@ enum class KernelFamily : int {
   kGlaFused,
   kFusedRecurrentGla,
   kFusedRecurrentGlaExactDg,
+  kGlaHead512,
   kFixedPointRnn,
   kCount
 };
@@ -76,6 +77,13 @@ inline constexpr KernelRecord kKernels[] = {
     {KernelFamily::kFusedRecurrentGlaExactDg, "fused_recurrent_gla_exact_dg", "fused_recurrent_gla",
      "linmix_gla_recurrent_bwd_dqk_kernel<*, true>", Tier::kEmulationVerified, false,
      "backward dq, dk with dg exactly 0 where the decay underflows"},
+    {KernelFamily::kGlaHead512, "gla_head512", "chunk_gla, fused_recurrent_gla",
+     "linmix_gla_head512_chunk_fwd_kernel<*>; linmix_gla_head512_chunk_bwd_states_kernel<*>; "
+     "linmix_gla_head512_recurrent_fwd_kernel<*>; linmix_gla_head512_recurrent_bwd_dqk_kernel<*>; "
+     "linmix_gla_head512_recurrent_bwd_dv_kernel<*>",
+     Tier::kEmulationVerified, false,
+     "head dims K or V in (256, 512]: chunk_gla's and fused_recurrent_gla's kernels sized for 512 (the chunk backward "
+     "shares chunk_gla's grads kernel, which has no head-dim limit)"},
     {KernelFamily::kFixedPointRnn, "fixed_point_rnn", "fixed_point_rnn",
      "linmix_fixed_point_rnn_fwd_*_kernel<*>; linmix_fixed_point_rnn_bwd_*_kernel<*>", Tier::kGpuVerified, true,
      "fixed-point iteration of (Householder mix, diagonal scan) with a device-side convergence test"},

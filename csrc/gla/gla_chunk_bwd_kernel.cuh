@@ -18,22 +18,26 @@
 
 namespace linmix {
 
+// For K <= kMaxK.
+template <int kMaxK>
 struct GlaChunkStatesSmem {
   using Tr = GlaChunkTraits;
-  alignas(128) float S[Tr::kMaxK][Tr::kBV];     // state (or its gradient) slice (K, BV)
+  static_assert(kMaxK % Tr::kBK == 0, "the state slice holds whole K slices");
+  alignas(128) float S[kMaxK][Tr::kBV];         // state (or its gradient) slice (K, BV)
   GlaChunkSlice in;
   // k exp2(log2g_cum_last - log2g_cum) (forward mode) or q exp2(log2g_cum) (reverse mode)
   alignas(128) float x[Tr::kChunk][Tr::kBK];
   alignas(128) float col[Tr::kChunk][Tr::kBV];  // v (forward mode) or scale * do (reverse mode)
 };
 
-// grid: (B * H, ceil(V / kBV)); block: kThreads; dynamic shared memory: sizeof(GlaChunkStatesSmem).
-template <typename T>
-__global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_gla_chunk_bwd_states_kernel(GlaParams p, bool reverse) {
+// The states pass of one block for K <= kMaxK (any V).
+// grid: (B * H, ceil(V / kBV)); block: kThreads; dynamic shared memory: sizeof(GlaChunkStatesSmem<kMaxK>).
+template <typename T, int kMaxK>
+__device__ __forceinline__ void gla_chunk_bwd_states(const GlaParams& p, bool reverse) {
   using Tr = GlaChunkTraits;
   constexpr int C = Tr::kChunk, BK = Tr::kBK, BV = Tr::kBV, NT = Tr::kThreads;
   LINMIX_DYNAMIC_SHARED_ALIGNED(128, unsigned char, smem_raw);
-  auto& s = *reinterpret_cast<GlaChunkStatesSmem*>(smem_raw);
+  auto& s = *reinterpret_cast<GlaChunkStatesSmem<kMaxK>*>(smem_raw);
   const int tid = threadIdx.x;
   const int64_t bh = blockIdx.x, bi = bh / p.heads, hi = bh % p.heads;
   const int64_t v0 = int64_t(blockIdx.y) * BV;
@@ -45,7 +49,7 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_gla_chunk_bwd
   const StridedView<3>& cols = reverse ? p.dout : p.v;
   const float col_scale = reverse ? static_cast<float>(p.scale) : 1.f;
 
-  for (int idx = tid; idx < Tr::kMaxK * BV; idx += NT) {
+  for (int idx = tid; idx < kMaxK * BV; idx += NT) {
     const int c = idx / BV, e = idx % BV;
     s.S[c][e] = (init && c < K && v0 + e < V) ? init[bh * KV + c * p.dim_v + v0 + e] : 0.f;
   }
@@ -85,6 +89,19 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_gla_chunk_bwd
     const int c = idx / BV, e = idx % BV;
     if (v0 + e < V) last[c * p.dim_v + v0 + e] = s.S[c][e];
   }
+}
+
+// K <= kGlaCudaMaxHeadDim (the chunk_gla family).
+template <typename T>
+__global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_gla_chunk_bwd_states_kernel(GlaParams p, bool reverse) {
+  gla_chunk_bwd_states<T, kGlaCudaMaxHeadDim>(p, reverse);
+}
+
+// K <= kGlaMaxHeadDim (the gla_head512 family).
+template <typename T>
+__global__ void __launch_bounds__(GlaChunkTraits::kThreads)
+    linmix_gla_head512_chunk_bwd_states_kernel(GlaParams p, bool reverse) {
+  gla_chunk_bwd_states<T, kGlaMaxHeadDim>(p, reverse);
 }
 
 struct GlaChunkGradsSmem {
@@ -273,23 +290,34 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_gla_chunk_bwd
   }
 }
 
-template <DType dt>
-void chunk_gla_bwd_cuda(const GlaParams& p, cudaStream_t stream) {
+// The three launches, with `states_kernel` one of the two states kernels above, whose shared memory is
+// GlaChunkStatesSmem<kMaxK>. The grads kernel takes any K and V (it tiles both).
+template <typename T, int kMaxK>
+void launch_gla_chunk_bwd(void (*states_kernel)(GlaParams, bool), const GlaParams& p, cudaStream_t stream) {
   using Tr = GlaChunkTraits;
-  using T = cuda_t<dt>;
-  constexpr size_t states_smem = sizeof(GlaChunkStatesSmem), grads_smem = sizeof(GlaChunkGradsSmem);
+  constexpr size_t states_smem = sizeof(GlaChunkStatesSmem<kMaxK>), grads_smem = sizeof(GlaChunkGradsSmem);
   static_assert(states_smem <= kMaxBlockSharedBytes && grads_smem <= kMaxBlockSharedBytes);
-  opt_in_smem(linmix_gla_chunk_bwd_states_kernel<T>, states_smem);
+  opt_in_smem(states_kernel, states_smem);
   opt_in_smem(linmix_gla_chunk_bwd_grads_kernel<T>, grads_smem);
   const dim3 states_grid = checked_grid("chunk_gla", "(B H, ceil(V / 32))", p.batch * p.heads, ceil_div(p.dim_v, Tr::kBV));
   for (bool reverse : {false, true}) {
-    launch_kernel(linmix_gla_chunk_bwd_states_kernel<T>, states_grid, Tr::kThreads, states_smem, stream, p, reverse);
+    launch_kernel(states_kernel, states_grid, Tr::kThreads, states_smem, stream, p, reverse);
   }
   const int64_t n_chunks = ceil_div(p.seqlen, Tr::kChunk);
   if (n_chunks == 0) return;
   launch_kernel(linmix_gla_chunk_bwd_grads_kernel<T>,
                 checked_grid("chunk_gla", "(B H, ceil(T / 64))", p.batch * p.heads, n_chunks), Tr::kThreads,
                 grads_smem, stream, p);
+}
+
+template <DType dt>
+void chunk_gla_bwd_cuda(const GlaParams& p, cudaStream_t stream) {
+  launch_gla_chunk_bwd<cuda_t<dt>, kGlaCudaMaxHeadDim>(linmix_gla_chunk_bwd_states_kernel<cuda_t<dt>>, p, stream);
+}
+
+template <DType dt>
+void gla_head512_chunk_bwd_cuda(const GlaParams& p, cudaStream_t stream) {
+  launch_gla_chunk_bwd<cuda_t<dt>, kGlaMaxHeadDim>(linmix_gla_head512_chunk_bwd_states_kernel<cuda_t<dt>>, p, stream);
 }
 
 }  // namespace linmix

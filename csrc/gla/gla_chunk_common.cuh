@@ -21,11 +21,10 @@ struct GlaChunkTraits {
   static constexpr int kSub = kGlaSubChunk;
   static constexpr int kBK = 32;  // key channels per slice
   static constexpr int kBV = 32;  // value columns per slice
-  static constexpr int kMaxK = kGlaCudaMaxHeadDim;
   static constexpr int kNWarps = 4;
   static constexpr int kThreads = 32 * kNWarps;
   static_assert(kSub == 16, "sub-blocks are single 16x16 WMMA tiles");
-  static_assert(kChunk % 16 == 0 && kBK % 16 == 0 && kBV % 16 == 0 && kMaxK % kBK == 0, "WMMA tile multiples");
+  static_assert(kChunk % 16 == 0 && kBK % 16 == 0 && kBV % 16 == 0, "WMMA tile multiples");
 };
 
 // c (M, N) fp32 row-major += a (M, Kd) b (Kd, N), all in shared memory; whole block calls, caller syncs.

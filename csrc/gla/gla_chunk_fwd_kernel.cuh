@@ -15,11 +15,12 @@
 
 namespace linmix {
 
-// Shared memory of one block; every member is a whole number of 32-byte WMMA-aligned rows.
-template <typename Op>
+// Shared memory of one block for K <= kMaxK; every member is a whole number of 32-byte WMMA-aligned rows.
+template <typename Op, int kMaxK>
 struct GlaChunkFwdSmem {
   using Tr = GlaChunkTraits;
-  alignas(128) float S[Tr::kMaxK][Tr::kBV];      // state slice (K, BV), rows >= K stay zero
+  static_assert(kMaxK % Tr::kBK == 0, "the state slice holds whole K slices");
+  alignas(128) float S[kMaxK][Tr::kBV];          // state slice (K, BV), rows >= K stay zero
   alignas(128) float A[Tr::kChunk][Tr::kChunk];  // scores of the chunk, lower triangle
   alignas(128) float o[Tr::kChunk][Tr::kBV];     // output accumulator
   GlaChunkSlice in;                              // q, k, log2g_cum of the current (chunk, K slice)
@@ -31,13 +32,14 @@ struct GlaChunkFwdSmem {
   alignas(128) Op Am[Tr::kChunk][Tr::kChunk];    // tril(A) as an operand
 };
 
-// grid: (B * H, ceil(V / kBV)); block: kThreads; dynamic shared memory: sizeof(GlaChunkFwdSmem<T>).
-template <typename T>
-__global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_gla_chunk_fwd_kernel(GlaParams p) {
+// The forward of one block for K <= kMaxK (any V: blocks own 32-column slices).
+// grid: (B * H, ceil(V / kBV)); block: kThreads; dynamic shared memory: sizeof(GlaChunkFwdSmem<T, kMaxK>).
+template <typename T, int kMaxK>
+__device__ __forceinline__ void gla_chunk_fwd(const GlaParams& p) {
   using Tr = GlaChunkTraits;
   constexpr int C = Tr::kChunk, BK = Tr::kBK, BV = Tr::kBV, NT = Tr::kThreads;
   LINMIX_DYNAMIC_SHARED_ALIGNED(128, unsigned char, smem_raw);
-  auto& s = *reinterpret_cast<GlaChunkFwdSmem<T>*>(smem_raw);
+  auto& s = *reinterpret_cast<GlaChunkFwdSmem<T, kMaxK>*>(smem_raw);
   const int tid = threadIdx.x;
   const int64_t bh = blockIdx.x, bi = bh / p.heads, hi = bh % p.heads;
   const int64_t v0 = int64_t(blockIdx.y) * BV;
@@ -45,7 +47,7 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_gla_chunk_fwd
   const int n_kslices = static_cast<int>(ceil_div(K, BK));
   const int64_t state0 = bh * p.dim_k * p.dim_v;  // (B, H, K, V) offset of this head
 
-  for (int idx = tid; idx < Tr::kMaxK * BV; idx += NT) {
+  for (int idx = tid; idx < kMaxK * BV; idx += NT) {
     const int c = idx / BV, e = idx % BV;
     const bool ok = p.h0 && c < K && v0 + e < V;
     s.S[c][e] = ok ? static_cast<const float*>(p.h0)[state0 + c * p.dim_v + v0 + e] : 0.f;
@@ -109,15 +111,37 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_gla_chunk_fwd
   }
 }
 
+// K <= kGlaCudaMaxHeadDim (the chunk_gla family).
+template <typename T>
+__global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_gla_chunk_fwd_kernel(GlaParams p) {
+  gla_chunk_fwd<T, kGlaCudaMaxHeadDim>(p);
+}
+
+// K <= kGlaMaxHeadDim (the gla_head512 family): a (512, 32) fp32 state slice, 156 KiB of shared memory in fp32.
+template <typename T>
+__global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_gla_head512_chunk_fwd_kernel(GlaParams p) {
+  gla_chunk_fwd<T, kGlaMaxHeadDim>(p);
+}
+
+// Launches `kernel`, one of the two above, whose shared memory is GlaChunkFwdSmem<T, kMaxK>.
+template <typename T, int kMaxK>
+void launch_gla_chunk_fwd(void (*kernel)(GlaParams), const GlaParams& p, cudaStream_t stream) {
+  using Tr = GlaChunkTraits;
+  constexpr size_t smem = sizeof(GlaChunkFwdSmem<T, kMaxK>);
+  static_assert(smem <= kMaxBlockSharedBytes);
+  opt_in_smem(kernel, smem);
+  const dim3 grid = checked_grid("chunk_gla", "(B H, ceil(V / 32))", p.batch * p.heads, ceil_div(p.dim_v, Tr::kBV));
+  launch_kernel(kernel, grid, Tr::kThreads, smem, stream, p);
+}
+
 template <DType dt>
 void chunk_gla_fwd_cuda(const GlaParams& p, cudaStream_t stream) {
-  using Tr = GlaChunkTraits;
-  using T = cuda_t<dt>;
-  constexpr size_t smem = sizeof(GlaChunkFwdSmem<T>);
-  static_assert(smem <= kMaxBlockSharedBytes);
-  opt_in_smem(linmix_gla_chunk_fwd_kernel<T>, smem);
-  const dim3 grid = checked_grid("chunk_gla", "(B H, ceil(V / 32))", p.batch * p.heads, ceil_div(p.dim_v, Tr::kBV));
-  launch_kernel(linmix_gla_chunk_fwd_kernel<T>, grid, Tr::kThreads, smem, stream, p);
+  launch_gla_chunk_fwd<cuda_t<dt>, kGlaCudaMaxHeadDim>(linmix_gla_chunk_fwd_kernel<cuda_t<dt>>, p, stream);
+}
+
+template <DType dt>
+void gla_head512_chunk_fwd_cuda(const GlaParams& p, cudaStream_t stream) {
+  launch_gla_chunk_fwd<cuda_t<dt>, kGlaMaxHeadDim>(linmix_gla_head512_chunk_fwd_kernel<cuda_t<dt>>, p, stream);
 }
 
 }  // namespace linmix

@@ -1,6 +1,9 @@
 // Declarations of the CUDA launchers (defined in instantiate/*.cu), torch-free.
 #pragma once
 
+#include <stdexcept>
+#include <string>
+
 #include "common/dtype.h"
 #include "common/kernels.h"
 #include "common/launchers.h"
@@ -14,6 +17,11 @@ template <DType dt> void chunk_gla_fwd_cuda(const GlaParams& p, cudaStream_t str
 template <DType dt> void chunk_gla_bwd_cuda(const GlaParams& p, cudaStream_t stream);
 template <DType dt> void fused_recurrent_gla_fwd_cuda(const GlaParams& p, cudaStream_t stream);
 template <DType dt> void fused_recurrent_gla_bwd_cuda(const GlaParams& p, cudaStream_t stream);
+// The same for head dims above kGlaCudaMaxHeadDim, up to kGlaMaxHeadDim (the gla_head512 family).
+template <DType dt> void gla_head512_chunk_fwd_cuda(const GlaParams& p, cudaStream_t stream);
+template <DType dt> void gla_head512_chunk_bwd_cuda(const GlaParams& p, cudaStream_t stream);
+template <DType dt> void gla_head512_recurrent_fwd_cuda(const GlaParams& p, cudaStream_t stream);
+template <DType dt> void gla_head512_recurrent_bwd_cuda(const GlaParams& p, cudaStream_t stream);
 
 // The launcher table (common/launchers.h); get() is in gla_launchers.cu.
 struct GlaCudaLaunchers {
@@ -21,6 +29,8 @@ struct GlaCudaLaunchers {
   PerCudaDtype<void(const GlaParams&, cudaStream_t)> chunk_fwd, chunk_bwd, recurrent_fwd, recurrent_bwd;
   PerCudaDtype<void(const GlaParams&, const GlaChunkparWorkspace&, cudaStream_t)> chunkpar_fwd, chunkpar_bwd;
   PerCudaDtype<void(const GlaParams&, void*, cudaStream_t)> fused_fwd;
+  PerCudaDtype<void(const GlaParams&, cudaStream_t)> head512_chunk_fwd, head512_chunk_bwd, head512_recurrent_fwd,
+      head512_recurrent_bwd;
   static const GlaCudaLaunchers& get();
 };
 
@@ -33,22 +43,47 @@ enum class GlaAlgo { kChunk, kRecurrent };
 struct GlaPlan {
   KernelFamily family = KernelFamily::kChunkGla;
   int64_t workspace_floats = 0;
+  GlaAlgo algo = GlaAlgo::kChunk;
+  bool exact_gate_grad = false;  // fused_recurrent_gla's backward: the fused_recurrent_gla_exact_dg variant
+  std::string warning;           // for the caller to raise as a warning before launching, if not empty
 };
+
+// Head dims above kGlaCudaMaxHeadDim, which no GPU-verified kernel serves, run the gla_head512 family: by default,
+// warning once per process, while it is emulation-verified (common/kernels.h). Its chunk kernels take chunk_gla's
+// workspace (and its grads kernel, which has no head-dim limit), its recurrent ones fused_recurrent_gla's workspace
+// and either dg variant.
+inline GlaPlan gla_head512_plan(GlaAlgo algo, int64_t workspace_floats, bool exact_gate_grad) {
+  const std::string above = "linmix.gla: head dims above " + std::to_string(kGlaCudaMaxHeadDim) + " on CUDA ";
+  bool first = false;
+  if (!kernel_serves_uncovered_call(KernelFamily::kGlaHead512, first))
+    throw std::invalid_argument(above + "need the gla_head512 kernels, which have not been verified; set "
+                                        "LINMIX_KERNELS=gla_head512 to use them");
+  GlaPlan plan{KernelFamily::kGlaHead512, workspace_floats, algo, exact_gate_grad};
+  if (first)
+    plan.warning = above + "run the gla_head512 kernels, which pass the test suite and sanitizers under the CUDA "
+                           "emulator but have not yet run on a GPU (bench/results/README.md)";
+  return plan;
+}
 
 inline GlaPlan gla_plan(const GlaParams& p, GlaAlgo algo, bool backward) {
   const int64_t BH = p.batch * p.heads, KV = p.dim_k * p.dim_v;
+  const int64_t n_chunks = ceil_div(p.seqlen, kGlaChunk);  // chunk backward: states entering each chunk, gradients
+  const int64_t chunk_workspace = backward ? BH * (n_chunks + 1) * KV + BH * n_chunks * KV : 0;
+  const int64_t recurrent_workspace = backward ? p.batch * p.seqlen * p.heads * p.dim_k : 0;  // (B, T, H, K) dq
+  const bool exact_dg =
+      algo == GlaAlgo::kRecurrent && backward && kernel_enabled(KernelFamily::kFusedRecurrentGlaExactDg);
+  if (p.dim_k > kGlaCudaMaxHeadDim || p.dim_v > kGlaCudaMaxHeadDim)
+    return gla_head512_plan(algo, algo == GlaAlgo::kChunk ? chunk_workspace : recurrent_workspace, exact_dg);
   if (algo == GlaAlgo::kRecurrent) {
-    const bool exact_dg = backward && kernel_enabled(KernelFamily::kFusedRecurrentGlaExactDg);
     return {exact_dg ? KernelFamily::kFusedRecurrentGlaExactDg : KernelFamily::kFusedRecurrentGla,
-            backward ? p.batch * p.seqlen * p.heads * p.dim_k : 0};  // a (B, T, H, K) copy of dq, for the dg sum
+            recurrent_workspace, algo, exact_dg};
   }
   if (!backward && kernel_enabled(KernelFamily::kGlaFused)) return {KernelFamily::kGlaFused, 0};  // before chunkpar
   if (kernel_enabled(KernelFamily::kGlaChunkpar)) {
     const int64_t N = gla_chunkpar_n_chunks(p.seqlen);
     return {KernelFamily::kGlaChunkpar, BH * (N + 1) * KV + BH * N * p.dim_k + (backward ? BH * N * KV : 0)};
   }
-  const int64_t n_chunks = ceil_div(p.seqlen, kGlaChunk);  // backward: states entering each chunk, then gradients
-  return {KernelFamily::kChunkGla, backward ? BH * (n_chunks + 1) * KV + BH * n_chunks * KV : 0};
+  return {KernelFamily::kChunkGla, chunk_workspace};
 }
 
 inline void gla_launch(const GlaCudaLaunchers& cuda, const GlaPlan& plan, DType dt, bool backward, GlaParams p,
@@ -66,16 +101,25 @@ inline void gla_launch(const GlaCudaLaunchers& cuda, const GlaPlan& plan, DType 
       return;
     }
     case KernelFamily::kChunkGla:
-      if (backward) {
-        p.chunk_states = workspace;
-        p.chunk_dstates = workspace + BH * (ceil_div(p.seqlen, kGlaChunk) + 1) * KV;
+    case KernelFamily::kGlaHead512:
+      if (plan.algo == GlaAlgo::kChunk) {
+        if (backward) {
+          p.chunk_states = workspace;
+          p.chunk_dstates = workspace + BH * (ceil_div(p.seqlen, kGlaChunk) + 1) * KV;
+        }
+        const bool wide = plan.family == KernelFamily::kGlaHead512;
+        (backward ? (wide ? cuda.head512_chunk_bwd : cuda.chunk_bwd)
+                  : (wide ? cuda.head512_chunk_fwd : cuda.chunk_fwd))(dt, p, stream);
+        return;
       }
-      (backward ? cuda.chunk_bwd : cuda.chunk_fwd)(dt, p, stream);
-      return;
-    default:  // fused_recurrent_gla, either backward
+      [[fallthrough]];
+    default: {  // fused_recurrent_gla, either backward, or gla_head512's recurrent kernels
       p.workspace = workspace;
-      p.exact_gate_grad = plan.family == KernelFamily::kFusedRecurrentGlaExactDg;
-      (backward ? cuda.recurrent_bwd : cuda.recurrent_fwd)(dt, p, stream);
+      p.exact_gate_grad = plan.exact_gate_grad;
+      const bool wide = plan.family == KernelFamily::kGlaHead512;
+      (backward ? (wide ? cuda.head512_recurrent_bwd : cuda.recurrent_bwd)
+                : (wide ? cuda.head512_recurrent_fwd : cuda.recurrent_fwd))(dt, p, stream);
+    }
   }
 }
 }  // namespace linmix

@@ -8,6 +8,8 @@
 //  - row layout (the dq / dk / dg pass of the backward): warp w owns one key row, lanes own value columns
 //    lane, lane + 32, ...; dq_t[k] = S_t[k, :] do_t and dk_t[k] = dS_t[k, :] v_t are warp shuffles.
 // A group of kSteps time steps of the shared inputs is staged in shared memory per __syncthreads pair.
+// The register arrays and staged rows are sized for K, V <= kMaxDim: 256 for the fused_recurrent_gla family,
+// 512 for gla_head512 (64 state rows per thread in the column layout, 16 columns per lane in the row layout).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -20,11 +22,13 @@
 
 namespace linmix {
 
+// K, V <= kMaxDim: kGlaCudaMaxHeadDim (the fused_recurrent_gla family) or kGlaMaxHeadDim (gla_head512).
+template <int kMaxDim_>
 struct GlaRecurrentTraits {
   static constexpr int kNWarps = 8;
   static constexpr int kThreads = 32 * kNWarps;
   static constexpr int kSteps = kNWarps;           // steps per staged group; warp s reduces step s
-  static constexpr int kMaxDim = kGlaCudaMaxHeadDim;  // K, V <= kMaxDim
+  static constexpr int kMaxDim = kMaxDim_;
   static constexpr int kRowsPerThread = kMaxDim / kNWarps;  // column layout: key rows per thread
   static constexpr int kColsPerLane = kMaxDim / 32;         // row layout: value columns per lane
   static_assert(kSteps == kNWarps, "one warp reduces one step of a group");
@@ -32,9 +36,11 @@ struct GlaRecurrentTraits {
 };
 
 // Shared memory of the column-layout kernels: a group of steps of q, k, decay (all K channels) and one
-// 32-wide column slice of a (B, T, H, V) input, plus the per-warp partial sums.
+// 32-wide column slice of a (B, T, H, V) input, plus the per-warp partial sums. Static shared memory for
+// kMaxDim = 256 (33 KiB); dynamic for 512 (57 KiB, past the 48 KiB a block gets without opt-in).
+template <int kMaxDim>
 struct GlaColumnSmem {
-  using Tr = GlaRecurrentTraits;
+  using Tr = GlaRecurrentTraits<kMaxDim>;
   float q[Tr::kSteps][Tr::kMaxDim];
   float k[Tr::kSteps][Tr::kMaxDim];
   float decay[Tr::kSteps][Tr::kMaxDim];
@@ -43,11 +49,11 @@ struct GlaColumnSmem {
 };
 
 // Stages steps [t0, t0 + n) of q (times q_scale), k, exp(g) and the column slice of `cols` (v or do).
-template <typename T>
-__device__ __forceinline__ void stage_column_group(GlaColumnSmem& s, const GlaParams& p, const StridedView<3>& cols,
-                                                   int64_t b, int64_t h, int64_t t0, int n, int64_t v0,
-                                                   float q_scale) {
-  using Tr = GlaRecurrentTraits;
+template <typename T, int kMaxDim>
+__device__ __forceinline__ void stage_column_group(GlaColumnSmem<kMaxDim>& s, const GlaParams& p,
+                                                   const StridedView<3>& cols, int64_t b, int64_t h, int64_t t0, int n,
+                                                   int64_t v0, float q_scale) {
+  using Tr = GlaRecurrentTraits<kMaxDim>;
   const int K = static_cast<int>(p.dim_k);
   for (int idx = threadIdx.x; idx < Tr::kSteps * K; idx += Tr::kThreads) {
     const int st = idx / K, c = idx % K;
@@ -64,10 +70,11 @@ __device__ __forceinline__ void stage_column_group(GlaColumnSmem& s, const GlaPa
 }
 
 // Warp s sums the kNWarps partials of step s and writes scale * sum to out[t0 + s, v].
-template <typename T>
-__device__ __forceinline__ void reduce_column_group(const GlaColumnSmem& s, const StridedView<3>& out, int64_t b,
-                                                    int64_t h, int64_t t0, int n, int64_t v, bool active, float scale) {
-  using Tr = GlaRecurrentTraits;
+template <typename T, int kMaxDim>
+__device__ __forceinline__ void reduce_column_group(const GlaColumnSmem<kMaxDim>& s, const StridedView<3>& out,
+                                                    int64_t b, int64_t h, int64_t t0, int n, int64_t v, bool active,
+                                                    float scale) {
+  using Tr = GlaRecurrentTraits<kMaxDim>;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (warp < n && active) {
     float sum = 0.f;
@@ -77,11 +84,10 @@ __device__ __forceinline__ void reduce_column_group(const GlaColumnSmem& s, cons
   }
 }
 
-// grid: (B * H, ceil(V / 32)); block: kThreads.
-template <typename T>
-__global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_gla_recurrent_fwd_kernel(GlaParams p) {
-  using Tr = GlaRecurrentTraits;
-  LINMIX_SHARED(GlaColumnSmem, s);
+// The forward of one block, K <= kMaxDim (any V). grid: (B * H, ceil(V / 32)); block: kThreads.
+template <typename T, int kMaxDim>
+__device__ __forceinline__ void gla_recurrent_fwd(const GlaParams& p, GlaColumnSmem<kMaxDim>& s) {
+  using Tr = GlaRecurrentTraits<kMaxDim>;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
   const int64_t v0 = int64_t(blockIdx.y) * 32, v = v0 + lane;
@@ -122,12 +128,11 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_gla_recur
 }
 
 // Backward, column layout, reverse in time: dS_t = exp(g_{t+1}) dS_{t+1} + scale q_t^T do_t,
-// dv_t = k_t dS_t (a sum over k: cross-warp), and dh0 = exp(g_0) dS_0.
+// dv_t = k_t dS_t (a sum over k: cross-warp), and dh0 = exp(g_0) dS_0. K <= kMaxDim (any V).
 // grid: (B * H, ceil(V / 32)); block: kThreads.
-template <typename T>
-__global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_gla_recurrent_bwd_dv_kernel(GlaParams p) {
-  using Tr = GlaRecurrentTraits;
-  LINMIX_SHARED(GlaColumnSmem, s);
+template <typename T, int kMaxDim>
+__device__ __forceinline__ void gla_recurrent_bwd_dv(const GlaParams& p, GlaColumnSmem<kMaxDim>& s) {
+  using Tr = GlaRecurrentTraits<kMaxDim>;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
   const int64_t v0 = int64_t(blockIdx.y) * 32, v = v0 + lane;
@@ -171,12 +176,13 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_gla_recur
 
 // Backward, row layout: a forward pass recomputes S_t for dq_t = scale S_t do_t; a reverse pass carries dS for
 // dk_t = dS_t v_t and the closed-form dg (reverse cumsum of q dq - k dk, starting from sum_v S_T dS_T; gla_gate_grad).
-// grid: (B * H, ceil(K / kNWarps)); block: kThreads.
-template <typename T, bool kExactGateGrad>
-__global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_gla_recurrent_bwd_dqk_kernel(GlaParams p) {
-  using Tr = GlaRecurrentTraits;
-  LINMIX_SHARED(float, s_v, [Tr::kSteps][Tr::kMaxDim]);   // (kSteps, V)
-  LINMIX_SHARED(float, s_do, [Tr::kSteps][Tr::kMaxDim]);  // (kSteps, V)
+// V <= kMaxDim (any K); s_v and s_do hold (kSteps, V) of v and do. grid: (B * H, ceil(K / kNWarps));
+// block: kThreads.
+template <typename T, bool kExactGateGrad, int kMaxDim>
+__device__ __forceinline__ void gla_recurrent_bwd_dqk(const GlaParams& p,
+                                                      float (&s_v)[GlaRecurrentTraits<kMaxDim>::kSteps][kMaxDim],
+                                                      float (&s_do)[GlaRecurrentTraits<kMaxDim>::kSteps][kMaxDim]) {
+  using Tr = GlaRecurrentTraits<kMaxDim>;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
   const int64_t c = int64_t(blockIdx.y) * Tr::kNWarps + warp;  // this warp's key row
@@ -265,24 +271,95 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_gla_recur
   }
 }
 
+// The kernels: fused_recurrent_gla's (kMaxDim = kGlaCudaMaxHeadDim, static shared memory) and gla_head512's
+// (kMaxDim = kGlaMaxHeadDim, the column-layout ones with dynamic shared memory). gla_head512's ask for one block per
+// SM at least, not two: ptxas then grants the 64 state rows per thread the registers they need (236 in the forward,
+// sm_80) instead of spilling them at 128.
+template <typename T>
+__global__ void __launch_bounds__(GlaRecurrentTraits<kGlaCudaMaxHeadDim>::kThreads)
+    linmix_gla_recurrent_fwd_kernel(GlaParams p) {
+  LINMIX_SHARED(GlaColumnSmem<kGlaCudaMaxHeadDim>, s);
+  gla_recurrent_fwd<T>(p, s);
+}
+template <typename T>
+__global__ void __launch_bounds__(GlaRecurrentTraits<kGlaCudaMaxHeadDim>::kThreads)
+    linmix_gla_recurrent_bwd_dv_kernel(GlaParams p) {
+  LINMIX_SHARED(GlaColumnSmem<kGlaCudaMaxHeadDim>, s);
+  gla_recurrent_bwd_dv<T>(p, s);
+}
+template <typename T, bool kExactGateGrad>
+__global__ void __launch_bounds__(GlaRecurrentTraits<kGlaCudaMaxHeadDim>::kThreads)
+    linmix_gla_recurrent_bwd_dqk_kernel(GlaParams p) {
+  using Tr = GlaRecurrentTraits<kGlaCudaMaxHeadDim>;
+  LINMIX_SHARED(float, s_v, [Tr::kSteps][Tr::kMaxDim]);   // (kSteps, V)
+  LINMIX_SHARED(float, s_do, [Tr::kSteps][Tr::kMaxDim]);  // (kSteps, V)
+  gla_recurrent_bwd_dqk<T, kExactGateGrad>(p, s_v, s_do);
+}
+template <typename T>
+__global__ void __launch_bounds__(GlaRecurrentTraits<kGlaMaxHeadDim>::kThreads, 1)
+    linmix_gla_head512_recurrent_fwd_kernel(GlaParams p) {
+  LINMIX_DYNAMIC_SHARED_ALIGNED(16, unsigned char, smem_raw);
+  gla_recurrent_fwd<T>(p, *reinterpret_cast<GlaColumnSmem<kGlaMaxHeadDim>*>(smem_raw));
+}
+template <typename T>
+__global__ void __launch_bounds__(GlaRecurrentTraits<kGlaMaxHeadDim>::kThreads, 1)
+    linmix_gla_head512_recurrent_bwd_dv_kernel(GlaParams p) {
+  LINMIX_DYNAMIC_SHARED_ALIGNED(16, unsigned char, smem_raw);
+  gla_recurrent_bwd_dv<T>(p, *reinterpret_cast<GlaColumnSmem<kGlaMaxHeadDim>*>(smem_raw));
+}
+template <typename T, bool kExactGateGrad>
+__global__ void __launch_bounds__(GlaRecurrentTraits<kGlaMaxHeadDim>::kThreads, 1)
+    linmix_gla_head512_recurrent_bwd_dqk_kernel(GlaParams p) {
+  using Tr = GlaRecurrentTraits<kGlaMaxHeadDim>;
+  LINMIX_SHARED(float, s_v, [Tr::kSteps][Tr::kMaxDim]);   // (kSteps, V): 16 KiB
+  LINMIX_SHARED(float, s_do, [Tr::kSteps][Tr::kMaxDim]);  // (kSteps, V)
+  gla_recurrent_bwd_dqk<T, kExactGateGrad>(p, s_v, s_do);
+}
+
+// Launches for K, V <= kMaxDim: the column-layout kernels get `column_smem` bytes of dynamic shared memory.
+template <int kMaxDim>
+void launch_gla_recurrent_fwd(void (*fwd)(GlaParams), size_t column_smem, const GlaParams& p, cudaStream_t stream) {
+  const dim3 grid = checked_grid("fused_recurrent_gla", "(B H, ceil(V / 32))", p.batch * p.heads, ceil_div(p.dim_v, 32));
+  opt_in_smem(fwd, column_smem);
+  launch_kernel(fwd, grid, GlaRecurrentTraits<kMaxDim>::kThreads, column_smem, stream, p);
+}
+
+template <int kMaxDim>
+void launch_gla_recurrent_bwd(void (*dqk)(GlaParams), void (*dv)(GlaParams), size_t column_smem, const GlaParams& p,
+                              cudaStream_t stream) {
+  using Tr = GlaRecurrentTraits<kMaxDim>;
+  const int64_t bh = p.batch * p.heads;
+  const dim3 dqk_grid = checked_grid("fused_recurrent_gla", "(B H, ceil(K / 8))", bh, ceil_div(p.dim_k, Tr::kNWarps));
+  launch_kernel(dqk, dqk_grid, Tr::kThreads, 0, stream, p);
+  opt_in_smem(dv, column_smem);
+  launch_kernel(dv, checked_grid("fused_recurrent_gla", "(B H, ceil(V / 32))", bh, ceil_div(p.dim_v, 32)), Tr::kThreads,
+                column_smem, stream, p);
+}
+
 template <DType dt>
 void fused_recurrent_gla_fwd_cuda(const GlaParams& p, cudaStream_t stream) {
-  using Tr = GlaRecurrentTraits;
-  const dim3 grid = checked_grid("fused_recurrent_gla", "(B H, ceil(V / 32))", p.batch * p.heads, ceil_div(p.dim_v, 32));
-  launch_kernel(linmix_gla_recurrent_fwd_kernel<cuda_t<dt>>, grid, Tr::kThreads, 0, stream, p);
+  launch_gla_recurrent_fwd<kGlaCudaMaxHeadDim>(linmix_gla_recurrent_fwd_kernel<cuda_t<dt>>, 0, p, stream);
 }
 
 template <DType dt>
 void fused_recurrent_gla_bwd_cuda(const GlaParams& p, cudaStream_t stream) {
-  using Tr = GlaRecurrentTraits;
-  const int64_t bh = p.batch * p.heads;
-  const dim3 dqk_grid = checked_grid("fused_recurrent_gla", "(B H, ceil(K / 8))", bh, ceil_div(p.dim_k, Tr::kNWarps));
-  launch_kernel(p.exact_gate_grad ? linmix_gla_recurrent_bwd_dqk_kernel<cuda_t<dt>, true>
-                                  : linmix_gla_recurrent_bwd_dqk_kernel<cuda_t<dt>, false>,
-                dqk_grid, Tr::kThreads, 0, stream, p);
-  launch_kernel(linmix_gla_recurrent_bwd_dv_kernel<cuda_t<dt>>,
-                checked_grid("fused_recurrent_gla", "(B H, ceil(V / 32))", bh, ceil_div(p.dim_v, 32)), Tr::kThreads, 0,
-                stream, p);
+  launch_gla_recurrent_bwd<kGlaCudaMaxHeadDim>(p.exact_gate_grad ? linmix_gla_recurrent_bwd_dqk_kernel<cuda_t<dt>, true>
+                                                                  : linmix_gla_recurrent_bwd_dqk_kernel<cuda_t<dt>, false>,
+                                               linmix_gla_recurrent_bwd_dv_kernel<cuda_t<dt>>, 0, p, stream);
+}
+
+template <DType dt>
+void gla_head512_recurrent_fwd_cuda(const GlaParams& p, cudaStream_t stream) {
+  launch_gla_recurrent_fwd<kGlaMaxHeadDim>(linmix_gla_head512_recurrent_fwd_kernel<cuda_t<dt>>,
+                                           sizeof(GlaColumnSmem<kGlaMaxHeadDim>), p, stream);
+}
+
+template <DType dt>
+void gla_head512_recurrent_bwd_cuda(const GlaParams& p, cudaStream_t stream) {
+  launch_gla_recurrent_bwd<kGlaMaxHeadDim>(
+      p.exact_gate_grad ? linmix_gla_head512_recurrent_bwd_dqk_kernel<cuda_t<dt>, true>
+                        : linmix_gla_head512_recurrent_bwd_dqk_kernel<cuda_t<dt>, false>,
+      linmix_gla_head512_recurrent_bwd_dv_kernel<cuda_t<dt>>, sizeof(GlaColumnSmem<kGlaMaxHeadDim>), p, stream);
 }
 
 }  // namespace linmix

@@ -14,7 +14,7 @@ namespace {
 
 // Checks shared by both algorithms and directions.
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
-                  const OptTensor& h0, bool cuda_kernels) {
+                  const OptTensor& h0) {
   LINMIX_CHECK(q.dim() == 4, "linmix: q must have shape (B, T, H, K), got ", shape_str(q.sizes()));
   check_float_dtype(q, "q");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), K = q.size(3);
@@ -32,11 +32,6 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
     check_shape(*h0, "initial_state", {B, H, K, V}, "(B, H, K, V)");
     check_dtype(*h0, "initial_state", acc_dtype(q));
     check_same_device(*h0, "initial_state", q, "q");
-  }
-  if (cuda_kernels) {
-    LINMIX_CHECK(K <= kGlaCudaMaxHeadDim && V <= kGlaCudaMaxHeadDim, "linmix: head dims above ", kGlaCudaMaxHeadDim,
-                 " run on the CPU only for now (CUDA kernels take K, V <= ", kGlaCudaMaxHeadDim, "), got K = ", K,
-                 ", V = ", V);
   }
 }
 
@@ -57,6 +52,7 @@ constexpr CpuGemm kCpuGemm{&cpu_gemm<float>, &cpu_gemm<double>};
 void gla_cuda(const GlaCudaLaunchers& cuda, DType dt, GlaAlgo algo, bool backward, const GlaParams& p,
               const Tensor& like, cudaStream_t stream) {
   const GlaPlan plan = gla_plan(p, algo, backward);
+  if (!plan.warning.empty()) warn(plan.warning);
   const Tensor workspace = empty(like, {plan.workspace_floats}, ScalarType::Float);
   gla_launch(cuda, plan, dt, backward, p, static_cast<float*>(workspace.data_ptr()), stream);
 }
@@ -65,7 +61,7 @@ template <Backend backend>
 std::tuple<Tensor, Tensor> gla_fwd(GlaAlgo algo, const Tensor& q_in, const Tensor& k_in,
                                            const Tensor& v_in, const Tensor& g_in, double scale,
                                            const OptTensor& h0_in) {
-  check_inputs(q_in, k_in, v_in, g_in, h0_in, runs_cuda_kernels<backend>(q_in));
+  check_inputs(q_in, k_in, v_in, g_in, h0_in);
   const Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in),
                g = last_dim_contiguous(g_in);
   const auto h0 = contiguous_opt(h0_in);
@@ -95,7 +91,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gla_bwd(
     GlaAlgo algo, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& g_in,
     const Tensor& dout_in, const OptTensor& dht_in, double scale,
     const OptTensor& h0_in) {
-  check_inputs(q_in, k_in, v_in, g_in, h0_in, runs_cuda_kernels<backend>(q_in));
+  check_inputs(q_in, k_in, v_in, g_in, h0_in);
   check_shape(dout_in, "dout", {v_in.size(0), v_in.size(1), v_in.size(2), v_in.size(3)}, "(B, T, H, V) like v");
   check_same_dtype(dout_in, "dout", q_in, "q");
   check_same_device(dout_in, "dout", q_in, "q");

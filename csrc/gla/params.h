@@ -8,9 +8,10 @@
 
 namespace linmix {
 
-// Largest head dim K and V (flash-linear-attention's own tests run 512).
+// Largest head dim K and V, on every device (flash-linear-attention's own tests run 512).
 constexpr int64_t kGlaMaxHeadDim = 512;
-// Largest head dim of the CUDA kernels for now: they size their shared memory and register tiles for it.
+// Largest head dim of the GPU-verified CUDA kernels (and of gla_fused), which size their shared memory and register
+// tiles for it; above it the gla_head512 family's instances, sized for kGlaMaxHeadDim (gla_cuda.h, gla_plan).
 constexpr int64_t kGlaCudaMaxHeadDim = 256;
 
 struct GlaParams {
