@@ -272,9 +272,9 @@ __device__ __forceinline__ void gla_recurrent_bwd_dqk(const GlaParams& p,
 }
 
 // The kernels: fused_recurrent_gla's (kMaxDim = kGlaCudaMaxHeadDim, static shared memory) and gla_head512's
-// (kMaxDim = kGlaMaxHeadDim, the column-layout ones with dynamic shared memory). gla_head512's ask for one block per
-// SM at least, not two: ptxas then grants the 64 state rows per thread the registers they need (236 in the forward,
-// sm_80) instead of spilling them at 128.
+// (kMaxDim = kGlaMaxHeadDim, the column-layout ones with dynamic shared memory). gla_head512's declare a minimum of
+// one block per SM: without it ptxas stops at 128 registers and spills the 64 state rows per thread; with it the
+// forward takes 236 (sm_80) without spills (bench/NOTES.md).
 template <typename T>
 __global__ void __launch_bounds__(GlaRecurrentTraits<kGlaCudaMaxHeadDim>::kThreads)
     linmix_gla_recurrent_fwd_kernel(GlaParams p) {
