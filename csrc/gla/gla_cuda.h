@@ -53,7 +53,8 @@ struct GlaPlan {
 // workspace (and its grads kernel, which has no head-dim limit), its recurrent ones fused_recurrent_gla's workspace
 // and either dg variant.
 inline GlaPlan gla_head512_plan(GlaAlgo algo, int64_t workspace_floats, bool exact_gate_grad) {
-  const std::string above = "linmix.gla: head dims above " + std::to_string(kGlaCudaMaxHeadDim) + " on CUDA ";
+  const char* op = algo == GlaAlgo::kChunk ? "linmix.chunk_gla: " : "linmix.fused_recurrent_gla: ";
+  const std::string above = op + ("head dims above " + std::to_string(kGlaCudaMaxHeadDim)) + " on CUDA ";
   bool first = false;
   if (!kernel_serves_uncovered_call(KernelFamily::kGlaHead512, first))
     throw std::invalid_argument(above + "need the gla_head512 kernels, which have not been verified; set "
