@@ -67,8 +67,11 @@ inline constexpr KernelRecord kKernels[] = {
      "linmix_gla_chunkpar_bwd_scan_kernel; linmix_gla_chunkpar_bwd_dqk_kernel<*>; linmix_gla_chunkpar_bwd_dv_kernel<*>",
      Tier::kEmulationVerified, false,
      "chunk-parallel (fla's structure), decays from segment sums: exact for any g <= 0"},
-    {KernelFamily::kGlaFused, "gla_fused", "chunk_gla", "linmix_gla_fused_fwd_kernel<*>", Tier::kEmulationVerified,
-     false, "one pass over the chunks per (batch * head, V tile), state on chip; segment-sum decays: exact for any g <= 0"},
+    {KernelFamily::kGlaFused, "gla_fused", "chunk_gla",
+     "linmix_gla_fused_fwd_kernel<*>; linmix_gla_fused_bwd_states_kernel<*>; linmix_gla_fused_bwd_kernel<*>",
+     Tier::kEmulationVerified, false,
+     "one pass over the chunks per (batch * head, V tile), state on chip; backward: the chunk states, then one "
+     "reverse pass per batch * head with the state's gradient on chip (head dims <= 128); exact for any g <= 0"},
     {KernelFamily::kFusedRecurrentGla, "fused_recurrent_gla", "fused_recurrent_gla",
      "linmix_fused_recurrent_gla_fwd_kernel<*>; linmix_fused_recurrent_gla_bwd_dqk_kernel<*, false>; "
      "linmix_fused_recurrent_gla_bwd_dv_kernel<*>",
