@@ -21,7 +21,6 @@ enum class KernelFamily : int {
   kSelectiveScanBwdTiled,
   kSelectiveStateUpdate,
   kChunkGla,
-  kGlaChunkpar,
   kGlaFused,
   kFusedRecurrentGla,
   kFusedRecurrentGlaExactDg,
@@ -61,12 +60,6 @@ inline constexpr KernelRecord kKernels[] = {
     {KernelFamily::kChunkGla, "chunk_gla", "chunk_gla",
      "linmix_chunk_gla_fwd_kernel<*>; linmix_chunk_gla_bwd_states_kernel<*>; linmix_chunk_gla_bwd_grads_kernel<*>",
      Tier::kGpuVerified, true, "serial over chunks, WMMA inside a chunk; decays from differences of running sums"},
-    {KernelFamily::kGlaChunkpar, "gla_chunkpar", "chunk_gla",
-     "linmix_gla_chunkpar_fwd_state_kernel<*>; linmix_gla_chunkpar_fwd_scan_kernel; "
-     "linmix_gla_chunkpar_fwd_out_kernel<*>; linmix_gla_chunkpar_bwd_dstate_kernel<*>; "
-     "linmix_gla_chunkpar_bwd_scan_kernel; linmix_gla_chunkpar_bwd_dqk_kernel<*>; linmix_gla_chunkpar_bwd_dv_kernel<*>",
-     Tier::kEmulationVerified, false,
-     "chunk-parallel (fla's structure), decays from segment sums: exact for any g <= 0"},
     {KernelFamily::kGlaFused, "gla_fused", "chunk_gla",
      "linmix_gla_fused_fwd_kernel<*>; linmix_gla_fused_bwd_states_kernel<*>; linmix_gla_fused_bwd_kernel<*>",
      Tier::kEmulationVerified, false,
