@@ -30,8 +30,8 @@ template <int kMaxD_, typename Op>
 struct GlaFusedBwdTraits {
   static constexpr int kMaxD = kMaxD_;
   static constexpr int kChunk = kGlaChunk;
-  static constexpr int kBK = 16;                               // key channels staged at a time
-  static constexpr int kBV = sizeof(Op) == 4 ? 32 : 64;        // value columns staged at a time
+  static constexpr int kBK = 16;                         // key channels staged at a time
+  static constexpr int kBV = sizeof(Op) == 4 ? 32 : 64;  // value columns staged at a time (fp32: 32)
   static constexpr int kThreads = 128;
   static_assert(kMaxD % kBV == 0 && kMaxD % kBK == 0, "whole slices and tiles");
 };
