@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/dtype.h"
+#include "common/strided.h"
 
 namespace linmix {
 
@@ -116,7 +117,9 @@ inline std::vector<int64_t> sizes(const Tensor& t) {
 }
 
 inline Tensor as_contiguous(const Tensor& t) { return torch::stable::contiguous(t); }
-inline OptTensor contiguous_opt(const OptTensor& t) { return t ? OptTensor(as_contiguous(*t)) : std::nullopt; }
+// f applied to an optional tensor when it is present.
+inline OptTensor opt_map(const OptTensor& t, Tensor (*f)(const Tensor&)) { return t ? OptTensor(f(*t)) : std::nullopt; }
+inline OptTensor contiguous_opt(const OptTensor& t) { return opt_map(t, as_contiguous); }
 
 // Strides are passed to kernels in elements; a tensor whose last dim is not unit-stride is copied.
 inline Tensor last_dim_contiguous(const Tensor& t) {
@@ -124,6 +127,20 @@ inline Tensor last_dim_contiguous(const Tensor& t) {
 }
 
 inline const void* opt_ptr(const OptTensor& t) { return t ? t->data_ptr() : nullptr; }
+
+// The kernels' view of t: its pointer and the strides of its first N dims (0 past its last dim); an absent
+// optional tensor gives a null view.
+template <int N>
+StridedView<N> strided_view(const Tensor& t) {
+  StridedView<N> v;
+  v.ptr = t.data_ptr();
+  for (int d = 0; d < N; ++d) v.stride[d] = d < t.dim() ? t.stride(d) : 0;
+  return v;
+}
+template <int N>
+StridedView<N> strided_view(const OptTensor& t) {
+  return t ? strided_view<N>(*t) : StridedView<N>{};
+}
 
 // An op that torch/csrc/stable has no wrapper for, called through the stable dispatcher by its schema name (e.g.
 // "aten::index_copy_", ""): its first `Outputs` outputs.

@@ -58,7 +58,7 @@ inline constexpr KernelRecord kKernels[] = {
      "linmix_selective_state_update_fwd_kernel<*>", Tier::kEmulationVerified, false,
      "one decoding step; the default CUDA path is selective_scan's forward at L = 1"},
     {KernelFamily::kChunkGla, "chunk_gla", "chunk_gla",
-     "linmix_chunk_gla_fwd_kernel<*>; linmix_chunk_gla_bwd_states_kernel<*>; linmix_chunk_gla_bwd_grads_kernel<*>",
+     "linmix_gla_chunk_fwd_kernel<*>; linmix_gla_chunk_bwd_states_kernel<*>; linmix_gla_chunk_bwd_grads_kernel<*>",
      Tier::kGpuVerified, true, "serial over chunks, WMMA inside a chunk; decays from differences of running sums"},
     {KernelFamily::kGlaFused, "gla_fused", "chunk_gla",
      "linmix_gla_fused_fwd_kernel<*>; linmix_gla_fused_bwd_states_kernel<*>; linmix_gla_fused_bwd_kernel<*>",
@@ -66,11 +66,11 @@ inline constexpr KernelRecord kKernels[] = {
      "one pass over the chunks per (batch * head, V tile), state on chip; backward: the chunk states, then one "
      "reverse pass per batch * head with the state's gradient on chip (head dims <= 128); exact for any g <= 0"},
     {KernelFamily::kFusedRecurrentGla, "fused_recurrent_gla", "fused_recurrent_gla",
-     "linmix_fused_recurrent_gla_fwd_kernel<*>; linmix_fused_recurrent_gla_bwd_dqk_kernel<*, false>; "
-     "linmix_fused_recurrent_gla_bwd_dv_kernel<*>",
+     "linmix_gla_recurrent_fwd_kernel<*>; linmix_gla_recurrent_bwd_dqk_kernel<*, false>; "
+     "linmix_gla_recurrent_bwd_dv_kernel<*>",
      Tier::kGpuVerified, true, "one step at a time, state in registers"},
     {KernelFamily::kFusedRecurrentGlaExactDg, "fused_recurrent_gla_exact_dg", "fused_recurrent_gla",
-     "linmix_fused_recurrent_gla_bwd_dqk_kernel<*, true>", Tier::kEmulationVerified, false,
+     "linmix_gla_recurrent_bwd_dqk_kernel<*, true>", Tier::kEmulationVerified, false,
      "backward dq, dk with dg exactly 0 where the decay underflows"},
     {KernelFamily::kFixedPointRnn, "fixed_point_rnn", "fixed_point_rnn",
      "linmix_fixed_point_rnn_fwd_*_kernel<*>; linmix_fixed_point_rnn_bwd_*_kernel<*>", Tier::kGpuVerified, true,

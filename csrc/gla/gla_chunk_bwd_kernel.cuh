@@ -2,15 +2,16 @@
 //  1. states kernel, forward mode: recomputes the fp32 state entering every chunk (and the final one) into
 //     chunk_states, one block per (batch * head, 32 V columns), as the forward kernel does (never saved by it).
 //  2. states kernel, reverse mode: carries dS = d loss / d(state leaving chunk c) backwards,
-//     dS <- exp2(b_last) dS + (q exp2(b))^T (scale do), storing each into chunk_dstates; writes dh0.
+//     dS <- exp2(log2g_cum_last) dS + (q exp2(log2g_cum))^T (scale do), storing each into chunk_dstates; writes dh0.
 //  3. grads kernel, one block per (batch * head, chunk), all chunks in parallel:
 //       A  = intra-chunk scores (accumulate_scores, as in the forward)      dA = tril((scale do) v^T)
-//       dv = A^T (scale do) + (k exp2(b_last - b)) dS_out
-//       dq = exp2(b) ((scale do) S_in^T) + sum_{j<=i} dA_ij k_j exp2(b_i - b_j)
-//       dk = exp2(b_last - b) (v dS_out^T) + sum_{i>=j} dA_ij q_i exp2(b_i - b_j)
+//       dv = A^T (scale do) + (k exp2(log2g_cum_last - log2g_cum)) dS_out
+//       dq = exp2(log2g_cum) ((scale do) S_in^T) + sum_{j<=i} dA_ij k_j exp2(log2g_cum_i - log2g_cum_j)
+//       dk = exp2(log2g_cum_last - log2g_cum) (v dS_out^T) + sum_{i>=j} dA_ij q_i exp2(log2g_cum_i - log2g_cum_j)
 //       dg = reverse cumsum within the chunk of (q dq - k dk) + sum_v S_out dS_out   (closed form)
-//     The intra-chunk sums use the forward's split: off-diagonal sub-blocks through q~ = q exp2(b - r),
-//     k~ = k exp2(r - b) with r = b at the query sub-chunk's first row; diagonal sub-blocks elementwise.
+//     The intra-chunk sums use the forward's split: off-diagonal sub-blocks through q~ = q exp2(log2g_cum - r),
+//     k~ = k exp2(r - log2g_cum) with r = log2g_cum at the query sub-chunk's first row; diagonal sub-blocks
+//     elementwise.
 #pragma once
 
 #include "gla/gla_chunk_common.cuh"
@@ -21,13 +22,14 @@ struct GlaChunkStatesSmem {
   using Tr = GlaChunkTraits;
   alignas(128) float S[Tr::kMaxK][Tr::kBV];     // state (or its gradient) slice (K, BV)
   GlaChunkSlice in;
-  alignas(128) float x[Tr::kChunk][Tr::kBK];    // k exp2(b_last - b) (forward mode) or q exp2(b) (reverse mode)
+  // k exp2(log2g_cum_last - log2g_cum) (forward mode) or q exp2(log2g_cum) (reverse mode)
+  alignas(128) float x[Tr::kChunk][Tr::kBK];
   alignas(128) float col[Tr::kChunk][Tr::kBV];  // v (forward mode) or scale * do (reverse mode)
 };
 
 // grid: (B * H, ceil(V / kBV)); block: kThreads; dynamic shared memory: sizeof(GlaChunkStatesSmem).
 template <typename T>
-__global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd_states_kernel(GlaParams p, bool reverse) {
+__global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_gla_chunk_bwd_states_kernel(GlaParams p, bool reverse) {
   using Tr = GlaChunkTraits;
   constexpr int C = Tr::kChunk, BK = Tr::kBK, BV = Tr::kBV, NT = Tr::kThreads;
   LINMIX_DYNAMIC_SHARED_ALIGNED(128, unsigned char, smem_raw);
@@ -40,7 +42,7 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd
   const int n_kslices = static_cast<int>(ceil_div(K, BK));
   const float* init = static_cast<const float*>(reverse ? p.dht : p.h0);  // (B, H, K, V) or null
   float* store = reverse ? p.chunk_dstates + bh * n_chunks * KV : p.chunk_states + bh * (n_chunks + 1) * KV;
-  const BTHView& cols = reverse ? p.dout : p.v;
+  const StridedView<3>& cols = reverse ? p.dout : p.v;
   const float col_scale = reverse ? static_cast<float>(p.scale) : 1.f;
 
   for (int idx = tid; idx < Tr::kMaxK * BV; idx += NT) {
@@ -58,19 +60,19 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd
     }
     for (int idx = tid; idx < C * BV; idx += NT) {
       const int i = idx / BV, e = idx % BV;
-      s.col[i][e] = (i < L && v0 + e < V) ? col_scale * to_float(gla_row<const T>(cols, bi, t0 + i, hi)[v0 + e]) : 0.f;
+      s.col[i][e] = (i < L && v0 + e < V) ? col_scale * to_float(cols.at<const T>(bi, t0 + i, hi)[v0 + e]) : 0.f;
     }
     for (int ks = 0; ks < n_kslices; ++ks) {
       const int c0 = ks * BK;
       stage_chunk_slice<T>(s.in, p, bi, hi, t0, L, c0, reverse, !reverse);
       for (int idx = tid; idx < C * BK; idx += NT) {
         const int i = idx / BK, cc = idx % BK;
-        s.x[i][cc] = reverse ? s.in.q[i][cc] * gla_exp2(s.in.b[i][cc])
-                             : s.in.k[i][cc] * gla_exp2(s.in.b[C - 1][cc] - s.in.b[i][cc]);
+        s.x[i][cc] = reverse ? s.in.q[i][cc] * gla_exp2(s.in.log2g_cum[i][cc])
+                             : s.in.k[i][cc] * gla_exp2(s.in.log2g_cum[C - 1][cc] - s.in.log2g_cum[i][cc]);
       }
       for (int idx = tid; idx < BK * BV; idx += NT) {
         const int cc = idx / BV, e = idx % BV;
-        s.S[c0 + cc][e] *= gla_exp2(s.in.b[C - 1][cc]);
+        s.S[c0 + cc][e] *= gla_exp2(s.in.log2g_cum[C - 1][cc]);
       }
       __syncthreads();
       smem_gemm_acc<float, false, true>(&s.S[c0][0], BV, &s.x[0][0], BK, &s.col[0][0], BV, BK, BV, C);
@@ -118,7 +120,7 @@ __device__ __forceinline__ void load_state_tile(float (*dst)[GlaChunkTraits::kBV
 
 // grid: (B * H, n_chunks); block: kThreads; dynamic shared memory: sizeof(GlaChunkGradsSmem).
 template <typename T>
-__global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd_grads_kernel(GlaParams p) {
+__global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_gla_chunk_bwd_grads_kernel(GlaParams p) {
   using Tr = GlaChunkTraits;
   constexpr int C = Tr::kChunk, BK = Tr::kBK, BV = Tr::kBV, NT = Tr::kThreads;
   LINMIX_DYNAMIC_SHARED_ALIGNED(128, unsigned char, smem_raw);
@@ -138,8 +140,8 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd
     for (int idx = tid; idx < C * BV; idx += NT) {
       const int i = idx / BV, e = idx % BV;
       const bool ok = i < L && v0 + e < V;
-      s.dout[i][e] = ok ? scale * to_float(gla_row<const T>(p.dout, bi, t0 + i, hi)[v0 + e]) : 0.f;
-      if (want_v) s.v[i][e] = ok ? to_float(gla_row<const T>(p.v, bi, t0 + i, hi)[v0 + e]) : 0.f;
+      s.dout[i][e] = ok ? scale * to_float(p.dout.at<const T>(bi, t0 + i, hi)[v0 + e]) : 0.f;
+      if (want_v) s.v[i][e] = ok ? to_float(p.v.at<const T>(bi, t0 + i, hi)[v0 + e]) : 0.f;
     }
   };
 
@@ -159,7 +161,7 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd
   for (int idx = tid; idx < C * C; idx += NT)
     if (idx % C > idx / C) (&s.dA[0][0])[idx] = 0.f;
   __syncthreads();
-  // dv = A^T (scale do) + (k exp2(b_last - b)) dS_out, per V slice
+  // dv = A^T (scale do) + (k exp2(log2g_cum_last - log2g_cum)) dS_out, per V slice
   for (int vs = 0; vs < n_vslices; ++vs) {
     const int64_t v0 = int64_t(vs) * BV;
     stage_cols(v0, false);
@@ -171,7 +173,7 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd
       stage_chunk_slice<T>(s.in, p, bi, hi, t0, L, c0, false, true);  // its syncs also order the GEMM above
       for (int idx = tid; idx < C * BK; idx += NT) {
         const int i = idx / BK, cc = idx % BK;
-        s.x[i][cc] = s.in.k[i][cc] * gla_exp2(s.in.b[C - 1][cc] - s.in.b[i][cc]);
+        s.x[i][cc] = s.in.k[i][cc] * gla_exp2(s.in.log2g_cum[C - 1][cc] - s.in.log2g_cum[i][cc]);
       }
       load_state_tile(s.ds_out, dS_out, p.dim_k, p.dim_v, c0, v0);
       __syncthreads();
@@ -180,7 +182,7 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd
     }
     for (int idx = tid; idx < L * BV; idx += NT) {
       const int i = idx / BV, e = idx % BV;
-      if (v0 + e < V) gla_row<T>(p.dv, bi, t0 + i, hi)[v0 + e] = from_float<T>(s.dv[i][e]);
+      if (v0 + e < V) p.dv.at<T>(bi, t0 + i, hi)[v0 + e] = from_float<T>(s.dv[i][e]);
     }
     __syncthreads();
   }
@@ -208,22 +210,22 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd
     }
     for (int idx = tid; idx < C * BK; idx += NT) {
       const int i = idx / BK, cc = idx % BK;
-      s.dq[i][cc] *= gla_exp2(s.in.b[i][cc]);
-      s.dk[i][cc] *= gla_exp2(s.in.b[C - 1][cc] - s.in.b[i][cc]);
+      s.dq[i][cc] *= gla_exp2(s.in.log2g_cum[i][cc]);
+      s.dk[i][cc] *= gla_exp2(s.in.log2g_cum[C - 1][cc] - s.in.log2g_cum[i][cc]);
     }
     __syncthreads();
-    // Off-diagonal sub-blocks: with r = b at row 16 I, dq_I += exp2(b - r) (dA[I, :16I] k~) and
-    // dk_{:16I} += exp2(r - b) (dA[I, :16I]^T q~_I).
+    // Off-diagonal sub-blocks: with r = log2g_cum at row 16 I, dq_I += exp2(log2g_cum - r) (dA[I, :16I] k~) and
+    // dk_{:16I} += exp2(r - log2g_cum) (dA[I, :16I]^T q~_I).
     for (int I = 1; I < C / 16; ++I) {
       const int r_row = 16 * I;
       for (int idx = tid; idx < 16 * BK; idx += NT) {
         const int ii = idx / BK, cc = idx % BK, i = r_row + ii;
-        s.x[ii][cc] = s.in.q[i][cc] * gla_exp2(s.in.b[i][cc] - s.in.b[r_row][cc]);
+        s.x[ii][cc] = s.in.q[i][cc] * gla_exp2(s.in.log2g_cum[i][cc] - s.in.log2g_cum[r_row][cc]);
         s.tq[ii][cc] = 0.f;
       }
       for (int idx = tid; idx < r_row * BK; idx += NT) {
         const int j = idx / BK, cc = idx % BK;
-        s.y[j][cc] = s.in.k[j][cc] * gla_exp2(s.in.b[r_row][cc] - s.in.b[j][cc]);
+        s.y[j][cc] = s.in.k[j][cc] * gla_exp2(s.in.log2g_cum[r_row][cc] - s.in.log2g_cum[j][cc]);
         s.tk[j][cc] = 0.f;
       }
       __syncthreads();
@@ -232,21 +234,23 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd
       __syncthreads();
       for (int idx = tid; idx < 16 * BK; idx += NT) {
         const int ii = idx / BK, cc = idx % BK, i = r_row + ii;
-        s.dq[i][cc] += s.tq[ii][cc] * gla_exp2(s.in.b[i][cc] - s.in.b[r_row][cc]);
+        s.dq[i][cc] += s.tq[ii][cc] * gla_exp2(s.in.log2g_cum[i][cc] - s.in.log2g_cum[r_row][cc]);
       }
       for (int idx = tid; idx < r_row * BK; idx += NT) {
         const int j = idx / BK, cc = idx % BK;
-        s.dk[j][cc] += s.tk[j][cc] * gla_exp2(s.in.b[r_row][cc] - s.in.b[j][cc]);
+        s.dk[j][cc] += s.tk[j][cc] * gla_exp2(s.in.log2g_cum[r_row][cc] - s.in.log2g_cum[j][cc]);
       }
       __syncthreads();
     }
     // Diagonal sub-blocks, elementwise: one thread per (row, channel) owns dq and dk there.
     for (int idx = tid; idx < C * BK; idx += NT) {
       const int i = idx / BK, cc = idx % BK, sub0 = (i / 16) * 16;
-      const float bi_c = s.in.b[i][cc];
+      const float log2g_cum_i = s.in.log2g_cum[i][cc];
       float aq = 0.f, ak = 0.f;
-      for (int j = sub0; j <= i; ++j) aq += s.dA[i][j] * s.in.k[j][cc] * gla_exp2(bi_c - s.in.b[j][cc]);
-      for (int j = i; j < sub0 + 16; ++j) ak += s.dA[j][i] * s.in.q[j][cc] * gla_exp2(s.in.b[j][cc] - bi_c);
+      for (int j = sub0; j <= i; ++j) aq += s.dA[i][j] * s.in.k[j][cc] * gla_exp2(log2g_cum_i - s.in.log2g_cum[j][cc]);
+      for (int j = i; j < sub0 + 16; ++j) {
+        ak += s.dA[j][i] * s.in.q[j][cc] * gla_exp2(s.in.log2g_cum[j][cc] - log2g_cum_i);
+      }
       s.dq[i][cc] += aq;
       s.dk[i][cc] += ak;
     }
@@ -255,14 +259,14 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_bwd
       float run = s.bnd[tid];
       for (int i = C - 1; i >= 0; --i) {
         run += gla_dgate_term(s.in.q[i][tid], s.dq[i][tid], s.in.k[i][tid], s.dk[i][tid]);
-        if (i < L) gla_row<T>(p.dg, bi, t0 + i, hi)[c0 + tid] = from_float<T>(run);
+        if (i < L) p.dg.at<T>(bi, t0 + i, hi)[c0 + tid] = from_float<T>(run);
       }
     }
     for (int idx = tid; idx < L * BK; idx += NT) {
       const int i = idx / BK, cc = idx % BK;
       if (c0 + cc < K) {
-        gla_row<T>(p.dq, bi, t0 + i, hi)[c0 + cc] = from_float<T>(s.dq[i][cc]);
-        gla_row<T>(p.dk, bi, t0 + i, hi)[c0 + cc] = from_float<T>(s.dk[i][cc]);
+        p.dq.at<T>(bi, t0 + i, hi)[c0 + cc] = from_float<T>(s.dq[i][cc]);
+        p.dk.at<T>(bi, t0 + i, hi)[c0 + cc] = from_float<T>(s.dk[i][cc]);
       }
     }
     __syncthreads();
@@ -275,15 +279,15 @@ void chunk_gla_bwd_cuda(const GlaParams& p, cudaStream_t stream) {
   using T = cuda_t<dt>;
   constexpr size_t states_smem = sizeof(GlaChunkStatesSmem), grads_smem = sizeof(GlaChunkGradsSmem);
   static_assert(states_smem <= kMaxBlockSharedBytes && grads_smem <= kMaxBlockSharedBytes);
-  opt_in_smem(linmix_chunk_gla_bwd_states_kernel<T>, states_smem);
-  opt_in_smem(linmix_chunk_gla_bwd_grads_kernel<T>, grads_smem);
+  opt_in_smem(linmix_gla_chunk_bwd_states_kernel<T>, states_smem);
+  opt_in_smem(linmix_gla_chunk_bwd_grads_kernel<T>, grads_smem);
   const dim3 states_grid = checked_grid("chunk_gla", "(B H, ceil(V / 32))", p.batch * p.heads, ceil_div(p.dim_v, Tr::kBV));
   for (bool reverse : {false, true}) {
-    launch_kernel(linmix_chunk_gla_bwd_states_kernel<T>, states_grid, Tr::kThreads, states_smem, stream, p, reverse);
+    launch_kernel(linmix_gla_chunk_bwd_states_kernel<T>, states_grid, Tr::kThreads, states_smem, stream, p, reverse);
   }
   const int64_t n_chunks = ceil_div(p.seqlen, Tr::kChunk);
   if (n_chunks == 0) return;
-  launch_kernel(linmix_chunk_gla_bwd_grads_kernel<T>,
+  launch_kernel(linmix_gla_chunk_bwd_grads_kernel<T>,
                 checked_grid("chunk_gla", "(B H, ceil(T / 64))", p.batch * p.heads, n_chunks), Tr::kThreads,
                 grads_smem, stream, p);
 }

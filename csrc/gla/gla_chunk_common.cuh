@@ -70,11 +70,12 @@ struct GlaChunkSlice {
   using Tr = GlaChunkTraits;
   alignas(128) float q[Tr::kChunk][Tr::kBK];
   alignas(128) float k[Tr::kChunk][Tr::kBK];
-  alignas(128) float b[Tr::kChunk][Tr::kBK];  // log2-scaled inclusive cumsum of g within the chunk
+  alignas(128) float log2g_cum[Tr::kChunk][Tr::kBK];  // log2-scaled inclusive cumsum of g within the chunk
 };
 
 // Stages rows [t0, t0 + L) and channels [c0, c0 + kBK) of q, k (if wanted) and g, zero-padded (g = 0 past the end,
-// so b stays flat and b[kChunk - 1] is the gate at the chunk's last real row), then the cumsum. Ends synced.
+// so log2g_cum stays flat and log2g_cum[kChunk - 1] is the gate at the chunk's last real row), then the cumsum.
+// Ends synced.
 template <typename T>
 __device__ __forceinline__ void stage_chunk_slice(GlaChunkSlice& s, const GlaParams& p, int64_t bi, int64_t hi,
                                                   int64_t t0, int L, int c0, bool want_q, bool want_k) {
@@ -84,24 +85,24 @@ __device__ __forceinline__ void stage_chunk_slice(GlaChunkSlice& s, const GlaPar
   for (int idx = threadIdx.x; idx < C * BK; idx += blockDim.x) {
     const int i = idx / BK, cc = idx % BK;
     const bool ok = i < L && c0 + cc < K;
-    if (want_q) s.q[i][cc] = ok ? to_float(gla_row<const T>(p.q, bi, t0 + i, hi)[c0 + cc]) : 0.f;
-    if (want_k) s.k[i][cc] = ok ? to_float(gla_row<const T>(p.k, bi, t0 + i, hi)[c0 + cc]) : 0.f;
-    s.b[i][cc] = ok ? gla_log2_gate(to_float(gla_row<const T>(p.g, bi, t0 + i, hi)[c0 + cc])) : 0.f;
+    if (want_q) s.q[i][cc] = ok ? to_float(p.q.at<const T>(bi, t0 + i, hi)[c0 + cc]) : 0.f;
+    if (want_k) s.k[i][cc] = ok ? to_float(p.k.at<const T>(bi, t0 + i, hi)[c0 + cc]) : 0.f;
+    s.log2g_cum[i][cc] = ok ? gla_log2_gate(to_float(p.g.at<const T>(bi, t0 + i, hi)[c0 + cc])) : 0.f;
   }
   __syncthreads();
   if (threadIdx.x < BK) {
     float run = 0.f;
     for (int i = 0; i < C; ++i) {
-      run += s.b[i][threadIdx.x];
-      s.b[i][threadIdx.x] = run;
+      run += s.log2g_cum[i][threadIdx.x];
+      s.log2g_cum[i][threadIdx.x] = run;
     }
   }
   __syncthreads();
 }
 
 // A (kChunk, kChunk) += this K slice's contribution to A_ij = sum_c q_ic k_jc exp2(b_ic - b_jc), j <= i.
-// Off-diagonal sub-blocks A[I, J<I] = q~_I k~^T with reference r = b at row 16 I, q~ = q exp2(b - r),
-// k~ = k exp2(r - b) (both exponents <= 0), through the Op-typed operand buffers x, y (kChunk, kBK);
+// Off-diagonal sub-blocks A[I, J<I] = q~_I k~^T with reference r = log2g_cum at row 16 I, q~ = q exp2(log2g_cum - r),
+// k~ = k exp2(r - log2g_cum) (both exponents <= 0), through the Op-typed operand buffers x, y (kChunk, kBK);
 // diagonal sub-blocks elementwise in fp32. Ends synced; x, y are free afterwards.
 template <typename Op>
 __device__ __forceinline__ void accumulate_scores(float (*A)[GlaChunkTraits::kChunk], const GlaChunkSlice& s,
@@ -113,11 +114,11 @@ __device__ __forceinline__ void accumulate_scores(float (*A)[GlaChunkTraits::kCh
     const int r_row = 16 * I;
     for (int idx = tid; idx < 16 * BK; idx += nt) {
       const int ii = idx / BK, cc = idx % BK, i = r_row + ii;
-      x[ii][cc] = from_float<Op>(s.q[i][cc] * gla_exp2(s.b[i][cc] - s.b[r_row][cc]));
+      x[ii][cc] = from_float<Op>(s.q[i][cc] * gla_exp2(s.log2g_cum[i][cc] - s.log2g_cum[r_row][cc]));
     }
     for (int idx = tid; idx < r_row * BK; idx += nt) {
       const int j = idx / BK, cc = idx % BK;
-      y[j][cc] = from_float<Op>(s.k[j][cc] * gla_exp2(s.b[r_row][cc] - s.b[j][cc]));
+      y[j][cc] = from_float<Op>(s.k[j][cc] * gla_exp2(s.log2g_cum[r_row][cc] - s.log2g_cum[j][cc]));
     }
     __syncthreads();
     smem_gemm_acc<Op, true, false>(&A[r_row][0], C, &x[0][0], BK, &y[0][0], BK, 16, r_row, BK);
@@ -127,7 +128,7 @@ __device__ __forceinline__ void accumulate_scores(float (*A)[GlaChunkTraits::kCh
     const int sub = idx / 256, ii = (idx % 256) / 16, jj = idx % 16;
     if (jj > ii) continue;
     const int i = 16 * sub + ii, j = 16 * sub + jj;
-    A[i][j] += gla_diag_score(&s.q[i][0], &s.k[j][0], &s.b[i][0], &s.b[j][0], BK);
+    A[i][j] += gla_diag_score(&s.q[i][0], &s.k[j][0], &s.log2g_cum[i][0], &s.log2g_cum[j][0], BK);
   }
   __syncthreads();
 }

@@ -1,13 +1,14 @@
 // CUDA chunk_gla forward: one block per (batch * head, 32-column slice of V) walks the chunks in order,
 // carrying its (K, 32) slice of the state in shared memory (fp32). Per chunk of 64 steps and per 32-channel
 // slice of K (everything but the score matrix A decomposes over key channels):
-//   b      = log2-scaled cumsum of g over the chunk (fp32)
+//   log2g_cum = log2-scaled cumsum of g over the chunk (fp32)
 //   A     += off-diagonal 16x16 sub-blocks on tensor cores, diagonal ones elementwise (accumulate_scores)
-//   o     += (q exp2(b)) S                  (tensor cores; S rounded to the input dtype as an operand)
-//   S      = exp2(b_last) S + (k exp2(b_last - b))^T v   (tensor cores, fp32 accumulate in place)
+//   o     += (q exp2(log2g_cum)) S                  (tensor cores; S rounded to the input dtype as an operand)
+//   S      = exp2(log2g_cum_last) S + (k exp2(log2g_cum_last - log2g_cum))^T v
+//                                           (tensor cores, fp32 accumulate in place)
 // then o += tril(A) v (tensor cores) and o is written scaled. fp16/bf16 inputs use WMMA 16x16x16 with fp32
 // accumulation; fp32 inputs take the same path with fp32 CUDA-core products (no tf32: the fp32 tests
-// ask for ~1e-5). Rows past T and channels past K or V are zero-padded (g = 0 there, so b stays flat).
+// ask for ~1e-5). Rows past T and channels past K or V are zero-padded (g = 0 there, so log2g_cum stays flat).
 #pragma once
 
 #include "gla/gla_chunk_common.cuh"
@@ -21,8 +22,9 @@ struct GlaChunkFwdSmem {
   alignas(128) float S[Tr::kMaxK][Tr::kBV];      // state slice (K, BV), rows >= K stay zero
   alignas(128) float A[Tr::kChunk][Tr::kChunk];  // scores of the chunk, lower triangle
   alignas(128) float o[Tr::kChunk][Tr::kBV];     // output accumulator
-  GlaChunkSlice in;                              // q, k, b of the current (chunk, K slice)
-  alignas(128) Op x[Tr::kChunk][Tr::kBK];        // operand buffers (q~ / q exp2(b), k~ / k exp2(b_last - b))
+  GlaChunkSlice in;                              // q, k, log2g_cum of the current (chunk, K slice)
+  // operand buffers (q~ / q exp2(log2g_cum), k~ / k exp2(log2g_cum_last - log2g_cum))
+  alignas(128) Op x[Tr::kChunk][Tr::kBK];
   alignas(128) Op y[Tr::kChunk][Tr::kBK];
   alignas(128) Op v[Tr::kChunk][Tr::kBV];
   alignas(128) Op St[Tr::kBK][Tr::kBV];          // operand copy of the current K slice of S
@@ -31,7 +33,7 @@ struct GlaChunkFwdSmem {
 
 // grid: (B * H, ceil(V / kBV)); block: kThreads; dynamic shared memory: sizeof(GlaChunkFwdSmem<T>).
 template <typename T>
-__global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_fwd_kernel(GlaParams p) {
+__global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_gla_chunk_fwd_kernel(GlaParams p) {
   using Tr = GlaChunkTraits;
   constexpr int C = Tr::kChunk, BK = Tr::kBK, BV = Tr::kBV, NT = Tr::kThreads;
   LINMIX_DYNAMIC_SHARED_ALIGNED(128, unsigned char, smem_raw);
@@ -54,16 +56,16 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_fwd
     for (int idx = tid; idx < C * BV; idx += NT) {
       const int i = idx / BV, e = idx % BV;
       s.o[i][e] = 0.f;
-      s.v[i][e] = from_float<T>(i < L && v0 + e < V ? to_float(gla_row<const T>(p.v, bi, t0 + i, hi)[v0 + e]) : 0.f);
+      s.v[i][e] = from_float<T>(i < L && v0 + e < V ? to_float(p.v.at<const T>(bi, t0 + i, hi)[v0 + e]) : 0.f);
     }
     for (int ks = 0; ks < n_kslices; ++ks) {
       const int c0 = ks * BK;
       stage_chunk_slice<T>(s.in, p, bi, hi, t0, L, c0, true, true);
       accumulate_scores<T>(s.A, s.in, s.x, s.y);
-      // Inter-chunk output: o += (q exp2(b)) S[c0 : c0 + BK].
+      // Inter-chunk output: o += (q exp2(log2g_cum)) S[c0 : c0 + BK].
       for (int idx = tid; idx < C * BK; idx += NT) {
         const int i = idx / BK, cc = idx % BK;
-        s.x[i][cc] = from_float<T>(s.in.q[i][cc] * gla_exp2(s.in.b[i][cc]));
+        s.x[i][cc] = from_float<T>(s.in.q[i][cc] * gla_exp2(s.in.log2g_cum[i][cc]));
       }
       for (int idx = tid; idx < BK * BV; idx += NT) {
         const int cc = idx / BV, e = idx % BV;
@@ -72,14 +74,14 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_fwd
       __syncthreads();
       smem_gemm_acc<T, true, true>(&s.o[0][0], BV, &s.x[0][0], BK, &s.St[0][0], BV, C, BV, BK);
       __syncthreads();
-      // State: S[c0 : c0 + BK] = exp2(b_last) S + (k exp2(b_last - b))^T v.
+      // State: S[c0 : c0 + BK] = exp2(log2g_cum_last) S + (k exp2(log2g_cum_last - log2g_cum))^T v.
       for (int idx = tid; idx < C * BK; idx += NT) {
         const int i = idx / BK, cc = idx % BK;
-        s.y[i][cc] = from_float<T>(s.in.k[i][cc] * gla_exp2(s.in.b[C - 1][cc] - s.in.b[i][cc]));
+        s.y[i][cc] = from_float<T>(s.in.k[i][cc] * gla_exp2(s.in.log2g_cum[C - 1][cc] - s.in.log2g_cum[i][cc]));
       }
       for (int idx = tid; idx < BK * BV; idx += NT) {
         const int cc = idx / BV, e = idx % BV;
-        s.S[c0 + cc][e] *= gla_exp2(s.in.b[C - 1][cc]);
+        s.S[c0 + cc][e] *= gla_exp2(s.in.log2g_cum[C - 1][cc]);
       }
       __syncthreads();
       smem_gemm_acc<T, false, true>(&s.S[c0][0], BV, &s.y[0][0], BK, &s.v[0][0], BV, BK, BV, C);
@@ -96,7 +98,7 @@ __global__ void __launch_bounds__(GlaChunkTraits::kThreads) linmix_chunk_gla_fwd
     const float scale = static_cast<float>(p.scale);
     for (int idx = tid; idx < L * BV; idx += NT) {
       const int i = idx / BV, e = idx % BV;
-      if (v0 + e < V) gla_row<T>(p.o, bi, t0 + i, hi)[v0 + e] = from_float<T>(scale * s.o[i][e]);
+      if (v0 + e < V) p.o.at<T>(bi, t0 + i, hi)[v0 + e] = from_float<T>(scale * s.o[i][e]);
     }
     __syncthreads();  // the next chunk clears A and o
   }
@@ -113,9 +115,9 @@ void chunk_gla_fwd_cuda(const GlaParams& p, cudaStream_t stream) {
   using T = cuda_t<dt>;
   constexpr size_t smem = sizeof(GlaChunkFwdSmem<T>);
   static_assert(smem <= kMaxBlockSharedBytes);
-  opt_in_smem(linmix_chunk_gla_fwd_kernel<T>, smem);
+  opt_in_smem(linmix_gla_chunk_fwd_kernel<T>, smem);
   const dim3 grid = checked_grid("chunk_gla", "(B H, ceil(V / 32))", p.batch * p.heads, ceil_div(p.dim_v, Tr::kBV));
-  launch_kernel(linmix_chunk_gla_fwd_kernel<T>, grid, Tr::kThreads, smem, stream, p);
+  launch_kernel(linmix_gla_chunk_fwd_kernel<T>, grid, Tr::kThreads, smem, stream, p);
 }
 
 }  // namespace linmix

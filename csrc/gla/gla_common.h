@@ -1,15 +1,16 @@
 // Arithmetic of gated linear attention shared by the CPU and CUDA kernels (__host__ __device__).
 //
-// Gates enter as log2 gates a_t = log2(e) g_t <= 0; the decay from step j to step i >= j is
-// exp2(sum_{j < m <= i} a_m). Two ways to form that sum:
+// Gates enter as log2 gates log2g_t = log2(e) g_t <= 0; the decay from step j to step i >= j is
+// exp2(sum_{j < m <= i} log2g_m). Two ways to form that sum:
 //  - segment sums (the CPU twin and the chunk-parallel CUDA kernels, gla_chunkpar_common.cuh): every decay is
 //    exp2 of a sum taken directly over the segment it spans: the CUDA kernels build it from per-sub-chunk prefix
 //    sums (query side), suffix sums (key side), whole-sub-chunk totals, and pairwise running sums on the diagonal
 //    sub-blocks (Mamba-2's segsum); the CPU twin from running sums that start at the split points of a chunk
 //    halved down to single rows (gla_cpu.cpp). Every summand is <= 0, so nothing cancels: a decay is accurate to a few ulp whatever
 //    the other gates are, and a gate of -inf anywhere in the segment gives exactly 0 (never -inf - -inf).
-//  - differences of the chunk's running cumsum gc_i = sum_{m <= i} a_m (the GPU-verified chunk kernels,
-//    gla_chunk_common.cuh, the CUDA default until the chunk-parallel kernels are verified): exp2(gc_i - gc_j).
+//  - differences of the chunk's running cumsum log2g_cum_i = sum_{m <= i} log2g_m (the GPU-verified chunk
+//    kernels, gla_chunk_common.cuh, the CUDA default until the chunk-parallel kernels are verified):
+//    exp2(log2g_cum_i - log2g_cum_j).
 //    It cancels catastrophically after a large gate (NaN for -inf, the decay dropped for -3.4e37, 2.7e-4
 //    relative error for -1e4 in fp32).
 // Gate gradients come from the closed form (gla_dgate_term), exactly 0 where the decay underflows (gla_gate_grad).
@@ -27,12 +28,6 @@ constexpr int kGlaChunk = 64;     // time steps per chunk (inter-chunk state pas
 constexpr int kGlaSubChunk = 16;  // CUDA sub-chunk: diagonal blocks in fp32 elementwise, the rest as matmuls
 static_assert(kGlaChunk % kGlaSubChunk == 0, "a chunk is a whole number of sub-chunks");
 
-// Row t of (batch b, head h) of a (B, T, H, X) view; T may be const-qualified.
-template <typename T>
-LINMIX_HD T* gla_row(const BTHView& x, int64_t b, int64_t t, int64_t h) {
-  return static_cast<T*>(x.ptr) + b * x.batch_stride + t * x.t_stride + h * x.head_stride;
-}
-
 // exp2 for the kernels; exp2(-inf) = 0. (The CPU loops use exp2_cpu, common/exp2_cpu.h.)
 LINMIX_HD float gla_exp2(float x) {
 #if defined(__CUDA_ARCH__)
@@ -49,18 +44,21 @@ LINMIX_HD acc_t gla_log2_gate(acc_t g) {
   return g * static_cast<acc_t>(1.4426950408889634);
 }
 
-// One diagonal-block score, g_cumsum form (the GPU-verified CUDA path):
-// A_ij = sum_k q_ik k_jk exp2(gc_ik - gc_jk), i >= j in the same sub-chunk. Evaluated elementwise (never
-// factorised into rescaled q and k) because exp2(gc_s - gc_j) for a shared reference s could overflow
-// inside a sub-chunk under harsh gates. q, k, gc are rows of length K.
+// One diagonal-block score, log2g_cum form (the GPU-verified CUDA path):
+// A_ij = sum_k q_ik k_jk exp2(log2g_cum_ik - log2g_cum_jk), i >= j in the same sub-chunk. Evaluated elementwise
+// (never factorised into rescaled q and k) because exp2(log2g_cum_s - log2g_cum_j) for a shared reference s could
+// overflow inside a sub-chunk under harsh gates. q, k, log2g_cum are rows of length K.
 template <typename acc_t, typename Q, typename Kt>
-LINMIX_HD acc_t gla_diag_score(const Q* q_i, const Kt* k_j, const acc_t* gc_i, const acc_t* gc_j, int64_t K) {
+LINMIX_HD acc_t gla_diag_score(const Q* q_i, const Kt* k_j, const acc_t* log2g_cum_i, const acc_t* log2g_cum_j,
+                               int64_t K) {
   acc_t s = 0;
-  for (int64_t c = 0; c < K; ++c) s += static_cast<acc_t>(q_i[c]) * static_cast<acc_t>(k_j[c]) * gla_exp2(gc_i[c] - gc_j[c]);
+  for (int64_t c = 0; c < K; ++c) {
+    s += static_cast<acc_t>(q_i[c]) * static_cast<acc_t>(k_j[c]) * gla_exp2(log2g_cum_i[c] - log2g_cum_j[c]);
+  }
   return s;
 }
 
-// One state element over one step of the recurrence: S <- decay S + k v, decay = exp2(g2) of the
+// One state element over one step of the recurrence: S <- decay S + k v, decay = exp2(log2g) of the
 // key channel (computed once per channel and step, not per element).
 template <typename acc_t>
 LINMIX_HD acc_t gla_state_step(acc_t S, acc_t decay, acc_t k, acc_t v) {

@@ -26,19 +26,20 @@ constexpr int64_t C = kGlaChunk;
 
 // Copies rows t0 .. t0+L-1 of (batch b, head h) into dst (L, n) in the accumulation type.
 template <typename T, typename acc_t>
-LINMIX_CPU_CLONES void load_rows(const BTHView& x, int64_t b, int64_t h, int64_t t0, int64_t L, int64_t n, acc_t* dst) {
+LINMIX_CPU_CLONES void load_rows(const StridedView<3>& x, int64_t b, int64_t h, int64_t t0, int64_t L, int64_t n,
+                                 acc_t* dst) {
   for (int64_t i = 0; i < L; ++i) {
-    const T* src = gla_row<const T>(x, b, t0 + i, h);
+    const T* src = x.at<const T>(b, t0 + i, h);
     LINMIX_SIMD
     for (int64_t c = 0; c < n; ++c) dst[i * n + c] = static_cast<acc_t>(src[c]);
   }
 }
 
 template <typename T, typename acc_t>
-LINMIX_CPU_CLONES void store_rows(const BTHView& x, int64_t b, int64_t h, int64_t t0, int64_t L, int64_t n,
+LINMIX_CPU_CLONES void store_rows(const StridedView<3>& x, int64_t b, int64_t h, int64_t t0, int64_t L, int64_t n,
                                   const acc_t* src) {
   for (int64_t i = 0; i < L; ++i) {
-    T* out = gla_row<T>(x, b, t0 + i, h);
+    T* out = x.at<T>(b, t0 + i, h);
     LINMIX_SIMD
     for (int64_t c = 0; c < n; ++c) out[c] = static_cast<T>(src[i * n + c]);
   }
@@ -82,14 +83,14 @@ struct ChunkBuffers {
 
   int64_t K, V, L = 0;
   CpuGemmFn<acc_t> gemm_fn;
-  std::vector<acc_t> q, k, a, v;  // (C, K) x3, (C, V); a = log2 gates
+  std::vector<acc_t> q, k, log2g, v;  // (C, K) x3, (C, V); log2g = log2 gates
   std::vector<acc_t> eq, ek;      // (C, K): decay from the chunk's start to row i (inclusive), from row j to its end
   std::vector<acc_t> etot;        // (K) decay across the whole chunk
   std::vector<acc_t> fac, op;     // (kLevels, C, K): per level, each row's factor to its split, and q or k times it
   std::vector<acc_t> A;           // (C, C) intra-chunk scores, lower triangle; the upper one stays 0
   std::vector<acc_t> tmp;         // (C, max(K, V))
   ChunkBuffers(int64_t K_, int64_t V_, CpuGemmFn<acc_t> gemm)
-      : K(K_), V(V_), gemm_fn(gemm), q(C * K_), k(C * K_), a(C * K_), v(C * V_), eq(C * K_), ek(C * K_), etot(K_),
+      : K(K_), V(V_), gemm_fn(gemm), q(C * K_), k(C * K_), log2g(C * K_), v(C * V_), eq(C * K_), ek(C * K_), etot(K_),
         fac(kLevels * C * K_), op(kLevels * C * K_), A(C * C), tmp(C * std::max(K_, V_)) {}
 
   void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t kk, acc_t alpha, const acc_t* a_, int64_t lda,
@@ -105,29 +106,30 @@ struct ChunkBuffers {
     if (scores) load_rows<T>(p.q, bi, hi, t0, L, K, q.data());
     load_rows<T>(p.k, bi, hi, t0, L, K, k.data());
     load_rows<T>(p.v, bi, hi, t0, L, V, v.data());
-    load_rows<T>(p.g, bi, hi, t0, L, K, a.data());
+    load_rows<T>(p.g, bi, hi, t0, L, K, log2g.data());
     LINMIX_SIMD
-    for (int64_t x = 0; x < L * K; ++x) a[x] = gla_log2_gate(a[x]);
-    std::fill(a.begin() + L * K, a.end(), acc_t(0));
+    for (int64_t x = 0; x < L * K; ++x) log2g[x] = gla_log2_gate(log2g[x]);
+    std::fill(log2g.begin() + L * K, log2g.end(), acc_t(0));
     std::fill(k.begin() + L * K, k.end(), acc_t(0));
     std::fill(v.begin() + L * V, v.end(), acc_t(0));
     if (scores) std::fill(q.begin() + L * K, q.end(), acc_t(0));
     acc_t* run = tmp.data();  // (K) running segment sums
     std::fill_n(run, K, acc_t(0));
-    for (int64_t i = 0; i < L; ++i) running_factor(run, &a[i * K], true, &eq[i * K]);
+    for (int64_t i = 0; i < L; ++i) running_factor(run, &log2g[i * K], true, &eq[i * K]);
     std::fill_n(run, K, acc_t(0));
-    for (int64_t j = L - 1; j >= 0; --j) running_factor(run, &a[j * K], false, &ek[j * K]);
+    for (int64_t j = L - 1; j >= 0; --j) running_factor(run, &log2g[j * K], false, &ek[j * K]);
     LINMIX_SIMD
     for (int64_t c = 0; c < K; ++c) etot[c] = exp2_cpu(run[c]);
     if (scores) level_factors();
   }
 
-  // One step of a running segment sum and its factor: the query side adds a_i before the exp2 (the decay to row i
+  // One step of a running segment sum and its factor: the query side adds log2g_i before the exp2 (the decay to row i
   // includes step i), the key side after it (the decay from row j excludes step j).
-  LINMIX_NOINLINE LINMIX_CPU_CLONES void running_factor(acc_t* run, const acc_t* a_row, bool inclusive, acc_t* f) const {
+  LINMIX_NOINLINE LINMIX_CPU_CLONES void running_factor(acc_t* run, const acc_t* log2g_row, bool inclusive,
+                                                        acc_t* f) const {
     LINMIX_SIMD
     for (int64_t c = 0; c < K; ++c) {
-      const acc_t before = run[c], after = before + a_row[c];
+      const acc_t before = run[c], after = before + log2g_row[c];
       f[c] = exp2_cpu(inclusive ? after : before);
       run[c] = after;
     }
@@ -144,12 +146,12 @@ struct ChunkBuffers {
         const int64_t m = r0 + h;
         std::fill_n(run, K, acc_t(0));
         for (int64_t i = m; i < m + h; ++i) {
-          running_factor(run, &a[i * K], true, &f[i * K]);
+          running_factor(run, &log2g[i * K], true, &f[i * K]);
           mul_rows(&q[i * K], &f[i * K], 0, 1, &o[i * K]);
         }
         std::fill_n(run, K, acc_t(0));
         for (int64_t j = m - 1; j >= r0; --j) {
-          running_factor(run, &a[j * K], false, &f[j * K]);
+          running_factor(run, &log2g[j * K], false, &f[j * K]);
           mul_rows(&k[j * K], &f[j * K], 0, 1, &o[j * K]);
         }
       }
@@ -340,7 +342,7 @@ void chunk_bwd_impl(const GlaParams& p, const CpuGemm& gemm) {
           for (int64_t kc = 0; kc < K; ++kc) {
             const int64_t x = i * K + kc;
             run[kc] += gla_dgate_term(cb.q[x], dq[x], cb.k[x], dk[x]);
-            dg[x] = gla_gate_grad(run[kc], cb.a[x]);
+            dg[x] = gla_gate_grad(run[kc], cb.log2g[x]);
           }
         // dS <- exp(b_last) dS + (q exp(b))^T (scale do)
         for (int64_t kc = 0; kc < K; ++kc)
@@ -437,8 +439,8 @@ void recurrent_bwd_impl(const GlaParams& p) {
           }
           dk[c] = dot(dSc, v.data(), V);
           run[c] += gla_dgate_term(q[c], dq[t * K + c], k[c], dk[c]);
-          const acc_t a = gla_log2_gate(g[c]), decay = exp2_cpu(a);
-          dg[c] = gla_gate_grad(run[c], a);
+          const acc_t log2g = gla_log2_gate(g[c]), decay = exp2_cpu(log2g);
+          dg[c] = gla_gate_grad(run[c], log2g);
           for (int64_t e = 0; e < V; ++e) dSc[e] *= decay;
         }
         store_rows<T>(p.dk, bi, hi, t, 1, K, dk.data());

@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(Tr::kThreads) linmix_gla_fused_bwd_kernel(GlaP
     for (int idx = threadIdx.x; idx < C * BV; idx += blockDim.x) {
       const int i = idx / BV, e = idx % BV;
       const bool ok = i < L && e0 + e < V;
-      s.sdo[idx] = from_float<T>(ok ? scale * to_float(gla_row<const T>(p.dout, bi, t0 + i, hi)[e0 + e]) : 0.f);
+      s.sdo[idx] = from_float<T>(ok ? scale * to_float(p.dout.at<const T>(bi, t0 + i, hi)[e0 + e]) : 0.f);
     }
     if (want_v) gla_stage_tile<false, T>(s.v, p.v, bi, hi, t0, L, e0, V, BV);
   };
@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(Tr::kThreads) linmix_gla_fused_bwd_kernel(GlaP
       }
       for (int idx = threadIdx.x; idx < L * BV; idx += blockDim.x) {
         const int i = idx / BV, e = idx % BV;
-        if (e0 + e < V) gla_row<T>(p.dv, bi, t0 + i, hi)[e0 + e] = from_float<T>(s.dv[idx]);
+        if (e0 + e < V) p.dv.at<T>(bi, t0 + i, hi)[e0 + e] = from_float<T>(s.dv[idx]);
       }
     }
 
@@ -208,8 +208,8 @@ __global__ void __launch_bounds__(Tr::kThreads) linmix_gla_fused_bwd_kernel(GlaP
       for (int idx = threadIdx.x; idx < L * BK; idx += blockDim.x) {
         const int i = idx / BK, cc = idx % BK;
         if (c0 + cc < K) {
-          gla_row<T>(p.dq, bi, t0 + i, hi)[c0 + cc] = from_float<T>(s.gr.dq[idx]);
-          gla_row<T>(p.dk, bi, t0 + i, hi)[c0 + cc] = from_float<T>(s.gr.dk[idx]);
+          p.dq.at<T>(bi, t0 + i, hi)[c0 + cc] = from_float<T>(s.gr.dq[idx]);
+          p.dk.at<T>(bi, t0 + i, hi)[c0 + cc] = from_float<T>(s.gr.dk[idx]);
         }
       }
       for (int cc = threadIdx.x; cc < BK; cc += blockDim.x) {
@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(Tr::kThreads) linmix_gla_fused_bwd_kernel(GlaP
         for (int t = C - 1; t >= 0; --t) {
           run += gla_dgate_term(s.q[t * BK + cc], s.gr.dq[t * BK + cc], s.k[t * BK + cc], s.gr.dk[t * BK + cc]);
           if (t < L && c0 + cc < K)
-            gla_row<T>(p.dg, bi, t0 + t, hi)[c0 + cc] = from_float<T>(gla_gate_grad(run, s.log2g[t * BK + cc]));
+            p.dg.at<T>(bi, t0 + t, hi)[c0 + cc] = from_float<T>(gla_gate_grad(run, s.log2g[t * BK + cc]));
           sum += s.log2g[t * BK + cc];
         }
         s.etot[cc] = gla_exp2(sum);

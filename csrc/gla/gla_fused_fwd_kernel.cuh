@@ -21,7 +21,7 @@ struct GlaFusedFwdSmem {
   struct Slice {  // the (chunk, K slice) inputs, fp32
     alignas(128) float q[C * BK];
     alignas(128) float k[C * BK];
-    alignas(128) float gl[C * BK];  // log2 gates
+    alignas(128) float log2g[C * BK];  // log2 gates
   };
   alignas(128) float S[Tr::kMaxK * BV];  // (kMaxK, BV) state slice; rows past K stay 0
   alignas(128) float A[C * C];           // scores of the chunk, lower triangle
@@ -74,22 +74,22 @@ __device__ __forceinline__ void gla_fused_walk(const GlaParams& p, T* states, fl
     for (int c0 = 0; c0 < K; c0 += BK) {
       if constexpr (kOut) gla_stage_tile<false, T>(s.in.q, p.q, bi, hi, t0, L, c0, K, BK);
       gla_stage_tile<false, T>(s.in.k, p.k, bi, hi, t0, L, c0, K, BK);
-      gla_stage_tile<true, T>(s.in.gl, p.g, bi, hi, t0, L, c0, K, BK);
+      gla_stage_tile<true, T>(s.in.log2g, p.g, bi, hi, t0, L, c0, K, BK);
       if constexpr (kOut) {
         for (int idx = threadIdx.x; idx < BK * BV; idx += blockDim.x) s.St[idx] = from_float<T>(s.S[c0 * BV + idx]);
         __syncthreads();
-        each_prefix_decay(s.in.gl, BK, 0, C, [&](int i, int cc, float d) { s.x[i * BK + cc] = from_float<T>(s.in.q[i * BK + cc] * d); });
+        each_prefix_decay(s.in.log2g, BK, 0, C, [&](int i, int cc, float d) { s.x[i * BK + cc] = from_float<T>(s.in.q[i * BK + cc] * d); });
         __syncthreads();
         smem_gemm_acc<T, true, true>(s.o, BV, s.x, BK, s.St, BV, C, BV, BK);  // (C, BK) (BK, BV)
         __syncthreads();
-        gla_accumulate_scores<T, BK>(s.A, s.in.q, s.in.k, s.in.gl, s.x, s.y);
+        gla_accumulate_scores<T, BK>(s.A, s.in.q, s.in.k, s.in.log2g, s.x, s.y);
       } else {
         __syncthreads();
       }
-      each_suffix_decay(s.in.gl, BK, C, [&](int j, int cc, float d) { s.y[j * BK + cc] = from_float<T>(s.in.k[j * BK + cc] * d); });
+      each_suffix_decay(s.in.log2g, BK, C, [&](int j, int cc, float d) { s.y[j * BK + cc] = from_float<T>(s.in.k[j * BK + cc] * d); });
       for (int cc = threadIdx.x; cc < BK; cc += blockDim.x) {
         float sum = 0.f;
-        for (int i = 0; i < C; ++i) sum += s.in.gl[i * BK + cc];
+        for (int i = 0; i < C; ++i) sum += s.in.log2g[i * BK + cc];
         s.etot[cc] = gla_exp2(sum);
       }
       __syncthreads();
@@ -106,7 +106,7 @@ __device__ __forceinline__ void gla_fused_walk(const GlaParams& p, T* states, fl
       __syncthreads();
       for (int idx = threadIdx.x; idx < L * BV; idx += blockDim.x) {
         const int i = idx / BV, e = idx % BV;
-        if (e0 + e < V) gla_row<T>(p.o, bi, t0 + i, hi)[e0 + e] = from_float<T>(scale * s.o[idx]);
+        if (e0 + e < V) p.o.at<T>(bi, t0 + i, hi)[e0 + e] = from_float<T>(scale * s.o[idx]);
       }
       __syncthreads();  // the next chunk clears A and o and restages v
     }

@@ -44,7 +44,7 @@ struct GlaColumnSmem {
 
 // Stages steps [t0, t0 + n) of q (times q_scale), k, exp(g) and the column slice of `cols` (v or do).
 template <typename T>
-__device__ __forceinline__ void stage_column_group(GlaColumnSmem& s, const GlaParams& p, const BTHView& cols,
+__device__ __forceinline__ void stage_column_group(GlaColumnSmem& s, const GlaParams& p, const StridedView<3>& cols,
                                                    int64_t b, int64_t h, int64_t t0, int n, int64_t v0,
                                                    float q_scale) {
   using Tr = GlaRecurrentTraits;
@@ -52,34 +52,34 @@ __device__ __forceinline__ void stage_column_group(GlaColumnSmem& s, const GlaPa
   for (int idx = threadIdx.x; idx < Tr::kSteps * K; idx += Tr::kThreads) {
     const int st = idx / K, c = idx % K;
     if (st >= n) continue;
-    s.q[st][c] = q_scale * to_float(gla_row<const T>(p.q, b, t0 + st, h)[c]);
-    s.k[st][c] = to_float(gla_row<const T>(p.k, b, t0 + st, h)[c]);
-    s.decay[st][c] = gla_exp2(gla_log2_gate(to_float(gla_row<const T>(p.g, b, t0 + st, h)[c])));
+    s.q[st][c] = q_scale * to_float(p.q.at<const T>(b, t0 + st, h)[c]);
+    s.k[st][c] = to_float(p.k.at<const T>(b, t0 + st, h)[c]);
+    s.decay[st][c] = gla_exp2(gla_log2_gate(to_float(p.g.at<const T>(b, t0 + st, h)[c])));
   }
   for (int idx = threadIdx.x; idx < Tr::kSteps * 32; idx += Tr::kThreads) {
     const int st = idx / 32, l = idx % 32;
     const int64_t v = v0 + l;
-    s.col[st][l] = (st < n && v < p.dim_v) ? to_float(gla_row<const T>(cols, b, t0 + st, h)[v]) : 0.f;
+    s.col[st][l] = (st < n && v < p.dim_v) ? to_float(cols.at<const T>(b, t0 + st, h)[v]) : 0.f;
   }
 }
 
 // Warp s sums the kNWarps partials of step s and writes scale * sum to out[t0 + s, v].
 template <typename T>
-__device__ __forceinline__ void reduce_column_group(const GlaColumnSmem& s, const BTHView& out, int64_t b, int64_t h,
-                                                    int64_t t0, int n, int64_t v, bool active, float scale) {
+__device__ __forceinline__ void reduce_column_group(const GlaColumnSmem& s, const StridedView<3>& out, int64_t b,
+                                                    int64_t h, int64_t t0, int n, int64_t v, bool active, float scale) {
   using Tr = GlaRecurrentTraits;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (warp < n && active) {
     float sum = 0.f;
 #pragma unroll
     for (int w = 0; w < Tr::kNWarps; ++w) sum += s.part[warp][w][lane];
-    gla_row<T>(out, b, t0 + warp, h)[v] = from_float<T>(scale * sum);
+    out.at<T>(b, t0 + warp, h)[v] = from_float<T>(scale * sum);
   }
 }
 
 // grid: (B * H, ceil(V / 32)); block: kThreads.
 template <typename T>
-__global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_recurrent_gla_fwd_kernel(GlaParams p) {
+__global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_gla_recurrent_fwd_kernel(GlaParams p) {
   using Tr = GlaRecurrentTraits;
   LINMIX_SHARED(GlaColumnSmem, s);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_rec
 // dv_t = k_t dS_t (a sum over k: cross-warp), and dh0 = exp(g_0) dS_0.
 // grid: (B * H, ceil(V / 32)); block: kThreads.
 template <typename T>
-__global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_recurrent_gla_bwd_dv_kernel(GlaParams p) {
+__global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_gla_recurrent_bwd_dv_kernel(GlaParams p) {
   using Tr = GlaRecurrentTraits;
   LINMIX_SHARED(GlaColumnSmem, s);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_rec
 // dk_t = dS_t v_t and the closed-form dg (reverse cumsum of q dq - k dk, starting from sum_v S_T dS_T; gla_gate_grad).
 // grid: (B * H, ceil(K / kNWarps)); block: kThreads.
 template <typename T, bool kExactGateGrad>
-__global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_recurrent_gla_bwd_dqk_kernel(GlaParams p) {
+__global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_gla_recurrent_bwd_dqk_kernel(GlaParams p) {
   using Tr = GlaRecurrentTraits;
   LINMIX_SHARED(float, s_v, [Tr::kSteps][Tr::kMaxDim]);   // (kSteps, V)
   LINMIX_SHARED(float, s_do, [Tr::kSteps][Tr::kMaxDim]);  // (kSteps, V)
@@ -190,8 +190,8 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_rec
     for (int idx = threadIdx.x; idx < Tr::kSteps * V; idx += Tr::kThreads) {
       const int st = idx / V, e = idx % V;
       if (st >= n) continue;
-      s_v[st][e] = to_float(gla_row<const T>(p.v, b, t0 + st, h)[e]);
-      s_do[st][e] = to_float(gla_row<const T>(p.dout, b, t0 + st, h)[e]);
+      s_v[st][e] = to_float(p.v.at<const T>(b, t0 + st, h)[e]);
+      s_do[st][e] = to_float(p.dout.at<const T>(b, t0 + st, h)[e]);
     }
   };
   float S[Tr::kColsPerLane], dS[Tr::kColsPerLane];
@@ -208,8 +208,8 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_rec
     if (row_ok) {
       for (int st = 0; st < n; ++st) {
         const int64_t t = t0 + st;
-        const float decay = gla_exp2(gla_log2_gate(to_float(gla_row<const T>(p.g, b, t, h)[c])));
-        const float kc = to_float(gla_row<const T>(p.k, b, t, h)[c]);
+        const float decay = gla_exp2(gla_log2_gate(to_float(p.g.at<const T>(b, t, h)[c])));
+        const float kc = to_float(p.k.at<const T>(b, t, h)[c]);
         float part = 0.f;
 #pragma unroll
         for (int j = 0; j < Tr::kColsPerLane; ++j) {
@@ -222,7 +222,7 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_rec
         const float dq = scale * warp_sum(part);
         if (lane == 0) {
           ws[ws_at(t)] = dq;
-          gla_row<T>(p.dq, b, t, h)[c] = from_float<T>(dq);
+          p.dq.at<T>(b, t, h)[c] = from_float<T>(dq);
         }
       }
     }
@@ -240,9 +240,9 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_rec
     if (row_ok) {
       for (int st = n - 1; st >= 0; --st) {
         const int64_t t = t0 + st;
-        const float qc = to_float(gla_row<const T>(p.q, b, t, h)[c]);
-        const float kc = to_float(gla_row<const T>(p.k, b, t, h)[c]);
-        const float a = gla_log2_gate(to_float(gla_row<const T>(p.g, b, t, h)[c])), decay = gla_exp2(a);
+        const float qc = to_float(p.q.at<const T>(b, t, h)[c]);
+        const float kc = to_float(p.k.at<const T>(b, t, h)[c]);
+        const float log2g = gla_log2_gate(to_float(p.g.at<const T>(b, t, h)[c])), decay = gla_exp2(log2g);
         float dpart = 0.f;
 #pragma unroll
         for (int j = 0; j < Tr::kColsPerLane; ++j) {
@@ -256,8 +256,8 @@ __global__ void __launch_bounds__(GlaRecurrentTraits::kThreads) linmix_fused_rec
         const float dk = warp_sum(dpart);
         run += gla_dgate_term(qc, ws[ws_at(t)], kc, dk);  // written by lane 0 in the first pass
         if (lane == 0) {
-          gla_row<T>(p.dk, b, t, h)[c] = from_float<T>(dk);
-          gla_row<T>(p.dg, b, t, h)[c] = from_float<T>(kExactGateGrad ? gla_gate_grad(run, a) : run);
+          p.dk.at<T>(b, t, h)[c] = from_float<T>(dk);
+          p.dg.at<T>(b, t, h)[c] = from_float<T>(kExactGateGrad ? gla_gate_grad(run, log2g) : run);
         }
       }
     }
@@ -269,7 +269,7 @@ template <DType dt>
 void fused_recurrent_gla_fwd_cuda(const GlaParams& p, cudaStream_t stream) {
   using Tr = GlaRecurrentTraits;
   const dim3 grid = checked_grid("fused_recurrent_gla", "(B H, ceil(V / 32))", p.batch * p.heads, ceil_div(p.dim_v, 32));
-  launch_kernel(linmix_fused_recurrent_gla_fwd_kernel<cuda_t<dt>>, grid, Tr::kThreads, 0, stream, p);
+  launch_kernel(linmix_gla_recurrent_fwd_kernel<cuda_t<dt>>, grid, Tr::kThreads, 0, stream, p);
 }
 
 template <DType dt>
@@ -277,10 +277,10 @@ void fused_recurrent_gla_bwd_cuda(const GlaParams& p, cudaStream_t stream) {
   using Tr = GlaRecurrentTraits;
   const int64_t bh = p.batch * p.heads;
   const dim3 dqk_grid = checked_grid("fused_recurrent_gla", "(B H, ceil(K / 8))", bh, ceil_div(p.dim_k, Tr::kNWarps));
-  launch_kernel(p.exact_gate_grad ? linmix_fused_recurrent_gla_bwd_dqk_kernel<cuda_t<dt>, true>
-                                  : linmix_fused_recurrent_gla_bwd_dqk_kernel<cuda_t<dt>, false>,
+  launch_kernel(p.exact_gate_grad ? linmix_gla_recurrent_bwd_dqk_kernel<cuda_t<dt>, true>
+                                  : linmix_gla_recurrent_bwd_dqk_kernel<cuda_t<dt>, false>,
                 dqk_grid, Tr::kThreads, 0, stream, p);
-  launch_kernel(linmix_fused_recurrent_gla_bwd_dv_kernel<cuda_t<dt>>,
+  launch_kernel(linmix_gla_recurrent_bwd_dv_kernel<cuda_t<dt>>,
                 checked_grid("fused_recurrent_gla", "(B H, ceil(V / 32))", bh, ceil_div(p.dim_v, 32)), Tr::kThreads, 0,
                 stream, p);
 }

@@ -11,7 +11,6 @@
 namespace linmix {
 namespace {
 
-BTHView bth_view(const Tensor& t) { return BTHView{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 
 // Checks shared by both algorithms and directions.
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
@@ -46,7 +45,7 @@ GlaParams make_params(const Tensor& q, const Tensor& k, const Tensor& v, const T
   GlaParams p;
   p.batch = q.size(0), p.seqlen = q.size(1), p.heads = q.size(2), p.dim_k = q.size(3), p.dim_v = v.size(3);
   p.scale = scale;
-  p.q = bth_view(q), p.k = bth_view(k), p.v = bth_view(v), p.g = bth_view(g);
+  p.q = strided_view<3>(q), p.k = strided_view<3>(k), p.v = strided_view<3>(v), p.g = strided_view<3>(g);
   p.h0 = opt_ptr(h0);
   return p;
 }
@@ -75,7 +74,7 @@ std::tuple<Tensor, Tensor> gla_fwd(GlaAlgo algo, const Tensor& q_in, const Tenso
   Tensor ht = empty(q, {B, H, K, V}, acc_dtype(q));
   if (B * H == 0) return {o, ht};
   GlaParams p = make_params(q, k, v, g, scale, h0);
-  p.o = bth_view(o);
+  p.o = strided_view<3>(o);
   p.ht = ht.data_ptr();
   launch<backend, GlaCudaLaunchers>(
       q,
@@ -113,9 +112,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gla_bwd(
   Tensor dh0 = empty(q, {B, H, K, V}, acc_dtype(q));
   if (B * H == 0) return {dq, dk, dv, dg, dh0};
   GlaParams p = make_params(q, k, v, g, scale, h0);
-  p.dout = bth_view(dout);
+  p.dout = strided_view<3>(dout);
   p.dht = opt_ptr(dht);
-  p.dq = bth_view(dq), p.dk = bth_view(dk), p.dv = bth_view(dv), p.dg = bth_view(dg);
+  p.dq = strided_view<3>(dq), p.dk = strided_view<3>(dk), p.dv = strided_view<3>(dv);
+  p.dg = strided_view<3>(dg);
   p.dh0 = dh0.data_ptr();
   launch<backend, GlaCudaLaunchers>(
       q,

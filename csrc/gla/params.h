@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "common/strided.h"
+
 namespace linmix {
 
 // Largest head dim K and V (flash-linear-attention's own tests run 512).
@@ -11,30 +13,23 @@ constexpr int64_t kGlaMaxHeadDim = 512;
 // Largest head dim of the CUDA kernels for now: they size their shared memory and register tiles for it.
 constexpr int64_t kGlaCudaMaxHeadDim = 256;
 
-// A (B, T, H, X) tensor with unit stride along X; element strides for B, T and H (64-bit).
-struct BTHView {
-  void* ptr = nullptr;
-  int64_t batch_stride = 0;
-  int64_t t_stride = 0;
-  int64_t head_stride = 0;
-};
-
 struct GlaParams {
   int64_t batch = 0, seqlen = 0, heads = 0;
   int64_t dim_k = 0, dim_v = 0;  // head dims K (q, k, g) and V (v, o)
   double scale = 1.0;
   // forward
-  BTHView q, k, g;  // (B, T, H, K); g is the log forget gate
-  BTHView v;        // (B, T, H, V)
-  BTHView o;        // (B, T, H, V) output
+  // (B, T, H, X) tensors with unit stride along X: strides of B, T, H
+  StridedView<3> q, k, g;  // (B, T, H, K); g is the log forget gate
+  StridedView<3> v;        // (B, T, H, V)
+  StridedView<3> o;        // (B, T, H, V) output
   const void* h0 = nullptr;  // (B, H, K, V) contiguous, accumulation type, or null for zeros
   void* ht = nullptr;        // (B, H, K, V) contiguous, accumulation type: the final state (always written)
   // backward
-  BTHView dout;              // (B, T, H, V) incoming gradient of o
-  const void* dht = nullptr; // (B, H, K, V) contiguous, accumulation type, or null for zeros
-  BTHView dq, dk, dg;        // (B, T, H, K) outputs
-  BTHView dv;                // (B, T, H, V) output
-  void* dh0 = nullptr;       // (B, H, K, V) contiguous, accumulation type
+  StridedView<3> dout;        // (B, T, H, V) incoming gradient of o
+  const void* dht = nullptr;  // (B, H, K, V) contiguous, accumulation type, or null for zeros
+  StridedView<3> dq, dk, dg;  // (B, T, H, K) outputs
+  StridedView<3> dv;          // (B, T, H, V) output
+  void* dh0 = nullptr;        // (B, H, K, V) contiguous, accumulation type
   // Set by gla_launch (gla_cuda.h) from its plan, never by the glue; they stay in this struct because the kernels
   // take it by value and the GPU-verified ones keep the parameter layout they were verified with.
   // fused_recurrent CUDA backward: dg exactly 0 where the decay underflows (gla_gate_grad), the opt-in

@@ -35,8 +35,8 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_linear_scan_bwd_kerne
       const bool ok = active && s >= 0;
       // Past the start (s < 0) the step must be the identity (a = 1, dh = 0) so the carry survives to dh0;
       // at s = L - 1 there is no a_{s+1}, and the zero carry makes its coefficient irrelevant.
-      r_a[k] = !ok ? 1.f : (s + 1 < L ? to_float(btd_row<const T>(p.a, bi, scan_time(s + 1, L, p.reverse))[d]) : 0.f);
-      r_g[k] = ok ? to_float(btd_row<const T>(p.dh, bi, scan_time(s, L, p.reverse))[d]) : 0.f;
+      r_a[k] = !ok ? 1.f : (s + 1 < L ? to_float(p.a.at<const T>(bi, scan_time(s + 1, L, p.reverse))[d]) : 0.f);
+      r_g[k] = ok ? to_float(p.dh.at<const T>(bi, scan_time(s, L, p.reverse))[d]) : 0.f;
     }
     block_chunk_scan<Traits>(r_a, r_g, carry, s_agg);
 #pragma unroll
@@ -44,15 +44,15 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_linear_scan_bwd_kerne
       const int64_t s = L - 1 - (c0 + warp * Traits::kItems + k);
       if (!active || s < 0) continue;
       const int64_t t = scan_time(s, L, p.reverse);
-      const float h_prev = s > 0 ? to_float(btd_row<const T>(p.h, bi, scan_time(s - 1, L, p.reverse))[d])
+      const float h_prev = s > 0 ? to_float(p.h.at<const T>(bi, scan_time(s - 1, L, p.reverse))[d])
                                  : (p.h0 ? static_cast<const float*>(p.h0)[bi * p.dim + d] : 0.f);
-      btd_row<T>(p.da, bi, t)[d] = from_float<T>(r_g[k] * h_prev);
-      btd_row<T>(p.db, bi, t)[d] = from_float<T>(r_g[k]);
+      p.da.at<T>(bi, t)[d] = from_float<T>(r_g[k] * h_prev);
+      p.db.at<T>(bi, t)[d] = from_float<T>(r_g[k]);
     }
   }
   // After the last chunk, carry = g at s = 0.
   if (active && L > 0 && (!kOneWriter || warp == 0)) {
-    const float a0 = to_float(btd_row<const T>(p.a, bi, scan_time(0, L, p.reverse))[d]);
+    const float a0 = to_float(p.a.at<const T>(bi, scan_time(0, L, p.reverse))[d]);
     static_cast<float*>(p.dh0)[bi * p.dim + d] = a0 * carry;
   }
 }

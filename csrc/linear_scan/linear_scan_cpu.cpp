@@ -29,9 +29,9 @@ void fwd_impl(const LinearScanParams& p) {
       for (int64_t j = 0; j < nd; ++j) h[j] = h0 ? h0[j] : acc_t(0);
       for (int64_t s = 0; s < p.seqlen; ++s) {
         const int64_t t = scan_time(s, p.seqlen, p.reverse);
-        const T* a = btd_row<const T>(p.a, bi, t) + d0;
-        const T* b = btd_row<const T>(p.b, bi, t) + d0;
-        T* out = btd_row<T>(p.h, bi, t) + d0;
+        const T* a = p.a.at<const T>(bi, t) + d0;
+        const T* b = p.b.at<const T>(bi, t) + d0;
+        T* out = p.h.at<T>(bi, t) + d0;
         for (int64_t j = 0; j < nd; ++j) {
           h[j] = scan_step<acc_t>(static_cast<acc_t>(a[j]), h[j], static_cast<acc_t>(b[j]));
           out[j] = static_cast<T>(h[j]);
@@ -57,11 +57,11 @@ void bwd_impl(const LinearScanParams& p) {
       std::fill(g, g + nd, acc_t(0));
       for (int64_t s = T_ - 1; s >= 0; --s) {
         const int64_t t = scan_time(s, T_, p.reverse);
-        const T* a_next = s + 1 < T_ ? btd_row<const T>(p.a, bi, scan_time(s + 1, T_, p.reverse)) + d0 : nullptr;
-        const T* h_prev = s > 0 ? btd_row<const T>(p.h, bi, scan_time(s - 1, T_, p.reverse)) + d0 : nullptr;
-        const T* dh = btd_row<const T>(p.dh, bi, t) + d0;
-        T* da = btd_row<T>(p.da, bi, t) + d0;
-        T* db = btd_row<T>(p.db, bi, t) + d0;
+        const T* a_next = s + 1 < T_ ? p.a.at<const T>(bi, scan_time(s + 1, T_, p.reverse)) + d0 : nullptr;
+        const T* h_prev = s > 0 ? p.h.at<const T>(bi, scan_time(s - 1, T_, p.reverse)) + d0 : nullptr;
+        const T* dh = p.dh.at<const T>(bi, t) + d0;
+        T* da = p.da.at<T>(bi, t) + d0;
+        T* db = p.db.at<T>(bi, t) + d0;
         for (int64_t j = 0; j < nd; ++j) {
           const acc_t coef = a_next ? static_cast<acc_t>(a_next[j]) : acc_t(0);
           g[j] = scan_step<acc_t>(coef, g[j], static_cast<acc_t>(dh[j]));
@@ -72,7 +72,7 @@ void bwd_impl(const LinearScanParams& p) {
       }
       if (T_ > 0) {
         acc_t* dh0 = static_cast<acc_t*>(p.dh0) + bi * p.dim + d0;
-        const T* a0 = btd_row<const T>(p.a, bi, scan_time(0, T_, p.reverse)) + d0;
+        const T* a0 = p.a.at<const T>(bi, scan_time(0, T_, p.reverse)) + d0;
         for (int64_t j = 0; j < nd; ++j) dh0[j] = static_cast<acc_t>(a0[j]) * g[j];
       }
     }

@@ -35,14 +35,14 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_linear_scan_fwd_kerne
       const int64_t s = c0 + warp * Traits::kItems + k;
       const bool ok = active && s < p.seqlen;
       const int64_t t = scan_time(s, p.seqlen, p.reverse);
-      r_a[k] = ok ? to_float(btd_row<const T>(p.a, bi, t)[d]) : 1.f;  // identity step past the end
-      r_b[k] = ok ? to_float(btd_row<const T>(p.b, bi, t)[d]) : 0.f;
+      r_a[k] = ok ? to_float(p.a.at<const T>(bi, t)[d]) : 1.f;  // identity step past the end
+      r_b[k] = ok ? to_float(p.b.at<const T>(bi, t)[d]) : 0.f;
     }
     block_chunk_scan<Traits>(r_a, r_b, carry, s_agg);
 #pragma unroll
     for (int k = 0; k < Traits::kItems; ++k) {
       const int64_t s = c0 + warp * Traits::kItems + k;
-      if (active && s < p.seqlen) btd_row<T>(p.h, bi, scan_time(s, p.seqlen, p.reverse))[d] = from_float<T>(r_b[k]);
+      if (active && s < p.seqlen) p.h.at<T>(bi, scan_time(s, p.seqlen, p.reverse))[d] = from_float<T>(r_b[k]);
     }
   }
 }

@@ -8,7 +8,6 @@
 namespace linmix {
 namespace {
 
-BTDView btd_view(const Tensor& t) { return BTDView{t.data_ptr(), t.stride(0), t.stride(1)}; }
 
 // Checks shared by forward and backward.
 void check_inputs(const Tensor& a, const Tensor& b, const OptTensor& h0, const char* b_name) {
@@ -34,7 +33,7 @@ Tensor linear_scan_fwd(Tensor a_in, Tensor b_in, OptTensor h0_in, bool reverse) 
   LinearScanParams p;
   p.batch = a.size(0), p.seqlen = a.size(1), p.dim = a.size(2);
   p.reverse = reverse;
-  p.a = btd_view(a), p.b = btd_view(b), p.h = btd_view(h);
+  p.a = strided_view<2>(a), p.b = strided_view<2>(b), p.h = strided_view<2>(h);
   p.h0 = opt_ptr(h0);
   launch<backend, LinearScanCudaLaunchers>(
       a, [&](DType dt) { linear_scan_fwd_cpu(p, dt); },
@@ -57,7 +56,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_scan_bwd(Tensor a_in, OptTensor h0_in,
   LinearScanParams p;
   p.batch = a.size(0), p.seqlen = a.size(1), p.dim = a.size(2);
   p.reverse = reverse;
-  p.a = btd_view(a), p.h = btd_view(h), p.dh = btd_view(dh), p.da = btd_view(da), p.db = btd_view(db);
+  p.a = strided_view<2>(a), p.h = strided_view<2>(h), p.dh = strided_view<2>(dh);
+  p.da = strided_view<2>(da), p.db = strided_view<2>(db);
   p.h0 = opt_ptr(h0);
   p.dh0 = dh0.data_ptr();
   launch<backend, LinearScanCudaLaunchers>(

@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <numeric>
 
+#include "common/strided.h"
+
 namespace linmix {
 
 // Time steps per state checkpoint. Forward stores the fp32 state at the end of every chunk
@@ -11,13 +13,6 @@ namespace linmix {
 // The CUDA kernels process exactly one chunk per block iteration (kThreads x kItems), and the
 // Python fake kernel sizes the checkpoint tensor with the same number (ops/selective_scan.py).
 constexpr int64_t kSelectiveScanChunk = 1024;
-
-// A (b, d, L) tensor with unit stride along L; element strides for b and d (64-bit).
-struct BDLView {
-  void* ptr = nullptr;
-  int64_t batch_stride = 0;
-  int64_t dim_stride = 0;
-};
 
 // B or C. Fixed: (d, n), element strides dim_stride / n_stride, accumulation dtype.
 // Variable: (b, g, n, L), unit stride along L, input dtype; channel i uses group i / (d / g).
@@ -32,7 +27,8 @@ struct SelectiveScanParams {
   int64_t batch = 0, dim = 0, seqlen = 0, dstate = 0, n_chunks = 0;
   bool delta_softplus = false;
 
-  BDLView u, delta, z;        // (b, d, L) inputs, input dtype; z.ptr null when absent
+  // (b, d, L) tensors with unit stride along L: strides of b and d
+  StridedView<2> u, delta, z;  // (b, d, L) inputs, input dtype; z.ptr null when absent
   BCView B, C;
   // Accumulation dtype (fp32; fp64 for the CPU-only fp64 path), contiguous:
   const void* A = nullptr;              // (d, n)
@@ -42,14 +38,14 @@ struct SelectiveScanParams {
   void* checkpoints = nullptr;          // (b, d, n_chunks, n): state after each chunk's last step
 
   // forward outputs
-  BDLView out;               // (b, d, L), input dtype, contiguous
+  StridedView<2> out;           // (b, d, L), input dtype, contiguous
   void* final_state = nullptr;  // (b, d, n), accumulation dtype
 
   // backward inputs
-  BDLView dout;                  // (b, d, L), input dtype
+  StridedView<2> dout;           // (b, d, L), input dtype
   const void* dfinal = nullptr;  // (b, d, n) accumulation dtype, or null
   // backward outputs (accumulation dtype unless noted)
-  BDLView du, ddelta, dz;  // (b, d, L), input dtype, contiguous; dz.ptr null when z is absent
+  StridedView<2> du, ddelta, dz;  // (b, d, L), input dtype, contiguous; dz.ptr null when z is absent
   // Variable B/C: (b, g, n, L) contiguous, zero-initialised, summed over the channels of a group.
   // Fixed B/C: per-(batch, channel) partials (b, d, n), summed over batch by the glue.
   void* dB = nullptr;

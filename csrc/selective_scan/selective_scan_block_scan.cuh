@@ -113,10 +113,10 @@ __device__ __forceinline__ SsBwdChannel<T> ss_bwd_channel(const SelectiveScanPar
   c.A = static_cast<const float*>(p.A) + di * p.dstate;
   c.bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[di] : 0.f;
   c.Dv = p.D ? static_cast<const float*>(p.D)[di] : 0.f;
-  c.u = bdl_row<const T>(p.u, bi, di);
-  c.delta = bdl_row<const T>(p.delta, bi, di);
-  c.z = p.z.ptr ? bdl_row<const T>(p.z, bi, di) : nullptr;
-  c.dout = bdl_row<const T>(p.dout, bi, di);
+  c.u = p.u.at<const T>(bi, di);
+  c.delta = p.delta.at<const T>(bi, di);
+  c.z = p.z.ptr ? p.z.at<const T>(bi, di) : nullptr;
+  c.dout = p.dout.at<const T>(bi, di);
   return c;
 }
 

@@ -30,9 +30,9 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_bwd_ke
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int64_t bd = blockIdx.x, bi = bd / p.dim, di = bd % p.dim, bdn = bd * N;
   const auto [A, bias, Dv, u, delta, z, dout] = ss_bwd_channel<T>(p, bi, di);
-  T* du_out = bdl_row<T>(p.du, bi, di);
-  T* ddelta_out = bdl_row<T>(p.ddelta, bi, di);
-  T* dz_out = z ? bdl_row<T>(p.dz, bi, di) : nullptr;
+  T* du_out = p.du.at<T>(bi, di);
+  T* ddelta_out = p.ddelta.at<T>(bi, di);
+  T* dz_out = z ? p.dz.at<T>(bi, di) : nullptr;
   const float* ckpt = static_cast<const float*>(p.checkpoints) + bd * p.n_chunks * N;  // (n_chunks, n)
   const float* h_init = p.initial_state ? static_cast<const float*>(p.initial_state) + bdn : nullptr;
 

@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(SelectiveScanTiledTraits::kThreads)
           load_items<kItems>(dout + t0, n_valid, r_dz, 0.f);
 #pragma unroll
           for (int k = 0; k < kItems; ++k) r_dz[k] = ss_gate_dz(r_dz[k], r_y[k], r_z[k]);
-          store_items<kItems>(bdl_row<T>(p.dz, bi, di) + t0, n_valid, r_dz);
+          store_items<kItems>(p.dz.at<T>(bi, di) + t0, n_valid, r_dz);
         }
         float r_raw[kItems];  // reloaded rather than kept live through the state loop
         load_items<kItems>(delta + t0, n_valid, r_raw, 0.f);
@@ -188,8 +188,8 @@ __global__ void __launch_bounds__(SelectiveScanTiledTraits::kThreads)
           r_ddl[k] = k < n_valid ? r_ddl[k] * ss_delta_grad(r_raw[k], bias, p.delta_softplus) : 0.f;
           r_dbias += r_ddl[k];
         }
-        store_items<kItems>(bdl_row<T>(p.ddelta, bi, di) + t0, n_valid, r_ddl);
-        store_items<kItems>(bdl_row<T>(p.du, bi, di) + t0, n_valid, r_du);
+        store_items<kItems>(p.ddelta.at<T>(bi, di) + t0, n_valid, r_ddl);
+        store_items<kItems>(p.du.at<T>(bi, di) + t0, n_valid, r_du);
       }
     }
     __syncwarp();  // pass 2's reads of sub_states precede the next chunk's pass 1 writes

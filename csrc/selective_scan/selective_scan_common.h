@@ -14,12 +14,6 @@
 
 namespace linmix {
 
-// Row (b, d) of a (b, d, L) view, for the CPU and CUDA backends; T may be const-qualified.
-template <typename T>
-LINMIX_HD T* bdl_row(const BDLView& v, int64_t b, int64_t d) {
-  return static_cast<T*>(v.ptr) + b * v.batch_stride + d * v.dim_stride;
-}
-
 // δ from the raw delta.
 template <typename T>
 LINMIX_HD T ss_delta(T raw, T bias, bool use_softplus) {

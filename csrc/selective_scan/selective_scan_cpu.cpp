@@ -41,10 +41,10 @@ void fwd_impl(const SelectiveScanParams& p) {
     std::vector<acc_t> dl(K), dlu(K), y(K), h(N);  // δ, δ u, y over the chunk; the state
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bi = task / p.dim, di = task % p.dim;
-      const T* u = bdl_row<const T>(p.u, bi, di);
-      const T* delta = bdl_row<const T>(p.delta, bi, di);
-      const T* z = p.z.ptr ? bdl_row<const T>(p.z, bi, di) : nullptr;
-      T* out = bdl_row<T>(p.out, bi, di);
+      const T* u = p.u.at<const T>(bi, di);
+      const T* delta = p.delta.at<const T>(bi, di);
+      const T* z = p.z.ptr ? p.z.at<const T>(bi, di) : nullptr;
+      T* out = p.out.at<T>(bi, di);
       const acc_t bias = p.delta_bias ? static_cast<const acc_t*>(p.delta_bias)[di] : acc_t(0);
       const acc_t Dv = p.D ? static_cast<const acc_t*>(p.D)[di] : acc_t(0);
       const int64_t bdn = (bi * p.dim + di) * N;
@@ -93,13 +93,13 @@ void bwd_impl(const SelectiveScanParams& p) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bi = task / tasks_per_batch;
       for (int64_t di = (task % tasks_per_batch) * per_task, dend = di + per_task; di < dend; ++di) {
-        const T* u = bdl_row<const T>(p.u, bi, di);
-        const T* delta = bdl_row<const T>(p.delta, bi, di);
-        const T* z = p.z.ptr ? bdl_row<const T>(p.z, bi, di) : nullptr;
-        const T* dout = bdl_row<const T>(p.dout, bi, di);
-        T* du_out = bdl_row<T>(p.du, bi, di);
-        T* ddelta_out = bdl_row<T>(p.ddelta, bi, di);
-        T* dz_out = z ? bdl_row<T>(p.dz, bi, di) : nullptr;
+        const T* u = p.u.at<const T>(bi, di);
+        const T* delta = p.delta.at<const T>(bi, di);
+        const T* z = p.z.ptr ? p.z.at<const T>(bi, di) : nullptr;
+        const T* dout = p.dout.at<const T>(bi, di);
+        T* du_out = p.du.at<T>(bi, di);
+        T* ddelta_out = p.ddelta.at<T>(bi, di);
+        T* dz_out = z ? p.dz.at<T>(bi, di) : nullptr;
         const acc_t bias = p.delta_bias ? static_cast<const acc_t*>(p.delta_bias)[di] : acc_t(0);
         const acc_t Dv = p.D ? static_cast<const acc_t*>(p.D)[di] : acc_t(0);
         const int64_t bd = bi * p.dim + di, bdn = bd * N;

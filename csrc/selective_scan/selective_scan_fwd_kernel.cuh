@@ -24,10 +24,10 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_fwd_ke
   const float* A = static_cast<const float*>(p.A) + di * N;  // (n)
   const float bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[di] : 0.f;
   const float Dv = p.D ? static_cast<const float*>(p.D)[di] : 0.f;
-  const T* u = bdl_row<const T>(p.u, bi, di);          // (L)
-  const T* delta = bdl_row<const T>(p.delta, bi, di);  // (L)
-  const T* z = p.z.ptr ? bdl_row<const T>(p.z, bi, di) : nullptr;
-  T* out = bdl_row<T>(p.out, bi, di);
+  const T* u = p.u.at<const T>(bi, di);          // (L)
+  const T* delta = p.delta.at<const T>(bi, di);  // (L)
+  const T* z = p.z.ptr ? p.z.at<const T>(bi, di) : nullptr;
+  T* out = p.out.at<T>(bi, di);
   float* ckpt = static_cast<float*>(p.checkpoints) + bd * p.n_chunks * N;  // (n_chunks, n)
 
   for (int64_t n = tid; n < N; n += Traits::kThreads)

@@ -37,10 +37,10 @@ __global__ void __launch_bounds__(SelectiveScanWarpFwdTraits::kThreads)
   const float* A = static_cast<const float*>(p.A) + di * N;  // (n)
   const float bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[di] : 0.f;
   const float Dv = p.D ? static_cast<const float*>(p.D)[di] : 0.f;
-  const T* u = bdl_row<const T>(p.u, bi, di);
-  const T* delta = bdl_row<const T>(p.delta, bi, di);
-  const T* z = p.z.ptr ? bdl_row<const T>(p.z, bi, di) : nullptr;
-  T* out = bdl_row<T>(p.out, bi, di);
+  const T* u = p.u.at<const T>(bi, di);
+  const T* delta = p.delta.at<const T>(bi, di);
+  const T* z = p.z.ptr ? p.z.at<const T>(bi, di) : nullptr;
+  T* out = p.out.at<T>(bi, di);
   float* ckpt = static_cast<float*>(p.checkpoints) + bd * p.n_chunks * N;  // (n_chunks, n)
   float* h_row = static_cast<float*>(p.final_state) + bdn;                 // (n): the carried state
   const int64_t b_base = ss_bc_offset(p.B, bi, di, 0, p.dim), c_base = ss_bc_offset(p.C, bi, di, 0, p.dim);

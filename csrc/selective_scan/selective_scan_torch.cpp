@@ -8,13 +8,7 @@
 namespace linmix {
 namespace {
 
-BDLView bdl_view(const Tensor& t) { return BDLView{t.data_ptr(), t.stride(0), t.stride(1)}; }
 
-BDLView opt_bdl_view(const OptTensor& t) { return t ? bdl_view(*t) : BDLView{}; }
-
-OptTensor opt_map(const OptTensor& t, Tensor (*f)(const Tensor&)) {
-  return t ? OptTensor(f(*t)) : std::nullopt;
-}
 
 BCView bc_view(const Tensor& t) {
   BCView v;
@@ -87,7 +81,7 @@ SelectiveScanParams make_params(const Tensor& u, const Tensor& delta, const Tens
   p.batch = u.size(0), p.dim = u.size(1), p.seqlen = u.size(2), p.dstate = A.size(1);
   p.n_chunks = ceil_div(p.seqlen, kSelectiveScanChunk);
   p.delta_softplus = delta_softplus;
-  p.u = bdl_view(u), p.delta = bdl_view(delta), p.z = opt_bdl_view(z);
+  p.u = strided_view<2>(u), p.delta = strided_view<2>(delta), p.z = strided_view<2>(z);
   p.B = bc_view(B), p.C = bc_view(C);
   p.A = A.data_ptr(), p.D = opt_ptr(D), p.delta_bias = opt_ptr(delta_bias), p.initial_state = opt_ptr(initial_state);
   return p;
@@ -102,14 +96,14 @@ std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd(
   const Tensor u = last_dim_contiguous(u_in), delta = last_dim_contiguous(delta_in), A = as_contiguous(A_in);
   const Tensor B = B_in.dim() == 4 ? last_dim_contiguous(B_in) : B_in;
   const Tensor C = C_in.dim() == 4 ? last_dim_contiguous(C_in) : C_in;
-  const OptTensor D = opt_map(D_in, as_contiguous), z = opt_map(z_in, last_dim_contiguous);
-  const OptTensor delta_bias = opt_map(delta_bias_in, as_contiguous), h0 = opt_map(initial_state_in, as_contiguous);
+  const OptTensor D = contiguous_opt(D_in), z = opt_map(z_in, last_dim_contiguous);
+  const OptTensor delta_bias = contiguous_opt(delta_bias_in), h0 = contiguous_opt(initial_state_in);
   SelectiveScanParams p = make_params(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus);
   const ScalarType acc = acc_dtype(u);
   Tensor out = empty(u, sizes(u));
   Tensor ckpt = empty(u, {p.batch, p.dim, p.n_chunks, p.dstate}, acc);
   Tensor final_state = empty(u, {p.batch, p.dim, p.dstate}, acc);
-  p.out = bdl_view(out), p.checkpoints = ckpt.data_ptr(), p.final_state = final_state.data_ptr();
+  p.out = strided_view<2>(out), p.checkpoints = ckpt.data_ptr(), p.final_state = final_state.data_ptr();
   if (p.batch * p.dim == 0) return {out, ckpt, final_state};
   launch<backend, SelectiveScanCudaLaunchers>(
       u, [&](DType dt) { selective_scan_fwd_cpu(p, dt); },
@@ -142,13 +136,13 @@ BwdResult selective_scan_bwd(const Tensor& u_in, const Tensor& delta_in, const T
   // Variable B/C contiguous: the kernels address their fp32 gradient buffers (contiguous) with B/C's offsets.
   const Tensor B = B_in.dim() == 4 ? as_contiguous(B_in) : B_in;
   const Tensor C = C_in.dim() == 4 ? as_contiguous(C_in) : C_in;
-  const OptTensor D = opt_map(D_in, as_contiguous), z = opt_map(z_in, last_dim_contiguous);
-  const OptTensor delta_bias = opt_map(delta_bias_in, as_contiguous), h0 = opt_map(initial_state_in, as_contiguous);
+  const OptTensor D = contiguous_opt(D_in), z = opt_map(z_in, last_dim_contiguous);
+  const OptTensor delta_bias = contiguous_opt(delta_bias_in), h0 = contiguous_opt(initial_state_in);
   const Tensor ckpt = as_contiguous(checkpoints_in), dout = last_dim_contiguous(dout_in);
-  const OptTensor dfinal_state = opt_map(dfinal_state_in, as_contiguous);
+  const OptTensor dfinal_state = contiguous_opt(dfinal_state_in);
   SelectiveScanParams p = make_params(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus);
   p.checkpoints = ckpt.data_ptr();
-  p.dout = bdl_view(dout), p.dfinal = opt_ptr(dfinal_state);
+  p.dout = strided_view<2>(dout), p.dfinal = opt_ptr(dfinal_state);
 
   const ScalarType acc = acc_dtype(u);
   Tensor du = empty(u, sizes(u)), ddelta = empty(u, sizes(u));
@@ -158,7 +152,7 @@ BwdResult selective_scan_bwd(const Tensor& u_in, const Tensor& delta_in, const T
   Tensor dC = C.dim() == 4 ? zeros(u, sizes(C), acc) : empty(u, {b, d, n}, acc);
   Tensor dA = empty(u, {b, d, n}, acc), dD = empty(u, {b, d}, acc);
   Tensor dbias = empty(u, {b, d}, acc), dh0 = empty(u, {b, d, n}, acc);
-  p.du = bdl_view(du), p.ddelta = bdl_view(ddelta), p.dz = z ? bdl_view(dz) : BDLView{};
+  p.du = strided_view<2>(du), p.ddelta = strided_view<2>(ddelta), p.dz = z ? strided_view<2>(dz) : StridedView<2>{};
   p.dB = dB.data_ptr(), p.dC = dC.data_ptr(), p.dA_part = dA.data_ptr(), p.dD_part = dD.data_ptr();
   p.ddelta_bias_part = dbias.data_ptr(), p.dinitial_state = dh0.data_ptr();
   if (b * d > 0) {

@@ -13,33 +13,28 @@
 #include "common/dtype.h"
 #include "common/math.h"
 #include "common/exp2_cpu.h"
+#include "common/strided.h"
 
 namespace linmix {
-
-// A (b, h, p)-indexed or (h, p, n)-indexed tensor: element strides of its three dims.
-struct Strided3 {
-  const void* ptr = nullptr;
-  int64_t s0 = 0, s1 = 0, s2 = 0;
-};
 
 struct SelectiveStateUpdateParams {
   int64_t batch = 0, nheads = 0, headdim = 0, dstate = 0, B_groups = 1, C_groups = 1;
   int64_t state_rows = 0;  // S, the first dim of state
   bool dt_softplus = false;
 
-  void* state = nullptr;  // (S, h, p, n), unit stride along n, updated in place; DType = template argument
-  int64_t state_s0 = 0, state_s1 = 0, state_s2 = 0;
+  StridedView<3> state;  // (S, h, p, n), unit stride along n, updated in place; DType = template argument
   // (b,) int32 or int64, or null (batch row i uses state row i). Negative: a padding row (out 0, no state
   // touched), as mamba-ssm. The glue has checked the rest lie in [0, S) and repeat nowhere; the kernels
   // still treat an out-of-range entry as padding, so an unchecked call (CUDA graph capture) never strays.
   const void* state_batch_indices = nullptr;
   bool indices_int64 = false;
 
-  Strided3 x, z;        // (b, h, p), input dtype (template argument); z.ptr null without a gate
-  Strided3 dt;          // (b, h, p), dtype dt_dtype
-  Strided3 A;           // (h, p, n), accumulation dtype (the glue casts)
-  Strided3 B, C;        // (b, g, n), dtypes B_dtype, C_dtype
-  Strided3 D, dt_bias;  // (h, p) in s0, s1, accumulation dtype; ptr null when absent
+  // Read-only, strides of all three dims (any may be 0):
+  StridedView<3> x, z;        // (b, h, p), input dtype (template argument); z.ptr null without a gate
+  StridedView<3> dt;          // (b, h, p), dtype dt_dtype
+  StridedView<3> A;           // (h, p, n), accumulation dtype (the glue casts)
+  StridedView<3> B, C;        // (b, g, n), dtypes B_dtype, C_dtype
+  StridedView<3> D, dt_bias;  // (h, p) in stride[0], stride[1], accumulation dtype; ptr null when absent
   DType dt_dtype = DType::kFloat32, B_dtype = DType::kFloat32, C_dtype = DType::kFloat32;
 
   void* out = nullptr;  // (b, h, p) contiguous, input dtype

@@ -37,7 +37,7 @@ void impl(const SelectiveStateUpdateParams& p) {
   using acc_t = cpu_acc_t<xdt>;
   const int64_t H = p.nheads, P = p.headdim, N = kN ? kN : p.dstate;
   const int64_t heads_per_B = H / p.B_groups, heads_per_C = H / p.C_groups;
-  const bool has_z = p.z.ptr != nullptr, a_scalar = p.A.s2 == 0;
+  const bool has_z = p.z.ptr != nullptr, a_scalar = p.A.stride[2] == 0;
   T* out = static_cast<T*>(p.out);
   const T* x = static_cast<const T*>(p.x.ptr);
   const T* z = static_cast<const T*>(p.z.ptr);
@@ -64,18 +64,18 @@ void impl(const SelectiveStateUpdateParams& p) {
       }
       if (staged_B != b * p.B_groups + gB) {
         staged_B = b * p.B_groups + gB;
-        for (int64_t k = 0; k < N; ++k) Bn[k] = load_as<acc_t>(p.B.ptr, p.B_dtype, b * p.B.s0 + gB * p.B.s1 + k * p.B.s2);
+        for (int64_t k = 0; k < N; ++k) Bn[k] = load_as<acc_t>(p.B.ptr, p.B_dtype, p.B.offset(b, gB, k));
       }
       if (staged_C != b * p.C_groups + gC) {
         staged_C = b * p.C_groups + gC;
-        for (int64_t k = 0; k < N; ++k) Cn[k] = load_as<acc_t>(p.C.ptr, p.C_dtype, b * p.C.s0 + gC * p.C.s1 + k * p.C.s2);
+        for (int64_t k = 0; k < N; ++k) Cn[k] = load_as<acc_t>(p.C.ptr, p.C_dtype, p.C.offset(b, gC, k));
       }
       // Gather the tile's per-row inputs (any strides and dtypes), then δ and δx in one vector pass.
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t j = j0 + r;
-        delta[r] = load_as<acc_t>(p.dt.ptr, p.dt_dtype, b * p.dt.s0 + h * p.dt.s1 + j * p.dt.s2) +
-                   (bias ? bias[h * p.dt_bias.s0 + j * p.dt_bias.s1] : acc_t(0));
-        xv[r] = static_cast<acc_t>(x[b * p.x.s0 + h * p.x.s1 + j * p.x.s2]);
+        delta[r] = load_as<acc_t>(p.dt.ptr, p.dt_dtype, p.dt.offset(b, h, j)) +
+                   (bias ? bias[p.dt_bias.offset(h, j)] : acc_t(0));
+        xv[r] = static_cast<acc_t>(x[p.x.offset(b, h, j)]);
       }
       if (p.dt_softplus) {
 #pragma omp simd
@@ -84,11 +84,11 @@ void impl(const SelectiveStateUpdateParams& p) {
 #pragma omp simd
       for (int64_t r = 0; r < rows; ++r) dx[r] = delta[r] * xv[r];
       // The state pass: read, step and write each state element once; y = C · s' (s' as stored).
-      S* state = static_cast<S*>(p.state) + srow * p.state_s0 + h * p.state_s1;
+      S* state = p.state.at<S>(srow, h);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t j = j0 + r;
-        const acc_t* a_row = A + h * p.A.s0 + j * p.A.s1;
-        S* s = state + j * p.state_s2;
+        const acc_t* a_row = A + p.A.offset(h, j);
+        S* s = state + j * p.state.stride[2];
         const acc_t d = delta[r], dxr = dx[r];
         acc_t acc = 0;
         if (a_scalar) {  // A broadcast over n (Mamba-2): one exp per row
@@ -100,8 +100,8 @@ void impl(const SelectiveStateUpdateParams& p) {
             acc += v * Cn[k];
           }
         } else {
-          if (p.A.s2 != 1) {
-            for (int64_t k = 0; k < N; ++k) An[k] = a_row[k * p.A.s2];
+          if (p.A.stride[2] != 1) {
+            for (int64_t k = 0; k < N; ++k) An[k] = a_row[k * p.A.stride[2]];
             a_row = An;
           }
 #pragma omp simd reduction(+ : acc)
@@ -115,8 +115,8 @@ void impl(const SelectiveStateUpdateParams& p) {
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t j = j0 + r;
-        Dv[r] = D ? D[h * p.D.s0 + j * p.D.s1] : acc_t(0);
-        zv[r] = has_z ? static_cast<acc_t>(z[b * p.z.s0 + h * p.z.s1 + j * p.z.s2]) : acc_t(1);
+        Dv[r] = D ? D[p.D.offset(h, j)] : acc_t(0);
+        zv[r] = has_z ? static_cast<acc_t>(z[p.z.offset(b, h, j)]) : acc_t(1);
       }
       if (has_z) {  // the gate: silu, then its rounding to T, in two passes (gcc vectorises neither fused)
 #pragma omp simd

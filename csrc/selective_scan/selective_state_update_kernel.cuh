@@ -59,17 +59,16 @@ __global__ void __launch_bounds__(kSsuThreads, kSsuMinBlocks) linmix_selective_s
   int64_t h = 0, j = 0;
   if (active) {
     h = r / p.headdim, j = r % p.headdim;
-    const float bias = p.dt_bias.ptr ? static_cast<const float*>(p.dt_bias.ptr)[h * p.dt_bias.s0 + j * p.dt_bias.s1]
-                                     : 0.f;
-    const float delta = ssu_delta(ssu_load(p.dt.ptr, p.dt_dtype, b * p.dt.s0 + h * p.dt.s1 + j * p.dt.s2), bias,
+    const float bias = p.dt_bias.ptr ? *p.dt_bias.at<const float>(h, j) : 0.f;
+    const float delta = ssu_delta(ssu_load(p.dt.ptr, p.dt_dtype, p.dt.offset(b, h, j)), bias,
                                   p.dt_softplus);
-    xj = to_float(static_cast<const T*>(p.x.ptr)[b * p.x.s0 + h * p.x.s1 + j * p.x.s2]);
+    xj = to_float(*p.x.at<const T>(b, h, j));
     const float dx = delta * xj;
-    const float* a_row = static_cast<const float*>(p.A.ptr) + h * p.A.s0 + j * p.A.s1;
-    const float scalar_decay = p.A.s2 == 0 ? ssu_exp(delta * a_row[0]) : 0.f;
-    const int64_t b_off = b * p.B.s0 + h / (p.nheads / p.B_groups) * p.B.s1;
-    const int64_t c_off = b * p.C.s0 + h / (p.nheads / p.C_groups) * p.C.s1;
-    S* s = static_cast<S*>(p.state) + srow * p.state_s0 + h * p.state_s1 + j * p.state_s2;
+    const float* a_row = p.A.at<const float>(h, j);
+    const float scalar_decay = p.A.stride[2] == 0 ? ssu_exp(delta * a_row[0]) : 0.f;
+    const int64_t b_off = p.B.offset(b, h / (p.nheads / p.B_groups));
+    const int64_t c_off = p.C.offset(b, h / (p.nheads / p.C_groups));
+    S* s = p.state.at<S>(srow, h, j);
     const bool vec = p.dstate % kSsuVec == 0 && reinterpret_cast<uintptr_t>(s) % sizeof(SsuVec<S>) == 0;
     for (int64_t k0 = int64_t(lane) * kSsuVec; k0 < p.dstate; k0 += int64_t(kTPR) * kSsuVec) {
       SsuVec<S> sv;
@@ -83,11 +82,11 @@ __global__ void __launch_bounds__(kSsuThreads, kSsuMinBlocks) linmix_selective_s
       for (int i = 0; i < kSsuVec; ++i) {
         const int64_t k = k0 + i;
         if (k < p.dstate) {
-          const float decay = p.A.s2 == 0 ? scalar_decay : ssu_exp(delta * a_row[k * p.A.s2]);
+          const float decay = p.A.stride[2] == 0 ? scalar_decay : ssu_exp(delta * a_row[k * p.A.stride[2]]);
           const float v = ssu_state_step<S>(to_float(sv.v[i]), decay, dx,
-                                            ssu_load(p.B.ptr, p.B_dtype, b_off + k * p.B.s2));
+                                            ssu_load(p.B.ptr, p.B_dtype, b_off + k * p.B.stride[2]));
           sv.v[i] = from_float<S>(v);
-          y += v * ssu_load(p.C.ptr, p.C_dtype, c_off + k * p.C.s2);
+          y += v * ssu_load(p.C.ptr, p.C_dtype, c_off + k * p.C.stride[2]);
         }
       }
       if (vec) {
@@ -103,10 +102,10 @@ __global__ void __launch_bounds__(kSsuThreads, kSsuMinBlocks) linmix_selective_s
 #pragma unroll
   for (int off = kTPR / 2; off > 0; off >>= 1) y += __shfl_xor_sync(0xffffffffu, y, off);
   if (active && lane == 0) {
-    const float dj = p.D.ptr ? static_cast<const float*>(p.D.ptr)[h * p.D.s0 + j * p.D.s1] : 0.f;
+    const float dj = p.D.ptr ? *p.D.at<const float>(h, j) : 0.f;
     float gate = 1.f;
     if (p.z.ptr) {
-      const float zj = to_float(static_cast<const T*>(p.z.ptr)[b * p.z.s0 + h * p.z.s1 + j * p.z.s2]);
+      const float zj = to_float(*p.z.at<const T>(b, h, j));
       gate = ssu_round<T>(ssu_silu(zj));
     }
     *out = from_float<T>(ssu_output(y, dj, xj, gate));

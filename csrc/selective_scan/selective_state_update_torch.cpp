@@ -20,13 +20,6 @@ namespace {
 
 constexpr const char* kOp = "linmix.selective_state_update: ";
 
-Strided3 strided3(const Tensor& t) {
-  Strided3 v;
-  v.ptr = t.data_ptr();
-  v.s0 = t.stride(0), v.s1 = t.stride(1), v.s2 = t.dim() > 2 ? t.stride(2) : 0;
-  return v;
-}
-
 void check_operand(const Tensor& t, const char* name, const Tensor& state) {
   check_same_device(t, name, state, "state");
   check_float_dtype(t, name);
@@ -223,16 +216,14 @@ Tensor selective_state_update(Tensor state, Tensor x, Tensor dt, Tensor A, Tenso
   p.batch = b, p.nheads = c.x.size(1), p.headdim = c.x.size(2), p.dstate = c.A.size(2);
   p.B_groups = c.B.size(1), p.C_groups = c.C.size(1);
   p.state_rows = state.size(0), p.dt_softplus = dt_softplus;
-  p.state = c.state.data_ptr(), p.state_s0 = c.state.stride(0), p.state_s1 = c.state.stride(1);
-  p.state_s2 = c.state.stride(2);
+  p.state = strided_view<3>(c.state);
   if (state_batch_indices) {
     p.state_batch_indices = state_batch_indices->data_ptr();
     p.indices_int64 = state_batch_indices->scalar_type() == ScalarType::Long;
   }
-  p.x = strided3(c.x), p.dt = strided3(c.dt), p.A = strided3(A_acc), p.B = strided3(c.B), p.C = strided3(c.C);
-  if (c.z) p.z = strided3(*c.z);
-  if (D_acc) p.D = strided3(*D_acc);
-  if (bias_acc) p.dt_bias = strided3(*bias_acc);
+  p.x = strided_view<3>(c.x), p.dt = strided_view<3>(c.dt), p.A = strided_view<3>(A_acc);
+  p.B = strided_view<3>(c.B), p.C = strided_view<3>(c.C), p.z = strided_view<3>(c.z);
+  p.D = strided_view<3>(D_acc), p.dt_bias = strided_view<3>(bias_acc);
   p.dt_dtype = to_linmix_dtype(c.dt.scalar_type());
   p.B_dtype = to_linmix_dtype(c.B.scalar_type()), p.C_dtype = to_linmix_dtype(c.C.scalar_type());
   p.out = out.data_ptr();

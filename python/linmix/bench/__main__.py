@@ -172,7 +172,8 @@ def profile_cmds(args) -> str:
     one = f"python -m linmix.bench --device cuda --op {name} --only {idx} --impl linmix --no-plot --out /tmp/linmix-prof"
     lines = [
         f"# {name} config {idx}: {shape_str(op, cfg)} {_dname(cfg['dtype'])} (of {len(cfgs)}: --config N picks another,"
-        f" --list shows them); kernels linmix_<op>_<phase>_kernel, op ranges linmix/<op>/fwd|bwd",
+        f" --list shows them); kernels linmix_<op>[_<family>]_<phase>_kernel (GLA: linmix_gla_<family>_<phase>),"
+        f" op ranges linmix/<op>/fwd|bwd",
         f"nsys profile -t cuda,nvtx,osrt -o linmix_{name}_{idx} --force-overwrite true {one} --reps 20",
     ]
     for mode in MODES:

@@ -92,5 +92,5 @@ def cost(cfg: dict, mode: str) -> dict:
     }
 
 
-OP = BenchOp(CHUNK_GLA, kernels="linmix_.*gla", shape=("B", "T", "H", "K", "V"), sweep="T", configs=configs,
+OP = BenchOp(CHUNK_GLA, kernels="linmix_gla_", shape=("B", "T", "H", "K", "V"), sweep="T", configs=configs,
              choices=lambda cfg: {}, small=small, impls=impls, cost=cost)
