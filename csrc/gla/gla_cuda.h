@@ -8,7 +8,6 @@
 #include "common/kernels.h"
 #include "common/launchers.h"
 #include "common/stream.h"
-#include "gla/gla_chunkpar.h"
 #include "gla/gla_fused.h"
 #include "gla/params.h"
 
@@ -27,8 +26,7 @@ template <DType dt> void gla_head512_recurrent_bwd_cuda(const GlaParams& p, cuda
 struct GlaCudaLaunchers {
   static constexpr const char* kName = "gla";
   PerCudaDtype<void(const GlaParams&, cudaStream_t)> chunk_fwd, chunk_bwd, recurrent_fwd, recurrent_bwd;
-  PerCudaDtype<void(const GlaParams&, const GlaChunkparWorkspace&, cudaStream_t)> chunkpar_fwd, chunkpar_bwd;
-  PerCudaDtype<void(const GlaParams&, void*, cudaStream_t)> fused_fwd;
+  PerCudaDtype<void(const GlaParams&, void*, cudaStream_t)> fused_fwd, fused_bwd;
   PerCudaDtype<void(const GlaParams&, cudaStream_t)> head512_chunk_fwd, head512_chunk_bwd, head512_recurrent_fwd,
       head512_recurrent_bwd;
   static const GlaCudaLaunchers& get();
@@ -79,11 +77,11 @@ inline GlaPlan gla_plan(const GlaParams& p, GlaAlgo algo, bool backward) {
     return {exact_dg ? KernelFamily::kFusedRecurrentGlaExactDg : KernelFamily::kFusedRecurrentGla,
             recurrent_workspace, algo, exact_dg};
   }
-  if (!backward && kernel_enabled(KernelFamily::kGlaFused)) return {KernelFamily::kGlaFused, 0};  // before chunkpar
-  if (kernel_enabled(KernelFamily::kGlaChunkpar)) {
-    const int64_t N = gla_chunkpar_n_chunks(p.seqlen);
-    return {KernelFamily::kGlaChunkpar, BH * (N + 1) * KV + BH * N * p.dim_k + (backward ? BH * N * KV : 0)};
-  }
+  // The fused backward keeps the whole state's gradient on chip: head dims up to 128; wider ones take the serial
+  // backward behind the fused forward.
+  const bool fused_serves = !backward || (p.dim_k <= kGlaFusedBwdMaxHeadDim && p.dim_v <= kGlaFusedBwdMaxHeadDim);
+  if (fused_serves && kernel_enabled(KernelFamily::kGlaFused))
+    return {KernelFamily::kGlaFused, backward ? gla_fused_bwd_workspace_floats(p) : 0};
   return {KernelFamily::kChunkGla, chunk_workspace};
 }
 
@@ -92,15 +90,8 @@ inline void gla_launch(const GlaCudaLaunchers& cuda, const GlaPlan& plan, DType 
   const int64_t BH = p.batch * p.heads, KV = p.dim_k * p.dim_v;
   switch (plan.family) {
     case KernelFamily::kGlaFused:
-      cuda.fused_fwd(dt, p, workspace, stream);
+      (backward ? cuda.fused_bwd : cuda.fused_fwd)(dt, p, workspace, stream);
       return;
-    case KernelFamily::kGlaChunkpar: {
-      const int64_t N = gla_chunkpar_n_chunks(p.seqlen);
-      float* sums = workspace + BH * (N + 1) * KV;
-      const GlaChunkparWorkspace ws{workspace, backward ? sums + BH * N * p.dim_k : nullptr, sums};
-      (backward ? cuda.chunkpar_bwd : cuda.chunkpar_fwd)(dt, p, ws, stream);
-      return;
-    }
     case KernelFamily::kChunkGla:
     case KernelFamily::kGlaHead512:
       if (plan.algo == GlaAlgo::kChunk) {
