@@ -66,6 +66,8 @@ def run_every_op():
         for op in (linmix.chunk_gla, linmix.fused_recurrent_gla):
             cases.check(*cases.gla_case(op, 1, 70, 1, 20, 33), dtype)
         cases.check(*cases.fixed_point_case(1, 37, 20, 2, "onestep"), dtype)
+        for stopping in ("batch", "causal"):
+            cases.check(*cases.fixed_point_variants_case(3, 37, 20, 2, stopping, 1e-5), dtype)
         state = torch.zeros(2, 8, 4)
         linmix.selective_state_update(state, torch.randn(2, 8).to(dtype), torch.rand(2, 8), -torch.rand(8, 4),
                                       torch.randn(2, 4), torch.randn(2, 4), dt_softplus=True)
