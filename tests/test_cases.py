@@ -10,8 +10,14 @@ import torch
 from linmix._cases import CASES, make, variants
 from conftest import assert_close
 
+# Argument combinations the fuzzer (test_fuzz.py) found wrong once, kept as regular cases.
+FOUND = [
+    ("chunk_gla", {"initial_state": "given", "state_v_first": True}),
+]
 VARIANTS = [pytest.param(case, choice, id=f"{case.name}-" + ("-".join(f"{k}={v}" for k, v in choice.items()) or "default"))
             for case in CASES.values() for choice in variants(case)]
+VARIANTS += [pytest.param(CASES[name], choice, id=f"{name}-" + "-".join(f"{k}={v}" for k, v in choice.items()))
+             for name, choice in FOUND]
 
 
 def _grads(outs, leaves, seed):
@@ -55,6 +61,7 @@ def test_make_dims_dtypes_and_seeds():
     y = make(gla, "cpu", torch.float64, seed=5, sizes=dict(T=11), initial_state="given")
     torch.testing.assert_close(y["q"].to(torch.bfloat16), x["q"], rtol=0, atol=0)  # the same draw in every dtype
     assert not torch.equal(make(gla, seed=6)["q"], make(gla, seed=5)["q"])
+    assert make(gla, initial_state="given", state_v_first=True)["initial_state"].shape == (2, 2, 3, 5)  # (B H V K)
     packed = make(gla, cu_seqlens="given", initial_state="given")
     c = packed["cu_seqlens"].tolist()
     assert packed["q"].shape[0] == 1 and c[0] == 0 and c[-1] == 7 and c == sorted(c)

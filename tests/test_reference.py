@@ -37,3 +37,16 @@ def test_gla_chunked_keeps_input_dtype_and_empty():
     assert gla_chunked_ref(q, k, v, g).shape == (1, 0, 2, 3)
     q, k, v, g, _ = make(1, 5, 2, 4, 3, torch.bfloat16, "cpu", h0=False)
     assert gla_chunked_ref(q, k, v, g).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("B,T", [(0, 0), (2, 0), (0, 3)])
+def test_references_take_empty_batches_and_sequences(B, T):
+    """Found by the fuzzer (test_fuzz.py): the references raised at T = 0 (linear_scan's, which the fixed-point
+    one runs) and at B = 0 with stopping="batch" (a quantile of no residuals)."""
+    from linmix._cases import CASES, make
+
+    for name, choice in (("linear_scan", {}), ("fixed_point_rnn", {}), ("fixed_point_rnn", {"stopping": "batch"})):
+        case = CASES[name]
+        x = make(case, "cpu", torch.float64, sizes={case.batch: B, case.time: T}, **choice)
+        out = case.reference(**x)[0]
+        assert out.shape == x["u" if name == "fixed_point_rnn" else "a"].shape

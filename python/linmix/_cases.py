@@ -5,8 +5,9 @@ build their inputs here, so every op is described once.
 A :class:`Case` lists
 
 - the op's size names with small odd defaults (``sizes``), and which of them is the batch and the time axis;
-- its tensor inputs (``tensors``: a function of the sizes and of the forms asked for, giving one
-  :class:`Input` per tensor: its dims by size name and how its values are drawn);
+- its tensor inputs (``tensors``: a function of the sizes, of the forms asked for and of the options that
+  change a tensor's layout, giving one :class:`Input` per tensor: its dims by size name and how its values
+  are drawn);
 - its documented arguments and the values worth running (``args``: one :class:`Arg` each);
 - how to call the op and its reference so that both give the same tuple of outputs (``run``, ``reference``).
 
@@ -26,6 +27,7 @@ op is well conditioned: decays below 1, GLA gates as a GLA layer makes them, fix
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Callable
 
 import torch
@@ -110,16 +112,19 @@ class Case:
     sizes: dict[str, int]  # size name -> small odd default
     batch: str  # the batch size's name
     time: str | None  # the sequence length's name (None: one decoding step)
-    tensors: Callable[..., dict[str, Input | None]]  # (sizes, **tensor forms) -> the tensor inputs; may set sizes
+    # (sizes, **tensor forms, **the options among its own parameters) -> the tensor inputs; may set sizes
+    tensors: Callable[..., dict[str, Input | None]]
     args: tuple[Arg, ...]
     reference: Callable[..., tuple]  # the op's keyword arguments -> float64 outputs, as run() gives them
     grads: tuple[str, ...]  # the differentiable tensor inputs
     in_place: str | None = None  # the input the op updates in place (run() works on a copy and returns it last)
 
     def run(self, x: dict) -> tuple[torch.Tensor, ...]:
-        """The op on x, its outputs as a tuple (None outputs left out)."""
+        """The op on x, its outputs as a tuple (None outputs left out). The input updated in place is a copy
+        with the same strides."""
         if self.in_place:
-            x = {**x, self.in_place: x[self.in_place].clone()}
+            t = x[self.in_place]
+            x = {**x, self.in_place: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)}
         out = self.fn(**x)
         out = tuple(t for t in (out if isinstance(out, tuple) else (out,)) if t is not None)
         return out + (x[self.in_place],) if self.in_place else out
@@ -151,7 +156,8 @@ def make(case: Case, device: str = "cpu", dtype: torch.dtype = torch.float32, *,
         raise ValueError(f"{case.name} takes no argument {sorted(unknown)}")
     s = {**case.sizes, **(sizes or {})}
     forms = {a.name: choices.pop(a.name, a.values[0]) for a in case.args if a.tensor}
-    specs = {k: v for k, v in case.tensors(s, **forms).items() if v is not None}
+    layout = {k: v for k, v in choices.items() if k in inspect.signature(case.tensors).parameters}
+    specs = {k: v for k, v in case.tensors(s, **forms, **layout).items() if v is not None}
     gen = {d: torch.Generator(d).manual_seed(seed) for d in {device, "cpu"}}
     values, dims = {}, {}
     for name, spec in specs.items():
@@ -290,8 +296,10 @@ SELECTIVE_STATE_UPDATE = Case(
 
 # ----------------------------------------------------------------------------- chunk_gla, fused_recurrent_gla
 
-def _gla_tensors(s, g="given", gk=None, initial_state=None, cu_seqlens=None, cu_seqlens_cpu=None):
-    """g is the gate (fused_recurrent_gla also takes it as gk, or none at all: no decay)."""
+def _gla_tensors(s, g="given", gk=None, initial_state=None, cu_seqlens=None, cu_seqlens_cpu=None,
+                 state_v_first=False):
+    """g is the gate (fused_recurrent_gla also takes it as gk, or none at all: no decay); with state_v_first
+    the initial state is (N, H, V, K)."""
     packed = cu_seqlens or cu_seqlens_cpu
     if packed:
         s.update(B=1, N=3)
@@ -299,7 +307,8 @@ def _gla_tensors(s, g="given", gk=None, initial_state=None, cu_seqlens=None, cu_
     return {
         "q": Input("B T H K"), "k": Input("B T H K"), "v": Input("B T H V"),
         "g": gate if g and not gk else None, "gk": gk and gate,
-        "initial_state": initial_state and Input("N H K V" if packed else "B H K V", dtype="acc"),
+        "initial_state": initial_state and Input(("N" if packed else "B") + (" H V K" if state_v_first else " H K V"),
+                                                 dtype="acc"),
         "cu_seqlens": cu_seqlens and Input(str(s["N"] + 1), offsets(s["T"]), "index"),
         "cu_seqlens_cpu": cu_seqlens_cpu and Input(str(s["N"] + 1), offsets(s["T"]), "index", device="cpu"),
     }

@@ -84,7 +84,8 @@ def fixed_point_solve_ref(u, lam, hh_u, hh_beta, max_iter: int, tol: float, h0=N
             frozen |= new
             met = frozen.all(-1)
         elif stopping == "batch":
-            met = torch.full((B,), bool(torch.quantile(res.nan_to_num(nan=_BIG, posinf=_BIG), quantile) < tol))
+            quant = torch.quantile(res.nan_to_num(nan=_BIG, posinf=_BIG), quantile) if B else None
+            met = torch.full((B,), B > 0 and bool(quant < tol))
         else:
             met = res < tol
         stop = live & (met | (n == max_iter))
