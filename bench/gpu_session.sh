@@ -84,7 +84,7 @@ if [ -x "$SAN" ]; then
         step "unverified_${tool}_selective_scan" timeout "$T_SAN" "${SANCMD[@]}" --tool "$tool" "$PY" -m pytest -q \
             -p no:cacheprovider tests/test_selective_scan_tiled.py -k "cuda_tiled_matches_reference and 129-17"
     done
-    for tool in memcheck racecheck; do  # the unverified chunk-parallel chunk_gla, warp forward, decode kernel
+    for tool in memcheck racecheck; do  # the unverified fused chunk_gla, warp forward, decode kernel
         for op in chunk_gla selective_scan selective_state_update; do
             step "${tool}_${op}_unverified" timeout "$T_SAN" env LINMIX_UNVERIFIED_KERNELS=1 "${SANCMD[@]}" --tool "$tool" \
                 "$PY" -m linmix.bench.sanitize "$op"
@@ -108,8 +108,8 @@ fi
 # op+unverified: the op again with LINMIX_UNVERIFIED_KERNELS=1 (warp-per-channel forward and tiled backward of
 # selective_scan; the selective_state_update kernel), into results_unverified. op+FAMILY: linmix's rows again with
 # LINMIX_KERNELS=FAMILY, into results_FAMILY: chunk_gla's serial default, fla and SDPA are timed in the plain run,
-# the fused and the chunk-parallel families right after it on the same card.
-OPS=(linear_scan selective_scan selective_scan+unverified chunk_gla chunk_gla+gla_fused chunk_gla+gla_chunkpar
+# the fused family right after it on the same card.
+OPS=(linear_scan selective_scan selective_scan+unverified chunk_gla chunk_gla+gla_fused
      fixed_point_rnn selective_state_update selective_state_update+unverified)
 for i in "${!OPS[@]}"; do
     op="${OPS[$i]%%+*}" tag="${OPS[$i]#*+}" extra=""

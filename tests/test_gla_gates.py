@@ -4,7 +4,7 @@ Every decay must be built from sums over the segment it spans, never as a differ
 of -inf gives an exact 0 decay (and no NaN anywhere, gradients included) and fp32 stays accurate whatever the
 other gates are; the gradient of a gate whose decay underflows is exactly 0 (gla_gate_grad). Checked against the
 float64 reference for both ops on CPU (the CPU twin) and, with a GPU, with LINMIX_UNVERIFIED_KERNELS=1 (the
-chunk-parallel chunk_gla kernels; their block structure is replayed on CPU in test_gla_chunkpar.py).
+fused chunk_gla kernels; under LINMIX_EMULATE_CUDA=1 the cpu cases run their source too).
 """
 
 import math
@@ -160,7 +160,7 @@ def test_extreme_gates_match_reference(device, dtype, value, case, monkeypatch):
     assert (want[5][mask] == 0).all()  # the gate's gradient carries exp(g): exactly 0 at every extreme gate
     for algo, fn in ALGOS.items():
         got = run_and_grads(fn, *ins, True, do, dht)
-        # The chunk-parallel CUDA kernels round bf16 tensor-core operands: test_gla_chunkpar.py's max-error bar.
+        # The fused CUDA kernels round bf16 tensor-core operands (the chunk states among them): a max-error bar.
         tol = 3e-2 if (device, algo, dtype) == ("cuda", "chunk", torch.bfloat16) else TOL[dtype]
         for name, a, b in zip(NAMES, got, want):
             assert torch.isfinite(a).all(), f"{algo} {name} not finite"
@@ -216,7 +216,7 @@ def check_against_reference(fn, ins, dtype, seed=1):
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_switch_off_keeps_old_path_on_ordinary_gates(dtype, monkeypatch):
-    # Switch off: the GPU-verified g_cumsum chunk kernels, right on ordinary gates; switch on: the chunk-parallel
+    # Switch off: the GPU-verified g_cumsum chunk kernels, right on ordinary gates; switch on: the fused
     # (segment-sum) kernels, the same answers.
     ins, _ = extreme_inputs(2, 150, 2, 40, 48, ["middles"], -0.3, dtype, "cuda")
     outs = {}
@@ -233,7 +233,7 @@ def test_cuda_switch_off_keeps_old_path_on_ordinary_gates(dtype, monkeypatch):
 
 @cuda_only
 def test_cuda_switch_selects_segment_kernels(monkeypatch):
-    # Only the segment-sum (chunk-parallel) kernels are exact for -inf: the switch must actually change the kernel.
+    # Only the segment-sum (fused) kernels are exact for -inf: the switch must actually change the kernel.
     q, k, v = (torch.ones(1, 1, 1, 1, device="cuda") for _ in range(3))
     g = torch.full((1, 1, 1, 1), -INF, device="cuda")
     monkeypatch.setenv("LINMIX_UNVERIFIED_KERNELS", "0")

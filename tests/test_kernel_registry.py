@@ -47,13 +47,13 @@ def test_every_op_defaults_to_gpu_verified_kernels():
 
 
 def test_unknown_family_in_switch_is_an_error(monkeypatch):
-    monkeypatch.setenv("LINMIX_KERNELS", "gla_chunkpar,no_such_family")
+    monkeypatch.setenv("LINMIX_KERNELS", "gla_fused,no_such_family")
     monkeypatch.setenv("LINMIX_UNVERIFIED_KERNELS", "1")  # checked all the same
     monkeypatch.setenv("LINMIX_EMULATE_CUDA", "1")
     q = torch.randn(1, 3, 1, 4)
     if "plain" not in emulation.builds():
         pytest.skip("the switch is read on the CUDA path; built without LINMIX_CUDA_EMU=ON")
-    with pytest.raises(ValueError, match="unknown kernel family 'no_such_family'.*gla_chunkpar"):
+    with pytest.raises(ValueError, match="unknown kernel family 'no_such_family'.*gla_fused"):
         linmix.chunk_gla(q, q, q, -q.abs())
 
 

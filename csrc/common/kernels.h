@@ -21,7 +21,6 @@ enum class KernelFamily : int {
   kSelectiveScanBwdTiled,
   kSelectiveStateUpdate,
   kChunkGla,
-  kGlaChunkpar,
   kGlaFused,
   kFusedRecurrentGla,
   kFusedRecurrentGlaExactDg,
@@ -62,14 +61,11 @@ inline constexpr KernelRecord kKernels[] = {
     {KernelFamily::kChunkGla, "chunk_gla", "chunk_gla",
      "linmix_gla_chunk_fwd_kernel<*>; linmix_gla_chunk_bwd_states_kernel<*>; linmix_gla_chunk_bwd_grads_kernel<*>",
      Tier::kGpuVerified, true, "serial over chunks, WMMA inside a chunk; decays from differences of running sums"},
-    {KernelFamily::kGlaChunkpar, "gla_chunkpar", "chunk_gla",
-     "linmix_gla_chunkpar_fwd_state_kernel<*>; linmix_gla_chunkpar_fwd_scan_kernel; "
-     "linmix_gla_chunkpar_fwd_out_kernel<*>; linmix_gla_chunkpar_bwd_dstate_kernel<*>; "
-     "linmix_gla_chunkpar_bwd_scan_kernel; linmix_gla_chunkpar_bwd_dqk_kernel<*>; linmix_gla_chunkpar_bwd_dv_kernel<*>",
+    {KernelFamily::kGlaFused, "gla_fused", "chunk_gla",
+     "linmix_gla_fused_fwd_kernel<*>; linmix_gla_fused_bwd_states_kernel<*>; linmix_gla_fused_bwd_kernel<*>",
      Tier::kEmulationVerified, false,
-     "chunk-parallel (fla's structure), decays from segment sums: exact for any g <= 0"},
-    {KernelFamily::kGlaFused, "gla_fused", "chunk_gla", "linmix_gla_fused_fwd_kernel<*>", Tier::kEmulationVerified,
-     false, "one pass over the chunks per (batch * head, V tile), state on chip; segment-sum decays: exact for any g <= 0"},
+     "one pass over the chunks per (batch * head, V tile), state on chip; backward: the chunk states, then one "
+     "reverse pass per batch * head with the state's gradient on chip (head dims <= 128); exact for any g <= 0"},
     {KernelFamily::kFusedRecurrentGla, "fused_recurrent_gla", "fused_recurrent_gla",
      "linmix_gla_recurrent_fwd_kernel<*>; linmix_gla_recurrent_bwd_dqk_kernel<*, false>; "
      "linmix_gla_recurrent_bwd_dv_kernel<*>",

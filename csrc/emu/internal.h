@@ -31,7 +31,7 @@ inline size_t max_block_smem(int arch) { return arch >= 90 ? 227 * 1024 : 163 * 
 
 // ---- what the runtime knows of a kernel
 struct KernelInfo {
-  std::string name;           // e.g. linmix_gla_chunkpar_fwd_out_kernel<float>
+  std::string name;           // e.g. linmix_gla_fused_fwd_kernel<linmix::GlaFusedTraits<64>, float>
   int max_dynamic_smem = -1;  // cudaFuncAttributeMaxDynamicSharedMemorySize; -1: the default, 48 KiB - static
   size_t static_smem = 0;     // the most any block of it declared
 };

@@ -5,7 +5,6 @@
 #include "common/kernels.h"
 #include "common/launchers.h"
 #include "common/stream.h"
-#include "gla/gla_chunkpar.h"
 #include "gla/gla_fused.h"
 #include "gla/params.h"
 
@@ -19,8 +18,7 @@ template <DType dt> void fused_recurrent_gla_bwd_cuda(const GlaParams& p, cudaSt
 struct GlaCudaLaunchers {
   static constexpr const char* kName = "gla";
   PerCudaDtype<void(const GlaParams&, cudaStream_t)> chunk_fwd, chunk_bwd, recurrent_fwd, recurrent_bwd;
-  PerCudaDtype<void(const GlaParams&, const GlaChunkparWorkspace&, cudaStream_t)> chunkpar_fwd, chunkpar_bwd;
-  PerCudaDtype<void(const GlaParams&, void*, cudaStream_t)> fused_fwd;
+  PerCudaDtype<void(const GlaParams&, void*, cudaStream_t)> fused_fwd, fused_bwd;
   static const GlaCudaLaunchers& get();
 };
 
@@ -42,11 +40,11 @@ inline GlaPlan gla_plan(const GlaParams& p, GlaAlgo algo, bool backward) {
     return {exact_dg ? KernelFamily::kFusedRecurrentGlaExactDg : KernelFamily::kFusedRecurrentGla,
             backward ? p.batch * p.seqlen * p.heads * p.dim_k : 0};  // a (B, T, H, K) copy of dq, for the dg sum
   }
-  if (!backward && kernel_enabled(KernelFamily::kGlaFused)) return {KernelFamily::kGlaFused, 0};  // before chunkpar
-  if (kernel_enabled(KernelFamily::kGlaChunkpar)) {
-    const int64_t N = gla_chunkpar_n_chunks(p.seqlen);
-    return {KernelFamily::kGlaChunkpar, BH * (N + 1) * KV + BH * N * p.dim_k + (backward ? BH * N * KV : 0)};
-  }
+  // The fused backward keeps the whole state's gradient on chip: head dims up to 128; wider ones take the serial
+  // backward behind the fused forward.
+  const bool fused_serves = !backward || (p.dim_k <= kGlaFusedBwdMaxHeadDim && p.dim_v <= kGlaFusedBwdMaxHeadDim);
+  if (fused_serves && kernel_enabled(KernelFamily::kGlaFused))
+    return {KernelFamily::kGlaFused, backward ? gla_fused_bwd_workspace_floats(p) : 0};
   const int64_t n_chunks = ceil_div(p.seqlen, kGlaChunk);  // backward: states entering each chunk, then gradients
   return {KernelFamily::kChunkGla, backward ? BH * (n_chunks + 1) * KV + BH * n_chunks * KV : 0};
 }
@@ -56,15 +54,8 @@ inline void gla_launch(const GlaCudaLaunchers& cuda, const GlaPlan& plan, DType 
   const int64_t BH = p.batch * p.heads, KV = p.dim_k * p.dim_v;
   switch (plan.family) {
     case KernelFamily::kGlaFused:
-      cuda.fused_fwd(dt, p, workspace, stream);
+      (backward ? cuda.fused_bwd : cuda.fused_fwd)(dt, p, workspace, stream);
       return;
-    case KernelFamily::kGlaChunkpar: {
-      const int64_t N = gla_chunkpar_n_chunks(p.seqlen);
-      float* sums = workspace + BH * (N + 1) * KV;
-      const GlaChunkparWorkspace ws{workspace, backward ? sums + BH * N * p.dim_k : nullptr, sums};
-      (backward ? cuda.chunkpar_bwd : cuda.chunkpar_fwd)(dt, p, ws, stream);
-      return;
-    }
     case KernelFamily::kChunkGla:
       if (backward) {
         p.chunk_states = workspace;

@@ -1,5 +1,5 @@
-// Pieces of the chunked CUDA chunk_gla kernels with segment-sum decays (the fused kernels, gla_fused_*_kernel.cuh,
-// and the chunk-parallel ones): staging of one (chunk, channel slice), the decays, the intra-chunk scores.
+// Pieces of the fused CUDA chunk_gla kernels (gla_fused_*_kernel.cuh), whose decays are segment sums: staging of
+// one (chunk, channel slice), the decays, the intra-chunk scores.
 //
 // Decays are exp2 of log2-scaled gate sums taken directly over the segment they span, never as a difference of
 // running sums (which loses everything after a huge gate and gives NaN for -inf):

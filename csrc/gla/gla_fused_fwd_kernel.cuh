@@ -39,9 +39,11 @@ struct GlaFusedFwdSmem {
   alignas(128) Op v[C * BV];
 };
 
-// grid: (B * H, ceil(V / kBV)); block: kThreads; dynamic shared memory GlaFusedFwdSmem<Tr, T>.
-template <typename Tr, typename T>
-__global__ void __launch_bounds__(Tr::kThreads) linmix_gla_fused_fwd_kernel(GlaParams p) {
+// The forward walk of one (batch * head, kBV-column V tile) block. kOut: the forward (o, and the final state into
+// p.ht). Otherwise the backward's states pass (gla_fused_bwd_kernel.cuh): the state entering chunk n, rounded to T,
+// into states (B * H, ceil(T / kChunk), K, V), and the final fp32 state into final_state if it is not null.
+template <typename Tr, typename T, bool kOut>
+__device__ __forceinline__ void gla_fused_walk(const GlaParams& p, T* states, float* final_state) {
   constexpr int C = Tr::kChunk, BK = Tr::kBK, BV = Tr::kBV;
   LINMIX_DYNAMIC_SHARED_ALIGNED(128, unsigned char, smem_raw);
   auto& s = *reinterpret_cast<GlaFusedFwdSmem<Tr, T>*>(smem_raw);
@@ -57,20 +59,33 @@ __global__ void __launch_bounds__(Tr::kThreads) linmix_gla_fused_fwd_kernel(GlaP
   }
   for (int64_t t0 = 0; t0 < p.seqlen; t0 += C) {
     const int L = static_cast<int>(p.seqlen - t0 < C ? p.seqlen - t0 : C);
-    for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x) s.A[idx] = 0.f;
-    for (int idx = threadIdx.x; idx < C * BV; idx += blockDim.x) s.o[idx] = 0.f;
+    if constexpr (kOut) {
+      for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x) s.A[idx] = 0.f;
+      for (int idx = threadIdx.x; idx < C * BV; idx += blockDim.x) s.o[idx] = 0.f;
+    } else {
+      __syncthreads();  // S as the previous chunk left it
+      T* entering = states + (bh * ((p.seqlen + C - 1) / C) + t0 / C) * p.dim_k * p.dim_v;
+      for (int idx = threadIdx.x; idx < K * BV; idx += blockDim.x) {
+        const int c = idx / BV, e = idx % BV;
+        if (e0 + e < V) entering[int64_t(c) * V + e0 + e] = from_float<T>(s.S[idx]);
+      }
+    }
     gla_stage_tile<false, T>(s.v, p.v, bi, hi, t0, L, e0, V, BV);
     for (int c0 = 0; c0 < K; c0 += BK) {
-      gla_stage_tile<false, T>(s.in.q, p.q, bi, hi, t0, L, c0, K, BK);
+      if constexpr (kOut) gla_stage_tile<false, T>(s.in.q, p.q, bi, hi, t0, L, c0, K, BK);
       gla_stage_tile<false, T>(s.in.k, p.k, bi, hi, t0, L, c0, K, BK);
       gla_stage_tile<true, T>(s.in.log2g, p.g, bi, hi, t0, L, c0, K, BK);
-      for (int idx = threadIdx.x; idx < BK * BV; idx += blockDim.x) s.St[idx] = from_float<T>(s.S[c0 * BV + idx]);
-      __syncthreads();
-      each_prefix_decay(s.in.log2g, BK, 0, C, [&](int i, int cc, float d) { s.x[i * BK + cc] = from_float<T>(s.in.q[i * BK + cc] * d); });
-      __syncthreads();
-      smem_gemm_acc<T, true, true>(s.o, BV, s.x, BK, s.St, BV, C, BV, BK);  // (C, BK) (BK, BV)
-      __syncthreads();
-      gla_accumulate_scores<T, BK>(s.A, s.in.q, s.in.k, s.in.log2g, s.x, s.y);
+      if constexpr (kOut) {
+        for (int idx = threadIdx.x; idx < BK * BV; idx += blockDim.x) s.St[idx] = from_float<T>(s.S[c0 * BV + idx]);
+        __syncthreads();
+        each_prefix_decay(s.in.log2g, BK, 0, C, [&](int i, int cc, float d) { s.x[i * BK + cc] = from_float<T>(s.in.q[i * BK + cc] * d); });
+        __syncthreads();
+        smem_gemm_acc<T, true, true>(s.o, BV, s.x, BK, s.St, BV, C, BV, BK);  // (C, BK) (BK, BV)
+        __syncthreads();
+        gla_accumulate_scores<T, BK>(s.A, s.in.q, s.in.k, s.in.log2g, s.x, s.y);
+      } else {
+        __syncthreads();
+      }
       each_suffix_decay(s.in.log2g, BK, C, [&](int j, int cc, float d) { s.y[j * BK + cc] = from_float<T>(s.in.k[j * BK + cc] * d); });
       for (int cc = threadIdx.x; cc < BK; cc += blockDim.x) {
         float sum = 0.f;
@@ -83,22 +98,32 @@ __global__ void __launch_bounds__(Tr::kThreads) linmix_gla_fused_fwd_kernel(GlaP
       smem_gemm_acc<T, false, true>(s.S + c0 * BV, BV, s.y, BK, s.v, BV, BK, BV, C);  // (C, BK)^T (C, BV)
       __syncthreads();
     }
-    for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x)
-      s.Am[idx] = from_float<T>(idx % C <= idx / C ? s.A[idx] : 0.f);
-    __syncthreads();
-    smem_gemm_acc<T, true, true>(s.o, BV, s.Am, C, s.v, BV, C, BV, C);  // tril(A) v
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < L * BV; idx += blockDim.x) {
-      const int i = idx / BV, e = idx % BV;
-      if (e0 + e < V) p.o.at<T>(bi, t0 + i, hi)[e0 + e] = from_float<T>(scale * s.o[idx]);
+    if constexpr (kOut) {
+      for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x)
+        s.Am[idx] = from_float<T>(idx % C <= idx / C ? s.A[idx] : 0.f);
+      __syncthreads();
+      smem_gemm_acc<T, true, true>(s.o, BV, s.Am, C, s.v, BV, C, BV, C);  // tril(A) v
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < L * BV; idx += blockDim.x) {
+        const int i = idx / BV, e = idx % BV;
+        if (e0 + e < V) p.o.at<T>(bi, t0 + i, hi)[e0 + e] = from_float<T>(scale * s.o[idx]);
+      }
+      __syncthreads();  // the next chunk clears A and o and restages v
     }
-    __syncthreads();  // the next chunk clears A and o and restages v
   }
   __syncthreads();  // T = 0: S was written by other threads
+  float* last = kOut ? static_cast<float*>(p.ht) : final_state;
+  if (last == nullptr) return;
   for (int idx = threadIdx.x; idx < K * BV; idx += blockDim.x) {
     const int c = idx / BV, e = idx % BV;
-    if (e0 + e < V) static_cast<float*>(p.ht)[state0 + int64_t(c) * V + e0 + e] = s.S[idx];
+    if (e0 + e < V) last[state0 + int64_t(c) * V + e0 + e] = s.S[idx];
   }
+}
+
+// grid: (B * H, ceil(V / kBV)); block: kThreads; dynamic shared memory GlaFusedFwdSmem<Tr, T>.
+template <typename Tr, typename T>
+__global__ void __launch_bounds__(Tr::kThreads) linmix_gla_fused_fwd_kernel(GlaParams p) {
+  gla_fused_walk<Tr, T, true>(p, nullptr, nullptr);
 }
 
 template <typename Tr, typename T>

@@ -6,8 +6,7 @@ const GlaCudaLaunchers& GlaCudaLaunchers::get() {
   static constexpr GlaCudaLaunchers table{
       LINMIX_PER_CUDA_DTYPE(chunk_gla_fwd_cuda),           LINMIX_PER_CUDA_DTYPE(chunk_gla_bwd_cuda),
       LINMIX_PER_CUDA_DTYPE(fused_recurrent_gla_fwd_cuda), LINMIX_PER_CUDA_DTYPE(fused_recurrent_gla_bwd_cuda),
-      LINMIX_PER_CUDA_DTYPE(chunkpar_gla_fwd_cuda),        LINMIX_PER_CUDA_DTYPE(chunkpar_gla_bwd_cuda),
-      LINMIX_PER_CUDA_DTYPE(fused_gla_fwd_cuda)};
+      LINMIX_PER_CUDA_DTYPE(fused_gla_fwd_cuda),           LINMIX_PER_CUDA_DTYPE(fused_gla_bwd_cuda)};
   return table;
 }
 }  // namespace linmix

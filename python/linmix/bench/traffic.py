@@ -23,7 +23,7 @@ import torch
 from .. import emulation
 
 # op -> its kernel families (common/kernels.h); the default one first
-FAMILIES = {"chunk_gla": ["chunk_gla", "gla_chunkpar", "gla_fused"]}
+FAMILIES = {"chunk_gla": ["chunk_gla", "gla_fused"]}
 # long enough that the per-(batch, head) states weigh little per token
 SHAPES = [dict(B=1, T=1024, H=2, K=64, V=64), dict(B=1, T=1024, H=1, K=128, V=128)]
 QUICK_SHAPES = [dict(B=1, T=256, H=1, K=128, V=128)]
