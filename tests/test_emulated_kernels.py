@@ -125,6 +125,20 @@ def fixed_point_case(B, T, D, R, grad_mode, seed=0):
     return fn, [u, lam, hh_u, beta]
 
 
+def fixed_point_variants_case(B, T, D, R, stopping, tol, seed=0):
+    """An initial state (and the final one), damping, the stopping rule, the implicit gradient: the
+    fixed_point_rnn_variants kernels. With tol > 0 the dtype's run may stop a few iterations from float64's, both
+    within tol of the fixed point."""
+    fn0, inputs = fixed_point_case(B, T, D, R, "implicit", seed)
+    h0 = torch.randn(B, D, generator=gen(seed + 1), dtype=torch.float64)
+
+    def fn(u, lam, hh_u, beta, h0):
+        return linmix.fixed_point_rnn(u, lam, hh_u, beta, max_iter=60 if tol else 5, tol=tol, grad_mode="implicit",
+                                      initial_state=h0, output_final_state=True, damping=0.8, stopping=stopping,
+                                      quantile=0.5)
+    return fn, inputs + [h0]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B, T, D, h0, reverse", [(2, 1, 33, True, False), (1, 37, 40, False, True),
                                                  (2, 130, 17, True, True)])
@@ -204,3 +218,10 @@ def test_gla_head512(op, B, T, H, K, V, dtype, switch):
                                                    (2, 65, 17, 3, "onestep")])
 def test_fixed_point_rnn(B, T, D, R, grad_mode, dtype, switch):
     check(*fixed_point_case(B, T, D, R, grad_mode), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, T, D, R, stopping, tol", [(2, 37, 24, 2, "element", 0.0), (3, 37, 20, 2, "batch", 1e-5),
+                                                       (2, 65, 17, 3, "causal", 1e-5), (1, 1, 20, 1, "causal", 1e-5)])
+def test_fixed_point_rnn_variants(B, T, D, R, stopping, tol, dtype, switch):
+    check(*fixed_point_variants_case(B, T, D, R, stopping, tol), dtype)

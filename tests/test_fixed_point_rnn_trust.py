@@ -12,7 +12,7 @@ from linmix import FixedPointConvergenceError, FixedPointConvergenceWarning
 from linmix.reference import fixed_point_dense_ref, fixed_point_step_ref
 from linmix.reference.fixed_point_rnn import fixed_point_iter_ref, fixed_point_iterate_ref, fixed_point_solve_ref
 
-from conftest import cuda_only, rel_err
+from conftest import HAS_CUDA, HostReads, cuda_only, rel_err
 from test_fixed_point_rnn import make
 
 
@@ -76,11 +76,12 @@ def test_batch_quantile_leaves_the_slowest_unconverged():
         linmix.fixed_point_rnn(*inputs, max_iter=500, tol=1e-8, stopping="batch", quantile=0.5, on_nonconvergence="warn")
 
 
-def test_causal_stopping_is_causal():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32: the CUDA kernels under emulation
+def test_causal_stopping_is_causal(dtype):
     # Make the last token slow to converge: with per-element stopping that raises the shared iteration
     # count, which changes the outputs of every earlier token; with causal stopping it must not.
-    u, lam, hh_u, hh_beta = make(2, 40, 8, 2, lam_low=0.8, beta_high=0.6, seed=16)
-    slow = make(2, 40, 8, 2, lam_low=0.3, beta_high=1.9, seed=17)
+    u, lam, hh_u, hh_beta = make(2, 40, 8, 2, dtype, lam_low=0.8, beta_high=0.6, seed=16)
+    slow = make(2, 40, 8, 2, dtype, lam_low=0.3, beta_high=1.9, seed=17)
     u2, lam2, hh_u2, hh_beta2 = (torch.cat([x[:, :-4], s[:, -4:]], 1) for x, s in zip((u, lam, hh_u, hh_beta), slow))
     kw = dict(max_iter=100, tol=1e-3)
     a = linmix.fixed_point_rnn(u, lam, hh_u, hh_beta, **kw, stopping="causal")
@@ -171,7 +172,6 @@ def test_failure_mode_implicit_training_nan():
         linmix.fixed_point_rnn(*inputs, **kw, on_nonconvergence="raise")
 
 
-@pytest.mark.no_emulation("initial_state, damping and the stopping rules have no CUDA kernels yet")
 def test_opcheck_new_arguments():
     u, lam, hh_u, hh_beta = make(3, 9, 7, 3, torch.float32, seed=23)
     h0 = torch.randn(3, 7)
@@ -188,7 +188,6 @@ def test_opcheck_new_arguments():
                                    tol=tol, damping=damping))
 
 
-@pytest.mark.no_emulation("initial_state, damping and the stopping rules have no CUDA kernels yet")
 def test_compile_fullgraph_new_arguments():
     inputs = make(2, 11, 8, 2, torch.float32, requires_grad=True, seed=24)
     h0 = torch.randn(2, 8, requires_grad=True)
@@ -242,13 +241,58 @@ def test_bad_new_arguments(call, err, match):
         call()
 
 
+VARIANTS = [dict(damping=0.5), dict(initial_state="given"), dict(stopping="batch", quantile=0.5),
+            dict(stopping="causal"), dict(stopping="causal", damping=0.7, initial_state="given")]
+
+
+def _variant_call(kw, device, seed):
+    """fixed_point_rnn's inputs (float32 on `device`, where float32 runs the CUDA kernels: on a GPU, or under
+    LINMIX_EMULATE_CUDA=1 on the CPU) and keyword arguments for one entry of VARIANTS."""
+    inputs = make(3, 33, 40, 2, torch.float32, device, seed=seed, lam_low=0.5)
+    kw = dict(kw, max_iter=80, tol=1e-5, grad_mode="implicit", return_info=True)
+    if kw.get("initial_state") == "given":
+        kw["initial_state"] = torch.randn(3, 40, generator=torch.Generator().manual_seed(seed)).to(device)
+    return inputs, kw
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_variants_run_without_host_sync(kw):
+    # initial_state, damping and the stopping rules on the CUDA kernels (a GPU, or the emulator) stop early with the
+    # device-side rule and no host read per iteration, forward and backward: with on_nonconvergence="ignore" the
+    # Python side reads nothing, and the launchers cannot (the emulated build, which compiles them, has no
+    # synchronising CUDA call: csrc/emu/include/cuda_runtime.h).
+    device = "cuda" if HAS_CUDA else "cpu"
+    inputs, kw = _variant_call(kw, device, seed=25)
+    inputs = [x.requires_grad_() for x in inputs]
+    with HostReads(strict=True):
+        h, n_iter, res = linmix.fixed_point_rnn(*inputs, **kw)
+        torch.autograd.grad(h.square().sum(), inputs)
+    assert (n_iter < kw["max_iter"]).any() and (res < kw["tol"]).any()
+    # and the iteration counts and numbers of the float64 CPU kernels, up to float32 rounding (which may move a
+    # residual near tol across it: one iteration more or less)
+    kw64 = {k: (v.double().cpu() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    h64, n64, _ = linmix.fixed_point_rnn(*(x.detach().double().cpu() for x in inputs), **kw64)
+    assert (n_iter.cpu() - n64).abs().max() <= 1, (n_iter, n64)
+    assert rel_err(h.detach().double().cpu(), h64, "fro") < 1e-4
+
+
 @cuda_only
-def test_cuda_rejects_cpu_only_arguments():
-    u, lam, hh_u, hh_beta = make(2, 33, 40, 2, torch.float32, "cuda", seed=25)
-    for kw in (dict(damping=0.5), dict(initial_state=torch.zeros(2, 40, device="cuda")), dict(stopping="batch"),
-               dict(stopping="causal")):
-        with pytest.raises(RuntimeError, match="CPU only so far"):
-            linmix.fixed_point_rnn(u, lam, hh_u, hh_beta, **kw)
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_variants_cuda_graph_capture(kw):
+    inputs, kw = _variant_call(kw, "cuda", seed=26)
+    want = linmix.fixed_point_rnn(*inputs, **kw)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        linmix.fixed_point_rnn(*inputs, **kw)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = linmix.fixed_point_rnn(*inputs, **kw)
+    graph.replay()
+    torch.cuda.synchronize()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("rank", [1, 2, 3])

@@ -70,6 +70,8 @@ def run_every_op():
             cases.check(*cases.gla_case(op, 1, 9, 1, 260, 40), dtype)  # K > 256: gla_head512
             cases.check(*cases.gla_case(op, 1, 9, 1, 8, 260), dtype)  # V > 256: gla_head512's dq/dk kernel
         cases.check(*cases.fixed_point_case(1, 37, 20, 2, "onestep"), dtype)
+        for stopping in ("batch", "causal"):
+            cases.check(*cases.fixed_point_variants_case(3, 37, 20, 2, stopping, 1e-5), dtype)
         state = torch.zeros(2, 8, 4)
         linmix.selective_state_update(state, torch.randn(2, 8).to(dtype), torch.rand(2, 8), -torch.rand(8, 4),
                                       torch.randn(2, 4), torch.randn(2, 4), dt_softplus=True)

@@ -26,6 +26,7 @@ enum class KernelFamily : int {
   kFusedRecurrentGlaExactDg,
   kGlaHead512,
   kFixedPointRnn,
+  kFixedPointRnnVariants,
   kCount
 };
 
@@ -83,6 +84,11 @@ inline constexpr KernelRecord kKernels[] = {
     {KernelFamily::kFixedPointRnn, "fixed_point_rnn", "fixed_point_rnn",
      "linmix_fixed_point_rnn_fwd_*_kernel<*>; linmix_fixed_point_rnn_bwd_*_kernel<*>", Tier::kGpuVerified, true,
      "fixed-point iteration of (Householder mix, diagonal scan) with a device-side convergence test"},
+    {KernelFamily::kFixedPointRnnVariants, "fixed_point_rnn_variants", "fixed_point_rnn",
+     "linmix_fixed_point_rnn_variants_fwd_*_kernel<*>; linmix_fixed_point_rnn_variants_bwd_*_kernel<*>",
+     Tier::kEmulationVerified, false,
+     "initial_state, damping and stopping='batch' (a device-side quantile per iteration) / 'causal' (per-token "
+     "records); serves the calls the default kernels do not take"},
 };
 constexpr bool kernel_records_in_order() {
   for (int i = 0; i < static_cast<int>(KernelFamily::kCount); ++i)

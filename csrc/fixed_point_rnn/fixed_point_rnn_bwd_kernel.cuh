@@ -19,12 +19,26 @@ __global__ void __launch_bounds__(Traits::kThreads)
   fixed_point_rnn_scan<Traits, T, true>(p, w, it);
 }
 
-// One step's VJP per token (fixed_point_rnn_common.h's householder_vjp_channel), with s the converged
-// adjoint (buffer chosen by the element's adjoint iteration count). grid: ceil(B T / 8); block: 256.
 template <typename T>
 __global__ void __launch_bounds__(32 * kFpWarpsPerBlock)
-    linmix_fixed_point_rnn_bwd_grads_kernel(FixedPointRnnParams p, FixedPointRnnWork w, const float* s_buf0,
-                                        const float* s_buf1, const float* h_new) {
+    linmix_fixed_point_rnn_variants_bwd_mix_kernel(FixedPointRnnParams p, FixedPointRnnWork w, FixedPointRnnIter it,
+                                                   FixedPointRnnVariantWork v) {
+  fixed_point_rnn_mix<T, true, true>(p, w, it, v);
+}
+
+template <typename Traits, typename T>
+__global__ void __launch_bounds__(Traits::kThreads)
+    linmix_fixed_point_rnn_variants_bwd_scan_kernel(FixedPointRnnParams p, FixedPointRnnWork w, FixedPointRnnIter it,
+                                                    FixedPointRnnVariantWork v) {
+  fixed_point_rnn_scan<Traits, T, true, true>(p, w, it, v);
+}
+
+// One step's VJP per token (fixed_point_rnn_common.h's householder_vjp_channel), with s the converged
+// adjoint (buffer chosen by the element's adjoint iteration count). grid: ceil(B T / 8); block: 256.
+// Variants: h_{-1} = p.h0 enters dlam at t = 0, and dh0 = lam_0 s_0.
+template <typename T, bool kVariant>
+__device__ __forceinline__ void fixed_point_rnn_grads(const FixedPointRnnParams& p, const FixedPointRnnWork& w,
+                                                      const float* s_buf0, const float* s_buf1, const float* h_new) {
   const int64_t tok = warp_token(p);
   if (tok < 0) return;
   const int lane = threadIdx.x % 32, R = static_cast<int>(p.rank);
@@ -72,7 +86,13 @@ __global__ void __launch_bounds__(32 * kFpWarpsPerBlock)
     for (int i = 0; i < kFpMaxR; ++i) ud[i] = i < R ? to_float(g_u[i * D + d]) : 0.f;
     const float uvec = to_float(g_uvec[d]), lam = to_float(g_lam[d]), s = g_s[d];
     const float x_tilde = uvec - householder_mix(R, k, ud);
-    const float h_before = t > 0 ? h_new[(tok - 1) * D + d] : 0.f;
+    float h_before = t > 0 ? h_new[(tok - 1) * D + d] : 0.f;
+    if constexpr (kVariant) {
+      if (t == 0 && p.h0 != nullptr) {
+        h_before = to_float(static_cast<const T*>(p.h0)[bi * D + d]);
+        static_cast<T*>(p.dh0)[bi * D + d] = from_float<T>(lam * s);
+      }
+    }
     g_dlam[d] = from_float<T>(fixed_point_rnn_grad_lam(s, h_before, x_tilde));
     const float e = fixed_point_rnn_adjoint_pre(lam, s);
     g_du[d] = from_float<T>(householder_vjp_channel(R, ud, beta, c, k, dd, kk, uvec - g_hp[d], e, dud));
@@ -81,6 +101,20 @@ __global__ void __launch_bounds__(32 * kFpWarpsPerBlock)
       if (i < R) g_dhh_u[i * D + d] = from_float<T>(dud[i]);
     }
   }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(32 * kFpWarpsPerBlock)
+    linmix_fixed_point_rnn_bwd_grads_kernel(FixedPointRnnParams p, FixedPointRnnWork w, const float* s_buf0,
+                                        const float* s_buf1, const float* h_new) {
+  fixed_point_rnn_grads<T, false>(p, w, s_buf0, s_buf1, h_new);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(32 * kFpWarpsPerBlock)
+    linmix_fixed_point_rnn_variants_bwd_grads_kernel(FixedPointRnnParams p, FixedPointRnnWork w, const float* s_buf0,
+                                                     const float* s_buf1, const float* h_new) {
+  fixed_point_rnn_grads<T, true>(p, w, s_buf0, s_buf1, h_new);
 }
 
 // Launches one adjoint iteration (transposed mix then reverse scan) on s.
@@ -113,6 +147,44 @@ void fixed_point_rnn_bwd_cuda(const FixedPointRnnParams& p, cudaStream_t stream)
   const dim3 tok_blocks = fixed_point_rnn_token_grid(p);
   launch_kernel(linmix_fixed_point_rnn_bwd_grads_kernel<T>, tok_blocks, 32 * kFpWarpsPerBlock, 0, stream, p, w,
                 s_buf[0], s_buf[1], h_new);
+}
+
+// The variants (initial state, damping): h0 in the recomputed forward and in dlam, dh0, the damped adjoint
+// iteration, and with damping one more untracked adjoint iteration from each element's last input, so that s is
+// the undamped adjoint map of it as on the CPU.
+template <DType dt>
+void fixed_point_rnn_variants_bwd_cuda(const FixedPointRnnParams& p, cudaStream_t stream) {
+  using T = cuda_t<dt>;
+  const int64_t BTD = p.batch * p.seqlen * p.dim;
+  if (BTD == 0) return;
+  const FixedPointRnnWorkspace ws = fixed_point_rnn_workspace(p, /*backward=*/true);
+  const FixedPointRnnWork w = fixed_point_rnn_work(p, ws);
+  float* f = static_cast<float*>(p.work);
+  float* s_buf[2] = {f + ws.state, f + ws.state + BTD};
+  float* h_new = f + ws.h_new;
+  fixed_point_rnn_reset(p, ws, stream);
+  LINMIX_CUDA_CHECK(cudaMemsetAsync(s_buf[0], 0, BTD * sizeof(float), stream));  // s^0 = 0
+  fixed_point_rnn_launch_gram<T>(p, w, stream);
+  const FixedPointRnnVariantWork v{};
+  fixed_point_rnn_launch_variant_pair(linmix_fixed_point_rnn_variants_fwd_mix_kernel<T>,
+                                      linmix_fixed_point_rnn_variants_fwd_scan_kernel<FixedPointRnnScanTraits, T>, p,
+                                      w, FixedPointRnnIter{static_cast<const float*>(p.h_prev), h_new, 0, false}, v,
+                                      stream);
+  const auto mix = linmix_fixed_point_rnn_variants_bwd_mix_kernel<T>;
+  const auto scan = linmix_fixed_point_rnn_variants_bwd_scan_kernel<FixedPointRnnScanTraits, T>;
+  for (int l = 1; l <= p.max_iter; ++l) {
+    fixed_point_rnn_launch_variant_pair(mix, scan, p, w, FixedPointRnnIter{s_buf[(l - 1) & 1], s_buf[l & 1], l, true},
+                                        v, stream);
+  }
+  if (p.damping != 1.0) {
+    FixedPointRnnVariantWork by_count;
+    by_count.by_count[0] = s_buf[0], by_count.by_count[1] = s_buf[1];
+    fixed_point_rnn_launch_variant_pair(mix, scan, p, w, FixedPointRnnIter{nullptr, nullptr, 0, false}, by_count,
+                                        stream);
+  }
+  const dim3 tok_blocks = fixed_point_rnn_token_grid(p);
+  launch_kernel(linmix_fixed_point_rnn_variants_bwd_grads_kernel<T>, tok_blocks, 32 * kFpWarpsPerBlock, 0, stream, p,
+                w, s_buf[0], s_buf[1], h_new);
 }
 
 }  // namespace linmix

@@ -15,6 +15,8 @@
 //   s_t = lam_{t+1} s_{t+1} + that                          (a reverse diagonal scan)
 #pragma once
 
+#include <cstdint>
+
 #include "common/math.h"
 
 namespace linmix {
@@ -116,6 +118,26 @@ LINMIX_HD T fixed_point_rnn_grad_lam(T s, T h_before, T x_tilde) {
 template <typename T>
 LINMIX_HD T householder_grad_beta(T c, T d) {
   return -c * d;
+}
+
+// The damped update (1 - damping) z_old + damping f, f = f(z_old).
+template <typename T>
+LINMIX_HD T fixed_point_rnn_damp(T damping, T z_old, T f) {
+  return (T(1) - damping) * z_old + damping * f;
+}
+
+// The batch quantile of stopping="batch" (torch.quantile's linear interpolation): NaN and +inf residuals count
+// as `big`, the largest finite value (so they interpolate instead of giving NaN, and never pass a test < tol);
+// the q-quantile of n sorted keys r is r[lo] + frac (r[lo + 1] - r[lo]) at position q (n - 1) = lo + frac.
+template <typename T>
+LINMIX_HD T fixed_point_rnn_quantile_key(T residual, T big) {
+  return (residual != residual || residual > big) ? big : residual;
+}
+LINMIX_HD double fixed_point_rnn_quantile_pos(double q, int64_t n) { return q * static_cast<double>(n - 1); }
+template <typename T>
+LINMIX_HD T fixed_point_rnn_quantile_lerp(T r_lo, T r_hi, double pos) {
+  const T frac = static_cast<T>(pos - static_cast<double>(static_cast<int64_t>(pos)));
+  return frac == T(0) ? r_lo : r_lo + frac * (r_hi - r_lo);
 }
 
 // Per-token convergence ratio |h^l - h^{l-1}|_inf / |h^l|_inf; an unchanged token counts as 0 (also

@@ -174,7 +174,7 @@ struct Element {
 // z <- (1 - damping) z_old + damping z (the damped update; z holds f(z_old) on entry).
 template <typename acc_t>
 void damp(acc_t damping, const acc_t* z_old, acc_t* z, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) z[k] = (acc_t(1) - damping) * z_old[k] + damping * z[k];
+  for (int64_t k = 0; k < n; ++k) z[k] = fixed_point_rnn_damp(damping, z_old[k], z[k]);
 }
 
 // One batch element's forward iteration: z^0 = 0, then f_l = f(z^{l-1}) and its residual, z^l the damped
@@ -235,16 +235,14 @@ struct ForwardRun {
   }
 };
 
-// The q-quantile of the residuals with linear interpolation (torch.quantile's default); NaN and +inf count
-// as the largest finite value (so they interpolate instead of producing NaN, and never pass a test < tol).
+// The q-quantile of the residuals (fixed_point_rnn_common.h's rule).
 template <typename acc_t>
 acc_t batch_quantile(std::vector<acc_t> r, double q) {
-  for (acc_t& x : r) x = (x != x || x > std::numeric_limits<acc_t>::max()) ? std::numeric_limits<acc_t>::max() : x;
+  for (acc_t& x : r) x = fixed_point_rnn_quantile_key(x, std::numeric_limits<acc_t>::max());
   std::sort(r.begin(), r.end());
-  const double pos = q * static_cast<double>(r.size() - 1);
+  const double pos = fixed_point_rnn_quantile_pos(q, static_cast<int64_t>(r.size()));
   const size_t lo = static_cast<size_t>(pos);
-  const acc_t frac = static_cast<acc_t>(pos - static_cast<double>(lo));
-  return frac == acc_t(0) || lo + 1 >= r.size() ? r[lo] : r[lo] + frac * (r[lo + 1] - r[lo]);
+  return fixed_point_rnn_quantile_lerp(r[lo], r[std::min(lo + 1, r.size() - 1)], pos);
 }
 
 template <DType dt>

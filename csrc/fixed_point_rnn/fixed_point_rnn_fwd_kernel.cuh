@@ -2,7 +2,7 @@
 // launcher fixed_point_rnn_fwd_cuda (the host loop over iterations). The scheme: fixed_point_rnn_kernel_common.cuh.
 #pragma once
 
-#include <algorithm>
+#include <cfloat>
 
 #include "fixed_point_rnn/fixed_point_rnn_kernel_common.cuh"
 
@@ -51,6 +51,61 @@ __global__ void __launch_bounds__(Traits::kThreads)
   fixed_point_rnn_scan<Traits, T, false>(p, w, it);
 }
 
+// The variants' iteration kernels (fixed_point_rnn_variants family).
+template <typename T>
+__global__ void __launch_bounds__(32 * kFpWarpsPerBlock)
+    linmix_fixed_point_rnn_variants_fwd_mix_kernel(FixedPointRnnParams p, FixedPointRnnWork w, FixedPointRnnIter it,
+                                                   FixedPointRnnVariantWork v) {
+  fixed_point_rnn_mix<T, false, true>(p, w, it, v);
+}
+
+template <typename Traits, typename T>
+__global__ void __launch_bounds__(Traits::kThreads)
+    linmix_fixed_point_rnn_variants_fwd_scan_kernel(FixedPointRnnParams p, FixedPointRnnWork w, FixedPointRnnIter it,
+                                                    FixedPointRnnVariantWork v) {
+  fixed_point_rnn_scan<Traits, T, false, true>(p, w, it, v);
+}
+
+// stopping="batch", after each iteration: every element is done once the p.batch_quantile quantile of the
+// residuals is below tol (fixed_point_rnn_common.h's rule). The k-th smallest key is the one with k keys before
+// it in (key, index) order. grid: 1; block: 256.
+template <typename T>
+__global__ void __launch_bounds__(256) linmix_fixed_point_rnn_variants_fwd_quantile_kernel(FixedPointRnnParams p,
+                                                                                        FixedPointRnnWork w) {
+  LINMIX_SHARED(float, s_ends, [2]);
+  const int64_t B = p.batch;
+  if (w.done[0]) return;  // the batch stopped together earlier (uniform)
+  const double pos = fixed_point_rnn_quantile_pos(p.batch_quantile, B);
+  const int64_t lo = static_cast<int64_t>(pos), hi = lo + 1 < B ? lo + 1 : lo;
+  for (int64_t i = threadIdx.x; i < B; i += blockDim.x) {
+    const float key = fixed_point_rnn_quantile_key(w.residual[i], FLT_MAX);
+    int64_t rank = 0;
+    for (int64_t j = 0; j < B; ++j) {
+      const float other = fixed_point_rnn_quantile_key(w.residual[j], FLT_MAX);
+      rank += other < key || (other == key && j < i);
+    }
+    if (rank == lo) s_ends[0] = key;
+    if (rank == hi) s_ends[1] = key;
+  }
+  __syncthreads();
+  const bool met = fixed_point_rnn_quantile_lerp(s_ends[0], s_ends[1], pos) < static_cast<float>(p.tol);
+  if (!met) return;
+  for (int64_t i = threadIdx.x; i < B; i += blockDim.x) w.done[i] = 1;
+}
+
+// stopping="causal", after the loop: each element's last input iterate buf[(n - 1) & 1] takes the records of its
+// stopped tokens, so that it is h_prev. Grid-stride over B T D.
+template <typename T>
+__global__ void linmix_fixed_point_rnn_variants_fwd_restore_kernel(FixedPointRnnParams p, FixedPointRnnWork w,
+                                                                  FixedPointRnnVariantWork v, float* buf0,
+                                                                  float* buf1) {
+  const int64_t TD = p.seqlen * p.dim, n = p.batch * TD;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t bi = idx / TD;
+    if ((idx % TD) / p.dim < v.frozen[bi]) ((w.n_iter[bi] - 1) & 1 ? buf1 : buf0)[idx] = v.record[idx];
+  }
+}
+
 // h = buf[n & 1] in the activation dtype; h_prev = buf[(n - 1) & 1], where buf[0] is h_prev itself.
 // Grid-stride over B T D.
 template <typename T>
@@ -94,8 +149,49 @@ void fixed_point_rnn_fwd_cuda(const FixedPointRnnParams& p, cudaStream_t stream)
   for (int l = 1; l <= p.max_iter; ++l) {
     fixed_point_rnn_launch_iter<T>(p, w, FixedPointRnnIter{buf[(l - 1) & 1], buf[l & 1], l, true}, stream);
   }
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(BTD, 256), 65536));
-  launch_kernel(linmix_fixed_point_rnn_fwd_select_kernel<T>, blocks, 256, 0, stream, p, buf[1]);
+  launch_kernel(linmix_fixed_point_rnn_fwd_select_kernel<T>, fixed_point_rnn_flat_blocks(BTD), 256, 0, stream, p,
+                buf[1]);
+}
+
+// The variants (initial state, damping, stopping "batch" and "causal"): the same loop with the variant kernels, a
+// quantile launch per iteration for "batch", and, where the last iterate is not f(h_prev) (damping, causal
+// records), one more untracked iteration from each element's h_prev before the select.
+template <DType dt>
+void fixed_point_rnn_variants_fwd_cuda(const FixedPointRnnParams& p, cudaStream_t stream) {
+  using T = cuda_t<dt>;
+  const int64_t BTD = p.batch * p.seqlen * p.dim;
+  if (BTD == 0) return;
+  const FixedPointRnnWorkspace ws = fixed_point_rnn_workspace(p, /*backward=*/false);
+  FixedPointRnnWork w = fixed_point_rnn_work(p, ws);
+  w.n_iter = p.n_iter, w.residual = p.residual;
+  float* buf[2] = {static_cast<float*>(p.h_prev), static_cast<float*>(p.work) + ws.state};
+  FixedPointRnnVariantWork v;
+  v.record = static_cast<float*>(p.work) + ws.record;
+  v.frozen = static_cast<int*>(p.flags) + ws.frozen;
+  fixed_point_rnn_reset(p, ws, stream);
+  LINMIX_CUDA_CHECK(cudaMemsetAsync(buf[0], 0, BTD * sizeof(float), stream));  // h^0 = 0
+  fixed_point_rnn_launch_gram<T>(p, w, stream);
+  const auto mix = linmix_fixed_point_rnn_variants_fwd_mix_kernel<T>;
+  const auto scan = linmix_fixed_point_rnn_variants_fwd_scan_kernel<FixedPointRnnScanTraits, T>;
+  for (int l = 1; l <= p.max_iter; ++l) {
+    fixed_point_rnn_launch_variant_pair(mix, scan, p, w, FixedPointRnnIter{buf[(l - 1) & 1], buf[l & 1], l, true}, v,
+                                        stream);
+    if (p.batch_quantile >= 0 && l < p.max_iter) {
+      launch_kernel(linmix_fixed_point_rnn_variants_fwd_quantile_kernel<T>, 1, 256, 0, stream, p, w);
+    }
+  }
+  if (p.causal) {
+    launch_kernel(linmix_fixed_point_rnn_variants_fwd_restore_kernel<T>, fixed_point_rnn_flat_blocks(BTD), 256, 0,
+                  stream, p, w, v, buf[0], buf[1]);
+  }
+  if (p.causal || p.damping != 1.0) {
+    FixedPointRnnVariantWork by_count = v;
+    by_count.by_count[0] = buf[0], by_count.by_count[1] = buf[1];
+    fixed_point_rnn_launch_variant_pair(mix, scan, p, w, FixedPointRnnIter{nullptr, nullptr, 0, false}, by_count,
+                                        stream);
+  }
+  launch_kernel(linmix_fixed_point_rnn_fwd_select_kernel<T>, fixed_point_rnn_flat_blocks(BTD), 256, 0, stream, p,
+                buf[1]);
 }
 
 }  // namespace linmix

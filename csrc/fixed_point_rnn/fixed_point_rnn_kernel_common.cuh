@@ -27,6 +27,8 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include "common/channel_scan.cuh"
 #include "common/cuda_check.h"
 #include "common/cuda_utils.cuh"
@@ -62,6 +64,34 @@ struct FixedPointRnnIter {
   bool track;        // residual + convergence flag (false: plain f(src) for every element)
 };
 
+// What the variant kernels (the fixed_point_rnn_variants family: initial state, damping, stopping="batch" and
+// "causal") read beyond the default kernels' arguments; the default kernels take none of it.
+struct FixedPointRnnVariantWork {
+  float* record = nullptr;  // causal: (B, T, D) each token's input iterate of the iteration it stopped at
+  int* frozen = nullptr;    // causal: (B,) tokens stopped so far (a prefix)
+  // Set: an untracked iteration from each element's last input, by its iteration count n:
+  // src = by_count[(n - 1) & 1], dst = by_count[n & 1] (it.src and it.dst are not read).
+  float* by_count[2] = {nullptr, nullptr};
+};
+
+// The source and destination of element bi's iterate in this launch.
+template <bool kVariant>
+__device__ __forceinline__ const float* iter_src(const FixedPointRnnWork& w, const FixedPointRnnIter& it,
+                                                 const FixedPointRnnVariantWork& v, int64_t bi) {
+  if constexpr (kVariant) {
+    if (v.by_count[0] != nullptr) return v.by_count[(w.n_iter[bi] - 1) & 1];
+  }
+  return it.src;
+}
+template <bool kVariant>
+__device__ __forceinline__ float* iter_dst(const FixedPointRnnWork& w, const FixedPointRnnIter& it,
+                                           const FixedPointRnnVariantWork& v, int64_t bi) {
+  if constexpr (kVariant) {
+    if (v.by_count[0] != nullptr) return v.by_count[w.n_iter[bi] & 1];
+  }
+  return it.dst;
+}
+
 __device__ __forceinline__ float warp_nan_max(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x = nan_max(x, __shfl_xor_sync(0xffffffffu, x, o));
@@ -83,9 +113,9 @@ __device__ __forceinline__ void load_betas(const FixedPointRnnParams& p, int64_t
 
 // Chain coefficients of one iteration. Forward: a_i = u_i · (u - h_prev), forward chain.
 // Adjoint: a_i = u_i · ((1 - lam) s_prev), transposed chain. grid: ceil(B T / 8); block: 256.
-template <typename T, bool kAdjoint>
+template <typename T, bool kAdjoint, bool kVariant = false>
 __device__ __forceinline__ void fixed_point_rnn_mix(const FixedPointRnnParams& p, const FixedPointRnnWork& w,
-                                                const FixedPointRnnIter& it) {
+                                                const FixedPointRnnIter& it, const FixedPointRnnVariantWork& v = {}) {
   const int64_t tok = warp_token(p);
   if (tok < 0) return;
   const int64_t bi = tok / p.seqlen, D = p.dim;
@@ -93,7 +123,7 @@ __device__ __forceinline__ void fixed_point_rnn_mix(const FixedPointRnnParams& p
   const int lane = threadIdx.x % 32, R = static_cast<int>(p.rank);
   const T* g_u = static_cast<const T*>(p.hh_u) + tok * R * D;  // (R, D)
   const T* g_x = static_cast<const T*>(kAdjoint ? p.lam : p.u) + tok * D;  // (D,)
-  const float* g_src = it.src + tok * D;                                     // (D,)
+  const float* g_src = iter_src<kVariant>(w, it, v, bi) + tok * D;          // (D,)
   float a[kFpMaxR];
 #pragma unroll
   for (int i = 0; i < kFpMaxR; ++i) a[i] = 0.f;
@@ -124,12 +154,45 @@ __device__ __forceinline__ void fixed_point_rnn_mix(const FixedPointRnnParams& p
   }
 }
 
+// Causal stopping, in the last block of element bi: token t stops at the first iteration with
+// max_{s<=t} ratio_s < tol, i.e. the tokens before the first one whose ratio is not below tol (`first_open`,
+// this thread's first; block-reduced here). The tokens stopping now keep this iteration's input `src`.
+template <typename Traits>
+__device__ void fixed_point_rnn_causal_record(const FixedPointRnnParams& p, const FixedPointRnnVariantWork& v,
+                                              const float* src, int64_t first_open) {
+  LINMIX_SHARED(int64_t, s_open, [Traits::kNWarps]);
+  LINMIX_SHARED(int64_t, s_from);
+  LINMIX_SHARED(int64_t, s_to);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t bi = blockIdx.x, L = p.seqlen, D = p.dim;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const int64_t other = __shfl_xor_sync(0xffffffffu, first_open, o);
+    first_open = other < first_open ? other : first_open;
+  }
+  if (lane == 0) s_open[warp] = first_open;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int i = 1; i < Traits::kNWarps; ++i) first_open = s_open[i] < first_open ? s_open[i] : first_open;
+    s_from = v.frozen[bi];
+    s_to = first_open > s_from ? first_open : s_from;
+    v.frozen[bi] = static_cast<int>(s_to);
+  }
+  __syncthreads();
+  for (int64_t k = s_from * D + threadIdx.x; k < s_to * D; k += Traits::kThreads) {
+    v.record[bi * L * D + k] = src[bi * L * D + k];
+  }
+}
+
 // The scan of one iteration and its convergence bookkeeping. grid: (B, ceil(D / 32)); block: Traits::kThreads.
 // Forward: h_t = lam_t h_{t-1} + (1 - lam_t)(u_t - sum_i k_i u_i). Adjoint (reverse in time):
 // s_t = lam_{t+1} s_{t+1} + g_t + sum_i k_i u_i.
-template <typename Traits, typename T, bool kAdjoint>
+// Variants: the forward scan starts from p.h0; a tracked iteration stores the damped iterate (the residual is
+// f's); the last block applies the stopping rule of p (batch: left to the quantile kernel; causal: records the
+// tokens that stop now).
+template <typename Traits, typename T, bool kAdjoint, bool kVariant = false>
 __device__ __forceinline__ void fixed_point_rnn_scan(const FixedPointRnnParams& p, const FixedPointRnnWork& w,
-                                                 const FixedPointRnnIter& it) {
+                                                 const FixedPointRnnIter& it, const FixedPointRnnVariantWork& v = {}) {
   LINMIX_SHARED(ScanPair<float>, s_agg, [Traits::kNWarps * 32]);
   LINMIX_SHARED(float, s_red, [Traits::kNWarps]);
   LINMIX_SHARED(bool, s_last);
@@ -142,7 +205,12 @@ __device__ __forceinline__ void fixed_point_rnn_scan(const FixedPointRnnParams& 
   const T* g_lam = static_cast<const T*>(p.lam);
   const T* g_x = static_cast<const T*>(kAdjoint ? p.dh : p.u);
   const T* g_u = static_cast<const T*>(p.hh_u);
+  const float* src = iter_src<kVariant>(w, it, v, bi);
+  float* dst = iter_dst<kVariant>(w, it, v, bi);
   float carry = 0.f;
+  if constexpr (kVariant && !kAdjoint) {
+    if (p.h0 != nullptr && active) carry = to_float(static_cast<const T*>(p.h0)[bi * D + d]);
+  }
   for (int64_t c0 = 0; c0 < L; c0 += Traits::kChunk) {
     float r_a[Traits::kItems], r_b[Traits::kItems], r_old[Traits::kItems];
 #pragma unroll
@@ -163,7 +231,7 @@ __device__ __forceinline__ void fixed_point_rnn_scan(const FixedPointRnnParams& 
           r_a[j] = to_float(g_lam[off]);
           r_b[j] = fixed_point_rnn_scan_input(r_a[j], x, mix);
         }
-        r_old[j] = it.src[off];
+        r_old[j] = src[off];
       }
     }
     block_chunk_scan<Traits>(r_a, r_b, carry, s_agg);
@@ -172,7 +240,13 @@ __device__ __forceinline__ void fixed_point_rnn_scan(const FixedPointRnnParams& 
       const int64_t s = c0 + warp * Traits::kItems + j;  // uniform over the warp
       if (s >= L) continue;
       const int64_t tok = bi * L + (kAdjoint ? L - 1 - s : s);
-      if (active) it.dst[tok * D + d] = r_b[j];
+      if constexpr (kVariant) {
+        if (active) dst[tok * D + d] = it.track && p.damping != 1.0
+                                           ? fixed_point_rnn_damp(static_cast<float>(p.damping), r_old[j], r_b[j])
+                                           : r_b[j];
+      } else {
+        if (active) dst[tok * D + d] = r_b[j];
+      }
       if (it.track) {
         const float diff = warp_nan_max(active ? fabsf(r_b[j] - r_old[j]) : 0.f);
         const float norm = warp_nan_max(active ? fabsf(r_b[j]) : 0.f);
@@ -192,20 +266,36 @@ __device__ __forceinline__ void fixed_point_rnn_scan(const FixedPointRnnParams& 
   if (!s_last) return;
   __threadfence();
   float r = 0.f;
+  int64_t first_open = L;  // causal: the first token whose ratio is not below tol
   for (int64_t t = threadIdx.x; t < L; t += Traits::kThreads) {
     // read-and-reset, so the next iteration starts from zeros (atomics read the coherent L2 copy)
     const float diff = __uint_as_float(atomicExch(w.tok_diff + bi * L + t, 0u));
     const float norm = __uint_as_float(atomicExch(w.tok_norm + bi * L + t, 0u));
-    r = nan_max(r, fixed_point_rnn_token_ratio(diff, norm));
+    const float ratio = fixed_point_rnn_token_ratio(diff, norm);
+    r = nan_max(r, ratio);
+    if constexpr (kVariant) {
+      if (!(ratio < static_cast<float>(p.tol)) && first_open == L) first_open = t;
+    }
   }
   r = warp_nan_max(r);
   if (lane == 0) s_red[warp] = r;
+  if constexpr (kVariant) {
+    if (p.causal) fixed_point_rnn_causal_record<Traits>(p, v, src, first_open);
+  }
   __syncthreads();
   if (threadIdx.x == 0) {
     for (int i = 1; i < Traits::kNWarps; ++i) r = nan_max(r, s_red[i]);
     w.residual[bi] = r;
     w.n_iter[bi] = it.iter;
-    w.done[bi] = r < static_cast<float>(p.tol) ? 1 : 0;
+    if constexpr (kVariant) {
+      if (p.causal) {
+        w.done[bi] = v.frozen[bi] == L ? 1 : 0;
+      } else if (p.batch_quantile < 0) {  // batch: the quantile kernel decides for all elements
+        w.done[bi] = r < static_cast<float>(p.tol) ? 1 : 0;
+      }
+    } else {
+      w.done[bi] = r < static_cast<float>(p.tol) ? 1 : 0;
+    }
     w.counter[bi] = 0;
   }
 }
@@ -237,6 +327,11 @@ inline dim3 fixed_point_rnn_token_grid(const FixedPointRnnParams& p) {
   return checked_grid("fixed_point_rnn", "(ceil(B T / 8))", ceil_div(p.batch * p.seqlen, kFpWarpsPerBlock));
 }
 
+// Blocks of 256 threads for a grid-stride loop over n elements.
+inline unsigned fixed_point_rnn_flat_blocks(int64_t n) {
+  return static_cast<unsigned>(std::min<int64_t>(ceil_div(n, 256), 65536));
+}
+
 // Grid of the scan kernels.
 inline dim3 fixed_point_rnn_scan_grid(const FixedPointRnnParams& p) {
   return checked_grid("fixed_point_rnn", "(B, ceil(D / 32))", p.batch, ceil_div(p.dim, 32));
@@ -250,6 +345,18 @@ inline void fixed_point_rnn_launch_pair(FixedPointRnnIterKernel mix, FixedPointR
   const dim3 tok_blocks = fixed_point_rnn_token_grid(p), scan_grid = fixed_point_rnn_scan_grid(p);
   launch_kernel(mix, tok_blocks, 32 * kFpWarpsPerBlock, 0, stream, p, w, it);
   launch_kernel(scan, scan_grid, FixedPointRnnScanTraits::kThreads, 0, stream, p, w, it);
+}
+
+// The same for the variant kernels.
+using FixedPointRnnVariantIterKernel = void (*)(FixedPointRnnParams, FixedPointRnnWork, FixedPointRnnIter,
+                                                FixedPointRnnVariantWork);
+inline void fixed_point_rnn_launch_variant_pair(FixedPointRnnVariantIterKernel mix, FixedPointRnnVariantIterKernel scan,
+                                                const FixedPointRnnParams& p, const FixedPointRnnWork& w,
+                                                const FixedPointRnnIter& it, const FixedPointRnnVariantWork& v,
+                                                cudaStream_t stream) {
+  const dim3 tok_blocks = fixed_point_rnn_token_grid(p), scan_grid = fixed_point_rnn_scan_grid(p);
+  launch_kernel(mix, tok_blocks, 32 * kFpWarpsPerBlock, 0, stream, p, w, it, v);
+  launch_kernel(scan, scan_grid, FixedPointRnnScanTraits::kThreads, 0, stream, p, w, it, v);
 }
 
 }  // namespace linmix

@@ -4,7 +4,9 @@
 namespace linmix {
 const FixedPointRnnCudaLaunchers& FixedPointRnnCudaLaunchers::get() {
   static constexpr FixedPointRnnCudaLaunchers table{LINMIX_PER_CUDA_DTYPE(fixed_point_rnn_fwd_cuda),
-                                                    LINMIX_PER_CUDA_DTYPE(fixed_point_rnn_bwd_cuda)};
+                                                    LINMIX_PER_CUDA_DTYPE(fixed_point_rnn_bwd_cuda),
+                                                    LINMIX_PER_CUDA_DTYPE(fixed_point_rnn_variants_fwd_cuda),
+                                                    LINMIX_PER_CUDA_DTYPE(fixed_point_rnn_variants_bwd_cuda)};
   return table;
 }
 }  // namespace linmix

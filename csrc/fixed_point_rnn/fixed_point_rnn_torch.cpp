@@ -11,7 +11,7 @@ namespace {
 
 void check_inputs(const Tensor& u, const Tensor& lam, const Tensor& hh_u, const Tensor& hh_beta,
                   int64_t max_iter, double tol, const OptTensor& h0, double damping,
-                  double batch_quantile, bool causal, bool cuda_kernels) {
+                  double batch_quantile, bool causal) {
   LINMIX_CHECK(u.dim() == 3, "linmix.fixed_point_rnn: u must have shape (B, T, D), got ", shape_str(u.sizes()));
   check_float_dtype(u, "u");
   const int64_t B = u.size(0), T = u.size(1), D = u.size(2);
@@ -41,12 +41,23 @@ void check_inputs(const Tensor& u, const Tensor& lam, const Tensor& hh_u, const 
               "linmix.fixed_point_rnn: quantile must be in [0, 1], got ", batch_quantile);
   LINMIX_CHECK(!(causal && batch_quantile >= 0),
               "linmix.fixed_point_rnn: causal (per-token) stopping and a batch quantile exclude each other");
-  // The GPU-verified kernels run the plain iteration from zeros with per-element stopping; the variants are
-  // CPU-only until CUDA code for them exists (it would start opt-in, common/kernels.h).
-  LINMIX_CHECK(!cuda_kernels || (batch_quantile < 0 && !causal && !h0.has_value() && damping == 1.0),
-              "linmix.fixed_point_rnn: initial_state, damping != 1, stopping='batch' and stopping='causal' are "
-              "implemented on the CPU only so far; on CUDA use the defaults (stopping='element', damping=1, "
-              "no initial_state)");
+}
+
+// The CUDA launch of either direction: the family fixed_point_rnn_plan picks, with the workspace it carves up.
+void launch_cuda(const Tensor& u, FixedPointRnnParams& p, bool backward, DType dt, cudaStream_t stream,
+                 const FixedPointRnnCudaLaunchers& cuda) {
+  const FixedPointRnnPlan plan = fixed_point_rnn_plan(p);
+  LINMIX_CHECK(plan.error == nullptr, plan.error);
+  if (plan.warning) warn(plan.warning);
+  const FixedPointRnnWorkspace ws = fixed_point_rnn_workspace(p, backward);
+  const Tensor work = empty(u, {ws.work_floats}, ScalarType::Float);
+  const Tensor flags = empty(u, {ws.flag_ints}, ScalarType::Int);
+  p.work = work.data_ptr(), p.flags = flags.data_ptr();
+  if (backward) {
+    (plan.variants ? cuda.variants_bwd : cuda.bwd)(dt, p, stream);
+  } else {
+    (plan.variants ? cuda.variants_fwd : cuda.fwd)(dt, p, stream);
+  }
 }
 
 FixedPointRnnParams make_params(const Tensor& u, const Tensor& lam, const Tensor& hh_u, const Tensor& hh_beta, int64_t max_iter, double tol, const OptTensor& h0,
@@ -65,8 +76,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fixed_point_rnn_fwd(Tensor u_in, Tens
                                                              Tensor hh_beta_in, OptTensor h0_in, int64_t max_iter,
                                                              double tol, double damping, double batch_quantile,
                                                              bool causal) {
-  check_inputs(u_in, lam_in, hh_u_in, hh_beta_in, max_iter, tol, h0_in, damping, batch_quantile, causal,
-               runs_cuda_kernels<backend>(u_in));
+  check_inputs(u_in, lam_in, hh_u_in, hh_beta_in, max_iter, tol, h0_in, damping, batch_quantile, causal);
   const Tensor u = as_contiguous(u_in), lam = as_contiguous(lam_in), hh_u = as_contiguous(hh_u_in),
                hh_beta = as_contiguous(hh_beta_in);
   const OptTensor h0 = contiguous_opt(h0_in);
@@ -86,11 +96,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fixed_point_rnn_fwd(Tensor u_in, Tens
   launch<backend, FixedPointRnnCudaLaunchers>(
       u, [&](DType dt) { fixed_point_rnn_fwd_cpu(p, dt); },
       [&](const FixedPointRnnCudaLaunchers& cuda, DType dt, cudaStream_t stream) {
-        const FixedPointRnnWorkspace ws = fixed_point_rnn_workspace(p, /*backward=*/false);
-        const Tensor work = empty(u, {ws.work_floats}, ScalarType::Float);
-        const Tensor flags = empty(u, {ws.flag_ints}, ScalarType::Int);
-        p.work = work.data_ptr(), p.flags = flags.data_ptr();
-        cuda.fwd(dt, p, stream);
+        launch_cuda(u, p, /*backward=*/false, dt, stream, cuda);
       });
   return {h, h_prev, n_iter, residual};
 }
@@ -100,8 +106,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fixed_point_rnn_bwd(Tensor u_
                                                                      Tensor hh_beta_in, OptTensor h0_in,
                                                                      Tensor h_prev_in, Tensor dh_in, int64_t max_iter,
                                                                      double tol, double damping) {
-  check_inputs(u_in, lam_in, hh_u_in, hh_beta_in, max_iter, tol, h0_in, damping, -1.0, false,
-               runs_cuda_kernels<backend>(u_in));
+  check_inputs(u_in, lam_in, hh_u_in, hh_beta_in, max_iter, tol, h0_in, damping, -1.0, false);
   check_shape(dh_in, "dh", {u_in.size(0), u_in.size(1), u_in.size(2)}, "(B, T, D) like u");
   check_same_dtype(dh_in, "dh", u_in, "u");
   check_same_device(dh_in, "dh", u_in, "u");
@@ -124,11 +129,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fixed_point_rnn_bwd(Tensor u_
   launch<backend, FixedPointRnnCudaLaunchers>(
       u, [&](DType dt) { fixed_point_rnn_bwd_cpu(p, dt); },
       [&](const FixedPointRnnCudaLaunchers& cuda, DType dt, cudaStream_t stream) {
-        const FixedPointRnnWorkspace ws = fixed_point_rnn_workspace(p, /*backward=*/true);
-        const Tensor work = empty(u, {ws.work_floats}, ScalarType::Float);
-        const Tensor flags = empty(u, {ws.flag_ints}, ScalarType::Int);
-        p.work = work.data_ptr(), p.flags = flags.data_ptr();
-        cuda.bwd(dt, p, stream);
+        launch_cuda(u, p, /*backward=*/true, dt, stream, cuda);
       });
   return {du, dlam, dhh_u, dhh_beta, dh0};
 }

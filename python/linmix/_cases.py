@@ -391,9 +391,9 @@ FIXED_POINT_RNN = Case(
     "fixed_point_rnn", fixed_point_rnn, dict(B=2, T=7, D=5, R=2), "B", "T", _fixed_point_rnn_tensors,
     args=(
         Arg("max_iter", (32, 1, 4)), Arg("tol", (1e-4, 0.0)), Arg("grad_mode", ("onestep", "implicit")),
-        Arg("return_info", (False, True)), Arg("initial_state", (None, "given"), tensor=True, cuda=(None,)),
-        Arg("output_final_state", (False, True)), Arg("damping", (1.0, 0.7), cuda=(1.0,)),
-        Arg("stopping", ("element", "batch", "causal"), cuda=("element",)), Arg("quantile", (0.9, 0.5)),
+        Arg("return_info", (False, True)), Arg("initial_state", (None, "given"), tensor=True),
+        Arg("output_final_state", (False, True)), Arg("damping", (1.0, 0.7)),
+        Arg("stopping", ("element", "batch", "causal")), Arg("quantile", (0.9, 0.5)),
         Arg("on_nonconvergence", ("ignore", "warn", "raise")),
     ),
     reference=_fixed_point_rnn_reference,

@@ -117,7 +117,8 @@ class FixedPointRNNFn(torch.autograd.Function):
         u, lam, hh_u, hh_beta, h_prev, h0 = ctx.saved_tensors
         grads = fused_bwd(u, lam, hh_u, hh_beta, h0, h_prev, dh, ctx.adjoint, ctx.damping)
         if ctx.on_nonconv != "ignore" and _can_check(u):
-            check_grads(all(bool(g.isfinite().all()) for g in grads if g is not None), ctx.adjoint, ctx.on_nonconv)
+            finite = torch.stack([g.isfinite().all() for g in grads if g is not None]).all()
+            check_grads(bool(finite), ctx.adjoint, ctx.on_nonconv)  # one host read per backward
         return *grads, *([None] * 7)
 
 
@@ -204,8 +205,7 @@ def fixed_point_rnn(
         met the stopping rule iff residual < tol (stopping="batch": iff the quantile of residual < tol).
 
     Raises:
-        RuntimeError: bad shapes, dtypes, devices or ranges (named after the argument); on CUDA,
-        initial_state, damping != 1 and stopping="batch"/"causal" (CPU only so far).
+        RuntimeError: bad shapes, dtypes, devices or ranges (named after the argument).
         ValueError: unknown grad_mode / stopping / on_nonconvergence.
         FixedPointConvergenceError: with on_nonconvergence="raise".
     """
