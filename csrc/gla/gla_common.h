@@ -2,14 +2,14 @@
 //
 // Gates enter as log2 gates log2g_t = log2(e) g_t <= 0; the decay from step j to step i >= j is
 // exp2(sum_{j < m <= i} log2g_m). Two ways to form that sum:
-//  - segment sums (the CPU twin and the chunk-parallel CUDA kernels, gla_chunkpar_common.cuh): every decay is
-//    exp2 of a sum taken directly over the segment it spans: the CUDA kernels build it from per-sub-chunk prefix
-//    sums (query side), suffix sums (key side), whole-sub-chunk totals, and pairwise running sums on the diagonal
-//    sub-blocks (Mamba-2's segsum); the CPU twin from running sums that start at the split points of a chunk
-//    halved down to single rows (gla_cpu.cpp). Every summand is <= 0, so nothing cancels: a decay is accurate to a few ulp whatever
-//    the other gates are, and a gate of -inf anywhere in the segment gives exactly 0 (never -inf - -inf).
+//  - segment sums (the CPU twin and the fused CUDA kernels, gla_fused_common.cuh): every decay is exp2 of a sum
+//    taken directly over the segment it spans: the CUDA kernels build it from per-sub-chunk prefix sums (query
+//    side), suffix sums (key side), whole-sub-chunk totals, and pairwise running sums on the diagonal sub-blocks
+//    (Mamba-2's segsum); the CPU twin from running sums that start at the split points of a chunk halved down to
+//    single rows (gla_cpu.cpp). Every summand is <= 0, so nothing cancels: a decay is accurate to a few ulp
+//    whatever the other gates are, and a gate of -inf anywhere in the segment gives exactly 0 (never -inf - -inf).
 //  - differences of the chunk's running cumsum log2g_cum_i = sum_{m <= i} log2g_m (the GPU-verified chunk
-//    kernels, gla_chunk_common.cuh, the CUDA default until the chunk-parallel kernels are verified):
+//    kernels, gla_chunk_common.cuh, the CUDA default until a GPU session verifies the fused kernels):
 //    exp2(log2g_cum_i - log2g_cum_j).
 //    It cancels catastrophically after a large gate (NaN for -inf, the decay dropped for -3.4e37, 2.7e-4
 //    relative error for -1e4 in fp32).
