@@ -222,6 +222,7 @@ def test_fixed_point_rnn(B, T, D, R, grad_mode, dtype, switch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B, T, D, R, stopping, tol", [(2, 37, 24, 2, "element", 0.0), (3, 37, 20, 2, "batch", 1e-5),
-                                                       (2, 65, 17, 3, "causal", 1e-5), (1, 1, 20, 1, "causal", 1e-5)])
+                                                       (2, 65, 17, 3, "causal", 1e-5), (1, 1, 20, 1, "causal", 1e-5),
+                                                       (3, 4, 9, 1, "batch", 1e-5)])
 def test_fixed_point_rnn_variants(B, T, D, R, stopping, tol, dtype, switch):
     check(*fixed_point_variants_case(B, T, D, R, stopping, tol), dtype)
