@@ -12,10 +12,12 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/dtype.h"
 #include "common/strided.h"
+#include "common/varlen.h"
 
 namespace linmix {
 
@@ -140,6 +142,29 @@ StridedView<N> strided_view(const Tensor& t) {
 template <int N>
 StridedView<N> strided_view(const OptTensor& t) {
   return t ? strided_view<N>(*t) : StridedView<N>{};
+}
+
+// The kernels' view of an op's optional cu_seqlens (FlashAttention's packed batch, common/varlen.h), checked
+// without reading the offsets (their values are the kernels' to clamp and the Python layer's to assert on the
+// device): a contiguous 1-D int32 / int64 tensor of N + 1 >= 1 offsets on x's device, and x's batch is 1. `op` names
+// the op in the errors. Returns the view (null when cu_seqlens is absent) and the number of sequences N (x's batch
+// when dense); `keep` holds the contiguous copy the view points into.
+inline std::pair<Varlen, int64_t> varlen_view(const OptTensor& cu_seqlens, const Tensor& x, int64_t batch,
+                                              const char* op, OptTensor& keep) {
+  if (!cu_seqlens) return {Varlen{}, batch};
+  const Tensor& c = *cu_seqlens;
+  LINMIX_CHECK(c.dim() == 1 && c.size(0) >= 1, "linmix.", op, ": cu_seqlens must be 1-D (N + 1,) offsets, got shape ",
+               shape_str(c.sizes()));
+  LINMIX_CHECK(c.scalar_type() == ScalarType::Int || c.scalar_type() == ScalarType::Long, "linmix.", op,
+               ": cu_seqlens must be int32 or int64, got ", c.scalar_type());
+  check_same_device(c, "cu_seqlens", x, "the inputs");
+  LINMIX_CHECK(batch == 1, "linmix.", op, ": with cu_seqlens the batch size must be 1 (sequences packed along time), "
+               "got ", batch);
+  keep = as_contiguous(c);
+  Varlen v;
+  v.offsets = keep->data_ptr();
+  v.int64 = c.scalar_type() == ScalarType::Long;
+  return {v, c.size(0) - 1};
 }
 
 // An op that torch/csrc/stable has no wrapper for, called through the stable dispatcher by its schema name (e.g.

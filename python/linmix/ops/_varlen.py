@@ -19,6 +19,17 @@ def segments(name: str, batch: int, total: int, cu_seqlens: torch.Tensor) -> lis
     return list(zip(c, c[1:]))
 
 
+def check_offsets(name: str, cu_seqlens: torch.Tensor, total: int) -> None:
+    """Asserts that cu_seqlens rises from 0 to the packed length ``total``, without a host synchronisation: on CUDA
+    the check is an asynchronous device assert (a malformed tensor fails at the next synchronising call; the kernels
+    clamp every offset they read, so it never makes them touch memory outside their tensors), on the CPU it raises
+    RuntimeError at once. Shape, dtype and device are the extension's checks (``varlen_view`` in checks.h)."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.is_floating_point():
+        return  # the op's own checks name the problem
+    ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == total) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
+    torch._assert_async(ok, f"linmix.{name}: cu_seqlens must rise from 0 to the packed length (the inputs' time dim)")
+
+
 def check_states(name: str, initial_state: torch.Tensor | None, n_seq: int) -> None:
     if initial_state is not None and initial_state.shape[0] != n_seq:
         raise ValueError(f"linmix.{name}: initial_state must have one state per sequence ({n_seq}), got "
