@@ -40,11 +40,11 @@ def _grads(case, x):
 
 
 def _linear_scan_dispatch(x):
-    fwd = dict(a=x["a"], b=x["b"], h0=x["h0"], reverse=False)
+    fwd = dict(a=x["a"], b=x["b"], h0=x["h0"], cu_seqlens=x.get("cu_seqlens"), reverse=False)
     h = torch.ops.linmix.linear_scan_fwd(**fwd)
     return [(torch.ops.linmix.linear_scan_fwd.default, fwd),
             (torch.ops.linmix.linear_scan_bwd.default,
-             dict(a=x["a"], h0=x["h0"], h=h, dh=torch.randn_like(h), reverse=False))]
+             dict(a=x["a"], h0=x["h0"], h=h, dh=torch.randn_like(h), cu_seqlens=x.get("cu_seqlens"), reverse=False))]
 
 
 def _selective_scan_dispatch(x):
@@ -71,7 +71,7 @@ def _gla_dispatch(algo):
 
 def _fixed_point_rnn_dispatch(x):
     u, lam, hh_u, hh_beta = x["u"], x["lam"], x["hh_u"], x["hh_beta"]
-    inputs = dict(u=u, lam=lam, hh_u=hh_u, hh_beta=hh_beta, initial_state=None)
+    inputs = dict(u=u, lam=lam, hh_u=hh_u, hh_beta=hh_beta, initial_state=None, cu_seqlens=None)
     h, h_prev, _, _ = torch.ops.linmix.fixed_point_rnn_fwd(**inputs, max_iter=4, tol=0.0)
     return [(torch.ops.linmix.fixed_point_rnn_fwd.default, dict(inputs, max_iter=4, tol=0.0)),
             (torch.ops.linmix.fixed_point_rnn_bwd.default,
@@ -98,7 +98,7 @@ def _is_tensor(arg):
 def test_schema_convention(name):
     """csrc/bindings.cpp's convention: named returns; tensors before scalars; a backward takes (some of) the
     forward's tensor inputs in order, then forward outputs it reuses, then grads d<output>, then scalars, and
-    returns d<input> for every forward tensor input."""
+    returns d<input> for every forward tensor input but the integer offsets cu_seqlens."""
     def schema(op):
         return getattr(torch.ops.linmix, op).default._schema
 
@@ -113,7 +113,7 @@ def test_schema_convention(name):
     bwd = schemas[1]
     inputs = [a.name for a in fwd.arguments if _is_tensor(a)]
     outputs = [r.name for r in fwd.returns]
-    assert [r.name for r in bwd.returns] == ["d" + n for n in inputs], str(bwd)
+    assert [r.name for r in bwd.returns] == ["d" + n for n in inputs if n != "cu_seqlens"], str(bwd)
     names = [a.name for a in bwd.arguments if _is_tensor(a)]
     rank = {n: (0, inputs.index(n)) for n in inputs}
     rank.update({n: (1, outputs.index(n)) for n in outputs})

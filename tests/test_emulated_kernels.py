@@ -11,6 +11,8 @@ counts that are not multiples of 16; grouped B/C; initial and final states.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -67,15 +69,18 @@ def switch(request, monkeypatch):
 
 
 # ---- the cases, one function per op: (fn, inputs, differentiable)
-def linear_scan_case(B, T, D, h0, reverse, seed=0):
+def linear_scan_case(B, T, D, h0, reverse, seed=0, lengths=None):
+    """lengths: packed sequences of these lengths (B = 1, T their sum, one h0 row each)."""
     g = gen(seed)
+    cu = None if lengths is None else torch.tensor([0, *itertools.accumulate(lengths)])
+    n = B if lengths is None else len(lengths)
     a = torch.rand(B, T, D, generator=g, dtype=torch.float64) * 0.9 + 0.05
     b = torch.randn(B, T, D, generator=g, dtype=torch.float64)
-    inputs = [a, b] + ([torch.randn(B, D, generator=g, dtype=torch.float64)] if h0 else [])
+    inputs = [a, b] + ([torch.randn(n, D, generator=g, dtype=torch.float64)] if h0 else [])
 
     def fn(a, b, *h):
         acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-        return (linmix.linear_scan(a, b, h[0].to(acc) if h else None, reverse=reverse),)
+        return (linmix.linear_scan(a, b, h[0].to(acc) if h else None, reverse=reverse, cu_seqlens=cu),)
     return fn, inputs
 
 
@@ -144,6 +149,14 @@ def fixed_point_variants_case(B, T, D, R, stopping, tol, seed=0):
                                                  (2, 130, 17, True, True)])
 def test_linear_scan(B, T, D, h0, reverse, dtype, switch):
     check(*linear_scan_case(B, T, D, h0, reverse), dtype)
+
+
+# Packed sequences (linear_scan_varlen): empty, length-1, exactly one 64-step chunk, longer than a chunk, and
+# boundaries inside a chunk.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lengths, reverse", [((5, 0, 1, 64, 70), False), ((3, 0, 9), True)])
+def test_linear_scan_varlen(lengths, reverse, dtype):
+    check(*linear_scan_case(1, sum(lengths), 33, True, reverse, lengths=lengths), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

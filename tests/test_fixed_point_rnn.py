@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 
@@ -5,7 +7,7 @@ import linmix
 from linmix.reference import fixed_point_dense_ref, fixed_point_iter_ref, fixed_point_step_ref, linear_scan_ref
 from linmix.reference.fixed_point_rnn import householder_apply_ref, householder_dense_ref
 
-from conftest import DEVICES, cuda_only, low_precision_close
+from conftest import DEVICES, HostReads, cuda_only, low_precision_close
 
 CONVERGED = dict(max_iter=3000, tol=1e-13)  # float64: run to the fixed point
 
@@ -262,7 +264,7 @@ def test_low_precision(device, dtype):
 
 def test_opcheck():
     u, lam, hh_u, hh_beta = make(2, 9, 7, 3, torch.float32)
-    x = dict(u=u, lam=lam, hh_u=hh_u, hh_beta=hh_beta, initial_state=None)
+    x = dict(u=u, lam=lam, hh_u=hh_u, hh_beta=hh_beta, initial_state=None, cu_seqlens=None)
     h, h_prev, _, _ = torch.ops.linmix.fixed_point_rnn_fwd(**x, max_iter=4, tol=1e-4)
     torch.library.opcheck(torch.ops.linmix.fixed_point_rnn_fwd, (), dict(x, max_iter=4, tol=1e-4))
     torch.library.opcheck(torch.ops.linmix.fixed_point_rnn_fwd, (), dict(x, max_iter=3, tol=0.0))
@@ -324,3 +326,75 @@ def test_bad_inputs(call, err, match):
 def test_mixed_devices():
     with pytest.raises(RuntimeError, match="same device"):
         _bad(lam=torch.rand(2, 3, 4, device="cuda"))()
+
+
+# ---------------------------------------------------------------------------------------------- packed sequences
+
+def packed(lengths, D=6, R=2, dtype=torch.float64, seed=30, offsets_dtype=torch.int64):
+    """(1, sum(lengths), ...) contractive inputs, one initial-state row per sequence, and the offsets."""
+    xs = make(1, sum(lengths), D, R, dtype, seed=seed)
+    h0 = torch.randn(len(lengths), D, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=offsets_dtype)
+    return [x.requires_grad_() for x in (*xs, h0)], cu
+
+
+@pytest.mark.parametrize("stopping", ["element", "causal"])
+@pytest.mark.parametrize("grad_mode", ["onestep", "implicit"])
+@pytest.mark.parametrize("offsets_dtype", [torch.int32, torch.int64])
+def test_varlen_matches_each_sequence(stopping, grad_mode, offsets_dtype):
+    # Each sequence is its own batch element: its own iteration count, residual, stopping and final state.
+    (u, lam, hh_u, hh_beta, h0), cu = packed((5, 0, 1, 11, 3), offsets_dtype=offsets_dtype)
+    kw = dict(max_iter=40, tol=1e-6, grad_mode=grad_mode, stopping=stopping, damping=0.9, output_final_state=True,
+              return_info=True)
+    with HostReads(strict=True):
+        h, final, n_iter, res = linmix.fixed_point_rnn(u, lam, hh_u, hh_beta, initial_state=h0, cu_seqlens=cu, **kw)
+    g_h, g_final = torch.randn_like(h), torch.randn_like(final)
+    with HostReads(strict=True):
+        got = torch.autograd.grad((h * g_h).sum() + (final * g_final).sum(), (u, lam, hh_u, hh_beta, h0))
+    hs, wants = [], []
+    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        hi, fi, ni, ri = linmix.fixed_point_rnn(*(x[:, s:e] for x in (u, lam, hh_u, hh_beta)),
+                                                initial_state=h0[i : i + 1], **kw)
+        assert n_iter[i] == ni[0] and res[i] == ri[0]
+        torch.testing.assert_close(final[i : i + 1], fi, rtol=1e-12, atol=1e-12)
+        hs.append(hi)
+        wants.append((hi * g_h[:, s:e]).sum() + (fi * g_final[i : i + 1]).sum())
+    torch.testing.assert_close(h, torch.cat(hs, 1), rtol=1e-12, atol=1e-12)
+    want = torch.autograd.grad(sum(wants), (u, lam, hh_u, hh_beta, h0))
+    for name, a, b in zip(("u", "lam", "hh_u", "hh_beta", "h0"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    assert n_iter.unique().numel() > 1  # the sequences did stop at different iterations
+
+
+def test_varlen_batch_quantile_and_gradcheck():
+    # stopping="batch": the quantile is over the sequences (the contract table's padded reference).
+    from linmix._cases import _fixed_point_rnn_reference
+    (u, lam, hh_u, hh_beta, h0), cu = packed((4, 9, 0, 2))
+    kw = dict(max_iter=30, tol=1e-5, stopping="batch", quantile=0.5, return_info=True, initial_state=h0,
+              cu_seqlens=cu)
+    h, n_iter, res = linmix.fixed_point_rnn(u, lam, hh_u, hh_beta, **kw)
+    h_ref, n_ref, res_ref = _fixed_point_rnn_reference(u, lam, hh_u, hh_beta, **kw)
+    torch.testing.assert_close(h, h_ref, rtol=1e-12, atol=1e-12)
+    assert n_iter.tolist() == n_ref.tolist() and n_iter.unique().numel() == 1
+    torch.testing.assert_close(res.double(), res_ref.double(), rtol=1e-6, atol=0.0)
+    (u, lam, hh_u, hh_beta, h0), cu = packed((2, 0, 3), D=3)
+    assert torch.autograd.gradcheck(
+        lambda *x: linmix.fixed_point_rnn(*x[:4], initial_state=x[4], cu_seqlens=cu, max_iter=3000, tol=1e-14,
+                                          grad_mode="implicit", output_final_state=True), (u, lam, hh_u, hh_beta, h0))
+
+
+def test_varlen_compile_and_errors():
+    (u, lam, hh_u, hh_beta, h0), cu = packed((3, 0, 6), dtype=torch.float32)
+    f = torch.compile(lambda *x, cu: linmix.fixed_point_rnn(*x, max_iter=8, cu_seqlens=cu), fullgraph=True,
+                      dynamic=True)
+    for lengths in ((3, 0, 6), (1, 4, 2, 7)):
+        (u, lam, hh_u, hh_beta, h0), cu = packed(lengths, dtype=torch.float32)
+        h = f(u, lam, hh_u, hh_beta, cu=cu)
+        torch.testing.assert_close(h, linmix.fixed_point_rnn(u, lam, hh_u, hh_beta, max_iter=8, cu_seqlens=cu))
+        h.sum().backward()
+    with pytest.raises(RuntimeError, match="cu_seqlens must rise from 0"):
+        linmix.fixed_point_rnn(u, lam, hh_u, hh_beta, cu_seqlens=torch.tensor([0, 5, 3, 14]))
+    with pytest.raises(RuntimeError, match="one row per sequence"):
+        linmix.fixed_point_rnn(u, lam, hh_u, hh_beta, initial_state=h0[:2], cu_seqlens=cu)
+    with pytest.raises(RuntimeError, match="batch size must be 1"):
+        linmix.fixed_point_rnn(*(x.expand(2, *x.shape[1:]) for x in (u, lam, hh_u, hh_beta)), cu_seqlens=cu)

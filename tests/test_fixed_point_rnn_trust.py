@@ -175,7 +175,7 @@ def test_failure_mode_implicit_training_nan():
 def test_opcheck_new_arguments():
     u, lam, hh_u, hh_beta = make(3, 9, 7, 3, torch.float32, seed=23)
     h0 = torch.randn(3, 7)
-    x = dict(u=u, lam=lam, hh_u=hh_u, hh_beta=hh_beta)
+    x = dict(u=u, lam=lam, hh_u=hh_u, hh_beta=hh_beta, cu_seqlens=None)
     for state, damping, batch_quantile, causal in ((h0, 0.7, -1.0, False), (None, 1.0, 0.5, False),
                                                    (h0, 1.0, -1.0, True)):
         torch.library.opcheck(torch.ops.linmix.fixed_point_rnn_fwd, (),

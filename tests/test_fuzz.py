@@ -27,7 +27,6 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import linmix
-from linmix import reference as R
 from linmix._cases import CASES, make
 from linmix.ops.fixed_point_rnn import check_converged
 
@@ -126,11 +125,11 @@ def _outcome(fn):
 
 
 def _fixed_point_solve(x):
-    """The float64 reference iteration of the call: (h, residuals (B,))."""
-    stopping, q, tol = x.get("stopping", "element"), x.get("quantile", 0.9), x.get("tol", 1e-4)
-    h, _, _, residual = R.fixed_point_solve_ref(x["u"], x["lam"], x["hh_u"], x["hh_beta"], x.get("max_iter", 32),
-                                                tol, x.get("initial_state"), x.get("damping", 1.0), stopping, q)
-    return h, residual
+    """The float64 reference iteration of the call: (h, residuals (B,), or (N,) for packed sequences)."""
+    with torch.no_grad():
+        out = CASES["fixed_point_rnn"].reference(**{**x, "return_info": True, "output_final_state": False,
+                                                    "grad_mode": "onestep"})
+    return out[0], out[-1]
 
 
 def _fixed_point_raises(x) -> bool:

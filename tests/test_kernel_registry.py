@@ -63,6 +63,7 @@ def run_every_op():
     """Each op forward and backward on small shapes that reach every kernel of every family enabled now."""
     for dtype in (torch.float32, torch.bfloat16):
         cases.check(*cases.linear_scan_case(2, 37, 33, True, False), dtype)
+        cases.check(*cases.linear_scan_case(1, 12, 33, True, True, lengths=(5, 0, 7)), dtype)  # linear_scan_varlen
         cases.check(*cases.selective_scan_case(1, 4, 8, 37, True, 2), dtype)
         cases.check(*cases.selective_scan_case(1, 4, 8, 37, False, 1), dtype)
         for op in (linmix.chunk_gla, linmix.fused_recurrent_gla):

@@ -1,10 +1,12 @@
+import itertools
+
 import pytest
 import torch
 
 import linmix
 from linmix.reference import linear_scan_ref
 
-from conftest import DEVICES, low_precision_close
+from conftest import DEVICES, HostReads, low_precision_close
 
 
 def make(B, T, D, dtype, device, h0=True, requires_grad=False, a_low=0.5):
@@ -82,12 +84,12 @@ def test_empty(device):
 
 def test_opcheck():
     a, b, h0 = make(2, 9, 7, torch.float32, "cpu")
-    h = torch.ops.linmix.linear_scan_fwd(a=a, b=b, h0=h0, reverse=False)
+    h = torch.ops.linmix.linear_scan_fwd(a=a, b=b, h0=h0, cu_seqlens=None, reverse=False)
     for rev in (False, True):
-        torch.library.opcheck(torch.ops.linmix.linear_scan_fwd, (), dict(a=a, b=b, h0=h0, reverse=rev))
-        torch.library.opcheck(torch.ops.linmix.linear_scan_fwd, (), dict(a=a, b=b, h0=None, reverse=rev))
+        torch.library.opcheck(torch.ops.linmix.linear_scan_fwd, (), dict(a=a, b=b, h0=h0, cu_seqlens=None, reverse=rev))
+        torch.library.opcheck(torch.ops.linmix.linear_scan_fwd, (), dict(a=a, b=b, h0=None, cu_seqlens=None, reverse=rev))
         torch.library.opcheck(torch.ops.linmix.linear_scan_bwd, (),
-                              dict(a=a, h0=h0, h=h, dh=torch.randn_like(h), reverse=rev))
+                              dict(a=a, h0=h0, h=h, dh=torch.randn_like(h), cu_seqlens=None, reverse=rev))
 
 
 def test_compile_fullgraph():
@@ -126,3 +128,79 @@ def test_bad_inputs(args, match):
 def test_mixed_devices():
     with pytest.raises(RuntimeError, match="same device"):
         linmix.linear_scan(torch.rand(2, 3, 4, device="cuda"), torch.rand(2, 3, 4))
+
+
+# ---------------------------------------------------------------------------------------------- packed sequences
+
+def packed(lengths, D, dtype=torch.float64, offsets_dtype=torch.int32, requires_grad=True):
+    a, b, _ = make(1, sum(lengths), D, dtype, "cpu", h0=False, requires_grad=requires_grad)
+    h0 = torch.randn(len(lengths), D, dtype=torch.float64).to(acc_dtype(dtype)).requires_grad_(requires_grad)
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=offsets_dtype)
+    return a, b, h0, cu
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Empty and length-1 sequences, boundaries inside and on the edge of a 64-step CUDA chunk, one longer than it.
+VARLEN = [(4, 0, 1, 64, 70, 2), (1,), (0, 0), (129, 3)]
+
+
+@pytest.mark.parametrize("lengths", VARLEN)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("offsets_dtype", [torch.int32, torch.int64])
+def test_varlen_matches_each_sequence(lengths, reverse, offsets_dtype):
+    for dtype in (torch.float64, torch.float32):
+        a, b, h0, cu = packed(lengths, 37, dtype, offsets_dtype)
+        with HostReads(strict=True):
+            h = linmix.linear_scan(a, b, h0, reverse, cu_seqlens=cu)
+        bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+        ref = torch.cat([linear_scan_ref(a[:, s:e], b[:, s:e], h0[i : i + 1], reverse)
+                         for i, (s, e) in enumerate(bounds)], 1)
+        tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h.double(), ref, **tol)
+        dh = torch.randn_like(ref)
+        with HostReads(strict=True):
+            got = torch.autograd.grad(h, (a, b, h0), dh.to(dtype))
+        # with no steps at all the reference is a constant: every gradient is 0
+        want = torch.autograd.grad(ref, (a, b, h0), dh) if ref.requires_grad else [torch.zeros_like(x) for x in got]
+        for name, g, w in zip("a b h0".split(), got, want):
+            torch.testing.assert_close(g.double(), w.double(), **tol, msg=name)
+
+
+def test_varlen_gradcheck():
+    a, b, h0, cu = packed((3, 0, 1, 5), 4)
+    for reverse in (False, True):
+        assert torch.autograd.gradcheck(lambda a, b, h0: linmix.linear_scan(a, b, h0, reverse, cu_seqlens=cu),
+                                        (a, b, h0))
+
+
+def test_varlen_opcheck_and_compile():
+    a, b, h0, cu = packed((3, 0, 9), 5, torch.float32)
+    torch.library.opcheck(torch.ops.linmix.linear_scan_fwd.default, (a.detach(), b.detach(), h0.detach(), cu, False))
+    f = torch.compile(lambda a, b, h0, cu: linmix.linear_scan(a, b, h0, cu_seqlens=cu), fullgraph=True, dynamic=True)
+    for lengths in ((3, 0, 9), (1, 6, 2, 7)):
+        a, b, h0, cu = packed(lengths, 5, torch.float32)
+        h = f(a, b, h0, cu)
+        torch.testing.assert_close(h, linmix.linear_scan(a, b, h0, cu_seqlens=cu))
+        h.sum().backward()
+
+
+@pytest.mark.parametrize("bad", [[1, 3, 12], [0, 5, 3, 12], [0, 3, 11], [0, 3, 13]])
+def test_varlen_malformed_offsets(bad):
+    a, b, _, _ = packed((3, 9), 5)
+    with pytest.raises(RuntimeError, match="cu_seqlens must rise from 0"):
+        linmix.linear_scan(a, b, cu_seqlens=torch.tensor(bad))
+
+
+def test_varlen_errors():
+    a, b, h0, cu = packed((3, 9), 5)
+    with pytest.raises(RuntimeError, match="batch size must be 1"):
+        linmix.linear_scan(a.expand(2, -1, -1), b.expand(2, -1, -1), cu_seqlens=cu)
+    with pytest.raises(RuntimeError, match="int32 or int64"):
+        linmix.linear_scan(a, b, cu_seqlens=cu.float())
+    with pytest.raises(RuntimeError, match="one row per sequence"):
+        linmix.linear_scan(a, b, h0[:1], cu_seqlens=cu)
+    with pytest.raises(RuntimeError, match="1-D"):
+        linmix.linear_scan(a, b, cu_seqlens=cu[None])

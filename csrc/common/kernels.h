@@ -16,6 +16,7 @@ enum class Tier : int { kGpuVerified = 0, kEmulationVerified = 1, kUnverified = 
 enum class KernelFamily : int {
   kLinearScan,
   kLinearScanBwdOneWriter,
+  kLinearScanVarlen,
   kSelectiveScan,
   kSelectiveScanFwdWarp,
   kSelectiveScanBwdTiled,
@@ -47,6 +48,9 @@ inline constexpr KernelRecord kKernels[] = {
     {KernelFamily::kLinearScanBwdOneWriter, "linear_scan_bwd_one_writer", "linear_scan",
      "linmix_linear_scan_bwd_kernel<*, true>", Tier::kEmulationVerified, false,
      "backward with one warp writing dh0 (the default has every warp write the same value)"},
+    {KernelFamily::kLinearScanVarlen, "linear_scan_varlen", "linear_scan",
+     "linmix_linear_scan_varlen_fwd_kernel<*>; linmix_linear_scan_varlen_bwd_kernel<*>", Tier::kEmulationVerified,
+     false, "packed sequences (cu_seqlens): one block per (sequence, 32 channels), the span read from the offsets"},
     {KernelFamily::kSelectiveScan, "selective_scan", "selective_scan",
      "linmix_selective_scan_fwd_kernel<*>; linmix_selective_scan_bwd_kernel<*>", Tier::kGpuVerified, true,
      "one block per (batch, channel), checkpointed state per chunk; variable dB/dC through float atomics"},

@@ -35,6 +35,11 @@ struct Varlen {
     const int64_t b = offset(n, seqlen), e = offset(n + 1, seqlen);
     return {0, b, e > b ? e - b : 0};
   }
+
+  // The mean length of the n_seqs sequences of a call with rows seqlen long (a CPU task's expected work).
+  LINMIX_HD int64_t mean_len(int64_t seqlen, int64_t n_seqs) const {
+    return packed() && n_seqs > 0 ? ceil_div(seqlen, n_seqs) : seqlen;
+  }
 };
 
 // Per-chunk storage (checkpoints, chunk states) for packed sequences without knowing their lengths on the host:

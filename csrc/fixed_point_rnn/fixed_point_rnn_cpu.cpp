@@ -1,5 +1,5 @@
-// CPU fixed-point RNN: parallel over batch elements (each converges on its own, or, with a batch quantile,
-// the batch iterates together); inside an element the iteration is one fused pass over time: per token the
+// CPU fixed-point RNN: parallel over batch elements, or packed sequences (each converges on its own, or, with a
+// batch quantile, the batch iterates together); inside an element the iteration is one fused pass over time: per token the
 // Householder mix on a row of D channels, then the scan step, then the token's convergence ratio. The
 // arithmetic is fixed_point_rnn_common.h's.
 #include "fixed_point_rnn/fixed_point_rnn_cpu.h"
@@ -20,10 +20,17 @@
 namespace linmix {
 namespace {
 
-// One batch element's inputs, converted on the fly to the accumulation type, and its per-token Gram
-// matrices G_ij = u_i · u_j (computed once; every iteration reuses them).
+// The first token of sequence n (batch element n, or packed span n) in the (B, T, ...) tensors, and its length.
+inline std::pair<int64_t, int64_t> sequence_tokens(const FixedPointRnnCpuParams& p, int64_t n) {
+  const SeqSpan seq = p.varlen.span(n, p.seqlen);
+  return {seq.batch * p.seqlen + seq.begin, seq.len};
+}
+
+// One batch element's (or packed sequence's) inputs, converted on the fly to the accumulation type, and its
+// per-token Gram matrices G_ij = u_i · u_j (computed once; every iteration reuses them).
 template <typename T, typename acc_t>
 struct Element {
+  int64_t tok0;      // its first token in the (B, T, ...) tensors
   const T* u;        // (T, D)
   const T* lam;      // (T, D)
   const T* hh_u;     // (T, R, D)
@@ -34,15 +41,16 @@ struct Element {
   std::vector<acc_t> factors;  // (T, D, R): the factors channel-major, so a channel's R values are adjacent
   std::vector<acc_t> h0;       // (D,) the state before token 0
 
-  Element(const FixedPointRnnParams& p, int64_t bi)
-      : u(static_cast<const T*>(p.u) + bi * p.seqlen * p.dim),
-        lam(static_cast<const T*>(p.lam) + bi * p.seqlen * p.dim),
-        hh_u(static_cast<const T*>(p.hh_u) + bi * p.seqlen * p.rank * p.dim),
-        hh_beta(static_cast<const T*>(p.hh_beta) + bi * p.seqlen * p.rank),
-        T_(p.seqlen), D(p.dim), R(static_cast<int>(p.rank)), gram(p.seqlen * p.rank * p.rank),
-        factors(p.seqlen * p.dim * p.rank), h0(p.dim, acc_t(0)) {
+  Element(const FixedPointRnnCpuParams& p, int64_t n) : Element(p, n, sequence_tokens(p, n)) {}
+  Element(const FixedPointRnnCpuParams& p, int64_t n, std::pair<int64_t, int64_t> tokens)
+      : tok0(tokens.first), u(static_cast<const T*>(p.u) + tok0 * p.dim),
+        lam(static_cast<const T*>(p.lam) + tok0 * p.dim),
+        hh_u(static_cast<const T*>(p.hh_u) + tok0 * p.rank * p.dim),
+        hh_beta(static_cast<const T*>(p.hh_beta) + tok0 * p.rank),
+        T_(tokens.second), D(p.dim), R(static_cast<int>(p.rank)), gram(T_ * p.rank * p.rank),
+        factors(T_ * p.dim * p.rank), h0(p.dim, acc_t(0)) {
     if (p.h0 != nullptr) {
-      const T* g_h0 = static_cast<const T*>(p.h0) + bi * p.dim;
+      const T* g_h0 = static_cast<const T*>(p.h0) + n * p.dim;
       for (int64_t d = 0; d < D; ++d) h0[d] = static_cast<acc_t>(g_h0[d]);
     }
     build_factors();
@@ -183,7 +191,7 @@ void damp(acc_t damping, const acc_t* z_old, acc_t* z, int64_t n) {
 // of tokens, growing with l) and the output is f of that record.
 template <typename T, typename acc_t>
 struct ForwardRun {
-  const FixedPointRnnParams& p;
+  const FixedPointRnnCpuParams& p;
   Element<T, acc_t> el;
   std::vector<acc_t> buf, v, ratios, rec;  // buf: two (T, D) iterates
   acc_t *cur, *nxt;                        // cur: z^{l-1}; after step(), nxt: f(cur)
@@ -191,9 +199,9 @@ struct ForwardRun {
   int n = 0;
   acc_t res = std::numeric_limits<acc_t>::infinity();
 
-  ForwardRun(const FixedPointRnnParams& p_, int64_t bi)
-      : p(p_), el(p_, bi), buf(2 * p_.seqlen * p_.dim, acc_t(0)), v(2 * p_.dim), ratios(p.causal ? p_.seqlen : 0),
-        rec(p.causal ? p_.seqlen * p_.dim : 0), cur(buf.data()), nxt(buf.data() + p_.seqlen * p_.dim) {}
+  ForwardRun(const FixedPointRnnCpuParams& p_, int64_t n)
+      : p(p_), el(p_, n), buf(2 * el.T_ * p_.dim, acc_t(0)), v(2 * p_.dim), ratios(p.causal ? el.T_ : 0),
+        rec(p.causal ? el.T_ * p_.dim : 0), cur(buf.data()), nxt(buf.data() + el.T_ * p_.dim) {}
 
   // One iteration; returns whether this element meets its own stopping rule (or the cap).
   bool step() {
@@ -218,8 +226,8 @@ struct ForwardRun {
     std::swap(cur, nxt);
   }
 
-  void finish(int64_t bi) {
-    const int64_t TD = el.T_ * el.D;
+  void finish(int64_t n_seq) {
+    const int64_t TD = el.T_ * el.D, off = el.tok0 * el.D;
     const acc_t* hp = cur;
     const acc_t* out = nxt;
     if (p.causal) {  // tokens never recorded take the last iterate; then the output is f(record)
@@ -227,11 +235,11 @@ struct ForwardRun {
       el.iterate(rec.data(), nxt, v.data());
       hp = rec.data();
     }
-    T* h = static_cast<T*>(p.h) + bi * TD;
+    T* h = static_cast<T*>(p.h) + off;
     for (int64_t k = 0; k < TD; ++k) h[k] = static_cast<T>(out[k]);
-    std::copy(hp, hp + TD, static_cast<acc_t*>(p.h_prev) + bi * TD);
-    p.n_iter[bi] = n;
-    p.residual[bi] = static_cast<float>(res);
+    std::copy(hp, hp + TD, static_cast<acc_t*>(p.h_prev) + off);
+    p.n_iter[n_seq] = n;
+    p.residual[n_seq] = static_cast<float>(res);
   }
 };
 
@@ -246,12 +254,13 @@ acc_t batch_quantile(std::vector<acc_t> r, double q) {
 }
 
 template <DType dt>
-void fwd_impl(const FixedPointRnnParams& p) {
+void fwd_impl(const FixedPointRnnCpuParams& p) {
   using T = cpu_t<dt>;
   using acc_t = cpu_acc_t<dt>;
   using Run = ForwardRun<T, acc_t>;
+  const int64_t grain = cpu_grain(p.varlen.mean_len(p.seqlen, p.batch) * p.dim);
   if (p.batch_quantile < 0) {  // every element on its own
-    parallel_for(0, p.batch, cpu_grain(p.seqlen * p.dim), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+    parallel_for(0, p.batch, grain, [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
       for (int64_t bi = begin; bi < end; ++bi) {
         Run run(p, bi);
         while (!run.step()) run.advance();
@@ -262,20 +271,20 @@ void fwd_impl(const FixedPointRnnParams& p) {
   }
   // The authors' rule: the batch iterates together until the quantile of its residuals is below tol.
   std::vector<std::unique_ptr<Run>> runs(p.batch);
-  parallel_for(0, p.batch, cpu_grain(p.seqlen * p.dim), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+  parallel_for(0, p.batch, grain, [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     for (int64_t bi = begin; bi < end; ++bi) runs[bi] = std::make_unique<Run>(p, bi);
   });
   std::vector<acc_t> res(p.batch);
   for (int l = 1;; ++l) {
-    parallel_for(0, p.batch, cpu_grain(p.seqlen * p.dim), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+    parallel_for(0, p.batch, grain, [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
       for (int64_t bi = begin; bi < end; ++bi) runs[bi]->step(), res[bi] = runs[bi]->res;
     });
     if (l >= p.max_iter || batch_quantile(res, p.batch_quantile) < p.tol) break;
-    parallel_for(0, p.batch, cpu_grain(p.seqlen * p.dim), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+    parallel_for(0, p.batch, grain, [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
       for (int64_t bi = begin; bi < end; ++bi) runs[bi]->advance();
     });
   }
-  parallel_for(0, p.batch, cpu_grain(p.seqlen * p.dim), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+  parallel_for(0, p.batch, grain, [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     for (int64_t bi = begin; bi < end; ++bi) runs[bi]->finish(bi);
   });
 }
@@ -283,16 +292,19 @@ void fwd_impl(const FixedPointRnnParams& p) {
 // Gradients of h = f(h_prev) (h_prev detached) with upstream w, where w solves w = g + J_hᵀ w by
 // p.max_iter adjoint iterations at most (max_iter = 1: w = g, the one-step gradient).
 template <DType dt>
-void bwd_impl(const FixedPointRnnParams& p) {
+void bwd_impl(const FixedPointRnnCpuParams& p) {
   using T = cpu_t<dt>;
   using acc_t = cpu_acc_t<dt>;
-  const int64_t TD = p.seqlen * p.dim, D = p.dim, R = p.rank;
-  parallel_for(0, p.batch, cpu_grain(p.seqlen * p.dim), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
-    std::vector<acc_t> h_new(TD), s_a(TD), s_b(TD), v(2 * D), e(D);
+  const int64_t D = p.dim, R = p.rank;
+  const int64_t grain = cpu_grain(p.varlen.mean_len(p.seqlen, p.batch) * p.dim);
+  parallel_for(0, p.batch, grain, [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+    std::vector<acc_t> h_new, s_a, s_b, v(2 * D), e(D);
     for (int64_t bi = begin; bi < end; ++bi) {
       const Element<T, acc_t> el(p, bi);
-      const acc_t* hp = static_cast<const acc_t*>(p.h_prev) + bi * TD;
-      const T* g = static_cast<const T*>(p.dh) + bi * TD;
+      const int64_t TD = el.T_ * D, off = el.tok0 * D;
+      h_new.resize(TD), s_a.resize(TD), s_b.resize(TD);
+      const acc_t* hp = static_cast<const acc_t*>(p.h_prev) + off;
+      const T* g = static_cast<const T*>(p.dh) + off;
       el.iterate(hp, h_new.data(), v.data());  // h = f(h_prev), recomputed in the accumulation type
 
       // Adjoint iterations on s (s^0 = 0, so the first one is the plain reverse scan of g).
@@ -306,17 +318,17 @@ void bwd_impl(const FixedPointRnnParams& p) {
         if (stop) break;
       }
       const acc_t* s = cur;
-      if (p.dh0 != nullptr) {  // h0 enters token 0's scan step with coefficient lam_0
+      if (p.dh0 != nullptr) {  // h0 enters token 0's scan step with coefficient lam_0 (an empty sequence: no step)
         T* dh0 = static_cast<T*>(p.dh0) + bi * D;
-        for (int64_t d = 0; d < D; ++d) dh0[d] = static_cast<T>(el.lam_at(0, d) * s[d]);
+        for (int64_t d = 0; d < D; ++d) dh0[d] = el.T_ > 0 ? static_cast<T>(el.lam_at(0, d) * s[d]) : T(0);
       }
 
       // One step's VJP per token (householder_vjp_channel walks the factors per channel).
-      T* du = static_cast<T*>(p.du) + bi * TD;
-      T* dlam = static_cast<T*>(p.dlam) + bi * TD;
-      T* dhh_u = static_cast<T*>(p.dhh_u) + bi * p.seqlen * R * D;
-      T* dhh_beta = static_cast<T*>(p.dhh_beta) + bi * p.seqlen * R;
-      for (int64_t t = 0; t < p.seqlen; ++t) {
+      T* du = static_cast<T*>(p.du) + off;
+      T* dlam = static_cast<T*>(p.dlam) + off;
+      T* dhh_u = static_cast<T*>(p.dhh_u) + el.tok0 * R * D;
+      T* dhh_beta = static_cast<T*>(p.dhh_beta) + el.tok0 * R;
+      for (int64_t t = 0; t < el.T_; ++t) {
         acc_t c[kFixedPointRnnMaxRank], k[kFixedPointRnnMaxRank], dd[kFixedPointRnnMaxRank], kk[kFixedPointRnnMaxRank],
             ae[kFixedPointRnnMaxRank], beta[kFixedPointRnnMaxRank], dud[kFixedPointRnnMaxRank];
         el.forward_chain(t, hp + t * D, v.data(), c, k);
@@ -341,11 +353,11 @@ void bwd_impl(const FixedPointRnnParams& p) {
 
 }  // namespace
 
-void fixed_point_rnn_fwd_cpu(const FixedPointRnnParams& p, DType dtype) {
+void fixed_point_rnn_fwd_cpu(const FixedPointRnnCpuParams& p, DType dtype) {
   LINMIX_DTYPE_SWITCH(dtype, kDT, [&] { fwd_impl<kDT>(p); });
 }
 
-void fixed_point_rnn_bwd_cpu(const FixedPointRnnParams& p, DType dtype) {
+void fixed_point_rnn_bwd_cpu(const FixedPointRnnCpuParams& p, DType dtype) {
   LINMIX_DTYPE_SWITCH(dtype, kDT, [&] { bwd_impl<kDT>(p); });
 }
 

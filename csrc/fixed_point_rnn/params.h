@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "common/varlen.h"
+
 namespace linmix {
 
 struct FixedPointRnnParams {
@@ -35,6 +37,14 @@ struct FixedPointRnnParams {
   // scratch in the accumulation dtype, sized by the launcher (see fixed_point_rnn_*_workspace)
   void* work = nullptr;
   void* flags = nullptr;  // CUDA only: per-batch int32 convergence state and block counters
+};
+
+// The CPU kernels' params: they also take packed sequences (common/varlen.h), which no CUDA kernel takes yet (a field
+// in FixedPointRnnParams would move the GPU-verified kernels' later parameters, and change their SASS). batch is then
+// the number of sequences N (h0, dh0, n_iter, residual have a row per sequence; each sequence stops on its own),
+// and the (1, T, ...) tensors hold them along T. Null offsets: dense.
+struct FixedPointRnnCpuParams : FixedPointRnnParams {
+  Varlen varlen;
 };
 
 }  // namespace linmix

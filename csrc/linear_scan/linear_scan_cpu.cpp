@@ -20,15 +20,17 @@ void fwd_impl(const LinearScanParams& p) {
   using T = cpu_t<dt>;
   using acc_t = cpu_acc_t<dt>;
   const int64_t nblk = ceil_div(p.dim, kChannelBlock);
-  parallel_for(0, p.batch * nblk, cpu_grain(p.seqlen * kChannelBlock), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+  parallel_for(0, p.batch * nblk, cpu_grain(p.varlen.mean_len(p.seqlen, p.batch) * kChannelBlock), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     acc_t h[kChannelBlock];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bi = task / nblk, d0 = (task % nblk) * kChannelBlock;
+      const int64_t n = task / nblk, d0 = (task % nblk) * kChannelBlock;
       const int64_t nd = std::min(kChannelBlock, p.dim - d0);
-      const acc_t* h0 = p.h0 ? static_cast<const acc_t*>(p.h0) + bi * p.dim + d0 : nullptr;
+      const SeqSpan seq = p.varlen.span(n, p.seqlen);
+      const int64_t bi = seq.batch;
+      const acc_t* h0 = p.h0 ? static_cast<const acc_t*>(p.h0) + n * p.dim + d0 : nullptr;
       for (int64_t j = 0; j < nd; ++j) h[j] = h0 ? h0[j] : acc_t(0);
-      for (int64_t s = 0; s < p.seqlen; ++s) {
-        const int64_t t = scan_time(s, p.seqlen, p.reverse);
+      for (int64_t s = 0; s < seq.len; ++s) {
+        const int64_t t = seq.begin + scan_time(s, seq.len, p.reverse);
         const T* a = p.a.at<const T>(bi, t) + d0;
         const T* b = p.b.at<const T>(bi, t) + d0;
         T* out = p.h.at<T>(bi, t) + d0;
@@ -47,18 +49,20 @@ void bwd_impl(const LinearScanParams& p) {
   using T = cpu_t<dt>;
   using acc_t = cpu_acc_t<dt>;
   const int64_t nblk = ceil_div(p.dim, kChannelBlock);
-  const int64_t T_ = p.seqlen;
-  parallel_for(0, p.batch * nblk, cpu_grain(p.seqlen * kChannelBlock), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+  parallel_for(0, p.batch * nblk, cpu_grain(p.varlen.mean_len(p.seqlen, p.batch) * kChannelBlock), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     acc_t g[kChannelBlock];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bi = task / nblk, d0 = (task % nblk) * kChannelBlock;
+      const int64_t n = task / nblk, d0 = (task % nblk) * kChannelBlock;
       const int64_t nd = std::min(kChannelBlock, p.dim - d0);
-      const acc_t* h0 = p.h0 ? static_cast<const acc_t*>(p.h0) + bi * p.dim + d0 : nullptr;
+      const SeqSpan seq = p.varlen.span(n, p.seqlen);
+      const int64_t bi = seq.batch, T_ = seq.len;
+      const auto time = [&](int64_t s) { return seq.begin + scan_time(s, T_, p.reverse); };
+      const acc_t* h0 = p.h0 ? static_cast<const acc_t*>(p.h0) + n * p.dim + d0 : nullptr;
       std::fill(g, g + nd, acc_t(0));
       for (int64_t s = T_ - 1; s >= 0; --s) {
-        const int64_t t = scan_time(s, T_, p.reverse);
-        const T* a_next = s + 1 < T_ ? p.a.at<const T>(bi, scan_time(s + 1, T_, p.reverse)) + d0 : nullptr;
-        const T* h_prev = s > 0 ? p.h.at<const T>(bi, scan_time(s - 1, T_, p.reverse)) + d0 : nullptr;
+        const int64_t t = time(s);
+        const T* a_next = s + 1 < T_ ? p.a.at<const T>(bi, time(s + 1)) + d0 : nullptr;
+        const T* h_prev = s > 0 ? p.h.at<const T>(bi, time(s - 1)) + d0 : nullptr;
         const T* dh = p.dh.at<const T>(bi, t) + d0;
         T* da = p.da.at<T>(bi, t) + d0;
         T* db = p.db.at<T>(bi, t) + d0;
@@ -71,8 +75,8 @@ void bwd_impl(const LinearScanParams& p) {
         }
       }
       if (T_ > 0) {
-        acc_t* dh0 = static_cast<acc_t*>(p.dh0) + bi * p.dim + d0;
-        const T* a0 = p.a.at<const T>(bi, scan_time(0, T_, p.reverse)) + d0;
+        acc_t* dh0 = static_cast<acc_t*>(p.dh0) + n * p.dim + d0;
+        const T* a0 = p.a.at<const T>(bi, time(0)) + d0;
         for (int64_t j = 0; j < nd; ++j) dh0[j] = static_cast<acc_t>(a0[j]) * g[j];
       }
     }

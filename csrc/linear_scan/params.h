@@ -5,6 +5,7 @@
 
 #include "common/math.h"
 #include "common/strided.h"
+#include "common/varlen.h"
 
 namespace linmix {
 
@@ -20,9 +21,12 @@ struct LinearScanParams {
   StridedView<2> dh;         // (B, T, D) incoming gradient
   StridedView<2> da, db;     // (B, T, D) outputs
   void* dh0 = nullptr;       // (B, D) contiguous, accumulation type
+  // Packed sequences (common/varlen.h): batch is then the number of sequences N (h0, dh0 (N, D)), the tensors
+  // are (1, T, D) and sequence n is the span varlen.span(n, T) of their row 0. Null offsets: dense.
+  Varlen varlen;
 };
 
-// Scan position s (0 = first step of the recurrence) -> time index.
+// Scan position s (0 = first step of the recurrence) -> time index, in a sequence of T steps.
 inline constexpr int64_t scan_time(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
 
 }  // namespace linmix

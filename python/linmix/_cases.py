@@ -189,14 +189,26 @@ def _segments(cu_seqlens: torch.Tensor | None, total: int) -> list[tuple[int, in
 
 # ------------------------------------------------------------------------------------------- linear_scan
 
-def _linear_scan_tensors(s, h0=None):
-    return {"a": Input("B T D", uniform(0.5, 1.0)), "b": Input("B T D"), "h0": h0 and Input("B D", dtype="acc")}
+def _linear_scan_tensors(s, h0=None, cu_seqlens=None):
+    if cu_seqlens:
+        s.update(B=1, N=3)
+    return {"a": Input("B T D", uniform(0.5, 1.0)), "b": Input("B T D"),
+            "h0": h0 and Input("N D" if cu_seqlens else "B D", dtype="acc"),
+            "cu_seqlens": cu_seqlens and Input(str(s["N"] + 1), offsets(s["T"]), "index")}
+
+
+def _linear_scan_reference(a, b, h0=None, reverse=False, cu_seqlens=None):
+    """Each packed sequence on its own."""
+    return (torch.cat([R.linear_scan_ref(a[:, s:e], b[:, s:e], h0 if cu_seqlens is None or h0 is None else
+                                         h0[i : i + 1], reverse=reverse)
+                       for i, (s, e) in enumerate(_segments(cu_seqlens, a.shape[1]))], 1),)
 
 
 LINEAR_SCAN = Case(
     "linear_scan", linear_scan, dict(B=2, T=7, D=5), "B", "T", _linear_scan_tensors,
-    args=(Arg("h0", (None, "given"), tensor=True), Arg("reverse", (False, True))),
-    reference=lambda **x: (R.linear_scan_ref(**x),),
+    args=(Arg("h0", (None, "given"), tensor=True), Arg("reverse", (False, True)),
+          Arg("cu_seqlens", (None, "given"), tensor=True)),
+    reference=_linear_scan_reference,
     grads=("a", "b", "h0"),
 )
 
@@ -357,18 +369,61 @@ FUSED_RECURRENT_GLA = Case(
 
 # --------------------------------------------------------------------------------------- fixed_point_rnn
 
-def _fixed_point_rnn_tensors(s, initial_state=None):
+def _fixed_point_rnn_tensors(s, initial_state=None, cu_seqlens=None):
     """lam in (0.55, 0.95) and beta in [0, 1.9): (1 - min lam) * min(2, sum beta) < 1, so every token's map is
     a contraction and the iteration converges for any max_iter / tol worth testing."""
+    if cu_seqlens:
+        s.update(B=1, N=3)
     return {
         "u": Input("B T D"), "lam": Input("B T D", uniform(0.55, 0.95)), "hh_u": Input("B T R D", unit_vectors),
-        "hh_beta": Input("B T R", uniform(0.0, 1.9)), "initial_state": initial_state and Input("B D"),
+        "hh_beta": Input("B T R", uniform(0.0, 1.9)),
+        "initial_state": initial_state and Input("N D" if cu_seqlens else "B D"),
+        "cu_seqlens": cu_seqlens and Input(str(s["N"] + 1), offsets(s["T"]), "index"),
     }
 
 
 def _fixed_point_rnn_reference(u, lam, hh_u, hh_beta, max_iter=32, tol=1e-4, grad_mode="onestep",
                                return_info=False, initial_state=None, output_final_state=False, damping=1.0,
-                               stopping="element", quantile=0.9, on_nonconvergence="ignore"):
+                               stopping="element", quantile=0.9, on_nonconvergence="ignore", cu_seqlens=None):
+    """Packed sequences: the dense reference on them padded into a batch (see _pad_sequences)."""
+    if cu_seqlens is None:
+        return _fixed_point_rnn_dense_reference(u, lam, hh_u, hh_beta, max_iter, tol, grad_mode, return_info,
+                                                initial_state, output_final_state, damping, stopping, quantile)
+    spans = _segments(cu_seqlens, u.shape[1])
+    lengths = [e - s for s, e in spans]
+    h0 = initial_state
+    if h0 is not None:  # an empty sequence has no token to iterate: its all-pad row starts from 0 (ratio 0)
+        h0 = torch.where(torch.tensor(lengths, device=h0.device)[:, None] > 0, h0, torch.zeros_like(h0))
+    out = _fixed_point_rnn_dense_reference(*_pad_sequences(u, lam, hh_u, hh_beta, spans), max_iter, tol, grad_mode,
+                                           return_info, h0, False, damping, stopping, quantile)
+    result = (torch.cat([out[0][i, :n] for i, n in enumerate(lengths)])[None],)
+    if output_final_state:
+        first = initial_state.double() if initial_state is not None else u.new_zeros(len(spans), u.shape[2],
+                                                                                      dtype=torch.float64)
+        result += (torch.stack([out[0][i, n - 1] if n else first[i] for i, n in enumerate(lengths)])
+                   if spans else first,)
+    return result + out[1:]
+
+
+def _pad_sequences(u, lam, hh_u, hh_beta, spans):
+    """The packed sequences as a batch, each padded to the longest with tokens that leave the iteration's values
+    and residuals alone: lam = 1 and beta = 0 make a pad token copy the token before it, so its ratio is that
+    token's (and an all-pad row stays at its initial state, ratio 0, like an empty sequence)."""
+    T = max([e - s for s, e in spans] + [0])
+    rows = []
+    for s, e in spans:
+        pad = T - (e - s)
+        unit = torch.zeros_like(hh_u[0, :1]).expand(pad, -1, -1).clone()
+        unit[..., 0] = 1
+        rows.append((torch.cat([u[0, s:e], u.new_zeros(pad, u.shape[2])]),
+                     torch.cat([lam[0, s:e], lam.new_ones(pad, lam.shape[2])]),
+                     torch.cat([hh_u[0, s:e], unit]),
+                     torch.cat([hh_beta[0, s:e], hh_beta.new_zeros(pad, hh_beta.shape[2])])))
+    return tuple(torch.stack(x) for x in zip(*rows)) if rows else (u[:0], lam[:0], hh_u[:0], hh_beta[:0])
+
+
+def _fixed_point_rnn_dense_reference(u, lam, hh_u, hh_beta, max_iter, tol, grad_mode, return_info, initial_state,
+                                     output_final_state, damping, stopping, quantile):
     """The op's iteration in float64. Its value is one iteration from the last iterate h_prev; its gradient is
     that iteration's with h_prev held fixed ("onestep": the op's gradient exactly) or the dense fixed point's
     ("implicit": what the op's adjoint iteration converges to)."""
@@ -395,6 +450,8 @@ FIXED_POINT_RNN = Case(
         Arg("output_final_state", (False, True)), Arg("damping", (1.0, 0.7)),
         Arg("stopping", ("element", "batch", "causal")), Arg("quantile", (0.9, 0.5)),
         Arg("on_nonconvergence", ("ignore", "warn", "raise")),
+        # packed sequences run on the CPU only so far
+        Arg("cu_seqlens", (None, "given"), tensor=True, cuda=(None,)),
     ),
     reference=_fixed_point_rnn_reference,
     grads=("u", "lam", "hh_u", "hh_beta", "initial_state"),

@@ -208,6 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--traffic", action="store_true",
                     help="count each CUDA kernel family's global-memory bytes under the emulator (bench/traffic.py)")
+    ap.add_argument("--varlen", action="store_true",
+                    help="time packed sequences (cu_seqlens) against one sequence of the same tokens (bench/varlen.py)")
     ap.add_argument("--cp", type=int, default=None, metavar="N",
                     help="time the context-parallel ops on N local processes against the single-process op")
     args = ap.parse_args(argv)
@@ -230,6 +232,12 @@ def main(argv=None) -> int:
         return 0
     if args.device == "cuda" and not cuda_ok:
         ap.error("--device cuda needs a GPU and a linmix build with the CUDA backend")
+    if args.varlen:
+        from . import varlen
+
+        ops = varlen.supported() if args.op == "all" else [args.op]
+        print("wrote " + ", ".join(varlen.run(ops, args.device, args.quick, args.out or default_out(args.device))))
+        return 0
     if args.cp:
         from . import cp
 

@@ -32,7 +32,7 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def _causal_conv_packed(x, weight, bias, state, silu, cu_seqlens):
     if x.shape[0] != 1 or state is not None:
-        raise ValueError("linmix.nn.causal_conv: cu_seqlens needs a batch-1 (packed) x and no state, got batch "
+        raise ValueError("linmix.nn.ShortConvolution: cu_seqlens needs a batch-1 (packed) x and no state, got batch "
                          f"{x.shape[0]}" + (" and a state" if state is not None else ""))
     W, L = weight.shape[-1], x.shape[-1]
     cu = cu_seqlens.to(device=x.device, dtype=torch.long)

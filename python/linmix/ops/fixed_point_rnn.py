@@ -7,6 +7,7 @@ import warnings
 import torch
 
 from .._native import acc_dtype, check_backend, nvtx_range
+from ._varlen import check_offsets
 
 # The values of the arguments of the same names, shared by the layers and linmix.distributed.
 GRAD_MODES = ("onestep", "implicit")
@@ -23,16 +24,18 @@ class FixedPointConvergenceError(RuntimeError):
 
 
 @torch.library.register_fake("linmix::fixed_point_rnn_fwd")
-def _fwd_fake(u, lam, hh_u, hh_beta, initial_state, max_iter, tol, damping=1.0, batch_quantile=-1.0, causal=False):
+def _fwd_fake(u, lam, hh_u, hh_beta, initial_state, cu_seqlens, max_iter, tol, damping=1.0, batch_quantile=-1.0,
+              causal=False):
     h = torch.empty_like(u, memory_format=torch.contiguous_format)
     h_prev = torch.empty_like(u, dtype=acc_dtype(u), memory_format=torch.contiguous_format)
-    n_iter = u.new_empty((u.shape[0],), dtype=torch.int32)
-    residual = u.new_empty((u.shape[0],), dtype=torch.float32)
+    n_seqs = u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    n_iter = u.new_empty((n_seqs,), dtype=torch.int32)
+    residual = u.new_empty((n_seqs,), dtype=torch.float32)
     return h, h_prev, n_iter, residual
 
 
 @torch.library.register_fake("linmix::fixed_point_rnn_bwd")
-def _bwd_fake(u, lam, hh_u, hh_beta, initial_state, h_prev, dh, max_iter, tol, damping=1.0):
+def _bwd_fake(u, lam, hh_u, hh_beta, initial_state, cu_seqlens, h_prev, dh, max_iter, tol, damping=1.0):
     def like(x):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
@@ -72,21 +75,21 @@ def adjoint_iterations(grad_mode: str, max_iter: int, tol: float) -> tuple[int, 
     return (1, 0.0) if grad_mode == "onestep" else (max_iter, tol)
 
 
-def fused_fwd(u, lam, hh_u, hh_beta, h0, max_iter, tol, damping, quantile, causal):
+def fused_fwd(u, lam, hh_u, hh_beta, h0, max_iter, tol, damping, quantile, causal, cu_seqlens=None):
     """The fused forward op: (h, h_prev (the iterate h was computed from), n_iter, residual)."""
     with nvtx_range("linmix/fixed_point_rnn/fwd", u):
         return torch.ops.linmix.fixed_point_rnn_fwd(
-            u=u, lam=lam, hh_u=hh_u, hh_beta=hh_beta, initial_state=h0, max_iter=max_iter, tol=tol,
-            damping=damping, batch_quantile=quantile, causal=causal,
+            u=u, lam=lam, hh_u=hh_u, hh_beta=hh_beta, initial_state=h0, cu_seqlens=cu_seqlens, max_iter=max_iter,
+            tol=tol, damping=damping, batch_quantile=quantile, causal=causal,
         )
 
 
-def fused_bwd(u, lam, hh_u, hh_beta, h0, h_prev, dh, adjoint, damping):
+def fused_bwd(u, lam, hh_u, hh_beta, h0, h_prev, dh, adjoint, damping, cu_seqlens=None):
     """The fused backward op: (du, dlam, dhh_u, dhh_beta, dh0), dh0 None without h0; adjoint = (max_iter, tol)."""
     with nvtx_range("linmix/fixed_point_rnn/bwd", u):
         *grads, dh0 = torch.ops.linmix.fixed_point_rnn_bwd(
-            u=u, lam=lam, hh_u=hh_u, hh_beta=hh_beta, initial_state=h0, h_prev=h_prev, dh=dh.to(u.dtype),
-            max_iter=adjoint[0], tol=adjoint[1], damping=damping,
+            u=u, lam=lam, hh_u=hh_u, hh_beta=hh_beta, initial_state=h0, cu_seqlens=cu_seqlens, h_prev=h_prev,
+            dh=dh.to(u.dtype), max_iter=adjoint[0], tol=adjoint[1], damping=damping,
         )
     return (*grads, dh0 if h0 is not None else None)
 
@@ -104,9 +107,11 @@ def check_grads(finite: bool, adjoint: tuple[int, float], on_nonconvergence: str
 
 class FixedPointRNNFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, lam, hh_u, hh_beta, h0, max_iter, tol, grad_mode, damping, quantile, causal, on_nonconv):
-        h, h_prev, n_iter, residual = fused_fwd(u, lam, hh_u, hh_beta, h0, max_iter, tol, damping, quantile, causal)
-        ctx.save_for_backward(u, lam, hh_u, hh_beta, h_prev, h0)
+    def forward(ctx, u, lam, hh_u, hh_beta, h0, cu_seqlens, max_iter, tol, grad_mode, damping, quantile, causal,
+                on_nonconv):
+        h, h_prev, n_iter, residual = fused_fwd(u, lam, hh_u, hh_beta, h0, max_iter, tol, damping, quantile, causal,
+                                                cu_seqlens)
+        ctx.save_for_backward(u, lam, hh_u, hh_beta, h_prev, h0, cu_seqlens)
         ctx.adjoint = adjoint_iterations(grad_mode, max_iter, tol)
         ctx.damping, ctx.on_nonconv = damping, on_nonconv
         ctx.mark_non_differentiable(n_iter, residual)
@@ -114,12 +119,12 @@ class FixedPointRNNFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh, _dn, _dres):
-        u, lam, hh_u, hh_beta, h_prev, h0 = ctx.saved_tensors
-        grads = fused_bwd(u, lam, hh_u, hh_beta, h0, h_prev, dh, ctx.adjoint, ctx.damping)
+        u, lam, hh_u, hh_beta, h_prev, h0, cu_seqlens = ctx.saved_tensors
+        grads = fused_bwd(u, lam, hh_u, hh_beta, h0, h_prev, dh, ctx.adjoint, ctx.damping, cu_seqlens)
         if ctx.on_nonconv != "ignore" and _can_check(u):
             finite = torch.stack([g.isfinite().all() for g in grads if g is not None]).all()
             check_grads(bool(finite), ctx.adjoint, ctx.on_nonconv)  # one host read per backward
-        return *grads, *([None] * 7)
+        return *grads, *([None] * 8)
 
 
 def fixed_point_rnn(
@@ -138,6 +143,7 @@ def fixed_point_rnn(
     stopping: str = "element",
     quantile: float = 0.9,
     on_nonconvergence: str = "ignore",
+    cu_seqlens: torch.Tensor | None = None,
 ):
     """Fixed-point RNN: the dense linear RNN reached by iterating (Householder channel mix, diagonal scan).
 
@@ -197,6 +203,13 @@ def fixed_point_rnn(
         damping: in (0, 1]; 1 is the plain iteration.
         stopping: "element" | "batch" | "causal", see above. quantile: in [0, 1], for stopping="batch".
         on_nonconvergence: "ignore" (default: the returned residual is the record) | "warn" | "raise".
+        cu_seqlens: packed variable-length sequences (FlashAttention's convention): u, lam, hh_u, hh_beta are
+            (1, T, ...), the sequences concatenated along T, and cu_seqlens (N + 1,) int32 / int64 offsets
+            [0, ..., T] on their device. Each sequence is its own batch element: its own initial_state row
+            ((N, D)), final state ((N, D)), iteration count and residual ((N,)), and stopping rule ("batch":
+            the quantile over the N sequences). One call, no host loop and no host synchronisation (the kernel
+            reads the offsets; a malformed tensor raises RuntimeError through an asynchronous device assert,
+            at once on the CPU). CPU only so far: on CUDA it raises RuntimeError.
 
     Returns:
         h: (B, T, D) in u's dtype (state and accumulation in float32, float64 for float64 inputs),
@@ -209,24 +222,39 @@ def fixed_point_rnn(
         ValueError: unknown grad_mode / stopping / on_nonconvergence.
         FixedPointConvergenceError: with on_nonconvergence="raise".
     """
-    check_backend("fixed_point_rnn", u, lam, hh_u, hh_beta, initial_state)
+    check_backend("fixed_point_rnn", u, lam, hh_u, hh_beta, initial_state, cu_seqlens)
     check_args("fixed_point_rnn", grad_mode, stopping, on_nonconvergence)
     q = batch_quantile(stopping, quantile)
+    if cu_seqlens is not None and u.dim() == 3:
+        check_offsets("fixed_point_rnn", cu_seqlens, u.shape[1])
     h, n_iter, residual = FixedPointRNNFn.apply(
-        u, lam, hh_u, hh_beta, initial_state, int(max_iter), float(tol), grad_mode, float(damping), q,
+        u, lam, hh_u, hh_beta, initial_state, cu_seqlens, int(max_iter), float(tol), grad_mode, float(damping), q,
         stopping == "causal", on_nonconvergence,
     )
     check_converged(h, residual, float(tol), int(max_iter), stopping, q, on_nonconvergence)
     out = (h,)
     if output_final_state:
-        out += (h[:, -1] if h.shape[1] > 0 else _initial_or_zeros(u, initial_state),)
+        out += (_final_state(h, u, initial_state, cu_seqlens),)
     if return_info:
         out += (n_iter, residual)
     return out if len(out) > 1 else h
 
 
-def _initial_or_zeros(u: torch.Tensor, initial_state: torch.Tensor | None) -> torch.Tensor:
-    return initial_state if initial_state is not None else u.new_zeros(u.shape[0], u.shape[2])
+def _initial_or_zeros(u: torch.Tensor, initial_state: torch.Tensor | None, n: int | None = None) -> torch.Tensor:
+    return initial_state if initial_state is not None else u.new_zeros(u.shape[0] if n is None else n, u.shape[2])
+
+
+def _final_state(h, u, initial_state, cu_seqlens):
+    """Each sequence's last h, or its initial state (zeros) when it is empty; packed: gathered on the device."""
+    if cu_seqlens is None:
+        return h[:, -1] if h.shape[1] > 0 else _initial_or_zeros(u, initial_state)
+    n = cu_seqlens.shape[0] - 1
+    start = _initial_or_zeros(u, initial_state, n)
+    if h.shape[1] == 0:
+        return start
+    ends = cu_seqlens[1:].long()
+    last = h[0, (ends - 1).clamp(0, h.shape[1] - 1)]  # (N, D)
+    return torch.where((ends > cu_seqlens[:-1])[:, None], last, start.to(last.dtype))
 
 
 def check_converged(h: torch.Tensor, residual: torch.Tensor, tol: float, max_iter: int, stopping: str, quantile: float,
