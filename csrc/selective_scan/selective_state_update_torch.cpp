@@ -176,7 +176,7 @@ void update_via_selective_scan(const Canonical& c, bool dt_softplus, const std::
       f32(state_rows ? torch::stable::index_select(c.state, 0, *state_rows) : c.state), {bl, h * p, n});
   const auto [y, checkpoints, final_state] =
       call_op<3>("linmix::selective_scan_fwd", "", u, delta, A, B, C, flat(c.D), z, flat(c.dt_bias), OptTensor(h0),
-                 dt_softplus);
+                 OptTensor(), dt_softplus);
   const Tensor new_state = torch::stable::to(torch::stable::view(final_state, {bl, h, p, n}), c.state.scalar_type());
   const Tensor y_out = torch::stable::to(torch::stable::view(y, {bl, h, p}), out.scalar_type());
   if (live) {
