@@ -25,14 +25,14 @@ template <typename Traits, typename T, bool kVarlen>
 __device__ __forceinline__ void selective_scan_bwd_block(const SelectiveScanParams& p) {
   constexpr int kItems = Traits::kItems, kNWarps = Traits::kNWarps;
   LINMIX_DYNAMIC_SHARED(float, s_dyn);
-  const SsSeq sq = ss_block_seq<kVarlen>(p);
-  const int64_t N = p.dstate, L = sq.len;
+  const int64_t N = p.dstate;
   float* s_s = s_dyn;         // (n): adjoint entering the current chunk from the later one
   float* s_part = s_dyn + N;  // (kNWarps, 3, n): per-warp sums of dA, fixed dB, fixed dC
   LINMIX_SHARED(ScanPair<float>, s_warp, [2 * kNWarps]);
   LINMIX_SHARED(float, s_red, [2][kNWarps]);  // per-warp sums of dD, ddelta_bias
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int64_t bd = sq.bd, bi = sq.bi, di = bd % p.dim, bdn = bd * N, b0 = sq.begin;
+  const SsSeq sq = ss_block_seq<kVarlen>(p);
+  const int64_t bd = sq.bd, bi = sq.bi, di = bd % p.dim, bdn = bd * N, L = sq.len, b0 = sq.begin;
   const SsBwdChannel<T> ch = ss_bwd_channel<T>(p, bi, di);
   const float* A = ch.A;
   const float bias = ch.bias, Dv = ch.Dv;
@@ -41,7 +41,8 @@ __device__ __forceinline__ void selective_scan_bwd_block(const SelectiveScanPara
   T* du_out = p.du.at<T>(bi, di) + b0;
   T* ddelta_out = p.ddelta.at<T>(bi, di) + b0;
   T* dz_out = z ? p.dz.at<T>(bi, di) + b0 : nullptr;
-  const float* ckpt = static_cast<const float*>(p.checkpoints) + sq.ckpt;  // (n_chunks, n)
+  // (n_chunks, n); the dense kernel's own expression (its SASS is GPU-verified, see ss_block_seq)
+  const float* ckpt = static_cast<const float*>(p.checkpoints) + (kVarlen ? sq.ckpt : bd * p.n_chunks * N);
   const float* h_init = p.initial_state ? static_cast<const float*>(p.initial_state) + bdn : nullptr;
 
   for (int64_t n = tid; n < N; n += Traits::kThreads)
@@ -50,7 +51,7 @@ __device__ __forceinline__ void selective_scan_bwd_block(const SelectiveScanPara
   __syncthreads();
   float r_dD = 0.f, r_dbias = 0.f;
   int buf = 0;
-  for (int64_t c = sq.n_chunks - 1; c >= 0; --c) {
+  for (int64_t c = (kVarlen ? sq.n_chunks : p.n_chunks) - 1; c >= 0; --c) {
     const int64_t t0 = c * Traits::kChunk + int64_t(tid) * kItems;
     const int64_t n_valid = L - t0;  // items of this thread inside the sequence (may be <= 0)
     float r_u[kItems], r_raw[kItems], r_dl[kItems], r_dout[kItems], r_dy[kItems], r_y[kItems], r_du[kItems],

@@ -204,18 +204,26 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     (rounded) state and silu(z) is rounded to z's dtype. (CUDA's default path below sums the float32 state:
     with a 16-bit state its outputs can miss mamba's bf16 tolerance at n = 64.)
 
-    state_batch_indices: optional (b,) int32 / int64: batch row i updates state row state_batch_indices[i]
-    of the cache; a negative entry marks a padding row (out 0, no state touched; mamba-ssm's convention).
-    Entries >= S and repeated entries raise. On CUDA the check reads the indices back (one sync), except
-    under CUDA graph capture, where it is skipped and an out-of-range entry is treated as padding.
+    state_batch_indices: optional (b,) int32 / int64 on state's device: batch row i updates state row
+    state_batch_indices[i] of the cache; a negative entry marks a padding row (out 0, no state touched;
+    mamba-ssm's convention). Never read on the host on CUDA (no sync; CUDA-graph capturable): the kernels
+    treat an entry >= S as padding too, and such an entry raises RuntimeError through an asynchronous device
+    assert (at the next synchronising call). On the CPU entries >= S and repeated entries raise RuntimeError
+    at once, before anything is written; on CUDA repeated entries are not detected (two batch rows then race
+    for one state row).
 
     Raises RuntimeError naming the argument, its expected and actual shape / dtype / device, before anything
     is written: the state is untouched on every error.
 
-    CPU: a fused kernel (one pass over the state). CUDA: a fused kernel with LINMIX_UNVERIFIED_KERNELS=1 (not
-    yet run on a GPU); by default the GPU-verified selective_scan forward with L = 1, in float32.
+    CPU: a fused kernel (one pass over the state). CUDA: by default the GPU-verified selective_scan forward with
+    L = 1, in float32; the fused kernel (not yet run on a GPU) with LINMIX_UNVERIFIED_KERNELS=1, and by default
+    with state_batch_indices, which the GPU-verified path could only serve by reading them back (it warns once).
     """
     check_backend("selective_state_update", state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    if state_batch_indices is not None and state_batch_indices.device.type != "cpu" and state.dim() > 0:
+        torch._assert_async((state_batch_indices < state.shape[0]).all(),
+                            "linmix.selective_state_update: an entry of state_batch_indices is >= the state's row "
+                            "count (negative entries mark padding rows)")
     return torch.ops.linmix.selective_state_update(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
                                                    state_batch_indices=state_batch_indices,
                                                    dt_softplus=bool(dt_softplus))
