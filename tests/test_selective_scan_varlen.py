@@ -6,6 +6,10 @@ the float64 ones the CPU kernels."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -13,7 +17,7 @@ import linmix
 from linmix import reference as R
 from linmix.ops.selective_scan import CHUNK
 
-from conftest import HostReads, assert_rel_close
+from conftest import EMULATED, HAS_CUDA, HostReads, assert_rel_close
 
 f64 = torch.float64
 GRADS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
@@ -177,3 +181,45 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.linmix.selective_scan_fwd, (*pos, True))
     for dfin in (None, torch.randn_like(fin)):
         torch.library.opcheck(torch.ops.linmix.selective_scan_bwd, (*pos, ckpt, torch.randn_like(out), dfin, True))
+
+
+WARN_ONCE = """
+import warnings, torch, linmix
+u = torch.randn(1, 3, 9, device="{device}")
+A, cu = -torch.rand(3, 2, device="{device}"), torch.tensor([0, 4, 9], device="{device}")
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    for _ in range(2):
+        linmix.selective_scan(u, u.abs(), A, A, A, cu_seqlens=cu)
+print(sum("have not yet run on a GPU" in str(x.message) for x in w))
+"""
+
+CUDA_KERNELS = pytest.mark.skipif(not (HAS_CUDA or EMULATED), reason="the CUDA kernels (a GPU, or the emulator)")
+
+
+@CUDA_KERNELS
+def test_cuda_packed_calls_warn_once():
+    # No GPU-verified kernel takes cu_seqlens: the emulation-verified selective_scan_varlen family runs them by
+    # default and warns once per process; switched on, it runs without a warning.
+    device = "cuda" if HAS_CUDA else "cpu"
+    for switch, warnings_seen in ((None, 1), ("selective_scan_varlen", 0)):
+        env = {n: x for n, x in os.environ.items() if n not in ("LINMIX_KERNELS", "LINMIX_UNVERIFIED_KERNELS")}
+        env.update({"LINMIX_KERNELS": switch} if switch else {})
+        out = subprocess.run([sys.executable, "-c", WARN_ONCE.format(device=device)], env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[-1] == str(warnings_seen), (switch, out.stdout)
+
+
+@CUDA_KERNELS
+def test_cuda_deterministic_with_variable_bc_raises():
+    # the varlen backward adds variable dB/dC with float atomics; fixed B/C need none
+    device = "cuda" if HAS_CUDA else "cpu"
+    lengths = [3, 5]
+    x = {k: v.to(device).requires_grad_() for k, v in inputs(lengths).items()}
+    cu = offsets(lengths).to(device)
+    out, _ = packed(x, cu, torch.float32, deterministic=True)
+    with pytest.raises(RuntimeError, match="deterministic backward .* cu_seqlens"):
+        out.sum().backward()
+    x = {k: v.to(device).requires_grad_() for k, v in inputs(lengths, bc="fixed").items()}
+    packed(x, cu, torch.float32, deterministic=True)[0].sum().backward()

@@ -112,7 +112,9 @@ std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd(
   SelectiveScanParams p = make_params(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, varlen, n_seqs);
   const ScalarType acc = acc_dtype(u);
   Tensor out = empty(u, sizes(u));
-  Tensor ckpt = empty(u, {u.size(0), p.dim, p.n_chunks, p.dstate}, acc);
+  // Packed: the slots no sequence uses (packed_chunk_slots has one spare per sequence) are zeros, not garbage.
+  const std::vector<int64_t> ckpt_shape{u.size(0), p.dim, p.n_chunks, p.dstate};
+  Tensor ckpt = varlen.packed() ? zeros(u, ckpt_shape, acc) : empty(u, ckpt_shape, acc);
   Tensor final_state = empty(u, {p.batch, p.dim, p.dstate}, acc);
   p.out = strided_view<2>(out), p.checkpoints = ckpt.data_ptr(), p.final_state = final_state.data_ptr();
   if (p.batch * p.dim == 0) return {out, ckpt, final_state};
