@@ -300,4 +300,14 @@ __device__ __forceinline__ float bwd_step_grads(float s, float An, const float (
 
 using SelectiveScanDefaultTraits = SelectiveScanTraits<128, 8>;
 
+// Launches a block-per-(sequence, channel) kernel (forward or backward, dense or varlen) with `smem_floats` floats
+// of dynamic shared memory.
+template <typename Traits, typename Kernel>
+void selective_scan_launch(Kernel kernel, int64_t smem_floats, const SelectiveScanParams& p, cudaStream_t stream) {
+  if (p.batch * p.dim == 0) return;
+  const size_t smem = size_t(smem_floats) * sizeof(float);
+  opt_in_smem(kernel, smem);
+  launch_kernel(kernel, checked_grid("selective_scan", "(b d)", p.batch * p.dim), Traits::kThreads, smem, stream, p);
+}
+
 }  // namespace linmix

@@ -153,24 +153,18 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_bwd_va
   selective_scan_bwd_block<Traits, T, true>(p);
 }
 
-template <typename Traits, typename Kernel>
-void selective_scan_bwd_run(Kernel kernel, const SelectiveScanParams& p, cudaStream_t stream) {
-  if (p.batch * p.dim == 0) return;
-  const size_t smem = size_t(1 + 3 * Traits::kNWarps) * size_t(p.dstate) * sizeof(float);
-  opt_in_smem(kernel, smem);
-  launch_kernel(kernel, checked_grid("selective_scan", "(b d)", p.batch * p.dim), Traits::kThreads, smem, stream, p);
-}
-
 template <DType dt>
 void selective_scan_bwd_cuda(const SelectiveScanParams& p, cudaStream_t stream) {
   using Traits = SelectiveScanDefaultTraits;
-  selective_scan_bwd_run<Traits>(linmix_selective_scan_bwd_kernel<Traits, cuda_t<dt>>, p, stream);
+  selective_scan_launch<Traits>(linmix_selective_scan_bwd_kernel<Traits, cuda_t<dt>>,
+                                (1 + 3 * Traits::kNWarps) * p.dstate, p, stream);
 }
 
 template <DType dt>
 void selective_scan_bwd_varlen_cuda(const SelectiveScanParams& p, cudaStream_t stream) {
   using Traits = SelectiveScanDefaultTraits;
-  selective_scan_bwd_run<Traits>(linmix_selective_scan_bwd_varlen_kernel<Traits, cuda_t<dt>>, p, stream);
+  selective_scan_launch<Traits>(linmix_selective_scan_bwd_varlen_kernel<Traits, cuda_t<dt>>,
+                                (1 + 3 * Traits::kNWarps) * p.dstate, p, stream);
 }
 
 }  // namespace linmix
