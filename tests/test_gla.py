@@ -175,7 +175,7 @@ def test_empty(device, algo):
 def test_opcheck():
     q, k, v, g, h0 = make(2, 70, 2, 8, 4, torch.float32, "cpu")
     dout, dfinal_state = torch.randn(2, 70, 2, 4), torch.randn(2, 2, 8, 4)
-    x = dict(q=q, k=k, v=v, g=g, scale=0.5)
+    x = dict(q=q, k=k, v=v, g=g, cu_seqlens=None, scale=0.5)
     for algo in ("chunk_gla", "fused_recurrent_gla"):
         fwd, bwd = getattr(torch.ops.linmix, f"{algo}_fwd"), getattr(torch.ops.linmix, f"{algo}_bwd")
         torch.library.opcheck(fwd, (), dict(x, initial_state=h0))
@@ -252,7 +252,7 @@ v = torch.randn(1, 9, 1, {V}, device="{device}")
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
     for _ in range(2):
-        linmix.{op}(q, q, v, -q.abs())
+        linmix.{op}(q, q, v, -q.abs(){kw})
 print(sum("have not yet run on a GPU" in str(x.message) for x in w))
 """
 
@@ -267,7 +267,7 @@ def test_cuda_head_dims_above_256_warn_once(op):
     for K, V, switch, warnings_seen in ((320, 64, None, 1), (64, 512, None, 1), (320, 64, "gla_head512", 0)):
         env = {n: x for n, x in os.environ.items() if n not in ("LINMIX_KERNELS", "LINMIX_UNVERIFIED_KERNELS")}
         env.update({"LINMIX_KERNELS": switch} if switch else {})
-        script = WARN_ONCE.format(K=K, V=V, device=device, op=op)
+        script = WARN_ONCE.format(K=K, V=V, device=device, op=op, kw="")
         out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr
         assert out.stdout.split()[-1] == str(warnings_seen), (K, V, switch, out.stdout)
@@ -459,6 +459,33 @@ def test_varlen_bad_arguments_raise():
             fn(q2, k2, v2, g2, cu_seqlens=torch.tensor([0, 10]))
         with pytest.raises(RuntimeError, match=r"initial_state must have shape \(N, H, K, V\) for N sequences"):
             fn(q, k, v, g, cu_seqlens=cu, initial_state=torch.zeros(3, 2, 8, 4))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (HAS_CUDA or EMULATED), reason="the CUDA kernels (a GPU, or LINMIX_EMULATE_CUDA=1)")
+@pytest.mark.parametrize("op", ["chunk_gla", "fused_recurrent_gla"])
+def test_cuda_varlen_warns_once(op):
+    # No GPU-verified kernel takes cu_seqlens: the emulation-verified gla_varlen family runs by default and warns
+    # once per process; switched on, it runs without a warning.
+    device = "cuda" if HAS_CUDA else "cpu"
+    kw = f", cu_seqlens=torch.tensor([0, 4, 4, 9], device='{device}')"
+    for switch, warnings_seen in ((None, 1), ("gla_varlen", 0)):
+        env = {n: x for n, x in os.environ.items() if n not in ("LINMIX_KERNELS", "LINMIX_UNVERIFIED_KERNELS")}
+        env.update({"LINMIX_KERNELS": switch} if switch else {})
+        script = WARN_ONCE.format(K=8, V=8, device=device, op=op, kw=kw)
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[-1] == str(warnings_seen), (switch, out.stdout)
+
+
+@pytest.mark.skipif(not (HAS_CUDA or EMULATED), reason="the CUDA kernels (a GPU, or LINMIX_EMULATE_CUDA=1)")
+@pytest.mark.parametrize("op", ["chunk_gla", "fused_recurrent_gla"])
+def test_cuda_varlen_wide_heads_raise(op):
+    # the gla_varlen kernels size their state tiles for head dims up to 256; wider packed calls are a named error
+    device = "cuda" if HAS_CUDA else "cpu"
+    inputs, cu = packed([3, 4], torch.float32, device, H=1, K=260, V=8)
+    with pytest.raises(ValueError, match=f"linmix.{op}: cu_seqlens on CUDA takes head dims K, V <= 256"):
+        getattr(linmix, op)(*inputs[:4], initial_state=inputs[4], cu_seqlens=cu)
 
 
 @pytest.mark.parametrize("device", DEVICES)

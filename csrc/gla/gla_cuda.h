@@ -8,6 +8,7 @@
 #include "common/kernels.h"
 #include "common/launchers.h"
 #include "common/stream.h"
+#include "common/varlen.h"
 #include "gla/gla_fused.h"
 #include "gla/params.h"
 
@@ -21,10 +22,10 @@ template <DType dt> void gla_head512_chunk_fwd_cuda(const GlaParams& p, cudaStre
 template <DType dt> void gla_head512_chunk_bwd_cuda(const GlaParams& p, cudaStream_t stream);
 template <DType dt> void gla_head512_recurrent_fwd_cuda(const GlaParams& p, cudaStream_t stream);
 template <DType dt> void gla_head512_recurrent_bwd_cuda(const GlaParams& p, cudaStream_t stream);
-// Packed sequences (p.varlen), K, V <= kGlaCudaMaxHeadDim, both ops: fused_recurrent_gla's kernels (the gla_varlen
+// Packed sequences, K, V <= kGlaCudaMaxHeadDim, both ops: fused_recurrent_gla's kernels (the gla_varlen
 // family).
-template <DType dt> void gla_varlen_fwd_cuda(const GlaParams& p, cudaStream_t stream);
-template <DType dt> void gla_varlen_bwd_cuda(const GlaParams& p, cudaStream_t stream);
+template <DType dt> void gla_varlen_fwd_cuda(const GlaParams& p, const Varlen& varlen, cudaStream_t stream);
+template <DType dt> void gla_varlen_bwd_cuda(const GlaParams& p, const Varlen& varlen, cudaStream_t stream);
 
 // The launcher table (common/launchers.h); get() is in gla_launchers.cu.
 struct GlaCudaLaunchers {
@@ -32,7 +33,8 @@ struct GlaCudaLaunchers {
   PerCudaDtype<void(const GlaParams&, cudaStream_t)> chunk_fwd, chunk_bwd, recurrent_fwd, recurrent_bwd;
   PerCudaDtype<void(const GlaParams&, void*, cudaStream_t)> fused_fwd, fused_bwd;
   PerCudaDtype<void(const GlaParams&, cudaStream_t)> head512_chunk_fwd, head512_chunk_bwd, head512_recurrent_fwd,
-      head512_recurrent_bwd, varlen_fwd, varlen_bwd;
+      head512_recurrent_bwd;
+  PerCudaDtype<void(const GlaParams&, const Varlen&, cudaStream_t)> varlen_fwd, varlen_bwd;
   static const GlaCudaLaunchers& get();
 };
 
@@ -88,8 +90,8 @@ inline GlaPlan gla_varlen_plan(const GlaParams& p, GlaAlgo algo, bool backward) 
                             backward ? p.seqlen * p.heads * p.dim_k : 0, /*exact_gate_grad=*/true);
 }
 
-inline GlaPlan gla_plan(const GlaParams& p, GlaAlgo algo, bool backward) {
-  if (p.varlen.packed()) return gla_varlen_plan(p, algo, backward);
+inline GlaPlan gla_plan(const GlaParams& p, const Varlen& varlen, GlaAlgo algo, bool backward) {
+  if (varlen.packed()) return gla_varlen_plan(p, algo, backward);
   const int64_t BH = p.batch * p.heads, KV = p.dim_k * p.dim_v;
   const int64_t n_chunks = ceil_div(p.seqlen, kGlaChunk);  // chunk backward: states entering each chunk, gradients
   const int64_t chunk_workspace = backward ? BH * (n_chunks + 1) * KV + BH * n_chunks * KV : 0;
@@ -111,12 +113,12 @@ inline GlaPlan gla_plan(const GlaParams& p, GlaAlgo algo, bool backward) {
 }
 
 inline void gla_launch(const GlaCudaLaunchers& cuda, const GlaPlan& plan, DType dt, bool backward, GlaParams p,
-                       float* workspace, cudaStream_t stream) {
+                       const Varlen& varlen, float* workspace, cudaStream_t stream) {
   const int64_t BH = p.batch * p.heads, KV = p.dim_k * p.dim_v;
   switch (plan.family) {
     case KernelFamily::kGlaVarlen:
       p.workspace = workspace;
-      (backward ? cuda.varlen_bwd : cuda.varlen_fwd)(dt, p, stream);
+      (backward ? cuda.varlen_bwd : cuda.varlen_fwd)(dt, p, varlen, stream);
       return;
     case KernelFamily::kGlaFused:
       (backward ? cuda.fused_bwd : cuda.fused_fwd)(dt, p, workspace, stream);

@@ -42,10 +42,9 @@ std::pair<Varlen, int64_t> check_inputs(GlaAlgo algo, const Tensor& q, const Ten
 }
 
 GlaParams make_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, double scale,
-                      const OptTensor& h0, std::pair<Varlen, int64_t> seqs) {
+                      const OptTensor& h0, int64_t n_seqs) {
   GlaParams p;
-  p.varlen = seqs.first;
-  p.batch = seqs.second, p.seqlen = q.size(1), p.heads = q.size(2), p.dim_k = q.size(3), p.dim_v = v.size(3);
+  p.batch = n_seqs, p.seqlen = q.size(1), p.heads = q.size(2), p.dim_k = q.size(3), p.dim_v = v.size(3);
   p.scale = scale;
   p.q = strided_view<3>(q), p.k = strided_view<3>(k), p.v = strided_view<3>(v), p.g = strided_view<3>(g);
   p.h0 = opt_ptr(h0);
@@ -57,11 +56,11 @@ constexpr CpuGemm kCpuGemm{&cpu_gemm<float>, &cpu_gemm<double>};
 
 // One CUDA call: the family the registry picks, its workspace, the launch (gla_cuda.h).
 void gla_cuda(const GlaCudaLaunchers& cuda, DType dt, GlaAlgo algo, bool backward, const GlaParams& p,
-              const Tensor& like, cudaStream_t stream) {
-  const GlaPlan plan = gla_plan(p, algo, backward);
+              const Varlen& varlen, const Tensor& like, cudaStream_t stream) {
+  const GlaPlan plan = gla_plan(p, varlen, algo, backward);
   if (!plan.warning.empty()) warn(plan.warning);
   const Tensor workspace = empty(like, {plan.workspace_floats}, ScalarType::Float);
-  gla_launch(cuda, plan, dt, backward, p, static_cast<float*>(workspace.data_ptr()), stream);
+  gla_launch(cuda, plan, dt, backward, p, varlen, static_cast<float*>(workspace.data_ptr()), stream);
 }
 
 template <Backend backend>
@@ -77,19 +76,20 @@ std::tuple<Tensor, Tensor> gla_fwd(GlaAlgo algo, const Tensor& q_in, const Tenso
   Tensor o = empty(q, {B, T, H, V});
   Tensor ht = empty(q, {N, H, K, V}, acc_dtype(q));
   if (N * H == 0) return {o, ht};
-  GlaParams p = make_params(q, k, v, g, scale, h0, seqs);
+  GlaParams p = make_params(q, k, v, g, scale, h0, N);
+  const Varlen varlen = seqs.first;
   p.o = strided_view<3>(o);
   p.ht = ht.data_ptr();
   launch<backend, GlaCudaLaunchers>(
       q,
       [&](DType dt) {
         if (algo == GlaAlgo::kChunk)
-          chunk_gla_fwd_cpu(p, dt, kCpuGemm);
+          chunk_gla_fwd_cpu(p, varlen, dt, kCpuGemm);
         else
-          fused_recurrent_gla_fwd_cpu(p, dt);
+          fused_recurrent_gla_fwd_cpu(p, varlen, dt);
       },
       [&](const GlaCudaLaunchers& cuda, DType dt, cudaStream_t stream) {
-        gla_cuda(cuda, dt, algo, /*backward=*/false, p, q, stream);
+        gla_cuda(cuda, dt, algo, /*backward=*/false, p, varlen, q, stream);
       });
   return {o, ht};
 }
@@ -118,7 +118,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gla_bwd(
   Tensor dq = empty(q, sizes(q)), dk = empty(q, sizes(q)), dg = empty(q, sizes(q)), dv = empty(v, sizes(v));
   Tensor dh0 = empty(q, {N, H, K, V}, acc_dtype(q));
   if (N * H == 0) return {dq, dk, dv, dg, dh0};
-  GlaParams p = make_params(q, k, v, g, scale, h0, seqs);
+  GlaParams p = make_params(q, k, v, g, scale, h0, N);
+  const Varlen varlen = seqs.first;
   p.dout = strided_view<3>(dout);
   p.dht = opt_ptr(dht);
   p.dq = strided_view<3>(dq), p.dk = strided_view<3>(dk), p.dv = strided_view<3>(dv);
@@ -128,27 +129,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gla_bwd(
       q,
       [&](DType dt) {
         if (algo == GlaAlgo::kChunk)
-          chunk_gla_bwd_cpu(p, dt, kCpuGemm);
+          chunk_gla_bwd_cpu(p, varlen, dt, kCpuGemm);
         else
-          fused_recurrent_gla_bwd_cpu(p, dt);
+          fused_recurrent_gla_bwd_cpu(p, varlen, dt);
       },
       [&](const GlaCudaLaunchers& cuda, DType dt, cudaStream_t stream) {
-        gla_cuda(cuda, dt, algo, /*backward=*/true, p, q, stream);
+        gla_cuda(cuda, dt, algo, /*backward=*/true, p, varlen, q, stream);
       });
   return {dq, dk, dv, dg, dh0};
 }
 
 template <Backend backend, GlaAlgo algo>
-std::tuple<Tensor, Tensor> fwd_op(Tensor q, Tensor k, Tensor v, Tensor g, OptTensor initial_state, double scale,
-                                  OptTensor cu_seqlens) {
+std::tuple<Tensor, Tensor> fwd_op(Tensor q, Tensor k, Tensor v, Tensor g, OptTensor initial_state,
+                                  OptTensor cu_seqlens, double scale) {
   return gla_fwd<backend>(algo, q, k, v, g, scale, initial_state, cu_seqlens);
 }
 
 template <Backend backend, GlaAlgo algo>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_op(Tensor q, Tensor k, Tensor v, Tensor g,
-                                                          OptTensor initial_state, Tensor dout,
-                                                          OptTensor dfinal_state, double scale,
-                                                          OptTensor cu_seqlens) {
+                                                          OptTensor initial_state, OptTensor cu_seqlens,
+                                                          Tensor dout, OptTensor dfinal_state, double scale) {
   return gla_bwd<backend>(algo, q, k, v, g, dout, dfinal_state, scale, initial_state, cu_seqlens);
 }
 
@@ -158,15 +158,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_op(Tensor q, Tensor k, Te
 // out and final_state are fla's o and ht (GlaParams's names). cu_seqlens: (N + 1,) int32 / int64 offsets of N
 // sequences packed in a batch of 1 (read on the inputs' device), whose states are then (N, H, K, V).
 LINMIX_OP_SCHEMAS(m) {
-  m.def("chunk_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? initial_state, float scale, "
-        "Tensor? cu_seqlens=None) -> (Tensor out, Tensor final_state)");
-  m.def("chunk_gla_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? initial_state, Tensor dout, "
-        "Tensor? dfinal_state, float scale, Tensor? cu_seqlens=None) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dg, "
+  m.def("chunk_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? initial_state, Tensor? cu_seqlens, "
+        "float scale) -> (Tensor out, Tensor final_state)");
+  m.def("chunk_gla_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? initial_state, Tensor? cu_seqlens, "
+        "Tensor dout, Tensor? dfinal_state, float scale) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dg, "
         "Tensor dinitial_state)");
-  m.def("fused_recurrent_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? initial_state, float scale, "
-        "Tensor? cu_seqlens=None) -> (Tensor out, Tensor final_state)");
-  m.def("fused_recurrent_gla_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? initial_state, Tensor dout, "
-        "Tensor? dfinal_state, float scale, Tensor? cu_seqlens=None) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dg, "
+  m.def("fused_recurrent_gla_fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? initial_state, "
+        "Tensor? cu_seqlens, float scale) -> (Tensor out, Tensor final_state)");
+  m.def("fused_recurrent_gla_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? initial_state, Tensor? cu_seqlens, "
+        "Tensor dout, Tensor? dfinal_state, float scale) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dg, "
         "Tensor dinitial_state)");
 }
 

@@ -5,7 +5,6 @@
 #include <cstdint>
 
 #include "common/strided.h"
-#include "common/varlen.h"
 
 namespace linmix {
 
@@ -16,8 +15,9 @@ constexpr int64_t kGlaMaxHeadDim = 512;
 constexpr int64_t kGlaCudaMaxHeadDim = 256;
 
 struct GlaParams {
-  // batch: the sequences the kernels iterate over: the batch rows (B), or with packed sequences (varlen) their
-  // number N, all in the tensors' one row (varlen.span, common/varlen.h); h0, ht, dht, dh0 are then (N, H, K, V).
+  // batch: the sequences the kernels iterate over: the batch rows (B), or with packed sequences their number N, all
+  // in the tensors' one row (a Varlen, common/varlen.h, passed beside these params so their layout stays as the GPU
+  // verified it); h0, ht, dht, dh0 are then (N, H, K, V).
   int64_t batch = 0, seqlen = 0, heads = 0;
   int64_t dim_k = 0, dim_v = 0;  // head dims K (q, k, g) and V (v, o)
   double scale = 1.0;
@@ -43,9 +43,6 @@ struct GlaParams {
   float* workspace = nullptr;      // fused_recurrent: (B, T, H, K) copy of dq, for the dg sum
   float* chunk_states = nullptr;   // chunk: (B * H, n_chunks + 1, K, V) state entering each chunk, then the final one
   float* chunk_dstates = nullptr;  // chunk: (B * H, n_chunks, K, V) gradient of the state leaving each chunk
-  // Packed sequences (cu_seqlens on the kernels' device), or dense. Last, so the GPU-verified kernels' parameter
-  // layout stays as verified; only the varlen instances (gla_varlen, gla_cuda.h) and the CPU loops read it.
-  Varlen varlen;
 };
 
 }  // namespace linmix

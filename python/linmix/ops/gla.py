@@ -16,14 +16,14 @@ def _n_seqs(q, cu_seqlens):
     return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
-def _fwd_fake(q, k, v, g, initial_state, scale, cu_seqlens=None):
+def _fwd_fake(q, k, v, g, initial_state, cu_seqlens, scale):
     B, T, H, K = q.shape
     out = q.new_empty((B, T, H, v.shape[-1]))
     final_state = q.new_empty((_n_seqs(q, cu_seqlens), H, K, v.shape[-1]), dtype=acc_dtype(q))
     return out, final_state
 
 
-def _bwd_fake(q, k, v, g, initial_state, dout, dfinal_state, scale, cu_seqlens=None):
+def _bwd_fake(q, k, v, g, initial_state, cu_seqlens, dout, dfinal_state, scale):
     B, T, H, K = q.shape
     dq, dk, dg = (q.new_empty(q.shape) for _ in range(3))
     dv = v.new_empty(v.shape)
@@ -116,11 +116,19 @@ def chunk_gla(
         output_final_state: return the final state as well.
         state_v_first: initial_state and final_state are (B, H, V, K) instead.
         cu_seqlens: packed variable-length sequences as in FlashAttention's varlen API: q, k, v, g are
-            (1, total_T, H, .) and cu_seqlens (N + 1,) integer offsets [0, ..., total_T]; each sequence starts
-            from its own initial_state row ((N, H, K, V), or zeros) and final_state is (N, H, K, V). It runs
-            one launch per sequence from a host loop (reading the offsets is a host sync, and
-            torch.compile cannot trace it): correct, but not fused. cu_seqlens_cpu, if given, is used
-            instead of cu_seqlens.
+            (1, total_T, H, .) and cu_seqlens (N + 1,) int32 or int64 offsets [0, ..., total_T] on their device;
+            each sequence starts from its own initial_state row ((N, H, K, V), or zeros; chunks start at the
+            sequence's first step) and final_state is (N, H, K, V); empty sequences are allowed. One op call
+            whose kernels read the offsets on the device: no host loop and no host synchronisation, and it
+            compiles under torch.compile(fullgraph=True). Offsets that do not rise from 0 to total_T fail an
+            asynchronous device assert (RuntimeError at once on CPU, at the next synchronising call on CUDA;
+            the kernels clamp every offset they read). RuntimeError for offsets that are not a 1-D int32 /
+            int64 tensor on the inputs' device, a batch other than 1, or states that are not (N, H, K, V).
+            On CUDA, packed calls run the ``gla_varlen`` kernels (fused_recurrent_gla's, walking each sequence;
+            head dims up to {cuda_max_head_dim}, above that ValueError), which pass the tests under the CUDA
+            emulator but have not yet run on a GPU: the first such call in a process warns.
+        cu_seqlens_cpu: flash-linear-attention's host copy of the offsets: accepted, never needed; used (copied
+            to the inputs' device without a synchronisation) only when cu_seqlens is not given.
         K and V may be anything in [1, {max_head_dim}]. On CUDA, K or V above {cuda_max_head_dim} run the
         ``gla_head512`` kernels, which pass the tests under the CUDA emulator but have not yet run on a GPU:
         the first such call in a process warns.
@@ -155,8 +163,9 @@ def fused_recurrent_gla(
 
     Same contract, shapes and dtypes as :func:`chunk_gla`; the state is updated once per time step.
     flash-linear-attention's keywords work too: ``gk`` is ``g`` (no gate at all means no decay),
-    ``reverse=True`` runs the recurrence from T-1 down to 0, ``state_v_first`` and ``cu_seqlens`` as in
-    :func:`chunk_gla`; value gates (``gv``) are not supported yet and raise ``NotImplementedError``.
+    ``reverse=True`` runs the recurrence from T-1 down to 0 (each packed sequence from its last step down to its
+    first, from its own initial state: the offsets of the time-flipped batch are computed on the device),
+    ``state_v_first`` and ``cu_seqlens`` as in :func:`chunk_gla`; value gates (``gv``) are not supported yet and raise ``NotImplementedError``.
     ``transpose_state_layout`` is fla's former name of ``state_v_first``: it still works, with a
     ``DeprecationWarning``, and passing it together with ``state_v_first=True`` is a ``ValueError`` (as fla).
     """
