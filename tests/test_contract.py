@@ -50,7 +50,8 @@ def _linear_scan_dispatch(x):
 def _selective_scan_dispatch(x):
     u, delta, A, D, z = x["u"], x["delta"], x["A"], x["D"], x["z"]
     B, C = x["B"].unsqueeze(1), x["C"].unsqueeze(1)
-    inputs = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=None, initial_state=None)
+    inputs = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=None, initial_state=None,
+                  cu_seqlens=x.get("cu_seqlens"))
     out, ckpt, fin = torch.ops.linmix.selective_scan_fwd(**inputs, delta_softplus=True)
     return [(torch.ops.linmix.selective_scan_fwd.default, dict(inputs, delta_softplus=True)),
             (torch.ops.linmix.selective_scan_bwd.default,
@@ -94,15 +95,11 @@ def _is_tensor(arg):
                                                and isinstance(t.getElementType(), torch.TensorType))
 
 
-# Forward tensor inputs that have no gradient: the packed sequences' offsets.
-NOT_DIFFERENTIABLE = {"cu_seqlens"}
-
-
 @pytest.mark.parametrize("name", OP_IDS + ["selective_state_update"])
 def test_schema_convention(name):
     """csrc/bindings.cpp's convention: named returns; tensors before scalars; a backward takes (some of) the
     forward's tensor inputs in order, then forward outputs it reuses, then grads d<output>, then scalars, and
-    returns d<input> for every forward tensor input but the offsets (NOT_DIFFERENTIABLE)."""
+    returns d<input> for every forward tensor input."""
     def schema(op):
         return getattr(torch.ops.linmix, op).default._schema
 
@@ -117,8 +114,8 @@ def test_schema_convention(name):
     bwd = schemas[1]
     inputs = [a.name for a in fwd.arguments if _is_tensor(a)]
     outputs = [r.name for r in fwd.returns]
-    differentiable = [n for n in inputs if n not in NOT_DIFFERENTIABLE]
-    assert [r.name for r in bwd.returns] == ["d" + n for n in differentiable], str(bwd)
+    # cu_seqlens (integer offsets) has no gradient
+    assert [r.name for r in bwd.returns] == ["d" + n for n in inputs if n != "cu_seqlens"], str(bwd)
     names = [a.name for a in bwd.arguments if _is_tensor(a)]
     rank = {n: (0, inputs.index(n)) for n in inputs}
     rank.update({n: (1, outputs.index(n)) for n in outputs})

@@ -100,6 +100,28 @@ def selective_scan_case(b, d, n, L, variable, groups, seed=0):
     return fn, [u, delta, A, B, C, z, D, bias, h0]
 
 
+def selective_scan_varlen_case(d, n, lengths, variable, seed=0):
+    """Packed sequences (cu_seqlens, the selective_scan_varlen kernels): empty, length-1 and longer sequences."""
+    g = gen(seed)
+    f64 = dict(generator=g, dtype=torch.float64)
+    L, N = sum(lengths), len(lengths)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    u, delta, z = torch.randn(1, d, L, **f64), torch.randn(1, d, L, **f64) * 0.5, torch.randn(1, d, L, **f64)
+    A = -torch.rand(d, n, **f64) - 0.5
+    B, C = (torch.randn(1, 1, n, L, **f64), torch.randn(1, 1, n, L, **f64)) if variable else \
+        (torch.randn(d, n, **f64), torch.randn(d, n, **f64))
+    D, bias, h0 = torch.randn(d, **f64), torch.randn(d, **f64) * 0.1, torch.randn(N, d, n, **f64)
+
+    def fn(u, delta, A, B, C, z, D, bias, h0, cu):
+        acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+        A, D, bias, h0 = A.to(acc), D.to(acc), bias.to(acc), h0.to(acc)
+        if not variable:
+            B, C = B.to(acc), C.to(acc)
+        return linmix.selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True,
+                                     initial_state=h0, return_final_state=True, cu_seqlens=cu)
+    return fn, [u, delta, A, B, C, z, D, bias, h0, cu]
+
+
 def gla_case(op, B, T, H, K, V, seed=0):
     g = gen(seed)
     f64 = dict(generator=g, dtype=torch.float64)
@@ -163,6 +185,13 @@ def test_linear_scan(B, T, D, h0, reverse, dtype, switch):
                                                           (2, 3, 16, 130, True, 3), (1, 4, 4, 65, False, 1)])
 def test_selective_scan(b, d, n, L, variable, groups, dtype, switch):
     check(*selective_scan_case(b, d, n, L, variable, groups), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variable", [True, False])
+def test_selective_scan_varlen(variable, dtype):
+    # one family serves packed calls whatever the switches say: no `switch` fixture (CI's sanitizer time)
+    check(*selective_scan_varlen_case(2, 3, [0, 2, 1, 6, 0], variable), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -65,6 +65,7 @@ def run_every_op():
         cases.check(*cases.linear_scan_case(2, 37, 33, True, False), dtype)
         cases.check(*cases.selective_scan_case(1, 4, 8, 37, True, 2), dtype)
         cases.check(*cases.selective_scan_case(1, 4, 8, 37, False, 1), dtype)
+        cases.check(*cases.selective_scan_varlen_case(2, 3, [0, 2, 1, 6, 0], True), dtype)
         for op in (linmix.chunk_gla, linmix.fused_recurrent_gla):
             cases.check(*cases.gla_case(op, 1, 70, 1, 20, 33), dtype)
             cases.check(*cases.gla_case(op, 1, 9, 1, 260, 40), dtype)  # K > 256: gla_head512

@@ -217,6 +217,7 @@ def test_opcheck():
             if a[k].dim() == 3:
                 a[k] = a[k].unsqueeze(1)
         pos = [a[k] for k in NAMES]
+        pos.append(None)  # cu_seqlens
         out, ckpt, fin = torch.ops.linmix.selective_scan_fwd(*pos, sp)
         torch.library.opcheck(torch.ops.linmix.selective_scan_fwd, (*pos, sp))
         for dfin in (None, torch.randn_like(fin)):
@@ -353,7 +354,7 @@ def test_selective_state_update_heads(device):
 def test_varlen_matches_separate_runs(device, B_kind, C_kind, h0):
     # cu_seqlens packs sequences (an empty one included) along L of a batch-1 input; each must equal its own run
     lens = [7, 0, 40, 1, 23]
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=device)
     N, L = len(lens), sum(lens)
     dt = torch.float64 if device == "cpu" else torch.float32
     args, sp = make(1, 6, L, 3, dt, device, B_kind=B_kind, C_kind=C_kind, h0=False)
@@ -379,5 +380,5 @@ def test_varlen_matches_separate_runs(device, B_kind, C_kind, h0):
     assert last.shape == (N, 6, 3)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
-    with pytest.raises(ValueError, match="batch size must be 1"):
-        linmix.selective_scan(**make(2, 6, 5, 3, dt, device, h0=False)[0], cu_seqlens=torch.tensor([0, 5]))
+    with pytest.raises(RuntimeError, match="batch size must be 1"):
+        linmix.selective_scan(**make(2, 6, 5, 3, dt, device, h0=False)[0], cu_seqlens=torch.tensor([0, 5], device=device))

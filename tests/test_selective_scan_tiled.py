@@ -173,7 +173,7 @@ def test_cuda_warp_forward_matches_default(monkeypatch, L, n):
     for k in ("B", "C"):
         if a[k].dim() == 3:
             a[k] = a[k].unsqueeze(1)
-    pos = [a[k] for k in NAMES]
+    pos = [a[k] for k in NAMES] + [None]  # cu_seqlens
     monkeypatch.delenv("LINMIX_UNVERIFIED_KERNELS", raising=False)
     want = torch.ops.linmix.selective_scan_fwd(*pos, sp)
     monkeypatch.setenv("LINMIX_UNVERIFIED_KERNELS", "1")

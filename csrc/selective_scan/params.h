@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "common/strided.h"
+#include "common/varlen.h"
 
 namespace linmix {
 
@@ -61,6 +62,13 @@ struct SelectiveScanParams {
   // pass (deterministic); null: the tile adds its sums into dB/dC with one fp32 atomic per element.
   void* dB_tiles = nullptr;
   void* dC_tiles = nullptr;
+
+  // Packed sequences (cu_seqlens, common/varlen.h; added last so that the dense kernels' parameter layout is
+  // unchanged). Then batch is N, the number of sequences, and every per-(batch, channel) tensor above (initial and
+  // final state, dfinal, dinitial_state, the partials and fixed dB/dC) is per (sequence, channel), (N, d, ...);
+  // the (1, d, L) tensors and variable B/C keep their batch of 1; checkpoints are (1, d, n_chunks, n) with
+  // n_chunks = packed_chunk_slots(L, N, kSelectiveScanChunk), sequence s's chunk c at packed_chunk_slot.
+  Varlen varlen;
 };
 
 // The atomic-free backward's channel tiles. The channels are cut into segments that each lie inside one

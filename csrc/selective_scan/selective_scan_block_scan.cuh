@@ -91,9 +91,22 @@ __device__ __forceinline__ BCRow<T> bc_row_at(const BCView& v, int64_t base, int
   return r;
 }
 
+// `begin`: the first step of a packed sequence, where its variable rows start.
 template <typename T>
-__device__ __forceinline__ BCRow<T> bc_row(const BCView& v, int64_t b, int64_t d, int64_t n, int64_t dim) {
-  return bc_row_at<T>(v, ss_bc_offset(v, b, d, 0, dim), n);
+__device__ __forceinline__ BCRow<T> bc_row(const BCView& v, int64_t b, int64_t d, int64_t n, int64_t dim,
+                                           int64_t begin = 0) {
+  BCRow<T> r = bc_row_at<T>(v, ss_bc_offset(v, b, d, 0, dim), n);
+  if (r.row) r.row += begin;
+  return r;
+}
+
+// The sequence block blockIdx.x walks (ss_seq): dense, (batch, channel) = blockIdx.x, the whole row; packed
+// (kVarlen), (sequence, channel) = blockIdx.x, its span of row 0, read from the offsets.
+template <bool kVarlen>
+__device__ __forceinline__ SsSeq ss_block_seq(const SelectiveScanParams& p) {
+  const int64_t bd = blockIdx.x;
+  if (kVarlen) return ss_seq(p, bd / p.dim, bd % p.dim);
+  return {bd, bd / p.dim, 0, p.seqlen, p.n_chunks, bd * p.n_chunks * p.dstate};
 }
 
 // What both backward kernels (selective_scan_bwd_kernel.cuh, selective_scan_bwd_tiled_kernel.cuh) read for
@@ -286,5 +299,15 @@ __device__ __forceinline__ float bwd_step_grads(float s, float An, const float (
 }
 
 using SelectiveScanDefaultTraits = SelectiveScanTraits<128, 8>;
+
+// Launches a block-per-(sequence, channel) kernel (forward or backward, dense or varlen) with `smem_floats` floats
+// of dynamic shared memory.
+template <typename Traits, typename Kernel>
+void selective_scan_launch(Kernel kernel, int64_t smem_floats, const SelectiveScanParams& p, cudaStream_t stream) {
+  if (p.batch * p.dim == 0) return;
+  const size_t smem = size_t(smem_floats) * sizeof(float);
+  opt_in_smem(kernel, smem);
+  launch_kernel(kernel, checked_grid("selective_scan", "(b d)", p.batch * p.dim), Traits::kThreads, smem, stream, p);
+}
 
 }  // namespace linmix

@@ -11,29 +11,38 @@
 // per-(b, d) partial; the glue sums partials over the batch. Deterministic. Variable dB/dC are shared by
 // the channels of a group (other blocks), so they go to an fp32 buffer with atomicAdd (not bitwise
 // deterministic across runs).
+//
+// Packed sequences (cu_seqlens): the varlen kernel, the same body with one block per (sequence, channel)
+// (ss_block_seq); its partials are per (sequence, channel), and the sequences' variable dB/dC lie in disjoint
+// time ranges, so the only atomics that meet are those of the channels of a group, as in the dense kernel.
 #pragma once
 
 #include "selective_scan/selective_scan_block_scan.cuh"
 
 namespace linmix {
 
-// grid: (b * d); block: Traits::kThreads; dynamic smem: (1 + 3 kNWarps) n floats.
-template <typename Traits, typename T>
-__global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_bwd_kernel(SelectiveScanParams p) {
+template <typename Traits, typename T, bool kVarlen>
+__device__ __forceinline__ void selective_scan_bwd_block(const SelectiveScanParams& p) {
   constexpr int kItems = Traits::kItems, kNWarps = Traits::kNWarps;
   LINMIX_DYNAMIC_SHARED(float, s_dyn);
-  const int64_t N = p.dstate, L = p.seqlen;
+  const int64_t N = p.dstate;
   float* s_s = s_dyn;         // (n): adjoint entering the current chunk from the later one
   float* s_part = s_dyn + N;  // (kNWarps, 3, n): per-warp sums of dA, fixed dB, fixed dC
   LINMIX_SHARED(ScanPair<float>, s_warp, [2 * kNWarps]);
   LINMIX_SHARED(float, s_red, [2][kNWarps]);  // per-warp sums of dD, ddelta_bias
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int64_t bd = blockIdx.x, bi = bd / p.dim, di = bd % p.dim, bdn = bd * N;
-  const auto [A, bias, Dv, u, delta, z, dout] = ss_bwd_channel<T>(p, bi, di);
-  T* du_out = p.du.at<T>(bi, di);
-  T* ddelta_out = p.ddelta.at<T>(bi, di);
-  T* dz_out = z ? p.dz.at<T>(bi, di) : nullptr;
-  const float* ckpt = static_cast<const float*>(p.checkpoints) + bd * p.n_chunks * N;  // (n_chunks, n)
+  const SsSeq sq = ss_block_seq<kVarlen>(p);
+  const int64_t bd = sq.bd, bi = sq.bi, di = bd % p.dim, bdn = bd * N, L = sq.len, b0 = sq.begin;
+  const SsBwdChannel<T> ch = ss_bwd_channel<T>(p, bi, di);
+  const float* A = ch.A;
+  const float bias = ch.bias, Dv = ch.Dv;
+  const T *u = ch.u + b0, *delta = ch.delta + b0, *dout = ch.dout + b0;  // (L) rows of this sequence
+  const T* z = ch.z ? ch.z + b0 : nullptr;
+  T* du_out = p.du.at<T>(bi, di) + b0;
+  T* ddelta_out = p.ddelta.at<T>(bi, di) + b0;
+  T* dz_out = z ? p.dz.at<T>(bi, di) + b0 : nullptr;
+  // (n_chunks, n); the dense kernel's own expression (its SASS is GPU-verified, see ss_block_seq)
+  const float* ckpt = static_cast<const float*>(p.checkpoints) + (kVarlen ? sq.ckpt : bd * p.n_chunks * N);
   const float* h_init = p.initial_state ? static_cast<const float*>(p.initial_state) + bdn : nullptr;
 
   for (int64_t n = tid; n < N; n += Traits::kThreads)
@@ -42,7 +51,7 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_bwd_ke
   __syncthreads();
   float r_dD = 0.f, r_dbias = 0.f;
   int buf = 0;
-  for (int64_t c = p.n_chunks - 1; c >= 0; --c) {
+  for (int64_t c = (kVarlen ? sq.n_chunks : p.n_chunks) - 1; c >= 0; --c) {
     const int64_t t0 = c * Traits::kChunk + int64_t(tid) * kItems;
     const int64_t n_valid = L - t0;  // items of this thread inside the sequence (may be <= 0)
     float r_u[kItems], r_raw[kItems], r_dl[kItems], r_dout[kItems], r_dy[kItems], r_y[kItems], r_du[kItems],
@@ -51,7 +60,7 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_bwd_ke
                            r_u, r_raw, r_dout, r_dl, r_dy, r_y, r_du, r_ddl, r_dD);
     for (int64_t n = 0; n < N; ++n) {
       const float An = A[n], coef = ss_decay_coef(An);
-      const BCRow<T> Brow = bc_row<T>(p.B, bi, di, n, p.dim), Crow = bc_row<T>(p.C, bi, di, n, p.dim);
+      const BCRow<T> Brow = bc_row<T>(p.B, bi, di, n, p.dim, b0), Crow = bc_row<T>(p.C, bi, di, n, p.dim, b0);
       const float h_start = c > 0 ? ckpt[(c - 1) * N + n] : (h_init ? h_init[n] : 0.f);
       const float s_end = s_s[n];
       // Recompute the states: r_hp[k] = h before step k, r_a[k] = exp(δA), r_b / r_c = B, C at step k.
@@ -78,12 +87,12 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_bwd_ke
         r_ddl[k] += gr.ddelta;
         dA += gr.dA;
         if (Brow.row) {
-          atomicAdd(static_cast<float*>(p.dB) + ss_bc_offset(p.B, bi, di, n, p.dim) + t0 + k, gr.dB);
+          atomicAdd(static_cast<float*>(p.dB) + ss_bc_offset(p.B, bi, di, n, p.dim) + b0 + t0 + k, gr.dB);
         } else {
           dB += gr.dB;
         }
         if (Crow.row) {
-          atomicAdd(static_cast<float*>(p.dC) + ss_bc_offset(p.C, bi, di, n, p.dim) + t0 + k, dc);
+          atomicAdd(static_cast<float*>(p.dC) + ss_bc_offset(p.C, bi, di, n, p.dim) + b0 + t0 + k, dc);
         } else {
           dC += dc;
         }
@@ -132,14 +141,30 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_bwd_ke
   }
 }
 
+// grid: (b * d); block: Traits::kThreads; dynamic smem: (1 + 3 kNWarps) n floats.
+template <typename Traits, typename T>
+__global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_bwd_kernel(SelectiveScanParams p) {
+  selective_scan_bwd_block<Traits, T, false>(p);
+}
+
+// grid: (N * d), N packed sequences; block and smem as above.
+template <typename Traits, typename T>
+__global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_bwd_varlen_kernel(SelectiveScanParams p) {
+  selective_scan_bwd_block<Traits, T, true>(p);
+}
+
 template <DType dt>
 void selective_scan_bwd_cuda(const SelectiveScanParams& p, cudaStream_t stream) {
   using Traits = SelectiveScanDefaultTraits;
-  if (p.batch * p.dim == 0) return;
-  const auto kernel = linmix_selective_scan_bwd_kernel<Traits, cuda_t<dt>>;
-  const size_t smem = size_t(1 + 3 * Traits::kNWarps) * size_t(p.dstate) * sizeof(float);
-  opt_in_smem(kernel, smem);
-  launch_kernel(kernel, checked_grid("selective_scan", "(b d)", p.batch * p.dim), Traits::kThreads, smem, stream, p);
+  selective_scan_launch<Traits>(linmix_selective_scan_bwd_kernel<Traits, cuda_t<dt>>,
+                                (1 + 3 * Traits::kNWarps) * p.dstate, p, stream);
+}
+
+template <DType dt>
+void selective_scan_bwd_varlen_cuda(const SelectiveScanParams& p, cudaStream_t stream) {
+  using Traits = SelectiveScanDefaultTraits;
+  selective_scan_launch<Traits>(linmix_selective_scan_bwd_varlen_kernel<Traits, cuda_t<dt>>,
+                                (1 + 3 * Traits::kNWarps) * p.dstate, p, stream);
 }
 
 }  // namespace linmix

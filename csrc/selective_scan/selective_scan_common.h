@@ -76,6 +76,18 @@ LINMIX_HD T ss_gate_dz(T dout, T y, T z) {
   return dout * y * silu_grad(z);
 }
 
+// Sequence `seq` of channel di, as the kernels walk it: batch row seq whole (dense), or span seq of row 0
+// (packed). bd indexes the per-(sequence, channel) tensors; ckpt is the element offset of its first checkpoint.
+struct SsSeq {
+  int64_t bd, bi, begin, len, n_chunks, ckpt;
+};
+LINMIX_HD SsSeq ss_seq(const SelectiveScanParams& p, int64_t seq, int64_t di) {
+  const SeqSpan s = p.varlen.span(seq, p.seqlen);
+  const int64_t slot = p.varlen.packed() ? packed_chunk_slot(seq, s.begin, kSelectiveScanChunk, 0) : 0;
+  return {seq * p.dim + di, s.batch, s.begin, s.len, ceil_div(s.len, kSelectiveScanChunk),
+          ((s.batch * p.dim + di) * p.n_chunks + slot) * p.dstate};
+}
+
 // Element offset of B/C at (batch b, channel d, state n, time 0); variable layouts add t (unit stride).
 LINMIX_HD int64_t ss_bc_offset(const BCView& v, int64_t b, int64_t d, int64_t n, int64_t dim) {
   return v.variable ? b * v.batch_stride + (d / (dim / v.n_groups)) * v.group_stride + n * v.n_stride

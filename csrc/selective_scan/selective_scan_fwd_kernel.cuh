@@ -6,35 +6,38 @@
 // item (seeded with the state carried from the previous chunk, kept per state in shared memory), and a
 // sequential pass produces h_t and accumulates C_t h_t into y. The last thread holds the chunk's final
 // state: it updates the carry and writes the fp32 checkpoint (b, d, n_chunks, n) that backward restarts from.
+//
+// Packed sequences (cu_seqlens): the varlen kernel, the same body with one block per (sequence, channel) walking
+// its span of row 0 (ss_block_seq), from its own initial state to its own final state and checkpoint slots.
 #pragma once
 
 #include "selective_scan/selective_scan_block_scan.cuh"
 
 namespace linmix {
 
-// grid: (b * d); block: Traits::kThreads; dynamic smem: n floats.
-template <typename Traits, typename T>
-__global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_fwd_kernel(SelectiveScanParams p) {
+template <typename Traits, typename T, bool kVarlen>
+__device__ __forceinline__ void selective_scan_fwd_block(const SelectiveScanParams& p) {
   constexpr int kItems = Traits::kItems, kNWarps = Traits::kNWarps;
   LINMIX_DYNAMIC_SHARED(float, s_h);  // (n): state after the previous chunk
   LINMIX_SHARED(ScanPair<float>, s_warp, [2 * kNWarps]);
   const int tid = threadIdx.x;
-  const int64_t bd = blockIdx.x, bi = bd / p.dim, di = bd % p.dim;
-  const int64_t N = p.dstate, L = p.seqlen, bdn = bd * N;
+  const SsSeq sq = ss_block_seq<kVarlen>(p);
+  const int64_t bd = sq.bd, bi = sq.bi, di = bd % p.dim;
+  const int64_t N = p.dstate, L = sq.len, bdn = bd * N;
   const float* A = static_cast<const float*>(p.A) + di * N;  // (n)
   const float bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[di] : 0.f;
   const float Dv = p.D ? static_cast<const float*>(p.D)[di] : 0.f;
-  const T* u = p.u.at<const T>(bi, di);          // (L)
-  const T* delta = p.delta.at<const T>(bi, di);  // (L)
-  const T* z = p.z.ptr ? p.z.at<const T>(bi, di) : nullptr;
-  T* out = p.out.at<T>(bi, di);
-  float* ckpt = static_cast<float*>(p.checkpoints) + bd * p.n_chunks * N;  // (n_chunks, n)
+  const T* u = p.u.at<const T>(bi, di) + sq.begin;          // (L)
+  const T* delta = p.delta.at<const T>(bi, di) + sq.begin;  // (L)
+  const T* z = p.z.ptr ? p.z.at<const T>(bi, di) + sq.begin : nullptr;
+  T* out = p.out.at<T>(bi, di) + sq.begin;
+  float* ckpt = static_cast<float*>(p.checkpoints) + sq.ckpt;  // (n_chunks, n)
 
   for (int64_t n = tid; n < N; n += Traits::kThreads)
     s_h[n] = p.initial_state ? static_cast<const float*>(p.initial_state)[bdn + n] : 0.f;
   __syncthreads();
   int buf = 0;
-  for (int64_t c = 0; c < p.n_chunks; ++c) {
+  for (int64_t c = 0; c < sq.n_chunks; ++c) {
     const int64_t t0 = c * Traits::kChunk + int64_t(tid) * kItems;  // this thread's first step
     const int64_t n_valid = L - t0;  // items of this thread inside the sequence (may be <= 0)
     float r_dl[kItems], r_dlu[kItems], r_y[kItems], r_u[kItems];
@@ -50,8 +53,8 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_fwd_ke
       const float coef = ss_decay_coef(A[n]);
       const float carry = s_h[n];
       float r_b[kItems], r_c[kItems];
-      load_bc_items<kItems>(bc_row<T>(p.B, bi, di, n, p.dim), t0, L, r_b);
-      load_bc_items<kItems>(bc_row<T>(p.C, bi, di, n, p.dim), t0, L, r_c);
+      load_bc_items<kItems>(bc_row<T>(p.B, bi, di, n, p.dim, sq.begin), t0, L, r_b);
+      load_bc_items<kItems>(bc_row<T>(p.C, bi, di, n, p.dim, sq.begin), t0, L, r_c);
       ScanPair<float> r_p[kItems], agg{1.f, 0.f};
 #pragma unroll
       for (int k = 0; k < kItems; ++k) {
@@ -77,14 +80,28 @@ __global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_fwd_ke
   for (int64_t n = tid; n < N; n += Traits::kThreads) static_cast<float*>(p.final_state)[bdn + n] = s_h[n];
 }
 
+// grid: (b * d); block: Traits::kThreads; dynamic smem: n floats.
+template <typename Traits, typename T>
+__global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_fwd_kernel(SelectiveScanParams p) {
+  selective_scan_fwd_block<Traits, T, false>(p);
+}
+
+// grid: (N * d), N packed sequences; block and smem as above.
+template <typename Traits, typename T>
+__global__ void __launch_bounds__(Traits::kThreads) linmix_selective_scan_fwd_varlen_kernel(SelectiveScanParams p) {
+  selective_scan_fwd_block<Traits, T, true>(p);
+}
+
 template <DType dt>
 void selective_scan_fwd_cuda(const SelectiveScanParams& p, cudaStream_t stream) {
   using Traits = SelectiveScanDefaultTraits;
-  if (p.batch * p.dim == 0) return;
-  const auto kernel = linmix_selective_scan_fwd_kernel<Traits, cuda_t<dt>>;
-  const size_t smem = size_t(p.dstate) * sizeof(float);
-  opt_in_smem(kernel, smem);
-  launch_kernel(kernel, checked_grid("selective_scan", "(b d)", p.batch * p.dim), Traits::kThreads, smem, stream, p);
+  selective_scan_launch<Traits>(linmix_selective_scan_fwd_kernel<Traits, cuda_t<dt>>, p.dstate, p, stream);
+}
+
+template <DType dt>
+void selective_scan_fwd_varlen_cuda(const SelectiveScanParams& p, cudaStream_t stream) {
+  using Traits = SelectiveScanDefaultTraits;
+  selective_scan_launch<Traits>(linmix_selective_scan_fwd_varlen_kernel<Traits, cuda_t<dt>>, p.dstate, p, stream);
 }
 
 }  // namespace linmix

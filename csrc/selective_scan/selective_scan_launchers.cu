@@ -8,7 +8,8 @@ namespace linmix {
 const SelectiveScanCudaLaunchers& SelectiveScanCudaLaunchers::get() {
   static constexpr SelectiveScanCudaLaunchers table{
       LINMIX_PER_CUDA_DTYPE(selective_scan_fwd_cuda), LINMIX_PER_CUDA_DTYPE(selective_scan_fwd_warp_cuda),
-      LINMIX_PER_CUDA_DTYPE(selective_scan_bwd_cuda), LINMIX_PER_CUDA_DTYPE(selective_scan_bwd_tiled_cuda)};
+      LINMIX_PER_CUDA_DTYPE(selective_scan_bwd_cuda), LINMIX_PER_CUDA_DTYPE(selective_scan_bwd_tiled_cuda),
+      LINMIX_PER_CUDA_DTYPE(selective_scan_fwd_varlen_cuda), LINMIX_PER_CUDA_DTYPE(selective_scan_bwd_varlen_cuda)};
   return table;
 }
 

@@ -24,8 +24,8 @@ struct SelectiveStateUpdateParams {
 
   StridedView<3> state;  // (S, h, p, n), unit stride along n, updated in place; DType = template argument
   // (b,) int32 or int64, or null (batch row i uses state row i). Negative: a padding row (out 0, no state
-  // touched), as mamba-ssm. The glue has checked the rest lie in [0, S) and repeat nowhere; the kernels
-  // still treat an out-of-range entry as padding, so an unchecked call (CUDA graph capture) never strays.
+  // touched), as mamba-ssm. An entry >= S is padding too, so the kernels never stray whatever the values; the
+  // glue raises on it (and on repeats) on the CPU, the Python layer asserts the range on the device on CUDA.
   const void* state_batch_indices = nullptr;
   bool indices_int64 = false;
 

@@ -102,7 +102,15 @@ def step_adjoint(step: Step, y_star: torch.Tensor, max_iter: int) -> Callable[[t
     return adjoint
 
 
-def shift(y: torch.Tensor, y_first: torch.Tensor | None) -> torch.Tensor:
-    """(B, L, d) -> y_{t-1}, with y_first (B, d) (or zeros) at t = 0."""
+def shift(y: torch.Tensor, y_first: torch.Tensor | None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L, d) -> y_{t-1}, with y_first (B, d) (or zeros) at t = 0. cu_seqlens: packed sequences (B = 1,
+    (N + 1,) offsets): zeros at every sequence's first step too, so that no step reads the previous sequence (a
+    mask built on the device, no host synchronisation)."""
     prev = y.new_zeros(y[:, :1].shape) if y_first is None else y_first[:, None].to(y.dtype)
-    return torch.cat([prev, y[:, :-1]], dim=1)
+    out = torch.cat([prev, y[:, :-1]], dim=1)
+    if cu_seqlens is None:
+        return out
+    L = y.shape[1]
+    starts = cu_seqlens[:-1].long().clamp(0, L)  # an empty sequence at the end starts at L: the extra slot
+    keep = y.new_ones(L + 1).index_fill_(0, starts, 0)[:L]
+    return out * keep[None, :, None]

@@ -3,4 +3,5 @@
 
 namespace linmix {
 template void selective_scan_bwd_cuda<DType::kBFloat16>(const SelectiveScanParams&, cudaStream_t);
+template void selective_scan_bwd_varlen_cuda<DType::kBFloat16>(const SelectiveScanParams&, cudaStream_t);
 }  // namespace linmix

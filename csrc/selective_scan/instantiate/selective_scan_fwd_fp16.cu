@@ -3,4 +3,5 @@
 
 namespace linmix {
 template void selective_scan_fwd_cuda<DType::kFloat16>(const SelectiveScanParams&, cudaStream_t);
+template void selective_scan_fwd_varlen_cuda<DType::kFloat16>(const SelectiveScanParams&, cudaStream_t);
 }  // namespace linmix

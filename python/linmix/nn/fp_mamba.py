@@ -130,9 +130,9 @@ class FPMamba(nn.Module):
 
     def _iteration(self, consts, y: torch.Tensor, final_state: bool = False):
         """One fixed-point iteration f(y): y (B, L, d_inner) -> (B, L, d_inner) (and the scan's final state)."""
-        x, delta, A, u_x, a_x, bc_x, y_first, ssm0 = consts
+        x, delta, A, u_x, a_x, bc_x, y_first, ssm0, cu_seqlens = consts
         d, r = self.d_inner, self.mixer_rank
-        y_prev = shift(y, y_first)
+        y_prev = shift(y, y_first, cu_seqlens)
         u = F.silu(u_x + F.linear(y_prev, self.mixer_proj.weight[:, d:])).unflatten(-1, (r, d))  # (B, L, r, d)
         u = F.normalize(u, dim=-1)
         alpha = torch.sigmoid(a_x + F.linear(y_prev, self.mixer_gate.weight[:, d:]))  # (B, L, r)
@@ -144,12 +144,12 @@ class FPMamba(nn.Module):
         b, c = (bc_x + self.bc_y_proj(y_prev)).chunk(2, dim=-1)  # (B, L, n) each
         b, c = F.normalize(b, dim=-1), F.normalize(c, dim=-1)
         out, h = selective_scan(x_mix.transpose(1, 2), delta, A, b.transpose(1, 2), c.transpose(1, 2), self.D,
-                                initial_state=ssm0, return_final_state=True)
+                                initial_state=ssm0, return_final_state=True, cu_seqlens=cu_seqlens)
         y_new = self.norm(out.transpose(1, 2))
         return (y_new, h) if final_state else y_new
 
     def forward(self, hidden_states: torch.Tensor, state: FPMambaState | None = None, return_state: bool = False,
-                return_info: bool = False):
+                return_info: bool = False, cu_seqlens: torch.Tensor | None = None):
         """hidden_states (B, L, d_model) -> out (B, L, d_model); with flags, (out, state) / (out, info) /
         (out, state, info).
 
@@ -161,12 +161,21 @@ class FPMamba(nn.Module):
             the full forward (with tol = 0, to the fixed point's accuracy).
         return_info: also return ``n_iter`` (B,) int32, the iterations each batch element took (max_iter
             where it did not converge), and ``residual`` (B,), its last relative residual.
+        cu_seqlens: packed sequences (FlashAttention's convention): hidden_states (1, L, d_model) holds N
+            sequences back to back, cu_seqlens (N + 1,) int32 / int64 offsets [0, ..., L] on its device. The
+            conv, the scan and the iteration's y_{t-1} restart at every boundary, so each sequence is mixed as if
+            alone; no host synchronisation. The stopping rule sees the packed row as one batch element (one
+            n_iter; with tol = 0 every sequence gets exactly its own output). Not with ``state`` or
+            ``return_state`` (NotImplementedError).
         """
+        if cu_seqlens is not None and (state is not None or return_state):
+            raise NotImplementedError("linmix.nn.FPMamba: cu_seqlens (packed sequences) with state or return_state "
+                                      "is not supported; stream each sequence in a batch row of its own")
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, L, d_inner) each
         conv = None
         if self.conv1d is not None:
             x, conv = causal_conv(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
-                                  None if state is None else state.conv)
+                                  None if state is None else state.conv, cu_seqlens=cu_seqlens)
             x = x.transpose(1, 2)
         else:
             x = F.silu(x)
@@ -179,7 +188,7 @@ class FPMamba(nn.Module):
         # The x halves of the mixer's and B/C's projections are the same every iteration: computed once.
         consts = (x, delta, A, F.linear(x, self.mixer_proj.weight[:, :d]),
                   F.linear(x, self.mixer_gate.weight[:, :d], self.mixer_gate.bias), self.bc_proj(x),
-                  None if state is None else state.y, None if state is None else state.ssm)
+                  None if state is None else state.y, None if state is None else state.ssm, cu_seqlens)
         y0 = torch.zeros_like(x)
         loop = (self.max_iter, self.tol, self.damping, self.stopping, self.quantile)
         if self.grad_mode == "unroll":
@@ -192,7 +201,7 @@ class FPMamba(nn.Module):
             if self.grad_mode == "implicit" and y.requires_grad:
                 fixed = tuple(None if c is None else c.detach() for c in consts)
                 y = implicit_grad(y, step_adjoint(lambda y: self._iteration(fixed, y), y_star, self.max_iter))
-        gate = F.silu(z + self.z_y_proj(shift(y, consts[6])))
+        gate = F.silu(z + self.z_y_proj(shift(y, consts[6], cu_seqlens)))
         out = self.out_proj(gate * y)
         extras = ((FPMambaState(conv, h, y[:, -1]),) if return_state else ()) + (
             ({"n_iter": n_iter, "residual": residual.detach()},) if return_info else ())

@@ -89,29 +89,39 @@ class Mamba(nn.Module):
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         return F.linear(dt, self.dt_proj.weight), B, C
 
-    def forward(self, hidden_states: torch.Tensor, inference_params=None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, inference_params=None, cu_seqlens=None) -> torch.Tensor:
         """hidden_states (B, L, d_model) -> (B, L, d_model), in the module's dtype.
 
         With ``inference_params`` (an :class:`~linmix.nn.InferenceParams` or mamba-ssm's), the layer's
         conv and SSM states are read from / written to its cache entry: a prefill when
         ``seqlen_offset == 0`` (states start at zero), otherwise a continuation from the cached states:
         :meth:`step` for one token, the full scan from those states for several (mamba-ssm allows one).
+
+        cu_seqlens: packed sequences (FlashAttention's convention): hidden_states (1, L, d_model) holds N
+        sequences back to back, cu_seqlens (N + 1,) int32 / int64 offsets [0, ..., L] on its device. The conv
+        and the scan restart at every boundary, so each sequence's output is the layer's output on it alone;
+        no host synchronisation. Not with ``inference_params`` (NotImplementedError).
         """
         batch, seqlen, _ = hidden_states.shape
         conv_state = ssm_state = None
         continuing = False
+        if inference_params is not None and cu_seqlens is not None:
+            raise NotImplementedError("linmix.nn.Mamba: cu_seqlens (packed sequences) with inference_params is not "
+                                      "supported; decode each sequence in a batch row of its own")
         if inference_params is not None:
             conv_state, ssm_state = self._get_states_from_cache(inference_params, batch)
             continuing = inference_params.seqlen_offset > 0
             if continuing and seqlen == 1:
                 return self.step(hidden_states, conv_state, ssm_state)[0]
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (B, d_inner, L) each
-        x, new_conv = causal_conv(x, self.conv1d.weight, self.conv1d.bias, conv_state if continuing else None)
+        x, new_conv = causal_conv(x, self.conv1d.weight, self.conv1d.bias, conv_state if continuing else None,
+                                  cu_seqlens=cu_seqlens)
         dt, B, C = self._dt_b_c(x.transpose(1, 2))  # (B, L, .)
         A = -torch.exp(self.A_log.to(acc_dtype(x)))
         y, last = selective_scan(x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D, z=z,
                                  delta_bias=self.dt_proj.bias, delta_softplus=True,
-                                 initial_state=ssm_state if continuing else None, return_final_state=True)
+                                 initial_state=ssm_state if continuing else None, return_final_state=True,
+                                 cu_seqlens=cu_seqlens)
         if inference_params is not None:
             conv_state.copy_(new_conv)
             ssm_state.copy_(last)

@@ -6,27 +6,40 @@ import torch
 
 from .. import _C
 from .._native import acc_dtype, check_backend, nvtx_range
-from ._varlen import check_states, segments
+from ._varlen import check_offsets
 
 # Time steps per state checkpoint: kSelectiveScanChunk in csrc/selective_scan/params.h, exported by _C.
 CHUNK = _C.selective_scan_chunk
 
 
+def _sequences(u, cu_seqlens):
+    """The number of sequences and of state checkpoints per channel: the batch and L's chunks, or with cu_seqlens
+    N and packed_chunk_slots (csrc/common/varlen.h: one more slot per sequence than the packed length's chunks)."""
+    b, _, L = u.shape
+    chunks = -(-L // CHUNK)
+    if cu_seqlens is None:
+        return b, chunks
+    n_seqs = cu_seqlens.shape[0] - 1
+    return n_seqs, chunks + n_seqs
+
+
 @torch.library.register_fake("linmix::selective_scan_fwd")
-def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus):
     b, d, L = u.shape
     n = A.shape[1]
+    n_seqs, n_chunks = _sequences(u, cu_seqlens)
     out = torch.empty_like(u, memory_format=torch.contiguous_format)
-    checkpoints = u.new_empty((b, d, -(-L // CHUNK), n), dtype=acc_dtype(u))
-    final_state = u.new_empty((b, d, n), dtype=acc_dtype(u))
+    checkpoints = u.new_empty((b, d, n_chunks, n), dtype=acc_dtype(u))
+    final_state = u.new_empty((n_seqs, d, n), dtype=acc_dtype(u))
     return out, checkpoints, final_state
 
 
 @torch.library.register_fake("linmix::selective_scan_bwd")
-def _bwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, dout, dfinal_state, delta_softplus,
-              deterministic=0):
+def _bwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, checkpoints, dout, dfinal_state,
+              delta_softplus, deterministic=0):
     b, d, L = u.shape
     n = A.shape[1]
+    n_seqs, _ = _sequences(u, cu_seqlens)
     acc = acc_dtype(u)
     du = torch.empty_like(u, memory_format=torch.contiguous_format)
     ddelta = torch.empty_like(u, memory_format=torch.contiguous_format)
@@ -34,7 +47,7 @@ def _bwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, d
     dB = B.new_empty(B.shape)
     dC = C.new_empty(C.shape)
     return (du, ddelta, A.new_empty((d, n), dtype=acc), dB, dC, u.new_empty((d,), dtype=acc), dz,
-            u.new_empty((d,), dtype=acc), u.new_empty((b, d, n), dtype=acc))
+            u.new_empty((d,), dtype=acc), u.new_empty((n_seqs, d, n), dtype=acc))
 
 
 def _deterministic_mode(requested: bool) -> int:
@@ -51,12 +64,12 @@ def _deterministic_mode(requested: bool) -> int:
 
 class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, deterministic):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, deterministic, cu_seqlens):
         with nvtx_range("linmix/selective_scan/fwd", u):
             out, checkpoints, final_state = torch.ops.linmix.selective_scan_fwd(
                 u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
-                delta_softplus=delta_softplus)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints)
+                delta_softplus=delta_softplus, cu_seqlens=cu_seqlens)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, cu_seqlens)
         ctx.delta_softplus = delta_softplus
         ctx.deterministic = deterministic
         ctx.set_materialize_grads(False)
@@ -64,16 +77,16 @@ class SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dfinal_state):
-        u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints, cu_seqlens = ctx.saved_tensors
         dout = torch.zeros_like(u) if dout is None else dout.to(u.dtype)
         with nvtx_range("linmix/selective_scan/bwd", u):
             du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state = torch.ops.linmix.selective_scan_bwd(
                 u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
                 checkpoints=checkpoints, dout=dout, dfinal_state=dfinal_state, delta_softplus=ctx.delta_softplus,
-                deterministic=_deterministic_mode(ctx.deterministic))
+                deterministic=_deterministic_mode(ctx.deterministic), cu_seqlens=cu_seqlens)
         return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
                 ddelta_bias if delta_bias is not None else None,
-                dinitial_state if initial_state is not None else None, None, None)
+                dinitial_state if initial_state is not None else None, None, None, None)
 
 
 def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -102,9 +115,19 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         initial_state: optional (b, d, n) state before the first step, cast to float32.
         return_final_state: also return the state after the last step.
         cu_seqlens: packed variable-length sequences (FlashAttention's convention): batch b = 1, the
-            sequences concatenated along L, cu_seqlens (N + 1,) integer offsets [0, ..., L]; each sequence
-            starts from its own initial_state row ((N, d, n), or zeros) and final_state is (N, d, n). Runs
-            one launch per sequence from a host loop (a host sync; not traceable by torch.compile).
+            sequences concatenated along L, cu_seqlens (N + 1,) int32 or int64 offsets [0, ..., L] on u's
+            device (empty and length-1 sequences allowed, N = 0 too); each sequence starts from its own
+            initial_state row ((N, d, n), or zeros) and final_state is (N, d, n), with gradients for both.
+            Works with every B/C form, z, D, delta_bias and delta_softplus. One kernel launch per direction
+            whatever N, with no host synchronisation (the kernels read the offsets on the device;
+            torch.compile traces it, dynamic shapes included). Offsets that do not rise from 0 to L raise
+            RuntimeError: at once on CPU, on CUDA through an asynchronous device assert (at the next
+            synchronising call; the kernels clamp every offset, so they never touch memory outside their
+            tensors). A batch other than 1, or offsets that are not a 1-D integer tensor on u's device, raise
+            RuntimeError naming cu_seqlens. On CUDA the packed kernels (the selective_scan_varlen family) have
+            not yet run on a GPU: they run by default and warn once per process; the opt-in warp forward and
+            tiled backward do not take packed calls, and a deterministic backward with variable B or C raises
+            RuntimeError (fixed B/C are deterministic).
         deterministic: bitwise-identical gradients from run to run (also implied by
             ``torch.use_deterministic_algorithms(True)``). The CPU backward is deterministic whatever this flag
             says: no atomics, every sum in a fixed order (one task sums a group's variable dB/dC over its
@@ -117,7 +140,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             ``torch.use_deterministic_algorithms`` torch's own error (or warning, with ``warn_only``) is raised.
 
     Returns:
-        out (b, d, L) in u's dtype, or (out, final_state) with final_state (b, d, n) float32. The state and
+        out (b, d, L) in u's dtype, or (out, final_state) with final_state (b, d, n) ((N, d, n) with
+        cu_seqlens) float32. The state and
         every accumulation are float32 (float64 for float64 inputs). Differentiable with respect to every
         tensor argument, final_state and initial_state included.
     """
@@ -128,21 +152,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     B = B.unsqueeze(1) if B.dim() == 3 else _to(B, acc) if B.dim() == 2 else B
     C = C.unsqueeze(1) if C.dim() == 3 else _to(C, acc) if C.dim() == 2 else C
     A, D, delta_bias, initial_state = (_to(t, acc) for t in (A, D, delta_bias, initial_state))
-    if cu_seqlens is None:
-        out, final_state = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
-                                                 deterministic)
-    else:
-        segs = segments("selective_scan", u.shape[0], u.shape[-1], cu_seqlens)
-        check_states("selective_scan", initial_state, len(segs))
-
-        def cut(t, s, e):  # time is the last dim of u, delta, z and variable B/C; fixed B/C (d, n) have none
-            return t if t is None or t.dim() == 2 else t[..., s:e]
-
-        runs = [SelectiveScanFn.apply(cut(u, s, e), cut(delta, s, e), A, cut(B, s, e), cut(C, s, e), D, cut(z, s, e),
-                                      delta_bias, None if initial_state is None else initial_state[i : i + 1],
-                                      delta_softplus, deterministic)
-                for i, (s, e) in enumerate(segs)]
-        out, final_state = torch.cat([r[0] for r in runs], -1), torch.cat([r[1] for r in runs], 0)
+    if cu_seqlens is not None:
+        check_offsets("selective_scan", cu_seqlens, u.shape[-1])
+    out, final_state = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+                                             deterministic, cu_seqlens)
     return (out, final_state) if return_final_state else out
 
 
@@ -191,18 +204,26 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     (rounded) state and silu(z) is rounded to z's dtype. (CUDA's default path below sums the float32 state:
     with a 16-bit state its outputs can miss mamba's bf16 tolerance at n = 64.)
 
-    state_batch_indices: optional (b,) int32 / int64: batch row i updates state row state_batch_indices[i]
-    of the cache; a negative entry marks a padding row (out 0, no state touched; mamba-ssm's convention).
-    Entries >= S and repeated entries raise. On CUDA the check reads the indices back (one sync), except
-    under CUDA graph capture, where it is skipped and an out-of-range entry is treated as padding.
+    state_batch_indices: optional (b,) int32 / int64 on state's device: batch row i updates state row
+    state_batch_indices[i] of the cache; a negative entry marks a padding row (out 0, no state touched;
+    mamba-ssm's convention). Never read on the host on CUDA (no sync; CUDA-graph capturable): the kernels
+    treat an entry >= S as padding too, and such an entry raises RuntimeError through an asynchronous device
+    assert (at the next synchronising call). On the CPU entries >= S and repeated entries raise RuntimeError
+    at once, before anything is written; on CUDA repeated entries are not detected (two batch rows then race
+    for one state row).
 
     Raises RuntimeError naming the argument, its expected and actual shape / dtype / device, before anything
     is written: the state is untouched on every error.
 
-    CPU: a fused kernel (one pass over the state). CUDA: a fused kernel with LINMIX_UNVERIFIED_KERNELS=1 (not
-    yet run on a GPU); by default the GPU-verified selective_scan forward with L = 1, in float32.
+    CPU: a fused kernel (one pass over the state). CUDA: by default the GPU-verified selective_scan forward with
+    L = 1, in float32; the fused kernel (not yet run on a GPU) with LINMIX_UNVERIFIED_KERNELS=1, and by default
+    with state_batch_indices, which the GPU-verified path could only serve by reading them back (it warns once).
     """
     check_backend("selective_state_update", state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    if state_batch_indices is not None and state_batch_indices.device.type != "cpu" and state.dim() > 0:
+        torch._assert_async((state_batch_indices < state.shape[0]).all(),
+                            "linmix.selective_state_update: an entry of state_batch_indices is >= the state's row "
+                            "count (negative entries mark padding rows)")
     return torch.ops.linmix.selective_state_update(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
                                                    state_batch_indices=state_batch_indices,
                                                    dt_softplus=bool(dt_softplus))
