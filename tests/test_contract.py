@@ -62,7 +62,7 @@ def _selective_scan_dispatch(x):
 def _gla_dispatch(algo):
     def f(x):
         fwd, bwd = getattr(torch.ops.linmix, f"{algo}_fwd"), getattr(torch.ops.linmix, f"{algo}_bwd")
-        inputs = {name: x[name] for name in ("q", "k", "v", "g", "initial_state")}
+        inputs = {name: x[name] for name in ("q", "k", "v", "g", "initial_state")} | {"cu_seqlens": None}
         out, final_state = fwd(**inputs, scale=0.5)
         return [(fwd.default, dict(inputs, scale=0.5)),
                 (bwd.default, dict(inputs, dout=torch.randn_like(out), dfinal_state=torch.randn_like(final_state),

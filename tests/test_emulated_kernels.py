@@ -140,6 +140,18 @@ def gla_case(op, B, T, H, K, V, seed=0):
     return fn, [q, k, v, gate, h0]
 
 
+def gla_varlen_case(op, lens, H, K, V, seed=0, **kw):
+    """Packed sequences of these lengths (a batch of one, cu_seqlens), per-sequence initial states."""
+    fn, (q, k, v, gate, _) = gla_case(op, 1, sum(lens), H, K, V, seed)
+    h0 = torch.randn(len(lens), H, K, V, generator=gen(seed + 1), dtype=torch.float64)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+
+    def packed(q, k, v, gate, h0):
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return op(q, k, v, gate, initial_state=h0.to(acc), output_final_state=True, cu_seqlens=cu, **kw)
+    return packed, [q, k, v, gate, h0]
+
+
 def fixed_point_case(B, T, D, R, grad_mode, seed=0):
     g = gen(seed)
     f64 = dict(generator=g, dtype=torch.float64)
@@ -253,6 +265,17 @@ GLA_HEAD512_SHAPES = [(1, 37, 1, 320, 24), (1, 9, 2, 20, 512), (1, 65, 1, 512, 4
 @pytest.mark.parametrize("op", ["chunk_gla", "fused_recurrent_gla"])
 def test_gla_head512(op, B, T, H, K, V, dtype, switch):
     check(*gla_case(getattr(linmix, op), B, T, H, K, V), dtype)
+
+
+# packed sequences (cu_seqlens): the gla_varlen family, the one family that serves them (so no switch), both ops and
+# fused_recurrent_gla's reverse; boundaries inside a chunk and on its edge (69), an empty and a length-1 sequence
+GLA_VARLEN_LENS = [5, 0, 64, 1, 3]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op, kw", [("chunk_gla", {}), ("fused_recurrent_gla", {"reverse": True})])
+def test_gla_varlen(op, kw, dtype):
+    check(*gla_varlen_case(getattr(linmix, op), GLA_VARLEN_LENS, 1, 20, 33, **kw), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -20,7 +20,7 @@ LITERAL = re.compile(r"""(?:^|[^\w])f?["']linmix((?:\.\w+)*):""")
 # A prefix completed from an argument: f"linmix.{name}: ..." in Python, std::string("linmix.") + op in C++.
 FORMATTED = re.compile(r"""linmix(?:\.\w+)*\.\{\w+\}:|"linmix\.[\w.]*"\s*\+""")
 # The helpers whose first argument completes such a prefix, and the prefix it makes.
-HELPERS = {"check_backend": "linmix.{}", "segments": "linmix.{}", "check_states": "linmix.{}", "_gla": "linmix.{}",
+HELPERS = {"check_backend": "linmix.{}", "check_offsets": "linmix.{}", "_gla": "linmix.{}",
            "_check_slice": "linmix.distributed.{}", "init_dt_proj": "linmix.nn.{}", "checked_grid": "linmix.{}",
            "check_args": "linmix.{}"}
 CALL = re.compile(r"\b(" + "|".join(HELPERS) + r")\(\s*\"(\w+)\"")

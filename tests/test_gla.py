@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import linmix
 from linmix.reference import gla_ref
 
-from conftest import DEVICES, EMULATED, HAS_CUDA, cuda_only, low_precision_close, rel_err
+from conftest import DEVICES, EMULATED, HAS_CUDA, HostReads, assert_close, cuda_only, low_precision_close, rel_err
 
 ALGOS = {"chunk": linmix.chunk_gla, "recurrent": linmix.fused_recurrent_gla}
 
@@ -175,7 +175,7 @@ def test_empty(device, algo):
 def test_opcheck():
     q, k, v, g, h0 = make(2, 70, 2, 8, 4, torch.float32, "cpu")
     dout, dfinal_state = torch.randn(2, 70, 2, 4), torch.randn(2, 2, 8, 4)
-    x = dict(q=q, k=k, v=v, g=g, scale=0.5)
+    x = dict(q=q, k=k, v=v, g=g, cu_seqlens=None, scale=0.5)
     for algo in ("chunk_gla", "fused_recurrent_gla"):
         fwd, bwd = getattr(torch.ops.linmix, f"{algo}_fwd"), getattr(torch.ops.linmix, f"{algo}_bwd")
         torch.library.opcheck(fwd, (), dict(x, initial_state=h0))
@@ -252,7 +252,7 @@ v = torch.randn(1, 9, 1, {V}, device="{device}")
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
     for _ in range(2):
-        linmix.{op}(q, q, v, -q.abs())
+        linmix.{op}(q, q, v, -q.abs(){kw})
 print(sum("have not yet run on a GPU" in str(x.message) for x in w))
 """
 
@@ -267,7 +267,7 @@ def test_cuda_head_dims_above_256_warn_once(op):
     for K, V, switch, warnings_seen in ((320, 64, None, 1), (64, 512, None, 1), (320, 64, "gla_head512", 0)):
         env = {n: x for n, x in os.environ.items() if n not in ("LINMIX_KERNELS", "LINMIX_UNVERIFIED_KERNELS")}
         env.update({"LINMIX_KERNELS": switch} if switch else {})
-        script = WARN_ONCE.format(K=K, V=V, device=device, op=op)
+        script = WARN_ONCE.format(K=K, V=V, device=device, op=op, kw="")
         out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr
         assert out.stdout.split()[-1] == str(warnings_seen), (K, V, switch, out.stdout)
@@ -299,48 +299,193 @@ def test_fla_signature_state_v_first(device):
         torch.testing.assert_close(got, w)
 
 
+# ---- packed sequences (cu_seqlens): one op call whose kernels read the offsets on the device
+
+# Sequence lengths: boundaries inside a chunk and a sequence across one, an empty and a length-1 sequence; boundaries
+# exactly on chunk edges (64, 192); sequences all shorter than a chunk.
+VARLEN_LENS = {"mixed": [5, 70, 0, 1, 33], "edges": [64, 128, 1, 63], "short": [3, 0, 17, 1, 2]}
+
+
+def packed(lens, dtype, device, H=2, K=8, V=4, offsets=torch.int32, h0=True, seed=0):
+    """q, k, v, g (1, sum(lens), H, .), initial states (N, H, K, V) or None, and the offsets."""
+    torch.manual_seed(seed)
+    q, k, v, g, _ = make(1, sum(lens), H, K, V, dtype, device, h0=False)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    s = torch.randn(len(lens), H, K, V, dtype=torch.float64).to(device, acc) if h0 else None
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=offsets, device=device)
+    return [q, k, v, g, s], cu
+
+
+def per_sequence_reference(inputs, cu, reverse, do, dht):
+    """Outputs, final states and gradients of every input, each sequence on its own through gla_ref in float64."""
+    leaves = [None if t is None else t.detach().double().requires_grad_() for t in inputs]
+    q, k, v, g, s = leaves
+    outs, finals = [], []
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        part = [t[:, a:b].flip(1) if reverse else t[:, a:b] for t in (q, k, v, g)]
+        o, fin = gla_ref(*part, initial_state=None if s is None else s[i : i + 1], output_final_state=True)
+        outs.append(o.flip(1) if reverse else o)
+        finals.append(fin)
+    o, ht = torch.cat(outs, 1), torch.cat(finals, 0)
+    ((o * do).sum() + (ht * dht).sum()).backward()
+    return [o, ht] + [t.grad for t in leaves if t is not None]
+
+
+def packed_call(algo, inputs, cu, do, dht, **kw):
+    """The packed call's outputs, final states and gradients (of the same loss as per_sequence_reference)."""
+    leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
+    fn = ALGOS[algo.split("-")[0]]
+    if algo.endswith("reverse"):
+        kw["reverse"] = True
+    o, ht = fn(*leaves[:4], initial_state=leaves[4], output_final_state=True, cu_seqlens=cu, **kw)
+    ((o.double() * do).sum() + (ht.double() * dht).sum()).backward()
+    return [o, ht] + [t.grad for t in leaves if t is not None]
+
+
+VARLEN_ALGOS = ["chunk", "recurrent", "recurrent-reverse"]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("algo", ["chunk", "recurrent", "recurrent-reverse"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32: the CUDA kernels when emulated
+@pytest.mark.parametrize("algo", VARLEN_ALGOS)
+@pytest.mark.parametrize("layout, offsets", [("mixed", torch.int32), ("edges", torch.int64), ("short", torch.int32)])
 @pytest.mark.parametrize("h0", [True, False])
-def test_varlen_matches_separate_runs(device, algo, h0):
-    # cu_seqlens packs sequences (an empty one included) along T of a batch-1 tensor; each must equal its own run
-    lens = [5, 70, 0, 1, 33]
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
-    N, T = len(lens), sum(lens)
-    q, k, v, g, _ = make(1, T, 2, 8, 4, torch.float64 if device == "cpu" else torch.float32, device, h0=False,
-                         requires_grad=True)
-    s = torch.randn(N, 2, 8, 4, dtype=q.dtype, device=device, requires_grad=True) if h0 else None
+def test_varlen_matches_per_sequence_reference(device, dtype, algo, layout, offsets, h0):
+    if dtype == torch.float64 and device == "cuda":
+        pytest.skip("float64 is CPU only")
+    inputs, cu = packed(VARLEN_LENS[layout], dtype, device, offsets=offsets, h0=h0)
+    N, T = cu.numel() - 1, inputs[0].shape[1]
+    do, dht = torch.randn(1, T, 2, 4, dtype=torch.float64), torch.randn(N, 2, 8, 4, dtype=torch.float64)
+    with HostReads(strict=True):  # no synchronising read of the offsets, forward or backward
+        got = packed_call(algo, inputs, cu, do.to(device), dht.to(device))
+    want = per_sequence_reference([t if t is None else t.cpu() for t in inputs], cu.cpu(), algo.endswith("reverse"),
+                                  do, dht)
+    names = ["o", "final_state", "dq", "dk", "dv", "dg"] + (["dinitial_state"] if h0 else [])
+    assert got[1].shape == (N, 2, 8, 4)
+    for name, a, b in zip(names, got, want, strict=True):
+        assert_close(a.cpu().double(), b, name=name, dtype=dtype)
+
+
+@pytest.mark.parametrize("algo", VARLEN_ALGOS)
+def test_varlen_state_v_first(algo):
+    # (N, H, V, K) states: the transposes of the (N, H, K, V) ones, gradients included
+    inputs, cu = packed(VARLEN_LENS["mixed"], torch.float64, "cpu")
+    do, dht = torch.randn(1, inputs[0].shape[1], 2, 4, dtype=torch.float64), torch.randn(5, 2, 8, 4, dtype=torch.float64)
+    want = packed_call(algo, inputs, cu, do, dht)
+    vk = inputs[:4] + [inputs[4].transpose(-1, -2).contiguous()]
+    got = packed_call(algo, vk, cu, do, dht.transpose(-1, -2), state_v_first=True)
+    for a, b in zip(got[:1] + got[2:6], want[:1] + want[2:6]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1].transpose(-1, -2), rtol=0, atol=0)
+    torch.testing.assert_close(got[6], want[6].transpose(-1, -2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("algo", VARLEN_ALGOS)
+def test_varlen_gradcheck(algo):
+    inputs, cu = packed([3, 0, 5, 1], torch.float64, "cpu", H=1, K=3, V=2)
+    kw = {"reverse": True} if algo.endswith("reverse") else {}
+    fn = ALGOS[algo.split("-")[0]]
+
+    def f(q, k, v, g, s):
+        return fn(q, k, v, g, initial_state=s, output_final_state=True, cu_seqlens=cu, **kw)
+    assert torch.autograd.gradcheck(f, [t.detach().requires_grad_() for t in inputs])
+
+
+def test_chunk_gla_cu_seqlens_cpu():
+    # fla's host copy of the offsets: alone it is the offsets; with cu_seqlens, the device tensor is the one read
+    inputs, cu = packed(VARLEN_LENS["mixed"], torch.float64, "cpu")
+    want = linmix.chunk_gla(*inputs[:4], initial_state=inputs[4], output_final_state=True, cu_seqlens=cu)
+    for kw in (dict(cu_seqlens_cpu=cu), dict(cu_seqlens=cu, cu_seqlens_cpu=cu)):
+        got = linmix.chunk_gla(*inputs[:4], initial_state=inputs[4], output_final_state=True, **kw)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("algo", ["chunk", "recurrent-reverse"])
+def test_varlen_compiles_fullgraph_dynamic(algo):
     fn = ALGOS[algo.split("-")[0]]
     kw = {"reverse": True} if algo.endswith("reverse") else {}
-    o, ht = fn(q, k, v, g, initial_state=s, output_final_state=True, cu_seqlens=cu, **kw)
-    (o.square().sum() + ht.square().sum()).backward()
-    got = [o, ht, q.grad, k.grad, v.grad, g.grad] + ([s.grad] if h0 else [])
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, g)] + ([s.detach().clone().requires_grad_()] if h0 else [])
-    outs, hts = [], []
-    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        oi, hi = fn(*(t[:, a:b] for t in leaves[:4]), initial_state=leaves[4][i : i + 1] if h0 else None,
-                    output_final_state=True, **kw)
-        outs.append(oi)
-        hts.append(hi)
-    want_o, want_ht = torch.cat(outs, 1), torch.cat(hts, 0)
-    (want_o.square().sum() + want_ht.square().sum()).backward()
-    want = [want_o, want_ht] + [t.grad for t in leaves]
-    assert ht.shape == (N, 2, 8, 4)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b)
+
+    def call(q, k, v, g, s, cu):
+        o, ht = fn(q, k, v, g, initial_state=s, output_final_state=True, cu_seqlens=cu, **kw)
+        return o.square().sum() + ht.square().sum()
+    compiled = torch.compile(call, fullgraph=True, dynamic=True, backend="aot_eager")
+    for lens in (VARLEN_LENS["mixed"], VARLEN_LENS["short"]):  # another N and T: the same symbolic graph
+        inputs, cu = packed(lens, torch.float64, "cpu")
+        grads = []
+        for run in (call, compiled):
+            leaves = [t.detach().requires_grad_() for t in inputs]
+            loss = run(*leaves, cu)
+            grads.append([loss] + list(torch.autograd.grad(loss, leaves)))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_varlen_bad_offsets():
+@pytest.mark.parametrize("algo", ["chunk_gla", "fused_recurrent_gla"])
+@pytest.mark.parametrize("offsets", [torch.int32, torch.int64])
+def test_varlen_opcheck(algo, offsets):
+    inputs, cu = packed([5, 0, 9, 1], torch.float64, "cpu", offsets=offsets)
+    x = dict(zip(("q", "k", "v", "g", "initial_state"), inputs))
+    fwd, bwd = getattr(torch.ops.linmix, f"{algo}_fwd"), getattr(torch.ops.linmix, f"{algo}_bwd")
+    out, final_state = fwd(**x, scale=0.5, cu_seqlens=cu)
+    assert final_state.shape == (4, 2, 8, 4)
+    torch.library.opcheck(fwd.default, (), dict(x, scale=0.5, cu_seqlens=cu))
+    torch.library.opcheck(bwd.default, (), dict(x, dout=torch.randn_like(out), dfinal_state=torch.randn_like(final_state),
+                                                scale=0.5, cu_seqlens=cu))
+
+
+@pytest.mark.parametrize("algo", VARLEN_ALGOS)
+def test_varlen_bad_offsets_raise(algo):
+    # values: an asynchronous device assert, which raises at once on the CPU
+    fn = ALGOS[algo.split("-")[0]]
+    kw = {"reverse": True} if algo.endswith("reverse") else {}
     q, k, v, g, _ = make(1, 10, 2, 8, 4, torch.float32, "cpu", h0=False)
-    for cu, match in [(torch.tensor([0, 4, 9]), "rise from 0 to the packed length 10"), (torch.tensor([0, 6, 4, 10]), "rise"),
-                      (torch.tensor([0.0, 10.0]), "integer")]:
-        with pytest.raises(ValueError, match=match):
-            linmix.chunk_gla(q, k, v, g, cu_seqlens=cu)
-    q2, k2, v2, g2, _ = make(2, 10, 2, 8, 4, torch.float32, "cpu", h0=False)
-    with pytest.raises(ValueError, match="batch size must be 1"):
-        linmix.chunk_gla(q2, k2, v2, g2, cu_seqlens=torch.tensor([0, 10]))
-    with pytest.raises(ValueError, match="one state per sequence"):
-        linmix.chunk_gla(q, k, v, g, cu_seqlens=torch.tensor([0, 4, 10]), initial_state=torch.zeros(3, 2, 8, 4))
+    for cu in ([0, 4, 9], [0, 6, 4, 10], [1, 10], [0, 4, 11]):
+        with pytest.raises(RuntimeError, match=f"linmix.{fn.__name__}: cu_seqlens must rise from 0 to the packed"):
+            fn(q, k, v, g, cu_seqlens=torch.tensor(cu), **kw)
+
+
+def test_varlen_bad_arguments_raise():
+    q, k, v, g, _ = make(1, 10, 2, 8, 4, torch.float32, "cpu", h0=False)
+    cu = torch.tensor([0, 4, 10])
+    for fn in ALGOS.values():
+        name = fn.__name__
+        with pytest.raises(RuntimeError, match=f"linmix.{name}: cu_seqlens must be int32 or int64"):
+            fn(q, k, v, g, cu_seqlens=torch.tensor([0.0, 10.0]))
+        with pytest.raises(RuntimeError, match=f"linmix.{name}: cu_seqlens must be 1-D"):
+            fn(q, k, v, g, cu_seqlens=cu[None])
+        q2, k2, v2, g2, _ = make(2, 10, 2, 8, 4, torch.float32, "cpu", h0=False)
+        with pytest.raises(RuntimeError, match=f"linmix.{name}: with cu_seqlens the batch size must be 1"):
+            fn(q2, k2, v2, g2, cu_seqlens=torch.tensor([0, 10]))
+        with pytest.raises(RuntimeError, match=r"initial_state must have shape \(N, H, K, V\) for N sequences"):
+            fn(q, k, v, g, cu_seqlens=cu, initial_state=torch.zeros(3, 2, 8, 4))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (HAS_CUDA or EMULATED), reason="the CUDA kernels (a GPU, or LINMIX_EMULATE_CUDA=1)")
+@pytest.mark.parametrize("op", ["chunk_gla", "fused_recurrent_gla"])
+def test_cuda_varlen_warns_once(op):
+    # No GPU-verified kernel takes cu_seqlens: the emulation-verified gla_varlen family runs by default and warns
+    # once per process; switched on, it runs without a warning.
+    device = "cuda" if HAS_CUDA else "cpu"
+    kw = f", cu_seqlens=torch.tensor([0, 4, 4, 9], device='{device}')"
+    for switch, warnings_seen in ((None, 1), ("gla_varlen", 0)):
+        env = {n: x for n, x in os.environ.items() if n not in ("LINMIX_KERNELS", "LINMIX_UNVERIFIED_KERNELS")}
+        env.update({"LINMIX_KERNELS": switch} if switch else {})
+        script = WARN_ONCE.format(K=8, V=8, device=device, op=op, kw=kw)
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[-1] == str(warnings_seen), (switch, out.stdout)
+
+
+@pytest.mark.skipif(not (HAS_CUDA or EMULATED), reason="the CUDA kernels (a GPU, or LINMIX_EMULATE_CUDA=1)")
+@pytest.mark.parametrize("op", ["chunk_gla", "fused_recurrent_gla"])
+def test_cuda_varlen_wide_heads_raise(op):
+    # the gla_varlen kernels size their state tiles for head dims up to 256; wider packed calls are a named error
+    device = "cuda" if HAS_CUDA else "cpu"
+    inputs, cu = packed([3, 4], torch.float32, device, H=1, K=260, V=8)
+    with pytest.raises(ValueError, match=f"linmix.{op}: cu_seqlens on CUDA takes head dims K, V <= 256"):
+        getattr(linmix, op)(*inputs[:4], initial_state=inputs[4], cu_seqlens=cu)
 
 
 @pytest.mark.parametrize("device", DEVICES)

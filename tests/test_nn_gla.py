@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import linmix.nn as lnn
-from conftest import low_precision_close
+from conftest import HostReads, low_precision_close
 from nn_reference import check_against_reference, close, f64, ref_gla, ref_params, round_trip
 
 
@@ -113,16 +113,27 @@ def test_gla_left_padding_mask():
         close(out, want)
 
 
-def test_gla_packed_sequences():
+@pytest.mark.parametrize("mode", ["chunk", "fused_recurrent"])
+@pytest.mark.parametrize("short_conv", [False, True])
+def test_gla_packed_sequences(mode, short_conv):
+    # packed == each sequence on its own (outputs and every gradient), the short convolutions restarting at every
+    # boundary; lengths: an empty and a length-1 sequence, one shorter than the conv window, one past a chunk
     torch.manual_seed(12)
     cfg = dict(hidden_size=32, num_heads=2)
-    m = lnn.GatedLinearAttention(**cfg).double()
-    x = torch.randn(1, 11, 32, dtype=f64)
-    out = m(x, cu_seqlens=torch.tensor([0, 4, 11]))[0]
-    close(out[:, :4], m(x[:, :4])[0])
-    close(out[:, 4:], m(x[:, 4:])[0])
-    with pytest.raises(NotImplementedError, match="cu_seqlens"):
-        lnn.GatedLinearAttention(**cfg, use_short_conv=True)(x, cu_seqlens=torch.tensor([0, 4, 11]))
+    m = lnn.GatedLinearAttention(**cfg, mode=mode, use_short_conv=short_conv).double()
+    lens = [4, 0, 1, 2, 70]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    x = torch.randn(1, sum(lens), 32, dtype=f64, requires_grad=True)
+    w = torch.randn(1, sum(lens), 32, dtype=f64)
+    with HostReads(strict=True):
+        out = m(x, cu_seqlens=cu)[0]
+        got = torch.autograd.grad((out * w).sum(), [x, *m.parameters()])
+    parts = [m(x[:, a:b])[0] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()) if b > a]
+    want_out = torch.cat(parts, 1)
+    want = torch.autograd.grad((want_out * w).sum(), [x, *m.parameters()])
+    close(out, want_out)
+    for a, b in zip(got, want, strict=True):
+        close(a, b)
 
 
 def test_gla_unsupported_options():

@@ -1,4 +1,5 @@
-// CPU gated linear attention: parallel over (batch, head) with parallel_for (common/parallel.h).
+// CPU gated linear attention: parallel over (sequence, head) with parallel_for (common/parallel.h): a sequence is a
+// batch row, or one packed sequence (a Varlen), whose chunks start at its own first step.
 //
 // chunk_gla runs the chunked algorithm of the CUDA kernels (chunks of kGlaChunk) with segment-sum decays: the
 // intra-chunk scores by halving the chunk down to single rows (ChunkBuffers), so every decay factors at a split
@@ -23,6 +24,22 @@ namespace linmix {
 namespace {
 
 constexpr int64_t C = kGlaChunk;
+
+// One parallel task: head h of sequence task / heads, rows [t0, t0 + len) of batch row b; its states (h0, ht, dht,
+// dh0) are row `task` of (N * H, K, V).
+struct Task {
+  int64_t b, h, t0, len;
+};
+Task task_of(const GlaParams& p, const Varlen& varlen, int64_t task) {
+  const SeqSpan s = varlen.span(task / p.heads, p.seqlen);
+  return {s.batch, task % p.heads, s.begin, s.len};
+}
+
+// parallel_for's grain for a call's tasks: their mean length times the per-step work.
+int64_t task_grain(const GlaParams& p, const Varlen& varlen, int64_t step_work) {
+  const int64_t len = varlen.packed() ? ceil_div(p.seqlen, std::max<int64_t>(p.batch, 1)) : p.seqlen;
+  return cpu_grain(len * step_work);
+}
 
 // Copies rows t0 .. t0+L-1 of (batch b, head h) into dst (L, n) in the accumulation type.
 template <typename T, typename acc_t>
@@ -254,19 +271,19 @@ void init_state(const void* h0, int64_t task, int64_t KV, acc_t* S) {
 }
 
 template <DType dt>
-void chunk_fwd_impl(const GlaParams& p, const CpuGemm& gemm) {
+void chunk_fwd_impl(const GlaParams& p, const Varlen& varlen, const CpuGemm& gemm) {
   using T = cpu_t<dt>;
   using acc_t = cpu_acc_t<dt>;
   const int64_t K = p.dim_k, V = p.dim_v, KV = K * V;
   const acc_t scale = static_cast<acc_t>(p.scale);
-  parallel_for(0, p.batch * p.heads, cpu_grain(p.seqlen * KV), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+  parallel_for(0, p.batch * p.heads, task_grain(p, varlen, KV), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     ChunkBuffers<acc_t> cb(K, V, pick_gemm<acc_t>(gemm));
     std::vector<acc_t> S(KV), o(C * V), qe(C * K);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bi = task / p.heads, hi = task % p.heads;
+      const auto [bi, hi, seq0, len] = task_of(p, varlen, task);
       init_state(p.h0, task, KV, S.data());
-      for (int64_t t0 = 0; t0 < p.seqlen; t0 += C) {
-        const int64_t L = std::min<int64_t>(C, p.seqlen - t0);
+      for (int64_t t0 = seq0; t0 < seq0 + len; t0 += C) {
+        const int64_t L = std::min<int64_t>(C, seq0 + len - t0);
         cb.template load<T>(p, bi, hi, t0, L);
         // o = scale (q eq) S + scale A v
         cb.mul_rows(cb.q.data(), cb.eq.data(), 0, L, qe.data());
@@ -291,30 +308,31 @@ void chunk_fwd_impl(const GlaParams& p, const CpuGemm& gemm) {
 //   dS_in = etot dS + scale sum_i (q_i eq_i)^T do_i
 // The chunk-entry states are recomputed by a forward state pass at the start of the backward.
 template <DType dt>
-void chunk_bwd_impl(const GlaParams& p, const CpuGemm& gemm) {
+void chunk_bwd_impl(const GlaParams& p, const Varlen& varlen, const CpuGemm& gemm) {
   using T = cpu_t<dt>;
   using acc_t = cpu_acc_t<dt>;
   const int64_t K = p.dim_k, V = p.dim_v, KV = K * V;
-  const int64_t n_chunks = ceil_div(p.seqlen, C);
+  const int64_t max_chunks = ceil_div(p.seqlen, C);
   constexpr int64_t kRows = ChunkBuffers<acc_t>::kGemmRows;
   const acc_t scale = static_cast<acc_t>(p.scale);
-  parallel_for(0, p.batch * p.heads, cpu_grain(p.seqlen * KV), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+  parallel_for(0, p.batch * p.heads, task_grain(p, varlen, KV), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     ChunkBuffers<acc_t> cb(K, V, pick_gemm<acc_t>(gemm));
-    std::vector<acc_t> states((n_chunks + 1) * KV);  // state entering chunk c; the last is the final state
+    std::vector<acc_t> states((max_chunks + 1) * KV);  // state entering chunk c; the last is the final state
     std::vector<acc_t> dS(KV), dout(C * V), dA(C * C), run(K);
     std::vector<acc_t> dq(C * K), dk(C * K), dv(C * V), dg(C * K), qe(C * K);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bi = task / p.heads, hi = task % p.heads;
+      const auto [bi, hi, seq0, len] = task_of(p, varlen, task);
+      const int64_t n_chunks = ceil_div(len, C);
       init_state(p.h0, task, KV, states.data());
       for (int64_t c = 0; c < n_chunks; ++c) {
-        const int64_t t0 = c * C, L = std::min<int64_t>(C, p.seqlen - t0);
+        const int64_t t0 = seq0 + c * C, L = std::min<int64_t>(C, seq0 + len - t0);
         cb.template load<T>(p, bi, hi, t0, L, /*scores=*/false);
         std::copy_n(&states[c * KV], KV, &states[(c + 1) * KV]);
         cb.advance_state(&states[(c + 1) * KV]);
       }
       init_state(p.dht, task, KV, dS.data());
       for (int64_t c = n_chunks - 1; c >= 0; --c) {
-        const int64_t t0 = c * C, L = std::min<int64_t>(C, p.seqlen - t0);
+        const int64_t t0 = seq0 + c * C, L = std::min<int64_t>(C, seq0 + len - t0);
         const acc_t* S_in = &states[c * KV];
         const acc_t* S_out = &states[(c + 1) * KV];
         cb.template load<T>(p, bi, hi, t0, L);
@@ -361,17 +379,17 @@ void chunk_bwd_impl(const GlaParams& p, const CpuGemm& gemm) {
 
 // fused_recurrent_gla forward: the recurrence one step at a time, state (K, V) in the accumulation type.
 template <DType dt>
-void recurrent_fwd_impl(const GlaParams& p) {
+void recurrent_fwd_impl(const GlaParams& p, const Varlen& varlen) {
   using T = cpu_t<dt>;
   using acc_t = cpu_acc_t<dt>;
   const int64_t K = p.dim_k, V = p.dim_v, KV = K * V;
   const acc_t scale = static_cast<acc_t>(p.scale);
-  parallel_for(0, p.batch * p.heads, cpu_grain(p.seqlen * KV), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+  parallel_for(0, p.batch * p.heads, task_grain(p, varlen, KV), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     std::vector<acc_t> S(KV), q(K), k(K), g(K), v(V), o(V);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bi = task / p.heads, hi = task % p.heads;
+      const auto [bi, hi, seq0, len] = task_of(p, varlen, task);
       init_state(p.h0, task, KV, S.data());
-      for (int64_t t = 0; t < p.seqlen; ++t) {
+      for (int64_t t = seq0; t < seq0 + len; ++t) {
         load_rows<T>(p.q, bi, hi, t, 1, K, q.data());
         load_rows<T>(p.k, bi, hi, t, 1, K, k.data());
         load_rows<T>(p.g, bi, hi, t, 1, K, g.data());
@@ -397,22 +415,22 @@ void recurrent_fwd_impl(const GlaParams& p) {
 // carries dS_t = exp(g_{t+1}) dS_{t+1} + scale q_t^T do_t for dk_t = dS_t v_t and dv_t = k_t dS_t;
 // dg is the closed form over the whole sequence: reverse cumsum of (q dq - k dk) + sum_v S_T dS_T (gla_gate_grad).
 template <DType dt>
-void recurrent_bwd_impl(const GlaParams& p) {
+void recurrent_bwd_impl(const GlaParams& p, const Varlen& varlen) {
   using T = cpu_t<dt>;
   using acc_t = cpu_acc_t<dt>;
   const int64_t K = p.dim_k, V = p.dim_v, KV = K * V;
   const acc_t scale = static_cast<acc_t>(p.scale);
-  parallel_for(0, p.batch * p.heads, cpu_grain(p.seqlen * KV), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+  parallel_for(0, p.batch * p.heads, task_grain(p, varlen, KV), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     std::vector<acc_t> S(KV), dS(KV), q(K), k(K), g(K), v(V), dout(V), dk(K), dv(V), run(K), dg(K);
-    std::vector<acc_t> dq(p.seqlen * K);  // kept in the accumulation type for the dg sum
+    std::vector<acc_t> dq(p.seqlen * K);  // kept in the accumulation type for the dg sum; row t - t0
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bi = task / p.heads, hi = task % p.heads;
+      const auto [bi, hi, t0, len] = task_of(p, varlen, task);
       init_state(p.h0, task, KV, S.data());
-      for (int64_t t = 0; t < p.seqlen; ++t) {
-        load_rows<T>(p.k, bi, hi, t, 1, K, k.data());
-        load_rows<T>(p.g, bi, hi, t, 1, K, g.data());
-        load_rows<T>(p.v, bi, hi, t, 1, V, v.data());
-        load_rows<T>(p.dout, bi, hi, t, 1, V, dout.data());
+      for (int64_t t = 0; t < len; ++t) {
+        load_rows<T>(p.k, bi, hi, t0 + t, 1, K, k.data());
+        load_rows<T>(p.g, bi, hi, t0 + t, 1, K, g.data());
+        load_rows<T>(p.v, bi, hi, t0 + t, 1, V, v.data());
+        load_rows<T>(p.dout, bi, hi, t0 + t, 1, V, dout.data());
         for (int64_t c = 0; c < K; ++c) {
           const acc_t decay = exp2_cpu(gla_log2_gate(g[c]));
           acc_t* Sc = &S[c * V];
@@ -420,15 +438,15 @@ void recurrent_bwd_impl(const GlaParams& p) {
           dq[t * K + c] = scale * dot(Sc, dout.data(), V);
         }
       }
-      store_rows<T>(p.dq, bi, hi, 0, p.seqlen, K, dq.data());
+      store_rows<T>(p.dq, bi, hi, t0, len, K, dq.data());
       init_state(p.dht, task, KV, dS.data());
       for (int64_t c = 0; c < K; ++c) run[c] = dot(&S[c * V], &dS[c * V], V);
-      for (int64_t t = p.seqlen - 1; t >= 0; --t) {
-        load_rows<T>(p.q, bi, hi, t, 1, K, q.data());
-        load_rows<T>(p.k, bi, hi, t, 1, K, k.data());
-        load_rows<T>(p.g, bi, hi, t, 1, K, g.data());
-        load_rows<T>(p.v, bi, hi, t, 1, V, v.data());
-        load_rows<T>(p.dout, bi, hi, t, 1, V, dout.data());
+      for (int64_t t = len - 1; t >= 0; --t) {
+        load_rows<T>(p.q, bi, hi, t0 + t, 1, K, q.data());
+        load_rows<T>(p.k, bi, hi, t0 + t, 1, K, k.data());
+        load_rows<T>(p.g, bi, hi, t0 + t, 1, K, g.data());
+        load_rows<T>(p.v, bi, hi, t0 + t, 1, V, v.data());
+        load_rows<T>(p.dout, bi, hi, t0 + t, 1, V, dout.data());
         std::fill(dv.begin(), dv.end(), acc_t(0));
         for (int64_t c = 0; c < K; ++c) {
           acc_t* dSc = &dS[c * V];
@@ -443,9 +461,9 @@ void recurrent_bwd_impl(const GlaParams& p) {
           dg[c] = gla_gate_grad(run[c], log2g);
           for (int64_t e = 0; e < V; ++e) dSc[e] *= decay;
         }
-        store_rows<T>(p.dk, bi, hi, t, 1, K, dk.data());
-        store_rows<T>(p.dv, bi, hi, t, 1, V, dv.data());
-        store_rows<T>(p.dg, bi, hi, t, 1, K, dg.data());
+        store_rows<T>(p.dk, bi, hi, t0 + t, 1, K, dk.data());
+        store_rows<T>(p.dv, bi, hi, t0 + t, 1, V, dv.data());
+        store_rows<T>(p.dg, bi, hi, t0 + t, 1, K, dg.data());
       }
       std::copy_n(dS.data(), KV, static_cast<acc_t*>(p.dh0) + task * KV);
     }
@@ -454,17 +472,17 @@ void recurrent_bwd_impl(const GlaParams& p) {
 
 }  // namespace
 
-void chunk_gla_fwd_cpu(const GlaParams& p, DType dtype, const CpuGemm& gemm) {
-  LINMIX_DTYPE_SWITCH(dtype, kDT, [&] { chunk_fwd_impl<kDT>(p, gemm); });
+void chunk_gla_fwd_cpu(const GlaParams& p, const Varlen& varlen, DType dtype, const CpuGemm& gemm) {
+  LINMIX_DTYPE_SWITCH(dtype, kDT, [&] { chunk_fwd_impl<kDT>(p, varlen, gemm); });
 }
-void chunk_gla_bwd_cpu(const GlaParams& p, DType dtype, const CpuGemm& gemm) {
-  LINMIX_DTYPE_SWITCH(dtype, kDT, [&] { chunk_bwd_impl<kDT>(p, gemm); });
+void chunk_gla_bwd_cpu(const GlaParams& p, const Varlen& varlen, DType dtype, const CpuGemm& gemm) {
+  LINMIX_DTYPE_SWITCH(dtype, kDT, [&] { chunk_bwd_impl<kDT>(p, varlen, gemm); });
 }
-void fused_recurrent_gla_fwd_cpu(const GlaParams& p, DType dtype) {
-  LINMIX_DTYPE_SWITCH(dtype, kDT, [&] { recurrent_fwd_impl<kDT>(p); });
+void fused_recurrent_gla_fwd_cpu(const GlaParams& p, const Varlen& varlen, DType dtype) {
+  LINMIX_DTYPE_SWITCH(dtype, kDT, [&] { recurrent_fwd_impl<kDT>(p, varlen); });
 }
-void fused_recurrent_gla_bwd_cpu(const GlaParams& p, DType dtype) {
-  LINMIX_DTYPE_SWITCH(dtype, kDT, [&] { recurrent_bwd_impl<kDT>(p); });
+void fused_recurrent_gla_bwd_cpu(const GlaParams& p, const Varlen& varlen, DType dtype) {
+  LINMIX_DTYPE_SWITCH(dtype, kDT, [&] { recurrent_bwd_impl<kDT>(p, varlen); });
 }
 
 }  // namespace linmix

@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "common/dtype.h"
+#include "common/varlen.h"
 #include "gla/params.h"
 
 namespace linmix {
@@ -19,9 +20,10 @@ struct CpuGemm {
   CpuGemmFn<double> f64 = nullptr;
 };
 
-void chunk_gla_fwd_cpu(const GlaParams& p, DType dtype, const CpuGemm& gemm);
-void chunk_gla_bwd_cpu(const GlaParams& p, DType dtype, const CpuGemm& gemm);
-void fused_recurrent_gla_fwd_cpu(const GlaParams& p, DType dtype);
-void fused_recurrent_gla_bwd_cpu(const GlaParams& p, DType dtype);
+// varlen: packed sequences (p.batch of them in the tensors' one row), or dense.
+void chunk_gla_fwd_cpu(const GlaParams& p, const Varlen& varlen, DType dtype, const CpuGemm& gemm);
+void chunk_gla_bwd_cpu(const GlaParams& p, const Varlen& varlen, DType dtype, const CpuGemm& gemm);
+void fused_recurrent_gla_fwd_cpu(const GlaParams& p, const Varlen& varlen, DType dtype);
+void fused_recurrent_gla_bwd_cpu(const GlaParams& p, const Varlen& varlen, DType dtype);
 
 }  // namespace linmix

@@ -8,6 +8,7 @@
 #include "common/kernels.h"
 #include "common/launchers.h"
 #include "common/stream.h"
+#include "common/varlen.h"
 #include "gla/gla_fused.h"
 #include "gla/params.h"
 
@@ -21,6 +22,10 @@ template <DType dt> void gla_head512_chunk_fwd_cuda(const GlaParams& p, cudaStre
 template <DType dt> void gla_head512_chunk_bwd_cuda(const GlaParams& p, cudaStream_t stream);
 template <DType dt> void gla_head512_recurrent_fwd_cuda(const GlaParams& p, cudaStream_t stream);
 template <DType dt> void gla_head512_recurrent_bwd_cuda(const GlaParams& p, cudaStream_t stream);
+// Packed sequences, K, V <= kGlaCudaMaxHeadDim, both ops: fused_recurrent_gla's kernels (the gla_varlen
+// family).
+template <DType dt> void gla_varlen_fwd_cuda(const GlaParams& p, const Varlen& varlen, cudaStream_t stream);
+template <DType dt> void gla_varlen_bwd_cuda(const GlaParams& p, const Varlen& varlen, cudaStream_t stream);
 
 // The launcher table (common/launchers.h); get() is in gla_launchers.cu.
 struct GlaCudaLaunchers {
@@ -29,6 +34,7 @@ struct GlaCudaLaunchers {
   PerCudaDtype<void(const GlaParams&, void*, cudaStream_t)> fused_fwd, fused_bwd;
   PerCudaDtype<void(const GlaParams&, cudaStream_t)> head512_chunk_fwd, head512_chunk_bwd, head512_recurrent_fwd,
       head512_recurrent_bwd;
+  PerCudaDtype<void(const GlaParams&, const Varlen&, cudaStream_t)> varlen_fwd, varlen_bwd;
   static const GlaCudaLaunchers& get();
 };
 
@@ -46,25 +52,46 @@ struct GlaPlan {
   std::string warning;           // for the caller to raise as a warning before launching, if not empty
 };
 
-// Head dims above kGlaCudaMaxHeadDim, which no GPU-verified kernel serves, run the gla_head512 family: by default,
-// warning once per process, while it is emulation-verified (common/kernels.h). Its chunk kernels take chunk_gla's
-// workspace (and its grads kernel, which has no head-dim limit), its recurrent ones fused_recurrent_gla's workspace
-// and either dg variant.
-inline GlaPlan gla_head512_plan(GlaAlgo algo, int64_t workspace_floats, bool exact_gate_grad) {
-  const char* op = algo == GlaAlgo::kChunk ? "linmix.chunk_gla: " : "linmix.fused_recurrent_gla: ";
-  const std::string above = op + ("head dims above " + std::to_string(kGlaCudaMaxHeadDim)) + " on CUDA ";
+// A call that no GPU-verified kernel serves (`what` it has, for the messages) runs `family`, emulation-verified:
+// by default, warning once per process (common/kernels.h).
+inline GlaPlan gla_uncovered_plan(KernelFamily family, const std::string& what, GlaAlgo algo, int64_t workspace_floats,
+                                  bool exact_gate_grad) {
+  const std::string name = kernel_record(family).name;
+  const std::string call = (algo == GlaAlgo::kChunk ? "linmix.chunk_gla: " : "linmix.fused_recurrent_gla: ") + what +
+                           " on CUDA ";
   bool first = false;
-  if (!kernel_serves_uncovered_call(KernelFamily::kGlaHead512, first))
-    throw std::invalid_argument(above + "need the gla_head512 kernels, which have not been verified; set "
-                                        "LINMIX_KERNELS=gla_head512 to use them");
-  GlaPlan plan{KernelFamily::kGlaHead512, workspace_floats, algo, exact_gate_grad};
+  if (!kernel_serves_uncovered_call(family, first))
+    throw std::invalid_argument(call + "need the " + name + " kernels, which have not been verified; set "
+                                "LINMIX_KERNELS=" + name + " to use them");
+  GlaPlan plan{family, workspace_floats, algo, exact_gate_grad};
   if (first)
-    plan.warning = above + "run the gla_head512 kernels, which pass the test suite and sanitizers under the CUDA "
-                           "emulator but have not yet run on a GPU (bench/results/README.md)";
+    plan.warning = call + "run the " + name + " kernels, which pass the test suite and sanitizers under the CUDA "
+                   "emulator but have not yet run on a GPU (bench/results/README.md)";
   return plan;
 }
 
-inline GlaPlan gla_plan(const GlaParams& p, GlaAlgo algo, bool backward) {
+// Head dims above kGlaCudaMaxHeadDim run the gla_head512 family. Its chunk kernels take chunk_gla's workspace (and
+// its grads kernel, which has no head-dim limit), its recurrent ones fused_recurrent_gla's workspace and either dg
+// variant.
+inline GlaPlan gla_head512_plan(GlaAlgo algo, int64_t workspace_floats, bool exact_gate_grad) {
+  return gla_uncovered_plan(KernelFamily::kGlaHead512, "head dims above " + std::to_string(kGlaCudaMaxHeadDim), algo,
+                            workspace_floats, exact_gate_grad);
+}
+
+// Packed sequences run the gla_varlen family, for both ops: fused_recurrent_gla's kernels walking each sequence's
+// span, one block row per (sequence, head); the backward's workspace is the (1, T, H, K) fp32 dq.
+inline GlaPlan gla_varlen_plan(const GlaParams& p, GlaAlgo algo, bool backward) {
+  const char* op = algo == GlaAlgo::kChunk ? "linmix.chunk_gla: " : "linmix.fused_recurrent_gla: ";
+  if (p.dim_k > kGlaCudaMaxHeadDim || p.dim_v > kGlaCudaMaxHeadDim)
+    throw std::invalid_argument(op + ("cu_seqlens on CUDA takes head dims K, V <= " +
+                                      std::to_string(kGlaCudaMaxHeadDim)) + " (the gla_varlen kernels), got K = " +
+                                std::to_string(p.dim_k) + ", V = " + std::to_string(p.dim_v));
+  return gla_uncovered_plan(KernelFamily::kGlaVarlen, "packed sequences (cu_seqlens)", algo,
+                            backward ? p.seqlen * p.heads * p.dim_k : 0, /*exact_gate_grad=*/true);
+}
+
+inline GlaPlan gla_plan(const GlaParams& p, const Varlen& varlen, GlaAlgo algo, bool backward) {
+  if (varlen.packed()) return gla_varlen_plan(p, algo, backward);
   const int64_t BH = p.batch * p.heads, KV = p.dim_k * p.dim_v;
   const int64_t n_chunks = ceil_div(p.seqlen, kGlaChunk);  // chunk backward: states entering each chunk, gradients
   const int64_t chunk_workspace = backward ? BH * (n_chunks + 1) * KV + BH * n_chunks * KV : 0;
@@ -86,9 +113,13 @@ inline GlaPlan gla_plan(const GlaParams& p, GlaAlgo algo, bool backward) {
 }
 
 inline void gla_launch(const GlaCudaLaunchers& cuda, const GlaPlan& plan, DType dt, bool backward, GlaParams p,
-                       float* workspace, cudaStream_t stream) {
+                       const Varlen& varlen, float* workspace, cudaStream_t stream) {
   const int64_t BH = p.batch * p.heads, KV = p.dim_k * p.dim_v;
   switch (plan.family) {
+    case KernelFamily::kGlaVarlen:
+      p.workspace = workspace;
+      (backward ? cuda.varlen_bwd : cuda.varlen_fwd)(dt, p, varlen, stream);
+      return;
     case KernelFamily::kGlaFused:
       (backward ? cuda.fused_bwd : cuda.fused_fwd)(dt, p, workspace, stream);
       return;

@@ -8,7 +8,8 @@ const GlaCudaLaunchers& GlaCudaLaunchers::get() {
       LINMIX_PER_CUDA_DTYPE(fused_recurrent_gla_fwd_cuda), LINMIX_PER_CUDA_DTYPE(fused_recurrent_gla_bwd_cuda),
       LINMIX_PER_CUDA_DTYPE(fused_gla_fwd_cuda),             LINMIX_PER_CUDA_DTYPE(fused_gla_bwd_cuda),
       LINMIX_PER_CUDA_DTYPE(gla_head512_chunk_fwd_cuda),     LINMIX_PER_CUDA_DTYPE(gla_head512_chunk_bwd_cuda),
-      LINMIX_PER_CUDA_DTYPE(gla_head512_recurrent_fwd_cuda), LINMIX_PER_CUDA_DTYPE(gla_head512_recurrent_bwd_cuda)};
+      LINMIX_PER_CUDA_DTYPE(gla_head512_recurrent_fwd_cuda), LINMIX_PER_CUDA_DTYPE(gla_head512_recurrent_bwd_cuda),
+      LINMIX_PER_CUDA_DTYPE(gla_varlen_fwd_cuda),            LINMIX_PER_CUDA_DTYPE(gla_varlen_bwd_cuda)};
   return table;
 }
 }  // namespace linmix

@@ -15,6 +15,9 @@ constexpr int64_t kGlaMaxHeadDim = 512;
 constexpr int64_t kGlaCudaMaxHeadDim = 256;
 
 struct GlaParams {
+  // batch: the sequences the kernels iterate over: the batch rows (B), or with packed sequences their number N, all
+  // in the tensors' one row (a Varlen, common/varlen.h, passed beside these params so their layout stays as the GPU
+  // verified it); h0, ht, dht, dh0 are then (N, H, K, V).
   int64_t batch = 0, seqlen = 0, heads = 0;
   int64_t dim_k = 0, dim_v = 0;  // head dims K (q, k, g) and V (v, o)
   double scale = 1.0;

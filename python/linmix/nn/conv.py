@@ -60,7 +60,10 @@ class ShortConvolution(nn.Conv1d):
             raise NotImplementedError(f"linmix.nn.ShortConvolution: activation {activation!r}; only silu/swish")
         self.activation = activation
 
-    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None):
-        """x (B, T, D), cache (B, D, W) or None -> (y (B, T, D), new cache (B, D, W): the last W inputs)."""
-        y, state = causal_conv(x.transpose(1, 2), self.weight, self.bias, cache, silu=self.activation is not None)
+    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None):
+        """x (B, T, D), cache (B, D, W) or None -> (y (B, T, D), new cache (B, D, W): the last W inputs).
+        cu_seqlens: packed sequences over a batch-1 x, each convolved on its own (:func:`causal_conv`); the new
+        cache is then (N, D, W)."""
+        y, state = causal_conv(x.transpose(1, 2), self.weight, self.bias, cache, silu=self.activation is not None,
+                               cu_seqlens=cu_seqlens)
         return y.transpose(1, 2), state

@@ -55,7 +55,7 @@ class GatedLinearAttention(nn.Module):
         ValueError: unknown mode, key/value dims not divisible by num_heads, num_heads not a multiple of
             num_kv_heads; (forward) past_key_values on a layer without layer_idx, a mask that is not (B, T).
         NotImplementedError: a feature_map or gate_fn name outside swish/silu/sigmoid/relu/gelu/tanh/
-            logsigmoid/elu; ``cu_seqlens`` together with use_short_conv.
+            logsigmoid/elu.
     """
 
     def __init__(self, mode: str = "chunk", hidden_size: int = 1024, expand_k: float = 0.5, expand_v: float = 1.0,
@@ -122,8 +122,10 @@ class GatedLinearAttention(nn.Module):
         past_key_values: a :class:`~linmix.nn.RecurrentCache` (or fla's ``Cache``); this layer continues from
             its entry ``past_key_values[layer_idx]`` when present, and with ``use_cache`` stores its new
             states there (recurrent state (B, H, V, K), conv windows (B, D, W)).
-        cu_seqlens (keyword): packed sequences over a batch-1 input, passed to the GLA op (one launch per
-            sequence); not with use_short_conv.
+        cu_seqlens (keyword): packed sequences over a batch-1 input ((N + 1,) int32 / int64 offsets): the GLA op
+            and the short convolutions restart at every boundary, read from the offsets on the input's device (no
+            host synchronisation); the cached states are then per sequence, (N, H, V, K) and (N, D, W). A cache
+            to continue from cannot carry conv windows with cu_seqlens (ValueError, as :func:`causal_conv`).
         """
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"linmix.nn.GatedLinearAttention: attention_mask must be a (batch, seq_len) 0/1 "
@@ -131,8 +133,6 @@ class GatedLinearAttention(nn.Module):
         batch, q_len, _ = hidden_states.shape
         mode = "fused_recurrent" if q_len <= 64 else self.mode
         cu_seqlens = kwargs.get("cu_seqlens")
-        if cu_seqlens is not None and self.use_short_conv:
-            raise NotImplementedError("linmix.nn.GatedLinearAttention: cu_seqlens with use_short_conv")
         if past_key_values is not None and self.layer_idx is None:
             raise ValueError("linmix.nn.GatedLinearAttention: past_key_values needs the layer's layer_idx (its "
                              "index in the cache); construct it with layer_idx=")
@@ -147,8 +147,9 @@ class GatedLinearAttention(nn.Module):
             conv_q, conv_k, conv_v = last["conv_state"] if last is not None else (None, None, None)
             if mask is not None:
                 q, k, v = q * mask, k * mask, v * mask
-            (q, conv_q), (k, conv_k), (v, conv_v) = (self.q_conv1d(q, conv_q), self.k_conv1d(k, conv_k),
-                                                     self.v_conv1d(v, conv_v))
+            (q, conv_q), (k, conv_k), (v, conv_v) = (self.q_conv1d(q, conv_q, cu_seqlens),
+                                                     self.k_conv1d(k, conv_k, cu_seqlens),
+                                                     self.v_conv1d(v, conv_v, cu_seqlens))
             conv_state = (conv_q, conv_k, conv_v)
         gk = self.gk_proj(hidden_states)
         q = q.unflatten(-1, (-1, self.head_k_dim))

@@ -8,21 +8,26 @@ import torch
 
 from .. import _C
 from .._native import acc_dtype, check_backend, nvtx_range
-from ._varlen import check_states, segments
+from ._varlen import check_offsets
 
 
-def _fwd_fake(q, k, v, g, initial_state, scale):
+def _n_seqs(q, cu_seqlens):
+    """The states' first dim: the batch, or the number of packed sequences."""
+    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+def _fwd_fake(q, k, v, g, initial_state, cu_seqlens, scale):
     B, T, H, K = q.shape
     out = q.new_empty((B, T, H, v.shape[-1]))
-    final_state = q.new_empty((B, H, K, v.shape[-1]), dtype=acc_dtype(q))
+    final_state = q.new_empty((_n_seqs(q, cu_seqlens), H, K, v.shape[-1]), dtype=acc_dtype(q))
     return out, final_state
 
 
-def _bwd_fake(q, k, v, g, initial_state, dout, dfinal_state, scale):
+def _bwd_fake(q, k, v, g, initial_state, cu_seqlens, dout, dfinal_state, scale):
     B, T, H, K = q.shape
     dq, dk, dg = (q.new_empty(q.shape) for _ in range(3))
     dv = v.new_empty(v.shape)
-    dinitial_state = q.new_empty((B, H, K, v.shape[-1]), dtype=acc_dtype(q))
+    dinitial_state = q.new_empty((_n_seqs(q, cu_seqlens), H, K, v.shape[-1]), dtype=acc_dtype(q))
     return dq, dk, dv, dg, dinitial_state
 
 
@@ -33,24 +38,26 @@ for _algo in ("chunk_gla", "fused_recurrent_gla"):
 
 class GlaFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, scale, initial_state, recurrent):
+    def forward(ctx, q, k, v, g, scale, initial_state, recurrent, cu_seqlens):
         name = "fused_recurrent_gla" if recurrent else "chunk_gla"
         fwd = torch.ops.linmix.fused_recurrent_gla_fwd if recurrent else torch.ops.linmix.chunk_gla_fwd
         with nvtx_range(f"linmix/{name}/fwd", q):
-            out, final_state = fwd(q=q, k=k, v=v, g=g, initial_state=initial_state, scale=scale)
-        ctx.save_for_backward(q, k, v, g, initial_state)
+            out, final_state = fwd(q=q, k=k, v=v, g=g, initial_state=initial_state, scale=scale,
+                                   cu_seqlens=cu_seqlens)
+        ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens)
         ctx.scale, ctx.recurrent = scale, recurrent
         return out, final_state
 
     @staticmethod
     def backward(ctx, dout, dfinal_state):
-        q, k, v, g, initial_state = ctx.saved_tensors
+        q, k, v, g, initial_state, cu_seqlens = ctx.saved_tensors
         name = "fused_recurrent_gla" if ctx.recurrent else "chunk_gla"
         bwd = torch.ops.linmix.fused_recurrent_gla_bwd if ctx.recurrent else torch.ops.linmix.chunk_gla_bwd
         with nvtx_range(f"linmix/{name}/bwd", q):
             dq, dk, dv, dg, dinitial_state = bwd(q=q, k=k, v=v, g=g, initial_state=initial_state,
-                                                 dout=dout.to(q.dtype), dfinal_state=dfinal_state, scale=ctx.scale)
-        return dq, dk, dv, dg, None, (dinitial_state if initial_state is not None else None), None
+                                                 dout=dout.to(q.dtype), dfinal_state=dfinal_state, scale=ctx.scale,
+                                                 cu_seqlens=cu_seqlens)
+        return dq, dk, dv, dg, None, (dinitial_state if initial_state is not None else None), None, None
 
 
 def _gla(name, recurrent, q, k, v, g, scale, initial_state, output_final_state, state_v_first=False,
@@ -62,25 +69,17 @@ def _gla(name, recurrent, q, k, v, g, scale, initial_state, output_final_state, 
         initial_state = initial_state.transpose(-1, -2)
     if initial_state is not None and q.dim() == 4:
         initial_state = initial_state.to(acc_dtype(q))
+    if cu_seqlens is not None:
+        check_offsets(name, cu_seqlens, q.shape[1])
     if reverse:  # the recurrence from T-1 down to 0 is the forward one on time-reversed inputs
         q, k, v, g = (t.flip(1) for t in (q, k, v, g))
-    if cu_seqlens is None:
-        o, ht = GlaFn.apply(q, k, v, g, float(scale), initial_state, recurrent)
-    else:
-        # Packed sequences: one launch per sequence, each from its own initial state (a host loop, not fused).
-        # Under reverse the tensors are time-flipped, so sequence i sits at [T - e, T - s) and the order inverts.
-        T = q.shape[1]
-        segs = segments(name, q.shape[0], T, cu_seqlens)
-        check_states(name, initial_state, len(segs))
-        outs = []
-        for i, (s, e) in enumerate(segs):
-            s, e = (T - e, T - s) if reverse else (s, e)
-            h0 = None if initial_state is None else initial_state[i : i + 1]
-            outs.append(GlaFn.apply(*(t[:, s:e] for t in (q, k, v, g)), float(scale), h0, recurrent))
-        o = torch.cat([x[0] for x in (outs[::-1] if reverse else outs)], 1)
-        ht = torch.cat([x[1] for x in outs], 0)
+        if cu_seqlens is not None:  # where sequence N-1-n lies in the flipped tensors, offsets computed on the device
+            cu_seqlens = q.shape[1] - cu_seqlens.flip(0)
+            initial_state = None if initial_state is None else initial_state.flip(0)
+    o, ht = GlaFn.apply(q, k, v, g, float(scale), initial_state, recurrent, cu_seqlens)
     if reverse:
         o = o.flip(1)
+        ht = ht if cu_seqlens is None else ht.flip(0)
     if state_v_first:
         ht = ht.transpose(-1, -2)
     return o, (ht if output_final_state else None)
@@ -117,11 +116,19 @@ def chunk_gla(
         output_final_state: return the final state as well.
         state_v_first: initial_state and final_state are (B, H, V, K) instead.
         cu_seqlens: packed variable-length sequences as in FlashAttention's varlen API: q, k, v, g are
-            (1, total_T, H, .) and cu_seqlens (N + 1,) integer offsets [0, ..., total_T]; each sequence starts
-            from its own initial_state row ((N, H, K, V), or zeros) and final_state is (N, H, K, V). It runs
-            one launch per sequence from a host loop (reading the offsets is a host sync, and
-            torch.compile cannot trace it): correct, but not fused. cu_seqlens_cpu, if given, is used
-            instead of cu_seqlens.
+            (1, total_T, H, .) and cu_seqlens (N + 1,) int32 or int64 offsets [0, ..., total_T] on their device;
+            each sequence starts from its own initial_state row ((N, H, K, V), or zeros; chunks start at the
+            sequence's first step) and final_state is (N, H, K, V); empty sequences are allowed. One op call
+            whose kernels read the offsets on the device: no host loop and no host synchronisation, and it
+            compiles under torch.compile(fullgraph=True). Offsets that do not rise from 0 to total_T fail an
+            asynchronous device assert (RuntimeError at once on CPU, at the next synchronising call on CUDA;
+            the kernels clamp every offset they read). RuntimeError for offsets that are not a 1-D int32 /
+            int64 tensor on the inputs' device, a batch other than 1, or states that are not (N, H, K, V).
+            On CUDA, packed calls run the ``gla_varlen`` kernels (fused_recurrent_gla's, walking each sequence;
+            head dims up to {cuda_max_head_dim}, above that ValueError), which pass the tests under the CUDA
+            emulator but have not yet run on a GPU: the first such call in a process warns.
+        cu_seqlens_cpu: flash-linear-attention's host copy of the offsets: accepted, never needed; used (copied
+            to the inputs' device without a synchronisation) only when cu_seqlens is not given.
         K and V may be anything in [1, {max_head_dim}]. On CUDA, K or V above {cuda_max_head_dim} run the
         ``gla_head512`` kernels, which pass the tests under the CUDA emulator but have not yet run on a GPU:
         the first such call in a process warns.
@@ -131,8 +138,9 @@ def chunk_gla(
         or None. Differentiable with respect to q, k, v, g, initial_state, also through final_state.
         The gate sums, the diagonal-block scores, the state and every accumulation are float32.
     """
-    return _gla("chunk_gla", False, q, k, v, g, scale, initial_state, output_final_state, state_v_first,
-                cu_seqlens_cpu if cu_seqlens_cpu is not None else cu_seqlens)
+    if cu_seqlens is None and cu_seqlens_cpu is not None:  # a host-to-device copy, no synchronisation
+        cu_seqlens = cu_seqlens_cpu.to(q.device, non_blocking=True)
+    return _gla("chunk_gla", False, q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens)
 
 
 def fused_recurrent_gla(
@@ -155,8 +163,9 @@ def fused_recurrent_gla(
 
     Same contract, shapes and dtypes as :func:`chunk_gla`; the state is updated once per time step.
     flash-linear-attention's keywords work too: ``gk`` is ``g`` (no gate at all means no decay),
-    ``reverse=True`` runs the recurrence from T-1 down to 0, ``state_v_first`` and ``cu_seqlens`` as in
-    :func:`chunk_gla`; value gates (``gv``) are not supported yet and raise ``NotImplementedError``.
+    ``reverse=True`` runs the recurrence from T-1 down to 0 (each packed sequence from its last step down to its
+    first, from its own initial state: the offsets of the time-flipped batch are computed on the device),
+    ``state_v_first`` and ``cu_seqlens`` as in :func:`chunk_gla`; value gates (``gv``) are not supported yet and raise ``NotImplementedError``.
     ``transpose_state_layout`` is fla's former name of ``state_v_first``: it still works, with a
     ``DeprecationWarning``, and passing it together with ``state_v_first=True`` is a ``ValueError`` (as fla).
     """
