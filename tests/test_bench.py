@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from linmix import emulation
+from linmix.bench import varlen
 from linmix.bench.__main__ import main
 
 
@@ -61,6 +62,16 @@ def test_bench_all_ops(tmp_path):
     # the FlashAttention-style baseline on the CPU: SDPA's flash kernel and its math backend, both dtypes
     sdpa = {(r["impl"], r["dtype"]) for r in rows if r["op"] == "chunk_gla" and r["impl"].startswith("sdpa")}
     assert sdpa == {(i, d) for i in ("sdpa-flash", "sdpa-math") for d in ("fp32", "bf16")}
+
+
+def test_varlen_rows(tmp_path):
+    # --varlen: per op and mode, the packed call and the one-sequence call on the same tokens, and their ratio
+    assert main(["--varlen", "--quick", "--op", "linear_scan", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "varlen_quick.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["fwd", "fwd+bwd"]
+    for r in rows:
+        assert r["n_seqs"] == 64 and r["ratio"] == r["packed_ms"] / r["one_sequence_ms"] > 0
+    assert "fixed_point_rnn" in varlen.supported()
 
 
 def test_list_and_profile_cmd(capsys):

@@ -11,9 +11,7 @@ against the single-process one. Results: bench/results/<device>/cp_<N>.json / .c
 
 from __future__ import annotations
 
-import csv
 import datetime
-import json
 import os
 import socket
 import time
@@ -26,7 +24,7 @@ import linmix
 import linmix.distributed as lmd
 from linmix._cases import CASES, make
 
-from . import env
+from . import env, report
 
 
 def _configs(quick: bool) -> list[tuple[str, dict, dict]]:
@@ -153,11 +151,4 @@ def run(world: int, device: str, quick: bool, out_dir: str) -> list[str]:
     meta = env.collect(device)
     meta["args"] = dict(cp=world, quick=quick, reps=reps, threads_per_rank=1 if device == "cpu" else None)
     tag = f"cp_{world}" + ("_quick" if quick else "")
-    jpath, cpath = os.path.join(out_dir, f"{tag}.json"), os.path.join(out_dir, f"{tag}.csv")
-    with open(jpath, "w") as f:
-        json.dump({"env": meta, "rows": rows}, f, indent=1, default=str)
-    with open(cpath, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return [jpath, cpath]
+    return report.write_json_csv(out_dir, tag, {"env": meta, "rows": rows}, rows)

@@ -48,16 +48,21 @@ def table(rows: list[dict], skipped: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write(out_dir: str, meta: dict, rows: list[dict], skipped: list[str], tag: str) -> list[str]:
+def write_json_csv(out_dir: str, name: str, payload: dict, rows: list[dict], columns: list[str] | None = None) -> list[str]:
+    """out_dir/<name>.json (the payload) and out_dir/<name>.csv (the rows: `columns`, or the first row's keys)."""
     os.makedirs(out_dir, exist_ok=True)
-    jpath, cpath = os.path.join(out_dir, f"bench_{tag}.json"), os.path.join(out_dir, f"bench_{tag}.csv")
+    jpath, cpath = os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.csv")
     with open(jpath, "w") as f:
-        json.dump({"env": meta, "rows": rows, "skipped": skipped}, f, indent=1, default=str)
+        json.dump(payload, f, indent=1, default=str)
     with open(cpath, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns or list(rows[0]), extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     return [jpath, cpath]
+
+
+def write(out_dir: str, meta: dict, rows: list[dict], skipped: list[str], tag: str) -> list[str]:
+    return write_json_csv(out_dir, f"bench_{tag}", {"env": meta, "rows": rows, "skipped": skipped}, rows, COLUMNS)
 
 
 def plots(out_dir: str, rows: list[dict], title: str, tag: str) -> list[str]:

@@ -10,15 +10,11 @@ The inputs are the contract table's (linmix._cases) at the sizes below. Results:
 
 from __future__ import annotations
 
-import csv
-import json
-import os
-
 import torch
 
 from linmix._cases import CASES, make
 
-from . import env
+from . import env, report
 from .cp import _shape
 from .timing import bench
 
@@ -78,19 +74,11 @@ def run(ops: list[str], device: str, quick: bool, out_dir: str, dtype: torch.dty
     for r in rows:
         print(f"{r['op']:<20} {r['shape']:<40} {r['mode']:<8} {r['n_seqs']:>5} {r['tokens']:>7} "
               f"{r['one_sequence_ms']:>9.3f} {r['packed_ms']:>10.3f} {r['ratio']:.2f}")
-    os.makedirs(out_dir, exist_ok=True)
     meta = env.collect(device)
     meta["args"] = dict(varlen=True, quick=quick, threads=torch.get_num_threads() if device == "cpu" else None,
                         lengths="uniform in [1, 256], seed 0")
     tag = "varlen" + ("_quick" if quick else "")
-    jpath, cpath = os.path.join(out_dir, f"{tag}.json"), os.path.join(out_dir, f"{tag}.csv")
-    with open(jpath, "w") as f:
-        json.dump({"env": meta, "rows": rows}, f, indent=1, default=str)
-    with open(cpath, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return [jpath, cpath]
+    return report.write_json_csv(out_dir, tag, {"env": meta, "rows": rows}, rows)
 
 
 def supported() -> list[str]:
