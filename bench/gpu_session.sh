@@ -129,6 +129,12 @@ for i in "${!OPS[@]}"; do
             --impl linmix $BENCH_ARGS --out "$OUT_DIR/baseline"
     fi
 done
+# packed sequences (cu_seqlens) against one sequence of the same tokens, every op that takes them: issue 22's GPU rows
+if [ $(( $(left) - 10 )) -ge 30 ]; then
+    step bench_varlen timeout $(( $(left) - 10 )) "$PY" -m linmix.bench --device cuda --varlen --out "$OUT_DIR/results"
+else
+    SUMMARY+=("SKIPPED bench_varlen: session time spent")
+fi
 profile_cmds() { for op in selective_scan chunk_gla fixed_point_rnn linear_scan; do "$PY" -m linmix.bench --profile-cmd --op "$op"; done; }
 step profile_cmds profile_cmds
 
