@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 
 
+def n_seqs(batch: int, cu_seqlens: torch.Tensor | None) -> int:
+    """The states' first dim: the batch, or the number of packed sequences (cu_seqlens holds N + 1 offsets)."""
+    return batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
 def check_offsets(name: str, cu_seqlens: torch.Tensor, total: int) -> None:
     """Asserts that cu_seqlens rises from 0 to the packed length ``total``, without a host synchronisation: on CUDA
     the check is an asynchronous device assert (a malformed tensor fails at the next synchronising call; the kernels

@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from .._native import acc_dtype, check_backend, nvtx_range
-from ._varlen import check_offsets
+from ._varlen import check_offsets, n_seqs
 
 # The values of the arguments of the same names, shared by the layers and linmix.distributed.
 GRAD_MODES = ("onestep", "implicit")
@@ -28,9 +28,9 @@ def _fwd_fake(u, lam, hh_u, hh_beta, initial_state, cu_seqlens, max_iter, tol, d
               causal=False):
     h = torch.empty_like(u, memory_format=torch.contiguous_format)
     h_prev = torch.empty_like(u, dtype=acc_dtype(u), memory_format=torch.contiguous_format)
-    n_seqs = u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    n_iter = u.new_empty((n_seqs,), dtype=torch.int32)
-    residual = u.new_empty((n_seqs,), dtype=torch.float32)
+    n = n_seqs(u.shape[0], cu_seqlens)
+    n_iter = u.new_empty((n,), dtype=torch.int32)
+    residual = u.new_empty((n,), dtype=torch.float32)
     return h, h_prev, n_iter, residual
 
 
@@ -240,16 +240,11 @@ def fixed_point_rnn(
     return out if len(out) > 1 else h
 
 
-def _initial_or_zeros(u: torch.Tensor, initial_state: torch.Tensor | None, n: int | None = None) -> torch.Tensor:
-    return initial_state if initial_state is not None else u.new_zeros(u.shape[0] if n is None else n, u.shape[2])
-
-
 def _final_state(h, u, initial_state, cu_seqlens):
     """Each sequence's last h, or its initial state (zeros) when it is empty; packed: gathered on the device."""
-    if cu_seqlens is None:
-        return h[:, -1] if h.shape[1] > 0 else _initial_or_zeros(u, initial_state)
-    n = cu_seqlens.shape[0] - 1
-    start = _initial_or_zeros(u, initial_state, n)
+    if cu_seqlens is None and h.shape[1] > 0:
+        return h[:, -1]
+    start = initial_state if initial_state is not None else u.new_zeros(n_seqs(u.shape[0], cu_seqlens), u.shape[2])
     if h.shape[1] == 0:
         return start
     ends = cu_seqlens[1:].long()

@@ -8,18 +8,13 @@ import torch
 
 from .. import _C
 from .._native import acc_dtype, check_backend, nvtx_range
-from ._varlen import check_offsets
-
-
-def _n_seqs(q, cu_seqlens):
-    """The states' first dim: the batch, or the number of packed sequences."""
-    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+from ._varlen import check_offsets, n_seqs
 
 
 def _fwd_fake(q, k, v, g, initial_state, cu_seqlens, scale):
     B, T, H, K = q.shape
     out = q.new_empty((B, T, H, v.shape[-1]))
-    final_state = q.new_empty((_n_seqs(q, cu_seqlens), H, K, v.shape[-1]), dtype=acc_dtype(q))
+    final_state = q.new_empty((n_seqs(q.shape[0], cu_seqlens), H, K, v.shape[-1]), dtype=acc_dtype(q))
     return out, final_state
 
 
@@ -27,7 +22,7 @@ def _bwd_fake(q, k, v, g, initial_state, cu_seqlens, dout, dfinal_state, scale):
     B, T, H, K = q.shape
     dq, dk, dg = (q.new_empty(q.shape) for _ in range(3))
     dv = v.new_empty(v.shape)
-    dinitial_state = q.new_empty((_n_seqs(q, cu_seqlens), H, K, v.shape[-1]), dtype=acc_dtype(q))
+    dinitial_state = q.new_empty((n_seqs(q.shape[0], cu_seqlens), H, K, v.shape[-1]), dtype=acc_dtype(q))
     return dq, dk, dv, dg, dinitial_state
 
 

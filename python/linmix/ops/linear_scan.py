@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._native import acc_dtype, check_backend, nvtx_range
-from ._varlen import check_offsets
+from ._varlen import check_offsets, n_seqs
 
 
 @torch.library.register_fake("linmix::linear_scan_fwd")
@@ -17,8 +17,7 @@ def _fwd_fake(a, b, h0, cu_seqlens, reverse):
 def _bwd_fake(a, h0, cu_seqlens, h, dh, reverse):
     da = torch.empty_like(a, memory_format=torch.contiguous_format)
     db = torch.empty_like(a, memory_format=torch.contiguous_format)
-    n_seqs = a.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    dh0 = a.new_empty((n_seqs, a.shape[2]), dtype=acc_dtype(a))
+    dh0 = a.new_empty((n_seqs(a.shape[0], cu_seqlens), a.shape[2]), dtype=acc_dtype(a))
     return da, db, dh0
 
 

@@ -6,7 +6,7 @@ import torch
 
 from .. import _C
 from .._native import acc_dtype, check_backend, nvtx_range
-from ._varlen import check_offsets
+from ._varlen import check_offsets, n_seqs
 
 # Time steps per state checkpoint: kSelectiveScanChunk in csrc/selective_scan/params.h, exported by _C.
 CHUNK = _C.selective_scan_chunk
@@ -19,8 +19,8 @@ def _sequences(u, cu_seqlens):
     chunks = -(-L // CHUNK)
     if cu_seqlens is None:
         return b, chunks
-    n_seqs = cu_seqlens.shape[0] - 1
-    return n_seqs, chunks + n_seqs
+    n = n_seqs(b, cu_seqlens)
+    return n, chunks + n
 
 
 @torch.library.register_fake("linmix::selective_scan_fwd")
