@@ -71,16 +71,3 @@ def test_make_dims_dtypes_and_seeds():
     assert heads["state_batch_indices"].tolist().count(-1) == 1
     with pytest.raises(ValueError, match="no argument"):
         make(gla, reverse=True)  # fused_recurrent_gla's, not chunk_gla's
-
-
-# The documented arguments no CUDA kernel takes yet (the op raises a named error on CUDA): issue 22's packed
-# fixed_point_rnn has CPU kernels only so far.
-CUDA_GAPS = {("fixed_point_rnn", "cu_seqlens")}
-
-
-def test_cuda_takes_every_documented_argument():
-    for case in CASES.values():
-        cpu = [v for v in variants(case, "cpu") if not any((case.name, k) in CUDA_GAPS and x is not None
-                                                           for k, x in v.items())]
-        assert list(variants(case, "cuda")) == cpu, case.name
-    assert {"stopping": "causal"} in list(variants(CASES["fixed_point_rnn"], "cuda"))

@@ -164,17 +164,19 @@ def fixed_point_case(B, T, D, R, grad_mode, seed=0):
     return fn, [u, lam, hh_u, beta]
 
 
-def fixed_point_variants_case(B, T, D, R, stopping, tol, seed=0):
+def fixed_point_variants_case(B, T, D, R, stopping, tol, seed=0, lengths=None):
     """An initial state (and the final one), damping, the stopping rule, the implicit gradient: the
     fixed_point_rnn_variants kernels. With tol > 0 the dtype's run may stop a few iterations from float64's, both
-    within tol of the fixed point."""
+    within tol of the fixed point. lengths: packed sequences of these lengths (B = 1, T their sum), each with its
+    own initial state and stopping."""
     fn0, inputs = fixed_point_case(B, T, D, R, "implicit", seed)
-    h0 = torch.randn(B, D, generator=gen(seed + 1), dtype=torch.float64)
+    cu = None if lengths is None else torch.tensor([0, *itertools.accumulate(lengths)])
+    h0 = torch.randn(B if lengths is None else len(lengths), D, generator=gen(seed + 1), dtype=torch.float64)
 
     def fn(u, lam, hh_u, beta, h0):
         return linmix.fixed_point_rnn(u, lam, hh_u, beta, max_iter=60 if tol else 5, tol=tol, grad_mode="implicit",
                                       initial_state=h0, output_final_state=True, damping=0.8, stopping=stopping,
-                                      quantile=0.5)
+                                      quantile=0.5, cu_seqlens=cu)
     return fn, inputs + [h0]
 
 
@@ -291,3 +293,12 @@ def test_fixed_point_rnn(B, T, D, R, grad_mode, dtype, switch):
                                                        (3, 4, 9, 1, "batch", 1e-5)])
 def test_fixed_point_rnn_variants(B, T, D, R, stopping, tol, dtype, switch):
     check(*fixed_point_variants_case(B, T, D, R, stopping, tol), dtype)
+
+
+# Packed sequences (fixed_point_rnn_variants, the one family that serves them, so no switch): empty and length-1
+# sequences, one longer than the scan's 64-step chunk, boundaries inside a chunk; each stopping rule.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lengths, stopping, tol", [((5, 0, 1, 66, 3), "element", 0.0), ((4, 1, 0, 9), "causal", 1e-5),
+                                                    ((3, 7, 0, 2), "batch", 1e-5)])
+def test_fixed_point_rnn_varlen(lengths, stopping, tol, dtype):
+    check(*fixed_point_variants_case(1, sum(lengths), 17, 2, stopping, tol, lengths=lengths), dtype)

@@ -15,6 +15,9 @@ namespace linmix {
 // One sequence: the batch row it lives in, its first time index there and its length.
 struct SeqSpan {
   int64_t batch = 0, begin = 0, len = 0;
+
+  // Its first step in the batch rows flattened, (B T) with rows seqlen long.
+  LINMIX_HD int64_t first(int64_t seqlen) const { return batch * seqlen + begin; }
 };
 
 struct Varlen {
@@ -34,6 +37,21 @@ struct Varlen {
     if (!packed()) return {n, 0, seqlen};
     const int64_t b = offset(n, seqlen), e = offset(n + 1, seqlen);
     return {0, b, e > b ? e - b : 0};
+  }
+
+  // The packed sequence (of n_seqs >= 1) that holds step t of row 0: the last n with offset(n) <= t, found by
+  // bisection. Any offsets give an n in [0, n_seqs) (each read clamped), so a malformed tensor stays in bounds.
+  LINMIX_HD int64_t sequence_of(int64_t t, int64_t n_seqs, int64_t seqlen) const {
+    int64_t lo = 0, hi = n_seqs - 1;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo + 1) / 2;
+      if (offset(mid, seqlen) <= t) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    return lo;
   }
 
   // The mean length of the n_seqs sequences of a call with rows seqlen long (a CPU task's expected work).

@@ -35,14 +35,16 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
 // One step's VJP per token (fixed_point_rnn_common.h's householder_vjp_channel), with s the converged
 // adjoint (buffer chosen by the element's adjoint iteration count). grid: ceil(B T / 8); block: 256.
-// Variants: h_{-1} = p.h0 enters dlam at t = 0, and dh0 = lam_0 s_0.
+// Variants: h_{-1} = p.h0 enters dlam at t = 0, and dh0 = lam_0 s_0; t counts from each packed sequence's start.
 template <typename T, bool kVariant>
 __device__ __forceinline__ void fixed_point_rnn_grads(const FixedPointRnnParams& p, const FixedPointRnnWork& w,
-                                                      const float* s_buf0, const float* s_buf1, const float* h_new) {
-  const int64_t tok = warp_token(p);
+                                                      const float* s_buf0, const float* s_buf1, const float* h_new,
+                                                      const Varlen& varlen) {
+  const int64_t tok = kVariant ? variant_warp_token(p, varlen) : warp_token(p);
   if (tok < 0) return;
   const int lane = threadIdx.x % 32, R = static_cast<int>(p.rank);
-  const int64_t bi = tok / p.seqlen, t = tok % p.seqlen, D = p.dim;
+  const int64_t bi = kVariant ? variant_element(p, varlen, tok) : tok / p.seqlen, D = p.dim;
+  const int64_t t = kVariant ? tok - varlen.span(bi, p.seqlen).first(p.seqlen) : tok % p.seqlen;
   const float* g_s = ((w.n_iter[bi] & 1) ? s_buf1 : s_buf0) + tok * D;  // (D,)
   const float* g_hp = static_cast<const float*>(p.h_prev) + tok * D;    // (D,)
   const T* g_uvec = static_cast<const T*>(p.u) + tok * D;               // (D,)
@@ -107,14 +109,14 @@ template <typename T>
 __global__ void __launch_bounds__(32 * kFpWarpsPerBlock)
     linmix_fixed_point_rnn_bwd_grads_kernel(FixedPointRnnParams p, FixedPointRnnWork w, const float* s_buf0,
                                         const float* s_buf1, const float* h_new) {
-  fixed_point_rnn_grads<T, false>(p, w, s_buf0, s_buf1, h_new);
+  fixed_point_rnn_grads<T, false>(p, w, s_buf0, s_buf1, h_new, {});
 }
 
 template <typename T>
 __global__ void __launch_bounds__(32 * kFpWarpsPerBlock)
     linmix_fixed_point_rnn_variants_bwd_grads_kernel(FixedPointRnnParams p, FixedPointRnnWork w, const float* s_buf0,
-                                                     const float* s_buf1, const float* h_new) {
-  fixed_point_rnn_grads<T, true>(p, w, s_buf0, s_buf1, h_new);
+                                                     const float* s_buf1, const float* h_new, Varlen varlen) {
+  fixed_point_rnn_grads<T, true>(p, w, s_buf0, s_buf1, h_new, varlen);
 }
 
 // Launches one adjoint iteration (transposed mix then reverse scan) on s.
@@ -149,23 +151,25 @@ void fixed_point_rnn_bwd_cuda(const FixedPointRnnParams& p, cudaStream_t stream)
                 s_buf[0], s_buf[1], h_new);
 }
 
-// The variants (initial state, damping): h0 in the recomputed forward and in dlam, dh0, the damped adjoint
-// iteration, and with damping one more untracked adjoint iteration from each element's last input, so that s is
-// the undamped adjoint map of it as on the CPU.
+// The variants (initial state, damping, packed sequences): h0 in the recomputed forward and in dlam, dh0, the damped
+// adjoint iteration, and with damping one more untracked adjoint iteration from each element's last input, so that
+// s is the undamped adjoint map of it as on the CPU.
 template <DType dt>
-void fixed_point_rnn_variants_bwd_cuda(const FixedPointRnnParams& p, cudaStream_t stream) {
+void fixed_point_rnn_variants_bwd_cuda(const FixedPointRnnVarlenParams& p, cudaStream_t stream) {
   using T = cuda_t<dt>;
-  const int64_t BTD = p.batch * p.seqlen * p.dim;
-  if (BTD == 0) return;
-  const FixedPointRnnWorkspace ws = fixed_point_rnn_workspace(p, /*backward=*/true);
+  const bool packed = p.varlen.packed();
+  const int64_t BTD = fixed_point_rnn_tokens(p, packed) * p.dim;
+  if (BTD == 0 || p.batch == 0) return;  // no sequence: malformed offsets (raised by an async assert)
+  const FixedPointRnnWorkspace ws = fixed_point_rnn_workspace(p, /*backward=*/true, packed);
   const FixedPointRnnWork w = fixed_point_rnn_work(p, ws);
   float* f = static_cast<float*>(p.work);
   float* s_buf[2] = {f + ws.state, f + ws.state + BTD};
   float* h_new = f + ws.h_new;
-  fixed_point_rnn_reset(p, ws, stream);
+  fixed_point_rnn_reset(p, ws, stream, packed);
   LINMIX_CUDA_CHECK(cudaMemsetAsync(s_buf[0], 0, BTD * sizeof(float), stream));  // s^0 = 0
-  fixed_point_rnn_launch_gram<T>(p, w, stream);
-  const FixedPointRnnVariantWork v{};
+  fixed_point_rnn_launch_gram<T>(p, w, stream, packed);
+  FixedPointRnnVariantWork v;
+  v.varlen = p.varlen;
   fixed_point_rnn_launch_variant_pair(linmix_fixed_point_rnn_variants_fwd_mix_kernel<T>,
                                       linmix_fixed_point_rnn_variants_fwd_scan_kernel<FixedPointRnnScanTraits, T>, p,
                                       w, FixedPointRnnIter{static_cast<const float*>(p.h_prev), h_new, 0, false}, v,
@@ -177,14 +181,14 @@ void fixed_point_rnn_variants_bwd_cuda(const FixedPointRnnParams& p, cudaStream_
                                         v, stream);
   }
   if (p.damping != 1.0) {
-    FixedPointRnnVariantWork by_count;
+    FixedPointRnnVariantWork by_count = v;
     by_count.by_count[0] = s_buf[0], by_count.by_count[1] = s_buf[1];
     fixed_point_rnn_launch_variant_pair(mix, scan, p, w, FixedPointRnnIter{nullptr, nullptr, 0, false}, by_count,
                                         stream);
   }
-  const dim3 tok_blocks = fixed_point_rnn_token_grid(p);
+  const dim3 tok_blocks = fixed_point_rnn_token_grid(p, packed);
   launch_kernel(linmix_fixed_point_rnn_variants_bwd_grads_kernel<T>, tok_blocks, 32 * kFpWarpsPerBlock, 0, stream, p,
-                w, s_buf[0], s_buf[1], h_new);
+                w, s_buf[0], s_buf[1], h_new, p.varlen);
 }
 
 }  // namespace linmix

@@ -21,9 +21,9 @@ namespace linmix {
 namespace {
 
 // The first token of sequence n (batch element n, or packed span n) in the (B, T, ...) tensors, and its length.
-inline std::pair<int64_t, int64_t> sequence_tokens(const FixedPointRnnCpuParams& p, int64_t n) {
+inline std::pair<int64_t, int64_t> sequence_tokens(const FixedPointRnnVarlenParams& p, int64_t n) {
   const SeqSpan seq = p.varlen.span(n, p.seqlen);
-  return {seq.batch * p.seqlen + seq.begin, seq.len};
+  return {seq.first(p.seqlen), seq.len};
 }
 
 // One batch element's (or packed sequence's) inputs, converted on the fly to the accumulation type, and its
@@ -41,8 +41,8 @@ struct Element {
   std::vector<acc_t> factors;  // (T, D, R): the factors channel-major, so a channel's R values are adjacent
   std::vector<acc_t> h0;       // (D,) the state before token 0
 
-  Element(const FixedPointRnnCpuParams& p, int64_t n) : Element(p, n, sequence_tokens(p, n)) {}
-  Element(const FixedPointRnnCpuParams& p, int64_t n, std::pair<int64_t, int64_t> tokens)
+  Element(const FixedPointRnnVarlenParams& p, int64_t n) : Element(p, n, sequence_tokens(p, n)) {}
+  Element(const FixedPointRnnVarlenParams& p, int64_t n, std::pair<int64_t, int64_t> tokens)
       : tok0(tokens.first), u(static_cast<const T*>(p.u) + tok0 * p.dim),
         lam(static_cast<const T*>(p.lam) + tok0 * p.dim),
         hh_u(static_cast<const T*>(p.hh_u) + tok0 * p.rank * p.dim),
@@ -191,7 +191,7 @@ void damp(acc_t damping, const acc_t* z_old, acc_t* z, int64_t n) {
 // of tokens, growing with l) and the output is f of that record.
 template <typename T, typename acc_t>
 struct ForwardRun {
-  const FixedPointRnnCpuParams& p;
+  const FixedPointRnnVarlenParams& p;
   Element<T, acc_t> el;
   std::vector<acc_t> buf, v, ratios, rec;  // buf: two (T, D) iterates
   acc_t *cur, *nxt;                        // cur: z^{l-1}; after step(), nxt: f(cur)
@@ -199,7 +199,7 @@ struct ForwardRun {
   int n = 0;
   acc_t res = std::numeric_limits<acc_t>::infinity();
 
-  ForwardRun(const FixedPointRnnCpuParams& p_, int64_t n)
+  ForwardRun(const FixedPointRnnVarlenParams& p_, int64_t n)
       : p(p_), el(p_, n), buf(2 * el.T_ * p_.dim, acc_t(0)), v(2 * p_.dim), ratios(p.causal ? el.T_ : 0),
         rec(p.causal ? el.T_ * p_.dim : 0), cur(buf.data()), nxt(buf.data() + el.T_ * p_.dim) {}
 
@@ -254,7 +254,7 @@ acc_t batch_quantile(std::vector<acc_t> r, double q) {
 }
 
 template <DType dt>
-void fwd_impl(const FixedPointRnnCpuParams& p) {
+void fwd_impl(const FixedPointRnnVarlenParams& p) {
   using T = cpu_t<dt>;
   using acc_t = cpu_acc_t<dt>;
   using Run = ForwardRun<T, acc_t>;
@@ -292,7 +292,7 @@ void fwd_impl(const FixedPointRnnCpuParams& p) {
 // Gradients of h = f(h_prev) (h_prev detached) with upstream w, where w solves w = g + J_hᵀ w by
 // p.max_iter adjoint iterations at most (max_iter = 1: w = g, the one-step gradient).
 template <DType dt>
-void bwd_impl(const FixedPointRnnCpuParams& p) {
+void bwd_impl(const FixedPointRnnVarlenParams& p) {
   using T = cpu_t<dt>;
   using acc_t = cpu_acc_t<dt>;
   const int64_t D = p.dim, R = p.rank;
@@ -353,11 +353,11 @@ void bwd_impl(const FixedPointRnnCpuParams& p) {
 
 }  // namespace
 
-void fixed_point_rnn_fwd_cpu(const FixedPointRnnCpuParams& p, DType dtype) {
+void fixed_point_rnn_fwd_cpu(const FixedPointRnnVarlenParams& p, DType dtype) {
   LINMIX_DTYPE_SWITCH(dtype, kDT, [&] { fwd_impl<kDT>(p); });
 }
 
-void fixed_point_rnn_bwd_cpu(const FixedPointRnnCpuParams& p, DType dtype) {
+void fixed_point_rnn_bwd_cpu(const FixedPointRnnVarlenParams& p, DType dtype) {
   LINMIX_DTYPE_SWITCH(dtype, kDT, [&] { bwd_impl<kDT>(p); });
 }
 

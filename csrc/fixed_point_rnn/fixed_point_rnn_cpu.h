@@ -6,7 +6,7 @@
 namespace linmix {
 
 // p.work: none needed on the CPU (each thread allocates its own rows).
-void fixed_point_rnn_fwd_cpu(const FixedPointRnnCpuParams& p, DType dtype);
-void fixed_point_rnn_bwd_cpu(const FixedPointRnnCpuParams& p, DType dtype);
+void fixed_point_rnn_fwd_cpu(const FixedPointRnnVarlenParams& p, DType dtype);
+void fixed_point_rnn_bwd_cpu(const FixedPointRnnVarlenParams& p, DType dtype);
 
 }  // namespace linmix

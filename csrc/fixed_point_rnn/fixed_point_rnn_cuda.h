@@ -11,7 +11,8 @@
 
 namespace linmix {
 
-// p.work holds fp32 words and p.flags int32 words; offsets in words. The torch glue allocates
+// p.work holds fp32 words and p.flags int32 words; offsets in words; "B T" counts tokens (packed: T) and "B"
+// elements (packed: the sequences). The torch glue allocates
 // work_floats / flag_ints; the launchers carve them up with the same function.
 struct FixedPointRnnWorkspace {
   int64_t gram = 0;      // (B, T, R, R) Householder Gram matrices
@@ -28,8 +29,14 @@ struct FixedPointRnnWorkspace {
   int64_t flag_ints = 0;
 };
 
-inline FixedPointRnnWorkspace fixed_point_rnn_workspace(const FixedPointRnnParams& p, bool backward) {
-  const int64_t BT = p.batch * p.seqlen, BTD = BT * p.dim;
+// The tokens the (B, T, ...) tensors hold: B T, or T when they hold packed sequences (one row, batch = N).
+LINMIX_HD int64_t fixed_point_rnn_tokens(const FixedPointRnnParams& p, bool packed) {
+  return packed ? p.seqlen : p.batch * p.seqlen;
+}
+
+inline FixedPointRnnWorkspace fixed_point_rnn_workspace(const FixedPointRnnParams& p, bool backward,
+                                                        bool packed = false) {
+  const int64_t BT = fixed_point_rnn_tokens(p, packed), BTD = BT * p.dim;
   FixedPointRnnWorkspace ws;
   int64_t off = 0;
   ws.gram = off, off += BT * p.rank * p.rank;
@@ -49,15 +56,16 @@ inline FixedPointRnnWorkspace fixed_point_rnn_workspace(const FixedPointRnnParam
 
 template <DType dt> void fixed_point_rnn_fwd_cuda(const FixedPointRnnParams& p, cudaStream_t stream);
 template <DType dt> void fixed_point_rnn_bwd_cuda(const FixedPointRnnParams& p, cudaStream_t stream);
-// The fixed_point_rnn_variants family: every call, including p.h0, p.damping != 1, p.batch_quantile >= 0 and
-// p.causal, which the default kernels do not take.
-template <DType dt> void fixed_point_rnn_variants_fwd_cuda(const FixedPointRnnParams& p, cudaStream_t stream);
-template <DType dt> void fixed_point_rnn_variants_bwd_cuda(const FixedPointRnnParams& p, cudaStream_t stream);
+// The fixed_point_rnn_variants family: every call, including p.h0, p.damping != 1, p.batch_quantile >= 0,
+// p.causal and packed sequences (p.varlen), which the default kernels do not take.
+template <DType dt> void fixed_point_rnn_variants_fwd_cuda(const FixedPointRnnVarlenParams& p, cudaStream_t stream);
+template <DType dt> void fixed_point_rnn_variants_bwd_cuda(const FixedPointRnnVarlenParams& p, cudaStream_t stream);
 
 // The launcher table (common/launchers.h); get() is in fixed_point_rnn_launchers.cu.
 struct FixedPointRnnCudaLaunchers {
   static constexpr const char* kName = "fixed_point_rnn";
-  PerCudaDtype<void(const FixedPointRnnParams&, cudaStream_t)> fwd, bwd, variants_fwd, variants_bwd;
+  PerCudaDtype<void(const FixedPointRnnParams&, cudaStream_t)> fwd, bwd;
+  PerCudaDtype<void(const FixedPointRnnVarlenParams&, cudaStream_t)> variants_fwd, variants_bwd;
   static const FixedPointRnnCudaLaunchers& get();
 };
 
@@ -70,19 +78,21 @@ struct FixedPointRnnPlan {
   const char* error = nullptr;
 };
 
-inline FixedPointRnnPlan fixed_point_rnn_plan(const FixedPointRnnParams& p) {
+inline FixedPointRnnPlan fixed_point_rnn_plan(const FixedPointRnnVarlenParams& p) {
   FixedPointRnnPlan plan;
   plan.variants = kernel_enabled(KernelFamily::kFixedPointRnnVariants);
-  if (plan.variants || (p.h0 == nullptr && p.damping == 1.0 && p.batch_quantile < 0 && !p.causal)) return plan;
+  if (plan.variants ||
+      (p.h0 == nullptr && p.damping == 1.0 && p.batch_quantile < 0 && !p.causal && !p.varlen.packed()))
+    return plan;
   bool first = false;
   plan.variants = kernel_serves_uncovered_call(KernelFamily::kFixedPointRnnVariants, first);
   if (first)
-    plan.warning = "linmix.fixed_point_rnn: initial_state, damping != 1 and stopping='batch' / 'causal' on CUDA run "
-                   "the fixed_point_rnn_variants kernels, which pass the test suite and sanitizers under the CUDA "
-                   "emulator but have not yet run on a GPU (bench/results/README.md)";
+    plan.warning = "linmix.fixed_point_rnn: initial_state, damping != 1, stopping='batch' / 'causal' and cu_seqlens "
+                   "on CUDA run the fixed_point_rnn_variants kernels, which pass the test suite and sanitizers under "
+                   "the CUDA emulator but have not yet run on a GPU (bench/results/README.md)";
   if (!plan.variants)
-    plan.error = "linmix.fixed_point_rnn: initial_state, damping != 1 and stopping='batch' / 'causal' on CUDA need "
-                 "the fixed_point_rnn_variants kernels, which are not verified in this build";
+    plan.error = "linmix.fixed_point_rnn: initial_state, damping != 1, stopping='batch' / 'causal' and cu_seqlens on "
+                 "CUDA need the fixed_point_rnn_variants kernels, which are not verified in this build";
   return plan;
 }
 

@@ -99,21 +99,22 @@ template <typename T>
 __global__ void linmix_fixed_point_rnn_variants_fwd_restore_kernel(FixedPointRnnParams p, FixedPointRnnWork w,
                                                                   FixedPointRnnVariantWork v, float* buf0,
                                                                   float* buf1) {
-  const int64_t TD = p.seqlen * p.dim, n = p.batch * TD;
+  const int64_t n = fixed_point_rnn_tokens(p, v.varlen.packed()) * p.dim;
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t bi = idx / TD;
-    if ((idx % TD) / p.dim < v.frozen[bi]) ((w.n_iter[bi] - 1) & 1 ? buf1 : buf0)[idx] = v.record[idx];
+    const int64_t tok = idx / p.dim, bi = variant_element(p, v.varlen, tok);
+    if (tok - v.varlen.span(bi, p.seqlen).first(p.seqlen) < v.frozen[bi]) ((w.n_iter[bi] - 1) & 1 ? buf1 : buf0)[idx] = v.record[idx];
   }
 }
 
 // h = buf[n & 1] in the activation dtype; h_prev = buf[(n - 1) & 1], where buf[0] is h_prev itself.
 // Grid-stride over B T D.
-template <typename T>
-__global__ void linmix_fixed_point_rnn_fwd_select_kernel(FixedPointRnnParams p, const float* buf1) {
-  const int64_t TD = p.seqlen * p.dim, n = p.batch * TD;
+template <typename T, bool kVariant>
+__device__ __forceinline__ void fixed_point_rnn_select(const FixedPointRnnParams& p, const float* buf1,
+                                                       const Varlen& varlen) {
+  const int64_t TD = p.seqlen * p.dim, n = kVariant ? fixed_point_rnn_tokens(p, varlen.packed()) * p.dim : p.batch * TD;
   float* buf0 = static_cast<float*>(p.h_prev);
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
-    const bool last_in_buf1 = p.n_iter[idx / TD] & 1;
+    const bool last_in_buf1 = p.n_iter[kVariant ? variant_element(p, varlen, idx / p.dim) : idx / TD] & 1;
     const float h1 = buf1[idx];
     static_cast<T*>(p.h)[idx] = from_float<T>(last_in_buf1 ? h1 : buf0[idx]);
     if (!last_in_buf1) buf0[idx] = h1;
@@ -121,9 +122,24 @@ __global__ void linmix_fixed_point_rnn_fwd_select_kernel(FixedPointRnnParams p, 
 }
 
 template <typename T>
-void fixed_point_rnn_launch_gram(const FixedPointRnnParams& p, const FixedPointRnnWork& w, cudaStream_t stream) {
-  const dim3 tok_blocks = fixed_point_rnn_token_grid(p);
-  launch_kernel(linmix_fixed_point_rnn_fwd_gram_kernel<T>, tok_blocks, 32 * kFpWarpsPerBlock, 0, stream, p, w.gram);
+__global__ void linmix_fixed_point_rnn_fwd_select_kernel(FixedPointRnnParams p, const float* buf1) {
+  fixed_point_rnn_select<T, false>(p, buf1, {});
+}
+
+template <typename T>
+__global__ void linmix_fixed_point_rnn_variants_fwd_select_kernel(FixedPointRnnParams p, const float* buf1,
+                                                                 Varlen varlen) {
+  fixed_point_rnn_select<T, true>(p, buf1, varlen);
+}
+
+// The Gram kernel walks the B T tokens of p's rows: a packed call's are one row of T (batch 1 here).
+template <typename T>
+void fixed_point_rnn_launch_gram(const FixedPointRnnParams& p, const FixedPointRnnWork& w, cudaStream_t stream,
+                                 bool packed = false) {
+  FixedPointRnnParams rows = p;
+  rows.batch = packed ? 1 : p.batch;
+  const dim3 tok_blocks = fixed_point_rnn_token_grid(rows);
+  launch_kernel(linmix_fixed_point_rnn_fwd_gram_kernel<T>, tok_blocks, 32 * kFpWarpsPerBlock, 0, stream, rows, w.gram);
 }
 
 // Launches one forward iteration (mix then scan): h = f(src).
@@ -153,24 +169,26 @@ void fixed_point_rnn_fwd_cuda(const FixedPointRnnParams& p, cudaStream_t stream)
                 buf[1]);
 }
 
-// The variants (initial state, damping, stopping "batch" and "causal"): the same loop with the variant kernels, a
-// quantile launch per iteration for "batch", and, where the last iterate is not f(h_prev) (damping, causal
-// records), one more untracked iteration from each element's h_prev before the select.
+// The variants (initial state, damping, stopping "batch" and "causal", packed sequences): the same loop with the
+// variant kernels, a quantile launch per iteration for "batch", and, where the last iterate is not f(h_prev)
+// (damping, causal records), one more untracked iteration from each element's h_prev before the select.
 template <DType dt>
-void fixed_point_rnn_variants_fwd_cuda(const FixedPointRnnParams& p, cudaStream_t stream) {
+void fixed_point_rnn_variants_fwd_cuda(const FixedPointRnnVarlenParams& p, cudaStream_t stream) {
   using T = cuda_t<dt>;
-  const int64_t BTD = p.batch * p.seqlen * p.dim;
-  if (BTD == 0) return;
-  const FixedPointRnnWorkspace ws = fixed_point_rnn_workspace(p, /*backward=*/false);
+  const bool packed = p.varlen.packed();
+  const int64_t BTD = fixed_point_rnn_tokens(p, packed) * p.dim;
+  if (BTD == 0 || p.batch == 0) return;  // no sequence: malformed offsets (raised by an async assert)
+  const FixedPointRnnWorkspace ws = fixed_point_rnn_workspace(p, /*backward=*/false, packed);
   FixedPointRnnWork w = fixed_point_rnn_work(p, ws);
   w.n_iter = p.n_iter, w.residual = p.residual;
   float* buf[2] = {static_cast<float*>(p.h_prev), static_cast<float*>(p.work) + ws.state};
   FixedPointRnnVariantWork v;
+  v.varlen = p.varlen;
   v.record = static_cast<float*>(p.work) + ws.record;
   v.frozen = static_cast<int*>(p.flags) + ws.frozen;
-  fixed_point_rnn_reset(p, ws, stream);
+  fixed_point_rnn_reset(p, ws, stream, packed);
   LINMIX_CUDA_CHECK(cudaMemsetAsync(buf[0], 0, BTD * sizeof(float), stream));  // h^0 = 0
-  fixed_point_rnn_launch_gram<T>(p, w, stream);
+  fixed_point_rnn_launch_gram<T>(p, w, stream, packed);
   const auto mix = linmix_fixed_point_rnn_variants_fwd_mix_kernel<T>;
   const auto scan = linmix_fixed_point_rnn_variants_fwd_scan_kernel<FixedPointRnnScanTraits, T>;
   for (int l = 1; l <= p.max_iter; ++l) {
@@ -190,8 +208,8 @@ void fixed_point_rnn_variants_fwd_cuda(const FixedPointRnnParams& p, cudaStream_
     fixed_point_rnn_launch_variant_pair(mix, scan, p, w, FixedPointRnnIter{nullptr, nullptr, 0, false}, by_count,
                                         stream);
   }
-  launch_kernel(linmix_fixed_point_rnn_fwd_select_kernel<T>, fixed_point_rnn_flat_blocks(BTD), 256, 0, stream, p,
-                buf[1]);
+  launch_kernel(linmix_fixed_point_rnn_variants_fwd_select_kernel<T>, fixed_point_rnn_flat_blocks(BTD), 256, 0,
+                stream, p, buf[1], p.varlen);
 }
 
 }  // namespace linmix

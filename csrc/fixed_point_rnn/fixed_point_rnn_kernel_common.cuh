@@ -65,8 +65,10 @@ struct FixedPointRnnIter {
 };
 
 // What the variant kernels (the fixed_point_rnn_variants family: initial state, damping, stopping="batch" and
-// "causal") read beyond the default kernels' arguments; the default kernels take none of it.
+// "causal", packed sequences) read beyond the default kernels' arguments; the default kernels take none of it.
 struct FixedPointRnnVariantWork {
+  // Packed sequences: p.batch is their number N, the tensors hold them along row 0's T tokens (null: dense).
+  Varlen varlen;
   float* record = nullptr;  // causal: (B, T, D) each token's input iterate of the iteration it stopped at
   int* frozen = nullptr;    // causal: (B,) tokens stopped so far (a prefix)
   // Set: an untracked iteration from each element's last input, by its iteration count n:
@@ -104,6 +106,17 @@ __device__ __forceinline__ int64_t warp_token(const FixedPointRnnParams& p) {
   return tok < p.batch * p.seqlen ? tok : -1;
 }
 
+// The same for the variant kernels, whose tensors may hold packed sequences.
+__device__ __forceinline__ int64_t variant_warp_token(const FixedPointRnnParams& p, const Varlen& varlen) {
+  const int64_t tok = int64_t(blockIdx.x) * kFpWarpsPerBlock + threadIdx.x / 32;
+  return tok < fixed_point_rnn_tokens(p, varlen.packed()) ? tok : -1;
+}
+
+// The element (batch row, or packed sequence) that holds token tok.
+__device__ __forceinline__ int64_t variant_element(const FixedPointRnnParams& p, const Varlen& varlen, int64_t tok) {
+  return varlen.packed() ? varlen.sequence_of(tok, p.batch, p.seqlen) : tok / p.seqlen;
+}
+
 template <typename T>
 __device__ __forceinline__ void load_betas(const FixedPointRnnParams& p, int64_t tok, float (&beta)[kFpMaxR]) {
   const T* g_beta = static_cast<const T*>(p.hh_beta) + tok * p.rank;  // (R,)
@@ -116,9 +129,9 @@ __device__ __forceinline__ void load_betas(const FixedPointRnnParams& p, int64_t
 template <typename T, bool kAdjoint, bool kVariant = false>
 __device__ __forceinline__ void fixed_point_rnn_mix(const FixedPointRnnParams& p, const FixedPointRnnWork& w,
                                                 const FixedPointRnnIter& it, const FixedPointRnnVariantWork& v = {}) {
-  const int64_t tok = warp_token(p);
+  const int64_t tok = kVariant ? variant_warp_token(p, v.varlen) : warp_token(p);
   if (tok < 0) return;
-  const int64_t bi = tok / p.seqlen, D = p.dim;
+  const int64_t bi = kVariant ? variant_element(p, v.varlen, tok) : tok / p.seqlen, D = p.dim;
   if (it.track && w.done[bi]) return;
   const int lane = threadIdx.x % 32, R = static_cast<int>(p.rank);
   const T* g_u = static_cast<const T*>(p.hh_u) + tok * R * D;  // (R, D)
@@ -156,15 +169,16 @@ __device__ __forceinline__ void fixed_point_rnn_mix(const FixedPointRnnParams& p
 
 // Causal stopping, in the last block of element bi: token t stops at the first iteration with
 // max_{s<=t} ratio_s < tol, i.e. the tokens before the first one whose ratio is not below tol (`first_open`,
-// this thread's first; block-reduced here). The tokens stopping now keep this iteration's input `src`.
+// this thread's first; block-reduced here). The tokens stopping now keep this iteration's input `src`. The
+// element's tokens start at token `first` of the (B, T) rows.
 template <typename Traits>
-__device__ void fixed_point_rnn_causal_record(const FixedPointRnnParams& p, const FixedPointRnnVariantWork& v,
-                                              const float* src, int64_t first_open) {
+__device__ void fixed_point_rnn_causal_record(const FixedPointRnnVariantWork& v, const float* src, int64_t first_open,
+                                              int64_t first, int64_t D) {
   LINMIX_SHARED(int64_t, s_open, [Traits::kNWarps]);
   LINMIX_SHARED(int64_t, s_from);
   LINMIX_SHARED(int64_t, s_to);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t bi = blockIdx.x, L = p.seqlen, D = p.dim;
+  const int64_t bi = blockIdx.x;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     const int64_t other = __shfl_xor_sync(0xffffffffu, first_open, o);
@@ -180,7 +194,7 @@ __device__ void fixed_point_rnn_causal_record(const FixedPointRnnParams& p, cons
   }
   __syncthreads();
   for (int64_t k = s_from * D + threadIdx.x; k < s_to * D; k += Traits::kThreads) {
-    v.record[bi * L * D + k] = src[bi * L * D + k];
+    v.record[first * D + k] = src[first * D + k];
   }
 }
 
@@ -197,7 +211,11 @@ __device__ __forceinline__ void fixed_point_rnn_scan(const FixedPointRnnParams& 
   LINMIX_SHARED(float, s_red, [Traits::kNWarps]);
   LINMIX_SHARED(bool, s_last);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t bi = blockIdx.x, L = p.seqlen, D = p.dim;
+  const int64_t bi = blockIdx.x, D = p.dim;
+  // this element's tokens: row bi, or a variant's packed sequence, its span [first, first + L) of row 0 (the
+  // default kernels keep their verified index arithmetic, bi * L + t)
+  const SeqSpan seq = kVariant ? v.varlen.span(bi, p.seqlen) : SeqSpan{};
+  const int64_t L = kVariant ? seq.len : p.seqlen, first = kVariant ? seq.first(p.seqlen) : 0;
   if (it.track && w.done[bi]) return;  // uniform over the block, before any barrier
   const int R = static_cast<int>(p.rank);
   const int64_t d = int64_t(blockIdx.y) * 32 + lane;
@@ -219,7 +237,7 @@ __device__ __forceinline__ void fixed_point_rnn_scan(const FixedPointRnnParams& 
       const int64_t t = kAdjoint ? L - 1 - s : s;
       r_a[j] = 1.f, r_b[j] = 0.f, r_old[j] = 0.f;  // identity step past the end / inactive lanes
       if (active && s < L) {
-        const int64_t tok = bi * L + t, off = tok * D + d;
+        const int64_t tok = kVariant ? first + t : bi * L + t, off = tok * D + d;
         const float* g_coef = w.coef + tok * R;  // (R,)
         float mix = 0.f;
         for (int i = 0; i < R; ++i) mix += g_coef[i] * to_float(g_u[(tok * R + i) * D + d]);
@@ -239,7 +257,7 @@ __device__ __forceinline__ void fixed_point_rnn_scan(const FixedPointRnnParams& 
     for (int j = 0; j < Traits::kItems; ++j) {
       const int64_t s = c0 + warp * Traits::kItems + j;  // uniform over the warp
       if (s >= L) continue;
-      const int64_t tok = bi * L + (kAdjoint ? L - 1 - s : s);
+      const int64_t tok = (kVariant ? first : bi * L) + (kAdjoint ? L - 1 - s : s);
       if constexpr (kVariant) {
         if (active) dst[tok * D + d] = it.track && p.damping != 1.0
                                            ? fixed_point_rnn_damp(static_cast<float>(p.damping), r_old[j], r_b[j])
@@ -269,8 +287,9 @@ __device__ __forceinline__ void fixed_point_rnn_scan(const FixedPointRnnParams& 
   int64_t first_open = L;  // causal: the first token whose ratio is not below tol
   for (int64_t t = threadIdx.x; t < L; t += Traits::kThreads) {
     // read-and-reset, so the next iteration starts from zeros (atomics read the coherent L2 copy)
-    const float diff = __uint_as_float(atomicExch(w.tok_diff + bi * L + t, 0u));
-    const float norm = __uint_as_float(atomicExch(w.tok_norm + bi * L + t, 0u));
+    const int64_t tok = kVariant ? first + t : bi * L + t;
+    const float diff = __uint_as_float(atomicExch(w.tok_diff + tok, 0u));
+    const float norm = __uint_as_float(atomicExch(w.tok_norm + tok, 0u));
     const float ratio = fixed_point_rnn_token_ratio(diff, norm);
     r = nan_max(r, ratio);
     if constexpr (kVariant) {
@@ -280,7 +299,7 @@ __device__ __forceinline__ void fixed_point_rnn_scan(const FixedPointRnnParams& 
   r = warp_nan_max(r);
   if (lane == 0) s_red[warp] = r;
   if constexpr (kVariant) {
-    if (p.causal) fixed_point_rnn_causal_record<Traits>(p, v, src, first_open);
+    if (p.causal) fixed_point_rnn_causal_record<Traits>(v, src, first_open, first, D);
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -315,16 +334,17 @@ inline FixedPointRnnWork fixed_point_rnn_work(const FixedPointRnnParams& p, cons
 
 // Zeroed per call: the per-token maxima, the flags and counters (and the given state buffer).
 inline void fixed_point_rnn_reset(const FixedPointRnnParams& p, const FixedPointRnnWorkspace& ws,
-                                  cudaStream_t stream) {
-  const int64_t BT = p.batch * p.seqlen;
+                                  cudaStream_t stream, bool packed = false) {
+  const int64_t BT = fixed_point_rnn_tokens(p, packed);
   float* f = static_cast<float*>(p.work);
   LINMIX_CUDA_CHECK(cudaMemsetAsync(f + ws.tok_diff, 0, 2 * BT * sizeof(float), stream));  // tok_diff, tok_norm
   LINMIX_CUDA_CHECK(cudaMemsetAsync(p.flags, 0, ws.flag_ints * sizeof(int), stream));
 }
 
 // Grid of the token-per-warp kernels (gram, mix, grads).
-inline dim3 fixed_point_rnn_token_grid(const FixedPointRnnParams& p) {
-  return checked_grid("fixed_point_rnn", "(ceil(B T / 8))", ceil_div(p.batch * p.seqlen, kFpWarpsPerBlock));
+inline dim3 fixed_point_rnn_token_grid(const FixedPointRnnParams& p, bool packed = false) {
+  return checked_grid("fixed_point_rnn", "(ceil(B T / 8))",
+                      ceil_div(fixed_point_rnn_tokens(p, packed), kFpWarpsPerBlock));
 }
 
 // Blocks of 256 threads for a grid-stride loop over n elements.
@@ -354,7 +374,7 @@ inline void fixed_point_rnn_launch_variant_pair(FixedPointRnnVariantIterKernel m
                                                 const FixedPointRnnParams& p, const FixedPointRnnWork& w,
                                                 const FixedPointRnnIter& it, const FixedPointRnnVariantWork& v,
                                                 cudaStream_t stream) {
-  const dim3 tok_blocks = fixed_point_rnn_token_grid(p), scan_grid = fixed_point_rnn_scan_grid(p);
+  const dim3 tok_blocks = fixed_point_rnn_token_grid(p, v.varlen.packed()), scan_grid = fixed_point_rnn_scan_grid(p);
   launch_kernel(mix, tok_blocks, 32 * kFpWarpsPerBlock, 0, stream, p, w, it, v);
   launch_kernel(scan, scan_grid, FixedPointRnnScanTraits::kThreads, 0, stream, p, w, it, v);
 }

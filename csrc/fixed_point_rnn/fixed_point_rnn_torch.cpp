@@ -49,30 +49,27 @@ int64_t check_inputs(const Tensor& u, const Tensor& lam, const Tensor& hh_u, con
   return n_seqs;
 }
 
-constexpr const char* kPackedOnCpuOnly =
-    "linmix.fixed_point_rnn: cu_seqlens runs on the CPU only so far (no CUDA kernel takes packed sequences yet)";
-
 // The CUDA launch of either direction: the family fixed_point_rnn_plan picks, with the workspace it carves up.
-void launch_cuda(const Tensor& u, FixedPointRnnParams& p, bool backward, DType dt, cudaStream_t stream,
+void launch_cuda(const Tensor& u, FixedPointRnnVarlenParams& p, bool backward, DType dt, cudaStream_t stream,
                  const FixedPointRnnCudaLaunchers& cuda) {
   const FixedPointRnnPlan plan = fixed_point_rnn_plan(p);
   LINMIX_CHECK(plan.error == nullptr, plan.error);
   if (plan.warning) warn(plan.warning);
-  const FixedPointRnnWorkspace ws = fixed_point_rnn_workspace(p, backward);
+  const FixedPointRnnWorkspace ws = fixed_point_rnn_workspace(p, backward, p.varlen.packed());
   const Tensor work = empty(u, {ws.work_floats}, ScalarType::Float);
   const Tensor flags = empty(u, {ws.flag_ints}, ScalarType::Int);
   p.work = work.data_ptr(), p.flags = flags.data_ptr();
-  if (backward) {
-    (plan.variants ? cuda.variants_bwd : cuda.bwd)(dt, p, stream);
+  if (plan.variants) {
+    (backward ? cuda.variants_bwd : cuda.variants_fwd)(dt, p, stream);
   } else {
-    (plan.variants ? cuda.variants_fwd : cuda.fwd)(dt, p, stream);
+    (backward ? cuda.bwd : cuda.fwd)(dt, p, stream);
   }
 }
 
-FixedPointRnnCpuParams make_params(const Tensor& u, const Tensor& lam, const Tensor& hh_u, const Tensor& hh_beta,
+FixedPointRnnVarlenParams make_params(const Tensor& u, const Tensor& lam, const Tensor& hh_u, const Tensor& hh_beta,
                                 int64_t max_iter, double tol, const OptTensor& h0, double damping, int64_t n_seqs,
                                 Varlen varlen) {
-  FixedPointRnnCpuParams p;
+  FixedPointRnnVarlenParams p;
   p.batch = n_seqs, p.seqlen = u.size(1), p.dim = u.size(2), p.rank = hh_u.size(2);
   p.varlen = varlen;
   p.max_iter = static_cast<int>(max_iter), p.tol = tol;
@@ -104,15 +101,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fixed_point_rnn_fwd(Tensor u_in, Tens
     torch::stable::zero_(h_prev);
     return {h, h_prev, n_iter, residual};
   }
-  FixedPointRnnCpuParams p = make_params(u, lam, hh_u, hh_beta, max_iter, tol, h0, damping, n_seqs, varlen);
+  FixedPointRnnVarlenParams p = make_params(u, lam, hh_u, hh_beta, max_iter, tol, h0, damping, n_seqs, varlen);
   p.batch_quantile = batch_quantile, p.causal = causal;
   p.h = h.data_ptr(), p.h_prev = h_prev.data_ptr(), p.n_iter = static_cast<int32_t*>(n_iter.data_ptr());
   p.residual = static_cast<float*>(residual.data_ptr());
-  if (varlen.packed()) {  // no CUDA kernel takes packed sequences yet: none to emulate either
-    LINMIX_CHECK(backend == Backend::kCPU, kPackedOnCpuOnly);
-    fixed_point_rnn_fwd_cpu(p, to_linmix_dtype(u.scalar_type()));
-    return {h, h_prev, n_iter, residual};
-  }
   launch<backend, FixedPointRnnCudaLaunchers>(
       u, [&](DType dt) { fixed_point_rnn_fwd_cpu(p, dt); },
       [&](const FixedPointRnnCudaLaunchers& cuda, DType dt, cudaStream_t stream) {
@@ -145,16 +137,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fixed_point_rnn_bwd(Tensor u_
   // dh0 = lam_0 * s_0; with no tokens the initial state passes straight through: zero gradient
   Tensor dh0 = h0 ? zeros(u, sizes(*h0)) : empty(u, {0});
   if (u.numel() == 0) return {du, dlam, dhh_u, dhh_beta, dh0};
-  FixedPointRnnCpuParams p = make_params(u, lam, hh_u, hh_beta, max_iter, tol, h0, damping, n_seqs, varlen);
+  FixedPointRnnVarlenParams p = make_params(u, lam, hh_u, hh_beta, max_iter, tol, h0, damping, n_seqs, varlen);
   p.dh0 = h0 ? dh0.data_ptr() : nullptr;
   p.h_prev = h_prev.data_ptr();
   p.dh = dh.data_ptr(), p.du = du.data_ptr(), p.dlam = dlam.data_ptr(), p.dhh_u = dhh_u.data_ptr();
   p.dhh_beta = dhh_beta.data_ptr();
-  if (varlen.packed()) {
-    LINMIX_CHECK(backend == Backend::kCPU, kPackedOnCpuOnly);
-    fixed_point_rnn_bwd_cpu(p, to_linmix_dtype(u.scalar_type()));
-    return {du, dlam, dhh_u, dhh_beta, dh0};
-  }
   launch<backend, FixedPointRnnCudaLaunchers>(
       u, [&](DType dt) { fixed_point_rnn_bwd_cpu(p, dt); },
       [&](const FixedPointRnnCudaLaunchers& cuda, DType dt, cudaStream_t stream) {

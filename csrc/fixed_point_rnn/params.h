@@ -39,11 +39,12 @@ struct FixedPointRnnParams {
   void* flags = nullptr;  // CUDA only: per-batch int32 convergence state and block counters
 };
 
-// The CPU kernels' params: they also take packed sequences (common/varlen.h), which no CUDA kernel takes yet (a field
-// in FixedPointRnnParams would move the GPU-verified kernels' later parameters, and change their SASS). batch is then
-// the number of sequences N (h0, dh0, n_iter, residual have a row per sequence; each sequence stops on its own),
-// and the (1, T, ...) tensors hold them along T. Null offsets: dense.
-struct FixedPointRnnCpuParams : FixedPointRnnParams {
+// The params of the CPU kernels and of the fixed_point_rnn_variants CUDA kernels: they also take packed sequences
+// (common/varlen.h), which the GPU-verified default kernels do not (a field in FixedPointRnnParams would move their
+// later parameters, and change their SASS). batch is then the number of sequences N (h0, dh0, n_iter, residual have
+// a row per sequence; each sequence stops on its own), and the (1, T, ...) tensors hold them along T. Null offsets:
+// dense.
+struct FixedPointRnnVarlenParams : FixedPointRnnParams {
   Varlen varlen;
 };
 

@@ -14,7 +14,7 @@ A :class:`Case` lists
 Enumerating "every op, every documented argument, small odd shapes"::
 
     for case in CASES.values():
-        for choice in variants(case, device):          # the default call, then one argument changed at a time
+        for choice in variants(case):                  # the default call, then one argument changed at a time
             x = make(case, device, torch.float64, seed=1, **choice)
             outs, refs = case.run(x), case.reference(x)
 
@@ -94,13 +94,12 @@ class Input:
 class Arg:
     """A documented argument and the values worth running; values[0] is the default. For an option, the op's
     own default (``make`` leaves it out unless asked); for a tensor (``tensor=True``), the form ``make`` builds
-    unless told otherwise: None (not passed), "given", or a named layout such as "grouped". ``cuda`` lists the
-    values the CUDA backend takes, where it takes fewer than all."""
+    unless told otherwise: None (not passed), "given", or a named layout such as "grouped". Every backend takes
+    every value."""
 
     name: str
     values: tuple
     tensor: bool = False
-    cuda: tuple | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,14 +171,13 @@ def make(case: Case, device: str = "cpu", dtype: torch.dtype = torch.float32, *,
     return Inputs({**values, **choices}, dims, case.time)
 
 
-def variants(case: Case, device: str = "cpu"):
+def variants(case: Case):
     """The default call ({}), then every other value of every documented argument, one at a time (the choices
-    for make); on CUDA, only the values its backend takes."""
+    for make)."""
     yield {}
     for arg in case.args:
         for v in arg.values[1:]:
-            if device != "cuda" or arg.cuda is None or v in arg.cuda:
-                yield {arg.name: v}
+            yield {arg.name: v}
 
 
 def _segments(cu_seqlens: torch.Tensor | None, total: int) -> list[tuple[int, int]]:
@@ -450,8 +448,7 @@ FIXED_POINT_RNN = Case(
         Arg("output_final_state", (False, True)), Arg("damping", (1.0, 0.7)),
         Arg("stopping", ("element", "batch", "causal")), Arg("quantile", (0.9, 0.5)),
         Arg("on_nonconvergence", ("ignore", "warn", "raise")),
-        # packed sequences run on the CPU only so far
-        Arg("cu_seqlens", (None, "given"), tensor=True, cuda=(None,)),
+        Arg("cu_seqlens", (None, "given"), tensor=True),
     ),
     reference=_fixed_point_rnn_reference,
     grads=("u", "lam", "hh_u", "hh_beta", "initial_state"),

@@ -3,5 +3,5 @@
 
 namespace linmix {
 template void fixed_point_rnn_bwd_cuda<DType::kFloat16>(const FixedPointRnnParams&, cudaStream_t);
-template void fixed_point_rnn_variants_bwd_cuda<DType::kFloat16>(const FixedPointRnnParams&, cudaStream_t);
+template void fixed_point_rnn_variants_bwd_cuda<DType::kFloat16>(const FixedPointRnnVarlenParams&, cudaStream_t);
 }  // namespace linmix

@@ -3,5 +3,5 @@
 
 namespace linmix {
 template void fixed_point_rnn_fwd_cuda<DType::kBFloat16>(const FixedPointRnnParams&, cudaStream_t);
-template void fixed_point_rnn_variants_fwd_cuda<DType::kBFloat16>(const FixedPointRnnParams&, cudaStream_t);
+template void fixed_point_rnn_variants_fwd_cuda<DType::kBFloat16>(const FixedPointRnnVarlenParams&, cudaStream_t);
 }  // namespace linmix

@@ -37,7 +37,7 @@ def runs(dev: str, dt: torch.dtype, ops=()):
             continue
         case = CASES[name]
         for T in lengths:
-            for choice in variants(case, dev) if T == lengths[len(lengths) // 2] else [{}]:
+            for choice in variants(case) if T == lengths[len(lengths) // 2] else [{}]:
                 s = dict(sizes) if T is None else dict(sizes, **{case.time: T})
                 label = " ".join([name, *(f"{k}={v}" for k, v in choice.items())] + ([] if T is None else [f"T={T}"]))
                 yield case, label, make(case, dev, dt, seed=1, sizes=s, **choice)

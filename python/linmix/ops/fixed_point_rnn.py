@@ -209,7 +209,8 @@ def fixed_point_rnn(
             ((N, D)), final state ((N, D)), iteration count and residual ((N,)), and stopping rule ("batch":
             the quantile over the N sequences). One call, no host loop and no host synchronisation (the kernel
             reads the offsets; a malformed tensor raises RuntimeError through an asynchronous device assert,
-            at once on the CPU). CPU only so far: on CUDA it raises RuntimeError.
+            at once on the CPU). On CUDA, packed calls run the fixed_point_rnn_variants kernels (emulation-verified,
+            with a one-time warning until a GPU verifies them).
 
     Returns:
         h: (B, T, D) in u's dtype (state and accumulation in float32, float64 for float64 inputs),
