@@ -270,14 +270,16 @@ def test_gla_head512(op, B, T, H, K, V, dtype, switch):
 
 
 # packed sequences (cu_seqlens): the gla_varlen family, the one family that serves them (so no switch), both ops and
-# fused_recurrent_gla's reverse; boundaries inside a chunk and on its edge (69), an empty and a length-1 sequence
+# fused_recurrent_gla's reverse, and its kernels sized for head dims up to 512; boundaries inside a chunk and on its
+# edge (69), an empty and a length-1 sequence
 GLA_VARLEN_LENS = [5, 0, 64, 1, 3]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("op, kw", [("chunk_gla", {}), ("fused_recurrent_gla", {"reverse": True})])
-def test_gla_varlen(op, kw, dtype):
-    check(*gla_varlen_case(getattr(linmix, op), GLA_VARLEN_LENS, 1, 20, 33, **kw), dtype)
+@pytest.mark.parametrize("op, kw, K, V", [("chunk_gla", {}, 20, 33), ("fused_recurrent_gla", {"reverse": True}, 20, 33),
+                                          ("chunk_gla", {}, 260, 24)])
+def test_gla_varlen(op, kw, K, V, dtype):
+    check(*gla_varlen_case(getattr(linmix, op), GLA_VARLEN_LENS, 1, K, V, **kw), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -478,14 +478,18 @@ def test_cuda_varlen_warns_once(op):
         assert out.stdout.split()[-1] == str(warnings_seen), (switch, out.stdout)
 
 
-@pytest.mark.skipif(not (HAS_CUDA or EMULATED), reason="the CUDA kernels (a GPU, or LINMIX_EMULATE_CUDA=1)")
-@pytest.mark.parametrize("op", ["chunk_gla", "fused_recurrent_gla"])
-def test_cuda_varlen_wide_heads_raise(op):
-    # the gla_varlen kernels size their state tiles for head dims up to 256; wider packed calls are a named error
-    device = "cuda" if HAS_CUDA else "cpu"
-    inputs, cu = packed([3, 4], torch.float32, device, H=1, K=260, V=8)
-    with pytest.raises(ValueError, match=f"linmix.{op}: cu_seqlens on CUDA takes head dims K, V <= 256"):
-        getattr(linmix, op)(*inputs[:4], initial_state=inputs[4], cu_seqlens=cu)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algo", VARLEN_ALGOS)
+@pytest.mark.parametrize("K, V", [(260, 8), (8, 300)])
+def test_varlen_wide_heads(device, algo, K, V):
+    # head dims above 256 (on CUDA the gla_varlen kernels sized for 512): each sequence matches its reference
+    inputs, cu = packed([3, 0, 9, 1], torch.float32, device, H=1, K=K, V=V)
+    N, T = cu.numel() - 1, inputs[0].shape[1]
+    do, dht = torch.randn(1, T, 1, V, dtype=torch.float64), torch.randn(N, 1, K, V, dtype=torch.float64)
+    got = packed_call(algo, inputs, cu, do.to(device), dht.to(device))
+    want = per_sequence_reference([t.cpu() for t in inputs], cu.cpu(), algo.endswith("reverse"), do, dht)
+    for name, a, b in zip(["o", "final_state", "dq", "dk", "dv", "dg", "dinitial_state"], got, want, strict=True):
+        assert_close(a.cpu().double(), b, name=name, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)

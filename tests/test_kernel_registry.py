@@ -72,6 +72,7 @@ def run_every_op():
             cases.check(*cases.gla_case(op, 1, 9, 1, 260, 40), dtype)  # K > 256: gla_head512
             cases.check(*cases.gla_case(op, 1, 9, 1, 8, 260), dtype)  # V > 256: gla_head512's dq/dk kernel
             cases.check(*cases.gla_varlen_case(op, [3, 0, 6], 1, 8, 5), dtype)  # cu_seqlens: gla_varlen
+            cases.check(*cases.gla_varlen_case(op, [3, 0, 6], 1, 260, 5), dtype)  # its kernels sized for 512
         cases.check(*cases.fixed_point_case(1, 37, 20, 2, "onestep"), dtype)
         for stopping in ("batch", "causal"):
             cases.check(*cases.fixed_point_variants_case(3, 37, 20, 2, stopping, 1e-5), dtype)

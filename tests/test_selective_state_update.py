@@ -188,6 +188,22 @@ def test_bad_indices(device):
     _raises(args, r"x must have shape \(b, d\) with d from state \(b, d, n\) = \(5, 8\), got \(3, 8\)")
 
 
+def test_cache_rows_checked_on_the_device():
+    # What a CUDA call checks without reading the indices on the host (asynchronous asserts), run on CPU tensors
+    # here, where the assert raises at once: padding rows may repeat, state rows may not.
+    from linmix.ops.selective_scan import check_cache_rows
+    check_cache_rows(torch.tensor([3, -1, 0, -1, 2]), 4)
+    check_cache_rows(torch.tensor([], dtype=torch.int32), 4)
+    with pytest.raises(RuntimeError, match="names a state row twice"):
+        check_cache_rows(torch.tensor([1, -1, 2, 1], dtype=torch.int32), 4)
+    with pytest.raises(RuntimeError, match="is >= the state's row count"):
+        check_cache_rows(torch.tensor([0, 4]), 4)
+    compiled = torch.compile(check_cache_rows, fullgraph=True)
+    compiled(torch.tensor([2, 0]), 4)
+    with pytest.raises(RuntimeError, match="names a state row twice"):
+        compiled(torch.tensor([2, 2]), 4)
+
+
 def _heads(b=2, h=4, p=3, n=2, g=2):
     return dict(state=torch.randn(b, h, p, n), x=torch.randn(b, h, p), dt=torch.rand(b, h, p), A=-torch.rand(h, p, n),
                 B=torch.randn(b, g, n), C=torch.randn(b, g, n), D=torch.randn(h, p), z=torch.randn(b, h, p),

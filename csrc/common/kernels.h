@@ -92,10 +92,13 @@ inline constexpr KernelRecord kKernels[] = {
      "head dims K or V in (256, 512]: chunk_gla's and fused_recurrent_gla's kernels sized for 512 (the chunk backward "
      "shares chunk_gla's grads kernel, which has no head-dim limit)"},
     {KernelFamily::kGlaVarlen, "gla_varlen", "chunk_gla, fused_recurrent_gla",
-     "linmix_gla_varlen_fwd_kernel<*>; linmix_gla_varlen_bwd_dqk_kernel<*>; linmix_gla_varlen_bwd_dv_kernel<*>",
+     "linmix_gla_varlen_fwd_kernel<*>; linmix_gla_varlen_bwd_dqk_kernel<*>; linmix_gla_varlen_bwd_dv_kernel<*>; "
+     "linmix_gla_varlen_head512_fwd_kernel<*>; linmix_gla_varlen_head512_bwd_dqk_kernel<*>; "
+     "linmix_gla_varlen_head512_bwd_dv_kernel<*>",
      Tier::kEmulationVerified, false,
-     "packed sequences (cu_seqlens), head dims <= 256: fused_recurrent_gla's kernels with a block row per (sequence, "
-     "head) walking its span of the offsets on the device, for both ops; dg exact as gla_gate_grad"},
+     "packed sequences (cu_seqlens): fused_recurrent_gla's kernels (head dims in (256, 512]: gla_head512's sizes) with "
+     "a block row per (sequence, head) walking its span of the offsets on the device, for both ops; dg exact as "
+     "gla_gate_grad"},
     {KernelFamily::kFixedPointRnn, "fixed_point_rnn", "fixed_point_rnn",
      "linmix_fixed_point_rnn_fwd_*_kernel<*>; linmix_fixed_point_rnn_bwd_*_kernel<*>", Tier::kGpuVerified, true,
      "fixed-point iteration of (Householder mix, diagonal scan) with a device-side convergence test"},

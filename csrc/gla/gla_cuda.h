@@ -22,7 +22,7 @@ template <DType dt> void gla_head512_chunk_fwd_cuda(const GlaParams& p, cudaStre
 template <DType dt> void gla_head512_chunk_bwd_cuda(const GlaParams& p, cudaStream_t stream);
 template <DType dt> void gla_head512_recurrent_fwd_cuda(const GlaParams& p, cudaStream_t stream);
 template <DType dt> void gla_head512_recurrent_bwd_cuda(const GlaParams& p, cudaStream_t stream);
-// Packed sequences, K, V <= kGlaCudaMaxHeadDim, both ops: fused_recurrent_gla's kernels (the gla_varlen
+// Packed sequences, both ops: fused_recurrent_gla's kernels, above kGlaCudaMaxHeadDim gla_head512's (the gla_varlen
 // family).
 template <DType dt> void gla_varlen_fwd_cuda(const GlaParams& p, const Varlen& varlen, cudaStream_t stream);
 template <DType dt> void gla_varlen_bwd_cuda(const GlaParams& p, const Varlen& varlen, cudaStream_t stream);
@@ -78,14 +78,10 @@ inline GlaPlan gla_head512_plan(GlaAlgo algo, int64_t workspace_floats, bool exa
                             workspace_floats, exact_gate_grad);
 }
 
-// Packed sequences run the gla_varlen family, for both ops: fused_recurrent_gla's kernels walking each sequence's
-// span, one block row per (sequence, head); the backward's workspace is the (1, T, H, K) fp32 dq.
+// Packed sequences run the gla_varlen family, for both ops: fused_recurrent_gla's kernels (gla_head512's above
+// kGlaCudaMaxHeadDim) walking each sequence's span, one block row per (sequence, head); the backward's workspace is
+// the (1, T, H, K) fp32 dq.
 inline GlaPlan gla_varlen_plan(const GlaParams& p, GlaAlgo algo, bool backward) {
-  const char* op = algo == GlaAlgo::kChunk ? "linmix.chunk_gla: " : "linmix.fused_recurrent_gla: ";
-  if (p.dim_k > kGlaCudaMaxHeadDim || p.dim_v > kGlaCudaMaxHeadDim)
-    throw std::invalid_argument(op + ("cu_seqlens on CUDA takes head dims K, V <= " +
-                                      std::to_string(kGlaCudaMaxHeadDim)) + " (the gla_varlen kernels), got K = " +
-                                std::to_string(p.dim_k) + ", V = " + std::to_string(p.dim_v));
   return gla_uncovered_plan(KernelFamily::kGlaVarlen, "packed sequences (cu_seqlens)", algo,
                             backward ? p.seqlen * p.heads * p.dim_k : 0, /*exact_gate_grad=*/true);
 }

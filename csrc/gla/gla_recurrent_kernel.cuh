@@ -346,7 +346,8 @@ __global__ void __launch_bounds__(GlaRecurrentTraits<kGlaMaxHeadDim>::kThreads, 
 }
 
 // gla_varlen's: fused_recurrent_gla's kernels over packed sequences, serving chunk_gla's packed calls too (the same
-// recurrence), with the exact dg (gla_gate_grad) of the CPU kernels.
+// recurrence), with the exact dg (gla_gate_grad) of the CPU kernels; the head512 ones are gla_head512's kernels
+// over packed sequences, for head dims above kGlaCudaMaxHeadDim.
 template <typename T>
 __global__ void __launch_bounds__(GlaRecurrentTraits<kGlaCudaMaxHeadDim>::kThreads)
     linmix_gla_varlen_fwd_kernel(GlaParams p, Varlen varlen) {
@@ -364,6 +365,26 @@ __global__ void __launch_bounds__(GlaRecurrentTraits<kGlaCudaMaxHeadDim>::kThrea
     linmix_gla_varlen_bwd_dqk_kernel(GlaParams p, Varlen varlen) {
   using Tr = GlaRecurrentTraits<kGlaCudaMaxHeadDim>;
   LINMIX_SHARED(float, s_v, [Tr::kSteps][Tr::kMaxDim]);   // (kSteps, V)
+  LINMIX_SHARED(float, s_do, [Tr::kSteps][Tr::kMaxDim]);  // (kSteps, V)
+  gla_recurrent_bwd_dqk<T, /*kExactGateGrad=*/true, true>(p, varlen, s_v, s_do);
+}
+template <typename T>
+__global__ void __launch_bounds__(GlaRecurrentTraits<kGlaMaxHeadDim>::kThreads, 1)
+    linmix_gla_varlen_head512_fwd_kernel(GlaParams p, Varlen varlen) {
+  LINMIX_DYNAMIC_SHARED_ALIGNED(16, unsigned char, smem_raw);
+  gla_recurrent_fwd<T, true>(p, varlen, *reinterpret_cast<GlaColumnSmem<kGlaMaxHeadDim>*>(smem_raw));
+}
+template <typename T>
+__global__ void __launch_bounds__(GlaRecurrentTraits<kGlaMaxHeadDim>::kThreads, 1)
+    linmix_gla_varlen_head512_bwd_dv_kernel(GlaParams p, Varlen varlen) {
+  LINMIX_DYNAMIC_SHARED_ALIGNED(16, unsigned char, smem_raw);
+  gla_recurrent_bwd_dv<T, true>(p, varlen, *reinterpret_cast<GlaColumnSmem<kGlaMaxHeadDim>*>(smem_raw));
+}
+template <typename T>
+__global__ void __launch_bounds__(GlaRecurrentTraits<kGlaMaxHeadDim>::kThreads, 1)
+    linmix_gla_varlen_head512_bwd_dqk_kernel(GlaParams p, Varlen varlen) {
+  using Tr = GlaRecurrentTraits<kGlaMaxHeadDim>;
+  LINMIX_SHARED(float, s_v, [Tr::kSteps][Tr::kMaxDim]);   // (kSteps, V): 16 KiB
   LINMIX_SHARED(float, s_do, [Tr::kSteps][Tr::kMaxDim]);  // (kSteps, V)
   gla_recurrent_bwd_dqk<T, /*kExactGateGrad=*/true, true>(p, varlen, s_v, s_do);
 }
@@ -416,13 +437,29 @@ void gla_head512_recurrent_bwd_cuda(const GlaParams& p, cudaStream_t stream) {
       linmix_gla_head512_recurrent_bwd_dv_kernel<cuda_t<dt>>, sizeof(GlaColumnSmem<kGlaMaxHeadDim>), p, stream);
 }
 
+// Packed sequences: the kernels sized for kGlaCudaMaxHeadDim, or above it gla_head512's sizes.
+inline bool gla_wide_heads(const GlaParams& p) {
+  return p.dim_k > kGlaCudaMaxHeadDim || p.dim_v > kGlaCudaMaxHeadDim;
+}
+
 template <DType dt>
 void gla_varlen_fwd_cuda(const GlaParams& p, const Varlen& varlen, cudaStream_t stream) {
+  if (gla_wide_heads(p)) {
+    launch_gla_recurrent_fwd<kGlaMaxHeadDim>(linmix_gla_varlen_head512_fwd_kernel<cuda_t<dt>>,
+                                             sizeof(GlaColumnSmem<kGlaMaxHeadDim>), p, stream, varlen);
+    return;
+  }
   launch_gla_recurrent_fwd<kGlaCudaMaxHeadDim>(linmix_gla_varlen_fwd_kernel<cuda_t<dt>>, 0, p, stream, varlen);
 }
 
 template <DType dt>
 void gla_varlen_bwd_cuda(const GlaParams& p, const Varlen& varlen, cudaStream_t stream) {
+  if (gla_wide_heads(p)) {
+    launch_gla_recurrent_bwd<kGlaMaxHeadDim>(linmix_gla_varlen_head512_bwd_dqk_kernel<cuda_t<dt>>,
+                                             linmix_gla_varlen_head512_bwd_dv_kernel<cuda_t<dt>>,
+                                             sizeof(GlaColumnSmem<kGlaMaxHeadDim>), p, stream, varlen);
+    return;
+  }
   launch_gla_recurrent_bwd<kGlaCudaMaxHeadDim>(linmix_gla_varlen_bwd_dqk_kernel<cuda_t<dt>>,
                                                linmix_gla_varlen_bwd_dv_kernel<cuda_t<dt>>, 0, p, stream, varlen);
 }

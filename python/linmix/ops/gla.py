@@ -120,7 +120,7 @@ def chunk_gla(
             the kernels clamp every offset they read). RuntimeError for offsets that are not a 1-D int32 /
             int64 tensor on the inputs' device, a batch other than 1, or states that are not (N, H, K, V).
             On CUDA, packed calls run the ``gla_varlen`` kernels (fused_recurrent_gla's, walking each sequence;
-            head dims up to {cuda_max_head_dim}, above that ValueError), which pass the tests under the CUDA
+            above head dim {cuda_max_head_dim} gla_head512's sizes), which pass the tests under the CUDA
             emulator but have not yet run on a GPU: the first such call in a process warns.
         cu_seqlens_cpu: flash-linear-attention's host copy of the offsets: accepted, never needed; used (copied
             to the inputs' device without a synchronisation) only when cu_seqlens is not given.

@@ -175,6 +175,19 @@ def _ssu_fake(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, dt_soft
     return x.new_empty(x.shape)
 
 
+def check_cache_rows(state_batch_indices: torch.Tensor, n_rows: int) -> None:
+    """selective_state_update's cache rows checked on their device without a host read (asynchronous asserts,
+    RuntimeError at the next synchronising call): every entry below n_rows, and no row named twice (negative
+    entries are padding and may repeat). A sort and a comparison of neighbours, so a CUDA graph can capture it."""
+    torch._assert_async((state_batch_indices < n_rows).all(),
+                        "linmix.selective_state_update: an entry of state_batch_indices is >= the state's row count "
+                        "(negative entries mark padding rows)")
+    rows = state_batch_indices.sort().values
+    torch._assert_async(~((rows[1:] == rows[:-1]) & (rows[1:] >= 0)).any(),
+                        "linmix.selective_state_update: state_batch_indices names a state row twice (two batch rows "
+                        "would race for it)")
+
+
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
                            state_batch_indices=None):
     """One decoding step of the selective SSM, a drop-in for ``mamba_ssm.ops.triton.selective_state_update``.
@@ -209,8 +222,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     mamba-ssm's convention). Never read on the host on CUDA (no sync; CUDA-graph capturable): the kernels
     treat an entry >= S as padding too, and such an entry raises RuntimeError through an asynchronous device
     assert (at the next synchronising call). On the CPU entries >= S and repeated entries raise RuntimeError
-    at once, before anything is written; on CUDA repeated entries are not detected (two batch rows then race
-    for one state row).
+    at once, before anything is written; on CUDA a repeated entry (two batch rows racing for one state row)
+    raises through an asynchronous device assert as well.
 
     Raises RuntimeError naming the argument, its expected and actual shape / dtype / device, before anything
     is written: the state is untouched on every error.
@@ -221,9 +234,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     """
     check_backend("selective_state_update", state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
     if state_batch_indices is not None and state_batch_indices.device.type != "cpu" and state.dim() > 0:
-        torch._assert_async((state_batch_indices < state.shape[0]).all(),
-                            "linmix.selective_state_update: an entry of state_batch_indices is >= the state's row "
-                            "count (negative entries mark padding rows)")
+        check_cache_rows(state_batch_indices, state.shape[0])
     return torch.ops.linmix.selective_state_update(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
                                                    state_batch_indices=state_batch_indices,
                                                    dt_softplus=bool(dt_softplus))
