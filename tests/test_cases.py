@@ -37,7 +37,8 @@ def _id(name, choice):
     return f"{name}-" + ("-".join(f"{k}={v}" for k, v in choice.items()) or "default")
 
 
-VARIANTS = [pytest.param(case, choice, id=_id(case.name, choice)) for case in CASES.values() for choice in variants(case)]
+VARIANTS = [pytest.param(case, choice, id=_id(case.name, choice))
+            for case in CASES.values() for choice in variants(case)]
 VARIANTS += [pytest.param(CASES[name], choice, id=_id(name, choice)) for name, choice in FOUND]
 LAYER_VARIANTS = [pytest.param(case, choice, id=_id(case.name, choice))
                   for case in LAYERS.values() for choice in variants(case)]
@@ -148,3 +149,23 @@ def test_cuda_takes_every_documented_argument():
                                                            for k, x in v.items())]
         assert list(variants(case, "cuda")) == cpu, case.name
     assert {"stopping": "causal"} in list(variants(CASES["fixed_point_rnn"], "cuda"))
+
+
+def test_layer_references_match_the_written_out_layers():
+    """The composed references (the layer's own code on the ops' float64 references) against the layers written
+    out in plain float64 (tests/nn_reference.py), at each layer's default call (FPMamba with tol = 0: exactly
+    max_iter iterations, then the one-step gradient's extra one, as the written-out loop)."""
+    from nn_reference import ref_causal_conv, ref_fp_mamba, ref_gla, ref_mamba
+
+    def run(name, **choice):
+        x = make(LAYERS[name], "cpu", torch.float64, seed=3, **choice)
+        return LAYERS[name].reference(**x), {k[len("layer."):]: v for k, v in x.items() if k.startswith("layer.")}, x
+
+    (out,), p, x = run("GatedLinearAttention")
+    assert_close(out, ref_gla(p, x["hidden_states"], dict(num_heads=4))[0])
+    (out,), p, x = run("Mamba")
+    assert_close(out, ref_mamba(p, x["hidden_states"], 16, 1)[0])
+    (out,), p, x = run("FPMamba", tol=0.0)
+    assert_close(out, ref_fp_mamba(p, x["hidden_states"], 1, 16, 1, 16))
+    (out, _), p, x = run("ShortConvolution")
+    assert_close(out, ref_causal_conv(x["x"], p["weight"], None))

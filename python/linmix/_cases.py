@@ -22,6 +22,8 @@ Enumerating "every op, every documented argument, small odd shapes"::
 ``x.time_dim("q")``), so ``case.fn(**x)`` is the call. Values are drawn in float32 from one generator on the
 target device (the same seed gives the same numbers in every dtype, up to rounding), in ranges where every
 op is well conditioned: decays below 1, GLA gates as a GLA layer makes them, fixed-point inputs contractive.
+
+The public layers of linmix.nn are described in the same form in linmix._layer_cases (``LAYERS``).
 """
 
 from __future__ import annotations
