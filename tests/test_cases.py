@@ -9,6 +9,7 @@ run the CUDA kernels' own source (against the float64 reference, at conftest.LOW
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 
 import linmix.nn
 from linmix._cases import CASES, make, variants
-from linmix._layer_cases import LAYER_OPS, LAYERS
+from linmix._layer_cases import LAYER_OPS, LAYERS, NOT_VARIED
 from conftest import EMULATED, LOW_TOL, assert_close
 
 # Argument combinations the fuzzer (test_fuzz.py) found wrong once, kept as regular cases.
@@ -104,6 +105,18 @@ def test_layer_matches_reference(case, choice):
 def test_layer_refuses(case, choice, error, match):
     with (pytest.warns if issubclass(error, Warning) else pytest.raises)(error, match=match):
         case.run(make(case, "cpu", LAYER_DTYPE, seed=3, **choice))
+
+
+def test_layer_cases_take_every_argument():
+    """Every constructor and forward argument of every public layer is one of its case's Args, but for the sizes
+    and factory arguments listed in NOT_VARIED."""
+    for case in LAYERS.values():
+        cls = getattr(linmix.nn, case.name)
+        forward = list(inspect.signature(cls.forward).parameters.values())[2:]  # after self and the input
+        names = set(inspect.signature(cls).parameters) | {p.name for p in forward if p.kind != p.VAR_KEYWORD}
+        args = {a.name for a in case.args}
+        assert names - args == set(NOT_VARIED[case.name]), case.name
+    assert "cu_seqlens" in {a.name for a in LAYERS["GatedLinearAttention"].args}  # forward's **kwargs
 
 
 def test_layer_references_replace_every_op():

@@ -414,6 +414,18 @@ RMS_NORM = Case(
 )
 
 
+# The arguments no variant changes, and why (tests/test_cases.py checks that every other constructor and forward
+# argument of each layer is one of its case's Args).
+NOT_VARIED = {
+    "GatedLinearAttention": {"hidden_size": "a size (M)"},
+    "Mamba": {"d_model": "a size (M)", "device": "a factory argument: the case supplies the parameters",
+              "dtype": "a factory argument: the case supplies the parameters"},
+    "FPMamba": {"d_model": "a size (M)", "device": "a factory argument", "dtype": "a factory argument"},
+    "FixedPointRNN": {"d_model": "a size (M)", "device": "a factory argument", "dtype": "a factory argument"},
+    "ShortConvolution": {"hidden_size": "a size (D)"},
+    "RMSNorm": {"hidden_size": "a size (D)", "dtype": "a factory argument"},
+}
+
 LAYERS = {c.name: c for c in (GATED_LINEAR_ATTENTION, MAMBA, FP_MAMBA, FIXED_POINT_RNN_LAYER, SHORT_CONVOLUTION,
                               RMS_NORM)}
 LAYERS.update({name: dataclasses.replace(c, reference=_composed(c.fn)) for name, c in LAYERS.items()
