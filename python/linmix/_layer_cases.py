@@ -144,7 +144,9 @@ def _gla_tensors(s, attention_mask=None, past_key_values=None, cu_seqlens=None, 
     windows = bool(past_key_values) and layer.use_short_conv
     state = f"{rows} {layer.num_heads} {layer.head_v_dim} {layer.head_k_dim}"
     return {
-        "hidden_states": Input("B T M"), "attention_mask": attention_mask and Input("B T", _left_padding, "index"),
+        "hidden_states": Input("B T M"),  # attention_mask "B T 1": a mask of the wrong rank (refused)
+        "attention_mask": attention_mask and Input("B T 1" if attention_mask == "B T 1" else "B T", _left_padding,
+                                                   "index"),
         "recurrent_state": past_key_values and Input(state, dtype="acc"),
         "conv_q": Input(f"{rows} {layer.key_dim} {layer.conv_size}") if windows else None,
         "conv_k": Input(f"{rows} {layer.key_dim_per_group} {layer.conv_size}") if windows else None,
@@ -202,6 +204,7 @@ GATED_LINEAR_ATTENTION = Case(
         (dict(num_heads=3), ValueError, "divisible by num_heads=3"),
         (dict(num_kv_heads=3), ValueError, "multiple of num_kv_heads=3"),
         (dict(past_key_values="given"), ValueError, "needs the layer's layer_idx"),
+        (dict(attention_mask="B T 1"), ValueError, r"attention_mask must be a \(batch, seq_len\)"),
         ({**_CACHE, **_GLA_CONV, "cu_seqlens": "given"}, ValueError, "cu_seqlens needs .* no state"),
     ),
 )
