@@ -167,18 +167,24 @@ def test_cuda_takes_every_documented_argument():
 def test_layer_references_match_the_written_out_layers():
     """The composed references (the layer's own code on the ops' float64 references) against the layers written
     out in plain float64 (tests/nn_reference.py), at each layer's default call (FPMamba with tol = 0: exactly
-    max_iter iterations, then the one-step gradient's extra one, as the written-out loop)."""
+    max_iter iterations, then the one-step gradient's extra one, as the written-out loop): outputs, and the
+    gradients of the input and of every parameter."""
     from nn_reference import ref_causal_conv, ref_fp_mamba, ref_gla, ref_mamba
 
-    def run(name, **choice):
-        x = make(LAYERS[name], "cpu", torch.float64, seed=3, **choice)
-        return LAYERS[name].reference(**x), {k[len("layer."):]: v for k, v in x.items() if k.startswith("layer.")}, x
-
-    (out,), p, x = run("GatedLinearAttention")
-    assert_close(out, ref_gla(p, x["hidden_states"], dict(num_heads=4))[0])
-    (out,), p, x = run("Mamba")
-    assert_close(out, ref_mamba(p, x["hidden_states"], 16, 1)[0])
-    (out,), p, x = run("FPMamba", tol=0.0)
-    assert_close(out, ref_fp_mamba(p, x["hidden_states"], 1, 16, 1, 16))
-    (out, _), p, x = run("ShortConvolution")
-    assert_close(out, ref_causal_conv(x["x"], p["weight"], None))
+    written_out = {
+        "GatedLinearAttention": ({}, lambda p, x: ref_gla(p, x, dict(num_heads=4))[0]),
+        "Mamba": ({}, lambda p, x: ref_mamba(p, x, 16, 1)[0]),
+        "FPMamba": (dict(tol=0.0), lambda p, x: ref_fp_mamba(p, x, 1, 16, 1, 16)),
+        "ShortConvolution": ({}, lambda p, x: ref_causal_conv(x, p["weight"], None)),
+    }
+    for name, (choice, ref) in written_out.items():
+        case = LAYERS[name]
+        x = {k: v.requires_grad_() if torch.is_tensor(v) and v.is_floating_point() else v
+             for k, v in make(case, "cpu", torch.float64, seed=3, **choice).items()}
+        leaves = [v for v in x.values() if torch.is_tensor(v) and v.requires_grad]
+        out = case.reference(**x)[0]
+        params = {k[len("layer."):]: v for k, v in x.items() if k.startswith("layer.")}
+        want = ref(params, x["x"] if "x" in x else x["hidden_states"])
+        assert_close(out, want, name=name)
+        for g, w in zip(*(_grads([o], leaves, 5) for o in (out, want)), strict=True):
+            assert_close(g, w, name=f"{name} gradient")
