@@ -64,6 +64,63 @@ def test_bench_all_ops(tmp_path):
     assert sdpa == {(i, d) for i in ("sdpa-flash", "sdpa-math") for d in ("fp32", "bf16")}
 
 
+@pytest.fixture
+def torch_threads():
+    """main(["--threads", N]) sets torch's thread count for the whole process: put it back."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.no_emulation("times the CPU kernels; under the emulator it would time the emulator")
+def test_cpu_sdpa_rows(tmp_path, torch_threads):
+    # The FlashAttention-style baseline on the CPU (issue 24): SDPA pinned to PyTorch's CPU flash kernel and to the
+    # math backend, at every chunk_gla configuration, fp32 and bf16, forward and forward+backward, each checked
+    # against float64 causal attention (output and dq, dk, dv); no "needs CUDA" skip left.
+    import torch
+
+    from linmix.bench import gla
+    from linmix.bench.__main__ import shape_str
+
+    args = ["--op", "chunk_gla", "--device", "cpu", "--quick", "--threads", "1", "--clock", "thread", "--impl", "sdpa",
+            "--no-plot", "--out", str(tmp_path)]
+    assert main(args) == 0
+    rows, skipped = _rows(tmp_path / "bench_quick_chunk_gla.json")
+    assert not [s for s in skipped if "sdpa" in s], skipped
+    cfgs = gla.OP.configs("cpu", True)
+    want = {(impl, shape_str(gla.OP, c), {torch.float32: "fp32", torch.bfloat16: "bf16"}[c["dtype"]], mode)
+            for impl in ("sdpa-flash", "sdpa-math") for c in cfgs for mode in ("fwd", "fwd+bwd")}
+    assert {(r["impl"], r["shape"], r["dtype"], r["mode"]) for r in rows} == want
+    for r in rows:
+        assert r["check"] == "pass" and r["rel_err"] < {"fp32": 1e-4, "bf16": 3e-2}[r["dtype"]], r
+        assert 0 < r["p20"] <= r["ms"] <= r["p80"] and r["x_floor"] > 0, r
+        B, T, H, D = (int(r["shape"].split(f"{k}=")[1].split()[0]) for k in ("B", "T", "H", "K"))
+        # the attention cost model, not chunk_gla's: 2 B H T^2 D forward flops (the causal half)
+        assert r["cost"]["tc_flops"] == 2 * B * H * T * T * D * (1 if r["mode"] == "fwd" else 3.5), r
+    assert "thread clock" in json.loads((tmp_path / "bench_quick_chunk_gla.json").read_text())["env"]["hardware"]["name"]
+
+
+def test_cpu_configs_fp32_and_bf16(torch_threads):
+    # Every op's CPU configurations come in fp32 and bf16 at the same shapes, full and --quick; chunk_gla's at
+    # H >= 8, K = V in {64, 128}, T up to 8192 (issue 24); --clock thread refuses more than one thread.
+    import torch
+
+    from linmix.bench.__main__ import OPS, shape_str
+
+    for op in OPS.values():
+        for quick in (True, False):
+            shapes = {dt: [shape_str(op, c) for c in op.configs("cpu", quick) if c["dtype"] == dt]
+                      for dt in (torch.float32, torch.bfloat16)}
+            assert shapes[torch.float32] and sorted(shapes[torch.float32]) == sorted(shapes[torch.bfloat16]), op.name
+    gla = OPS["chunk_gla"].configs("cpu", False)
+    assert {c["K"] for c in gla} == {64, 128} and all(c["K"] == c["V"] and c["H"] >= 8 for c in gla)
+    assert max(c["T"] for c in gla) == 8192
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--threads", "2", "--clock", "thread", "--list"])
+
+
 def test_varlen_rows(tmp_path):
     # --varlen: per op and mode, the packed call and the one-sequence call on the same tokens, and their ratio
     assert main(["--varlen", "--quick", "--op", "linear_scan", "--device", "cpu", "--out", str(tmp_path)]) == 0
@@ -84,7 +141,6 @@ def test_list_and_profile_cmd(capsys):
 
 def test_partial_gradient_baseline_checks_and_runs():
     # SDPA has no gate: a baseline that differentiates only q, k, v must check and time without touching g.
-    import torch
     import torch.nn.functional as F
 
     from linmix.bench import gla

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import linmix
 from linmix.reference import gla_ref
 
-from conftest import DEVICES, EMULATED, HAS_CUDA, HostReads, assert_close, cuda_only, low_precision_close, rel_err
+from conftest import DEVICES, EMULATED, HAS_CUDA, HostReads, assert_close, low_precision_close, rel_err
 
 ALGOS = {"chunk": linmix.chunk_gla, "recurrent": linmix.fused_recurrent_gla}
 

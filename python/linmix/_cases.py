@@ -22,6 +22,8 @@ Enumerating "every op, every documented argument, small odd shapes"::
 ``x.time_dim("q")``), so ``case.fn(**x)`` is the call. Values are drawn in float32 from one generator on the
 target device (the same seed gives the same numbers in every dtype, up to rounding), in ranges where every
 op is well conditioned: decays below 1, GLA gates as a GLA layer makes them, fixed-point inputs contractive.
+
+The public layers of linmix.nn are described in the same form in linmix._layer_cases (``LAYERS``).
 """
 
 from __future__ import annotations
@@ -95,11 +97,13 @@ class Arg:
     """A documented argument and the values worth running; values[0] is the default. For an option, the op's
     own default (``make`` leaves it out unless asked); for a tensor (``tensor=True``), the form ``make`` builds
     unless told otherwise: None (not passed), "given", or a named layout such as "grouped". Every backend takes
-    every value."""
+    every value. ``needs``: the choices its other values take effect with (a layer's conv_size needs
+    use_short_conv=True), which ``variants`` sets alongside."""
 
     name: str
     values: tuple
     tensor: bool = False
+    needs: dict | None = None  # the other arguments its other values only act with (set with them in variants)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +121,8 @@ class Case:
     reference: Callable[..., tuple]  # the op's keyword arguments -> float64 outputs, as run() gives them
     grads: tuple[str, ...]  # the differentiable tensor inputs
     in_place: str | None = None  # the input the op updates in place (run() works on a copy and returns it last)
+    # The documented errors: (choices for make, the exception, a regex its message matches) per refused call.
+    refuses: tuple[tuple[dict, type, str], ...] = ()
 
     def run(self, x: dict) -> tuple[torch.Tensor, ...]:
         """The op on x, its outputs as a tuple (None outputs left out). The input updated in place is a copy
@@ -155,7 +161,9 @@ def make(case: Case, device: str = "cpu", dtype: torch.dtype = torch.float32, *,
         raise ValueError(f"{case.name} takes no argument {sorted(unknown)}")
     s = {**case.sizes, **(sizes or {})}
     forms = {a.name: choices.pop(a.name, a.values[0]) for a in case.args if a.tensor}
-    layout = {k: v for k, v in choices.items() if k in inspect.signature(case.tensors).parameters}
+    params = inspect.signature(case.tensors).parameters  # a layer's takes every option: they shape its weights
+    takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    layout = {k: v for k, v in choices.items() if takes_all or k in params}
     specs = {k: v for k, v in case.tensors(s, **forms, **layout).items() if v is not None}
     gen = {d: torch.Generator(d).manual_seed(seed) for d in {device, "cpu"}}
     values, dims = {}, {}
@@ -177,7 +185,7 @@ def variants(case: Case):
     yield {}
     for arg in case.args:
         for v in arg.values[1:]:
-            yield {arg.name: v}
+            yield {**(arg.needs or {}), arg.name: v}
 
 
 def _segments(cu_seqlens: torch.Tensor | None, total: int) -> list[tuple[int, int]]:

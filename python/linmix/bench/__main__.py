@@ -139,7 +139,7 @@ def run(args, hw: dict) -> tuple[list[dict], list[str]]:
             fn = runner(impl, x, mode, _grads(op, impl, x))
             nvtx = torch.cuda.nvtx.range(nvtx_name(op.name, idx, mode, impl.label)) if args.device == "cuda" else contextlib.nullcontext()
             with nvtx:
-                ms, p20, p80 = timing.bench(fn, args.device, args.quick, args.reps)
+                ms, p20, p80 = timing.bench(fn, args.device, args.quick, args.reps, args.clock)
             del fn
         except Exception as e:  # OOM, a backend refusing a shape: one line, and go on
             skipped.append(f"{op.name} / {impl.label} / {shape} / {mode}: error {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
@@ -205,6 +205,9 @@ def main(argv=None) -> int:
     ap.add_argument("--config", type=int, default=None, help="configuration index for --profile-cmd")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default torch's; 1 gives stable numbers on a busy machine)")
+    ap.add_argument("--clock", default="wall", choices=list(timing.CLOCKS),
+                    help="CPU rows and floors: the wall clock, or (with --threads 1) the thread's CPU time, which "
+                         "leaves out waits for a core on a loaded machine")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--traffic", action="store_true",
                     help="count each CUDA kernel family's global-memory bytes under the emulator (bench/traffic.py)")
@@ -215,6 +218,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "thread" and (args.device != "cpu" or torch.get_num_threads() != 1):
+        ap.error("--clock thread times the calling thread only: it needs --device cpu --threads 1")
     if args.profile_cmd:
         print(profile_cmds(args))
         return 0
@@ -245,7 +250,7 @@ def main(argv=None) -> int:
         return 0
     meta = env.collect(args.device)
     meta["args"] = vars(args)
-    meta["hardware"] = floors.hardware(args.device)
+    meta["hardware"] = floors.hardware(args.device, args.clock)
     rows, skipped = run(args, meta["hardware"])
     meta["loadavg_end"] = env.loadavg()
     print(f"linmix {meta['linmix_commit'] or meta['linmix_version']} on {meta['device_name']} "

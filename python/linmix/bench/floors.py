@@ -5,9 +5,9 @@ Formulas per op live in each op module's `cost()` and are written out in bench/N
 
 from __future__ import annotations
 
-import time
-
 import torch
+
+from .timing import CLOCKS
 
 # H100 SXM (bench/NOTES.md, floors): device-to-device copy bandwidth as measured, dense bf16 tensor-core matmul,
 # CUDA-core fp32 FMA rate (132 SMs x 128 lanes x 2 flops x 1.83 GHz) and MUFU ex2 rate (16/clk/SM x 132 x 1.83 GHz).
@@ -20,33 +20,34 @@ H100 = {
 }
 
 
-def _best_rate(fn, work: float, reps: int = 5) -> float:
+def _best_rate(fn, work: float, clock: str, reps: int = 5) -> float:
+    now = CLOCKS[clock]
     fn()
     best = float("inf")
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, now() - t0)
     return work / best
 
 
-def measure_cpu() -> dict:
-    """This CPU, measured with torch on all its threads: copy bandwidth of a 256 MB buffer (read + write
-    counted), fp32 matmul rate (1024^3, used for both flop kinds), bf16 matmul rate (1024^3, fp32 accumulation:
-    the GEMM term of bf16 rows), torch.exp rate on a 1M-element buffer."""
+def measure_cpu(clock: str = "wall") -> dict:
+    """This CPU, measured with torch on all its threads and the rows' clock (timing.CLOCKS): copy bandwidth of a
+    256 MB buffer (read + write counted), fp32 matmul rate (1024^3, used for both flop kinds), bf16 matmul rate
+    (1024^3, fp32 accumulation: the GEMM term of bf16 rows), torch.exp rate on a 1M-element buffer."""
     x = torch.ones(64 * 1024 * 1024)
     y = torch.empty_like(x)
     m = torch.randn(1024, 1024)
     mb = m.bfloat16()
     e = torch.randn(1024 * 1024)
-    flops = _best_rate(lambda: m @ m, 2 * 1024**3)
+    flops = _best_rate(lambda: m @ m, 2 * 1024**3, clock)
     return {
-        "name": f"CPU measured ({torch.get_num_threads()} threads)",
-        "bytes_per_s": _best_rate(lambda: y.copy_(x), 2 * x.numel() * 4),
+        "name": f"CPU measured ({torch.get_num_threads()} threads, {clock} clock)",
+        "bytes_per_s": _best_rate(lambda: y.copy_(x), 2 * x.numel() * 4, clock),
         "tc_flops_per_s": flops,
-        "tc_flops_per_s_bf16": _best_rate(lambda: mb @ mb, 2 * 1024**3),
+        "tc_flops_per_s_bf16": _best_rate(lambda: mb @ mb, 2 * 1024**3, clock),
         "flops_per_s": flops,
-        "sfu_per_s": _best_rate(lambda: torch.exp(e), e.numel()),
+        "sfu_per_s": _best_rate(lambda: torch.exp(e), e.numel(), clock),
     }
 
 
@@ -55,11 +56,11 @@ def measure_cpu() -> dict:
 H200 = dict(H100, name="H200 SXM (nominal)", bytes_per_s=4.3e12)
 
 
-def hardware(device: str) -> dict:
+def hardware(device: str, clock: str = "wall") -> dict:
     """The rates floors are computed with: the H200's on an H200, else the H100's (kept, and named, on any
-    other GPU); on the CPU, measured."""
+    other GPU); on the CPU, measured with the rows' clock."""
     if device != "cuda":
-        return measure_cpu()
+        return measure_cpu(clock)
     return H200 if "H200" in torch.cuda.get_device_name() else H100
 
 

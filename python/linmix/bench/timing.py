@@ -1,4 +1,5 @@
-"""Timing: CUDA events with an L2 flush on the GPU (Triton's do_bench when present), perf_counter on the CPU.
+"""Timing: CUDA events with an L2 flush on the GPU (Triton's do_bench when present); on the CPU the wall clock
+(perf_counter) or, with one torch thread, the calling thread's CPU time (`clock="thread"`).
 
 Every function returns (median, p20, p80) in milliseconds. The callables are timed as given: inputs, output
 gradients and layout conversions the caller wants charged are decided by whoever builds them.
@@ -11,6 +12,10 @@ import time
 import torch
 
 QUANTILES = (0.5, 0.2, 0.8)
+# CPU clocks: "thread" (time.thread_time) counts only the time the calling thread ran, so on a shared, loaded
+# machine it leaves out the time spent waiting for a core; it sees no other thread's work, so it is meaningful
+# only with torch.get_num_threads() == 1 (the bench refuses it otherwise).
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
 def _quantiles(ms: list[float]) -> tuple[float, float, float]:
@@ -18,15 +23,17 @@ def _quantiles(ms: list[float]) -> tuple[float, float, float]:
     return tuple(torch.quantile(t, q).item() for q in QUANTILES)
 
 
-def bench_cpu(fn, min_time_s: float, reps: int | None = None, min_reps: int = 3) -> tuple[float, float, float]:
-    """perf_counter around single calls after one warm-up call: `reps` calls, or at least `min_reps` and
-    until `min_time_s` has passed (at most 100)."""
+def bench_cpu(fn, min_time_s: float, reps: int | None = None, min_reps: int = 3,
+              clock: str = "wall") -> tuple[float, float, float]:
+    """`clock` (CLOCKS) around single calls after one warm-up call: `reps` calls, or at least `min_reps` and
+    until `min_time_s` of that clock has passed (at most 100)."""
+    now = CLOCKS[clock]
     fn()
-    ms, t_end = [], time.perf_counter() + min_time_s
-    while len(ms) < (reps or 100) and (reps is not None or len(ms) < min_reps or time.perf_counter() < t_end):
-        t0 = time.perf_counter()
+    ms, t_end = [], now() + min_time_s
+    while len(ms) < (reps or 100) and (reps is not None or len(ms) < min_reps or now() < t_end):
+        t0 = now()
         fn()
-        ms.append((time.perf_counter() - t0) * 1e3)
+        ms.append((now() - t0) * 1e3)
     return _quantiles(ms)
 
 
@@ -72,7 +79,7 @@ def bench_cuda(fn, rep_ms: float, reps: int | None = None) -> tuple[float, float
     return _bench_cuda_events(fn, reps, warmup=1)
 
 
-def bench(fn, device: str, quick: bool, reps: int | None = None) -> tuple[float, float, float]:
+def bench(fn, device: str, quick: bool, reps: int | None = None, clock: str = "wall") -> tuple[float, float, float]:
     if device == "cuda":
         return bench_cuda(fn, rep_ms=50 if quick else 200, reps=reps)
-    return bench_cpu(fn, min_time_s=0.05 if quick else 0.5, reps=reps, min_reps=3 if quick else 5)
+    return bench_cpu(fn, min_time_s=0.05 if quick else 0.5, reps=reps, min_reps=3 if quick else 5, clock=clock)
