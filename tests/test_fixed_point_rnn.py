@@ -370,6 +370,20 @@ def test_varlen_matches_each_sequence(stopping, grad_mode, offsets_dtype, dtype)
     assert n_iter.unique().numel() > 1  # the sequences did stop at different iterations
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32: the CUDA kernels when emulated
+def test_varlen_empty_sequence_causal(dtype):
+    # A fuzzer find: with causal stopping an empty sequence has no token to stop, so it counts one iteration (as a
+    # call with no tokens), while tol = 0 runs the others to max_iter. The case table's packed reference agrees.
+    from linmix._cases import _fixed_point_rnn_reference
+    (u, lam, hh_u, hh_beta, h0), cu = packed((2, 0, 3), dtype=dtype)
+    kw = dict(max_iter=5, tol=0.0, stopping="causal", return_info=True, cu_seqlens=cu)
+    h, n_iter, _ = linmix.fixed_point_rnn(u, lam, hh_u, hh_beta, initial_state=h0, **kw)
+    h_ref, n_ref, _ = _fixed_point_rnn_reference(*(x.double() for x in (u, lam, hh_u, hh_beta)),
+                                                 initial_state=h0.double(), **kw)
+    assert n_iter.tolist() == n_ref.tolist() == [5, 1, 5]
+    torch.testing.assert_close(h.double(), h_ref, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6)
+
+
 def test_varlen_batch_quantile_and_gradcheck():
     # stopping="batch": the quantile is over the sequences (the contract table's padded reference).
     from linmix._cases import _fixed_point_rnn_reference

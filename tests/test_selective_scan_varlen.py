@@ -136,6 +136,23 @@ def test_no_host_sync_and_one_launch_per_direction():
     assert counts == {"linmix::selective_scan_fwd": 1, "linmix::selective_scan_bwd": 1}, counts
 
 
+@pytest.mark.skipif(not (HAS_CUDA or EMULATED), reason="the CUDA kernels (a GPU, or LINMIX_EMULATE_CUDA=1)")
+def test_cuda_deterministic_backward_with_variable_bc_raises():
+    # the documented gap the fuzzer hit: the varlen backward adds variable dB/dC with float atomics, so a
+    # deterministic one is refused by name (fixed B/C need no atomics and run)
+    device = "cuda" if HAS_CUDA else "cpu"
+    cu = offsets([3, 0, 5]).to(device)
+    for bc, refused in (("variable", True), ("fixed", False)):
+        x = {k: v.to(device).requires_grad_() for k, v in inputs([3, 0, 5], bc=bc).items()}
+        out, final = packed(x, cu, torch.float32, deterministic=True)
+        if refused:
+            with pytest.raises(RuntimeError, match="deterministic backward .* and cu_seqlens on CUDA is not available"):
+                out.sum().backward()
+        else:
+            out.sum().backward()
+            assert x["B"].grad is not None
+
+
 def test_compile_fullgraph_dynamic():
     torch._dynamo.reset()
     fn = torch.compile(lambda x, cu: packed(x, cu), fullgraph=True, dynamic=True)

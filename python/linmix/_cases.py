@@ -334,12 +334,13 @@ def _gla_tensors(s, g="given", gk=None, initial_state=None, cu_seqlens=None, cu_
 
 def _gla_reference(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, state_v_first=False,
                    cu_seqlens=None, cu_seqlens_cpu=None, reverse=False, gk=None):
-    """Each packed sequence on its own, time-reversed with reverse; no gate at all is g = 0."""
+    """Each packed sequence on its own, time-reversed with reverse; no gate at all is g = 0. The op reads
+    cu_seqlens_cpu only without cu_seqlens (the table draws the two independently)."""
     g = gk if g is None else g
     g = torch.zeros_like(k) if g is None else g
     if initial_state is not None and state_v_first:
         initial_state = initial_state.transpose(-1, -2)
-    packed = cu_seqlens_cpu if cu_seqlens_cpu is not None else cu_seqlens
+    packed = cu_seqlens if cu_seqlens is not None else cu_seqlens_cpu
     outs, finals = [], []
     for i, (s, e) in enumerate(_segments(packed, q.shape[1])):
         part = [t[:, s:e].flip(1) if reverse else t[:, s:e] for t in (q, k, v, g)]
@@ -402,6 +403,9 @@ def _fixed_point_rnn_reference(u, lam, hh_u, hh_beta, max_iter=32, tol=1e-4, gra
         h0 = torch.where(torch.tensor(lengths, device=h0.device)[:, None] > 0, h0, torch.zeros_like(h0))
     out = _fixed_point_rnn_dense_reference(*_pad_sequences(u, lam, hh_u, hh_beta, spans), max_iter, tol, grad_mode,
                                            return_info, h0, False, damping, stopping, quantile)
+    if return_info and stopping == "causal":  # an empty sequence has no token to stop: one iteration, as a call
+        # with no tokens (its pad tokens would keep it iterating to max_iter at tol = 0)
+        out = (out[0], torch.where(torch.tensor(lengths) > 0, out[1], torch.ones_like(out[1])), *out[2:])
     result = (torch.cat([out[0][i, :n] for i, n in enumerate(lengths)])[None],)
     if output_final_state:
         first = initial_state.double() if initial_state is not None else u.new_zeros(len(spans), u.shape[2],
