@@ -16,6 +16,12 @@
 #else
 #define LINMIX_CPU_CLONES
 #endif
+// A helper that must be compiled into its cloned caller (a call to it would run baseline code).
+#if defined(__GNUC__)
+#define LINMIX_CPU_INLINE __attribute__((always_inline)) inline
+#else
+#define LINMIX_CPU_INLINE inline
+#endif
 
 // The hot elementwise loops carry `omp simd` (the build passes -fopenmp-simd): it lets the compiler vectorise float
 // sums (a reordering it may not do on its own) and inlined helpers such as exp2_cpu.
