@@ -58,6 +58,27 @@ def test_low_precision(device, dtype):
     low_precision_close(h, ref, torch.stack(outs, 1))
 
 
+def test_bf16_stores_round_as_torch():
+    # The CPU kernels' bf16 stores (cpu_cast) round without torch's conversion; they must give its bits. With
+    # T = 1, a = 1 and b = -0, h = 1 * h0 + (-0) is h0 exactly, so the forward stores bf16(h0), and with dh = 1
+    # the backward's da = dh * h0 does too, for arbitrary fp32 h0: every class of value, ties and random bits.
+    bits = torch.randint(-(2**31), 2**31, (20000,), dtype=torch.int64)
+    ties = (bits & ~0xFFFF) | 0x8000  # exactly halfway between two bf16 values, odd and even
+    special = torch.tensor([0.0, -0.0, 1.0, float("inf"), -float("inf"), float("nan"), -float("nan"), 1e-40,
+                            -1e-45, 3.3895314e38, 3.4028235e38, 1.0 + 2**-8, 1.0 + 3 * 2**-8])
+    h0 = torch.cat([special, torch.cat([bits, ties]).to(torch.int32).view(torch.float32)]).view(1, -1)
+    a = torch.ones(1, 1, h0.shape[1], dtype=torch.bfloat16)
+    b = torch.full_like(a, -0.0)
+    want = h0.to(torch.bfloat16).view(torch.int16)
+    nan = h0.isnan()
+    want[nan] = 0x7FC0  # c10::BFloat16(float)'s NaN (ATen's vectorised conversion writes 0xFFFF)
+    h = torch.ops.linmix.linear_scan_fwd(a=a, b=b, h0=h0, cu_seqlens=None, reverse=False)
+    da, _, _ = torch.ops.linmix.linear_scan_bwd(a=a, h0=h0, cu_seqlens=None, h=h, dh=torch.ones_like(a),
+                                                reverse=False)
+    for got in (h, da):
+        assert torch.equal(got.view(1, -1).view(torch.int16), want)
+
+
 def test_gradcheck():
     for reverse in (False, True):
         a, b, h0 = make(2, 11, 6, torch.float64, "cpu", requires_grad=True)

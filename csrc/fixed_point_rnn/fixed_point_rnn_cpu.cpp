@@ -236,7 +236,7 @@ struct ForwardRun {
       hp = rec.data();
     }
     T* h = static_cast<T*>(p.h) + off;
-    for (int64_t k = 0; k < TD; ++k) h[k] = static_cast<T>(out[k]);
+    for (int64_t k = 0; k < TD; ++k) h[k] = cpu_cast<T>(out[k]);
     std::copy(hp, hp + TD, static_cast<acc_t*>(p.h_prev) + off);
     p.n_iter[n_seq] = n;
     p.residual[n_seq] = static_cast<float>(res);
@@ -320,7 +320,7 @@ void bwd_impl(const FixedPointRnnVarlenParams& p) {
       const acc_t* s = cur;
       if (p.dh0 != nullptr) {  // h0 enters token 0's scan step with coefficient lam_0 (an empty sequence: no step)
         T* dh0 = static_cast<T*>(p.dh0) + bi * D;
-        for (int64_t d = 0; d < D; ++d) dh0[d] = el.T_ > 0 ? static_cast<T>(el.lam_at(0, d) * s[d]) : T(0);
+        for (int64_t d = 0; d < D; ++d) dh0[d] = el.T_ > 0 ? cpu_cast<T>(el.lam_at(0, d) * s[d]) : T(0);
       }
 
       // One step's VJP per token (householder_vjp_channel walks the factors per channel).
@@ -336,15 +336,15 @@ void bwd_impl(const FixedPointRnnVarlenParams& p) {
         el.dots(t, e.data(), ae);
         el.betas(t, beta);
         householder_chain_bwd(static_cast<int>(R), beta, ae, el.gram_at(t), dd, kk);
-        for (int64_t i = 0; i < R; ++i) dhh_beta[t * R + i] = static_cast<T>(householder_grad_beta(c[i], dd[i]));
+        for (int64_t i = 0; i < R; ++i) dhh_beta[t * R + i] = cpu_cast<T>(householder_grad_beta(c[i], dd[i]));
         for (int64_t d = 0; d < D; ++d) {
           const acc_t* ud = el.channel(t, d);
           const acc_t x_tilde = static_cast<acc_t>(el.u[t * D + d]) - householder_mix(static_cast<int>(R), k, ud);
           const acc_t h_before = t > 0 ? h_new[(t - 1) * D + d] : el.h0[d];
-          dlam[t * D + d] = static_cast<T>(fixed_point_rnn_grad_lam(s[t * D + d], h_before, x_tilde));
-          du[t * D + d] = static_cast<T>(
+          dlam[t * D + d] = cpu_cast<T>(fixed_point_rnn_grad_lam(s[t * D + d], h_before, x_tilde));
+          du[t * D + d] = cpu_cast<T>(
               householder_vjp_channel(static_cast<int>(R), ud, beta, c, k, dd, kk, v[d], e[d], dud));
-          for (int64_t i = 0; i < R; ++i) dhh_u[(t * R + i) * D + d] = static_cast<T>(dud[i]);
+          for (int64_t i = 0; i < R; ++i) dhh_u[(t * R + i) * D + d] = cpu_cast<T>(dud[i]);
         }
       }
     }

@@ -58,7 +58,7 @@ LINMIX_CPU_CLONES void store_rows(const StridedView<3>& x, int64_t b, int64_t h,
   for (int64_t i = 0; i < L; ++i) {
     T* out = x.at<T>(b, t0 + i, h);
     LINMIX_SIMD
-    for (int64_t c = 0; c < n; ++c) out[c] = static_cast<T>(src[i * n + c]);
+    for (int64_t c = 0; c < n; ++c) out[c] = cpu_cast<T>(src[i * n + c]);
   }
 }
 

@@ -44,7 +44,7 @@ void fwd_impl(const LinearScanParams& p) {
         T* out = p.h.at<T>(bi, t) + d0;
         for (int64_t j = 0; j < nd; ++j) {
           h[j] = scan_step<acc_t>(static_cast<acc_t>(a[j]), h[j], static_cast<acc_t>(b[j]));
-          out[j] = static_cast<T>(h[j]);
+          out[j] = cpu_cast<T>(h[j]);
         }
       }
     }
@@ -65,23 +65,27 @@ void bwd_impl(const LinearScanParams& p) {
       const SeqSpan seq = p.varlen.span(n, p.seqlen);
       const int64_t bi = seq.batch, T_ = seq.len;
       const auto time = [&](int64_t s) { return seq.begin + scan_time(s, T_, p.reverse); };
-      const acc_t* h0 = p.h0 ? static_cast<const acc_t*>(p.h0) + n * p.dim + d0 : nullptr;
       std::fill(g, g + nd, acc_t(0));
-      for (int64_t s = T_ - 1; s >= 0; --s) {
+      // Step s of the channel loop, with a_{s+1} and h_{s-1} from rows (of T, or of acc_t for h0): no per-element
+      // test, so the loop vectorises.
+      const auto step = [&](int64_t s, const T* a_next, const auto* h_prev) {
         const int64_t t = time(s);
-        const T* a_next = s + 1 < T_ ? p.a.at<const T>(bi, time(s + 1)) + d0 : nullptr;
-        const T* h_prev = s > 0 ? p.h.at<const T>(bi, time(s - 1)) + d0 : nullptr;
         const T* dh = p.dh.at<const T>(bi, t) + d0;
         T* da = p.da.at<T>(bi, t) + d0;
         T* db = p.db.at<T>(bi, t) + d0;
+        LINMIX_SIMD
         for (int64_t j = 0; j < nd; ++j) {
-          const acc_t coef = a_next ? static_cast<acc_t>(a_next[j]) : acc_t(0);
-          g[j] = scan_step<acc_t>(coef, g[j], static_cast<acc_t>(dh[j]));
-          const acc_t hp = h_prev ? static_cast<acc_t>(h_prev[j]) : (h0 ? h0[j] : acc_t(0));
-          da[j] = static_cast<T>(g[j] * hp);
-          db[j] = static_cast<T>(g[j]);
+          g[j] = scan_step<acc_t>(static_cast<acc_t>(a_next[j]), g[j], static_cast<acc_t>(dh[j]));
+          da[j] = cpu_cast<T>(g[j] * static_cast<acc_t>(h_prev[j]));
+          db[j] = cpu_cast<T>(g[j]);
         }
-      }
+      };
+      // Zero rows for a_{T} (past the last step) and for h_{-1} without h0.
+      const T zero_a[kChannelBlock] = {};
+      const acc_t zero_h[kChannelBlock] = {};
+      const auto a_at = [&](int64_t s) { return s < T_ ? p.a.at<const T>(bi, time(s)) + d0 : zero_a; };
+      for (int64_t s = T_ - 1; s > 0; --s) step(s, a_at(s + 1), p.h.at<const T>(bi, time(s - 1)) + d0);
+      if (T_ > 0) step(0, a_at(1), p.h0 ? static_cast<const acc_t*>(p.h0) + n * p.dim + d0 : zero_h);
       if (T_ > 0) {
         acc_t* dh0 = static_cast<acc_t*>(p.dh0) + n * p.dim + d0;
         const T* a0 = p.a.at<const T>(bi, time(0)) + d0;

@@ -96,7 +96,7 @@ void impl(const SelectiveStateUpdateParams& p) {
 #pragma omp simd reduction(+ : acc)
           for (int64_t k = 0; k < N; ++k) {
             const acc_t v = ssu_state_step<S>(static_cast<acc_t>(s[k]), decay, dxr, Bn[k]);
-            s[k] = static_cast<S>(v);
+            s[k] = cpu_cast<S>(v);
             acc += v * Cn[k];
           }
         } else {
@@ -107,7 +107,7 @@ void impl(const SelectiveStateUpdateParams& p) {
 #pragma omp simd reduction(+ : acc)
           for (int64_t k = 0; k < N; ++k) {
             const acc_t v = ssu_state_step<S>(static_cast<acc_t>(s[k]), ssu_exp(d * a_row[k]), dxr, Bn[k]);
-            s[k] = static_cast<S>(v);
+            s[k] = cpu_cast<S>(v);
             acc += v * Cn[k];
           }
         }
@@ -125,7 +125,7 @@ void impl(const SelectiveStateUpdateParams& p) {
       }
 #pragma omp simd
       for (int64_t r = 0; r < rows; ++r) y[r] = ssu_output(y[r], Dv[r], xv[r], zv[r]);
-      for (int64_t r = 0; r < rows; ++r) out_row[r] = static_cast<T>(y[r]);
+      for (int64_t r = 0; r < rows; ++r) out_row[r] = cpu_cast<T>(y[r]);
     }
   });
 }
