@@ -81,8 +81,8 @@ void bwd_impl(const LinearScanParams& p) {
         }
       };
       // Zero rows for a_{T} (past the last step) and for h_{-1} without h0.
-      const T zero_a[kChannelBlock] = {};
-      const acc_t zero_h[kChannelBlock] = {};
+      const T zero_a[kMaxChannelBlock] = {};
+      const acc_t zero_h[kMaxChannelBlock] = {};
       const auto a_at = [&](int64_t s) { return s < T_ ? p.a.at<const T>(bi, time(s)) + d0 : zero_a; };
       for (int64_t s = T_ - 1; s > 0; --s) step(s, a_at(s + 1), p.h.at<const T>(bi, time(s - 1)) + d0);
       if (T_ > 0) step(0, a_at(1), p.h0 ? static_cast<const acc_t*>(p.h0) + n * p.dim + d0 : zero_h);

@@ -177,7 +177,8 @@ struct ChunkScan {
       LINMIX_SIMD
       for (int64_t i = 0; i < len; ++i) y[i] *= ssu_silu(static_cast<acc_t>(z[i]));
     }
-    for (int64_t i = 0; i < len; ++i) out[i] = static_cast<T>(y[i]);
+    LINMIX_SIMD
+    for (int64_t i = 0; i < len; ++i) out[i] = cpu_cast<T>(y[i]);
   }
 
   // The chunk [t0, t0 + len) of the backward, from h_{-1} = start (null: zeros); s: the adjoint after the chunk in,
@@ -248,14 +249,16 @@ struct ChunkScan {
       LINMIX_SIMD
       for (int64_t i = 0; i < len; ++i)  // ss_gate_dz, in y
         y[i] *= static_cast<acc_t>(dout[i]) * silu_grad_cpu(static_cast<acc_t>(z[i]));
-      for (int64_t i = 0; i < len; ++i) dz_out[i] = static_cast<T>(y[i]);
+      LINMIX_SIMD
+      for (int64_t i = 0; i < len; ++i) dz_out[i] = cpu_cast<T>(y[i]);
     }
     LINMIX_SIMD
     for (int64_t i = 0; i < len; ++i) ddl[i] *= delta_grad_cpu(static_cast<acc_t>(delta[i]), bias, p.delta_softplus);
     dbias += sum_cpu(ddl.data(), len);
+    LINMIX_SIMD
     for (int64_t i = 0; i < len; ++i) {
-      ddelta_out[i] = static_cast<T>(ddl[i]);
-      du_out[i] = static_cast<T>(du[i]);
+      ddelta_out[i] = cpu_cast<T>(ddl[i]);
+      du_out[i] = cpu_cast<T>(du[i]);
     }
   }
 
