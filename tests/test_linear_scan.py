@@ -1,4 +1,5 @@
 import itertools
+import pathlib
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ def make(B, T, D, dtype, device, h0=True, requires_grad=False, a_low=0.5):
     return a, b, h
 
 
-SHAPES = [(1, 1, 1), (2, 7, 5), (3, 64, 33), (2, 65, 64), (1, 300, 130), (2, 1000, 40)]
+# (1, 300, 130) and (2, 9, 2100) split their rows into several channel blocks (linear_scan_cpu.cpp: channel_block).
+SHAPES = [(1, 1, 1), (2, 7, 5), (3, 64, 33), (2, 65, 64), (1, 300, 130), (2, 1000, 40), (2, 9, 2100)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -76,6 +78,33 @@ def test_bf16_stores_round_as_torch():
                                                 reverse=False)
     for got in (h, da):
         assert torch.equal(got.view(1, -1).view(torch.int16), want)
+
+
+def _anon_huge_kb(address: int) -> int:
+    """AnonHugePages (kB) of the mapping of this process that holds `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    raise AssertionError("no mapping holds the address")
+
+
+def test_large_cpu_outputs_get_huge_pages():
+    # checks.h's advise_huge_pages: a CPU output of 4 MB or more is advised MADV_HUGEPAGE before the kernel's first
+    # write, so with transparent huge pages in "madvise" mode (or "always") it is faulted in 2 MB pages. 64 MB is
+    # above glibc's largest mmap threshold, so the output is a fresh mapping, not a reused heap block.
+    thp = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text() or not pathlib.Path("/proc/self/smaps").exists():
+        pytest.skip("no transparent huge pages here")
+    a = torch.full((1, 4096, 4096), 0.5)
+    h = linmix.linear_scan(a, a)
+    # The advice splits the mapping: its 2 MB-aligned interior (which holds the middle) is a mapping of its own.
+    assert _anon_huge_kb(h.data_ptr() + h.numel() * h.element_size() // 2) >= 2048
 
 
 def test_gradcheck():

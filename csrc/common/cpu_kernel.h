@@ -16,6 +16,12 @@
 #else
 #define LINMIX_CPU_CLONES
 #endif
+// A helper that must be compiled into its cloned caller (a call to it would run baseline code).
+#if defined(__GNUC__)
+#define LINMIX_CPU_INLINE __attribute__((always_inline)) inline
+#else
+#define LINMIX_CPU_INLINE inline
+#endif
 
 // For small helpers the clones call from several places: GCC may keep such a helper out of line, and then it runs
 // as baseline x86-64 code (measured: fixed_point_rnn's per-token dot products, a quarter of its forward, in SSE2).

@@ -13,18 +13,26 @@
 namespace linmix {
 namespace {
 
-constexpr int64_t kChannelBlock = 64;
+// Channels per task: whole rows (up to kMaxChannelBlock), so each step reads and writes contiguous rows (1.5x
+// faster than 64-channel blocks at B=4 T=4096 D=512, 1 thread); a row is split only when the batch alone gives
+// fewer than kMinTasks tasks, so that a small batch still runs on several threads.
+constexpr int64_t kMaxChannelBlock = 1024, kMinChannelBlock = 64, kMinTasks = 4;
+int64_t channel_block(const LinearScanParams& p) {
+  const int64_t splits =
+      std::max(ceil_div(p.dim, kMaxChannelBlock), ceil_div(kMinTasks, std::max<int64_t>(p.batch, 1)));
+  return std::clamp(ceil_div(ceil_div(p.dim, splits), 16) * 16, kMinChannelBlock, kMaxChannelBlock);
+}
 
 template <DType dt>
 void fwd_impl(const LinearScanParams& p) {
   using T = cpu_t<dt>;
   using acc_t = cpu_acc_t<dt>;
-  const int64_t nblk = ceil_div(p.dim, kChannelBlock);
-  parallel_for(0, p.batch * nblk, cpu_grain(p.varlen.mean_len(p.seqlen, p.batch) * kChannelBlock), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
-    acc_t h[kChannelBlock];
+  const int64_t blk = channel_block(p), nblk = ceil_div(p.dim, blk);
+  parallel_for(0, p.batch * nblk, cpu_grain(p.varlen.mean_len(p.seqlen, p.batch) * blk), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+    acc_t h[kMaxChannelBlock];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / nblk, d0 = (task % nblk) * kChannelBlock;
-      const int64_t nd = std::min(kChannelBlock, p.dim - d0);
+      const int64_t n = task / nblk, d0 = (task % nblk) * blk;
+      const int64_t nd = std::min(blk, p.dim - d0);
       const SeqSpan seq = p.varlen.span(n, p.seqlen);
       const int64_t bi = seq.batch;
       const acc_t* h0 = p.h0 ? static_cast<const acc_t*>(p.h0) + n * p.dim + d0 : nullptr;
@@ -48,12 +56,12 @@ template <DType dt>
 void bwd_impl(const LinearScanParams& p) {
   using T = cpu_t<dt>;
   using acc_t = cpu_acc_t<dt>;
-  const int64_t nblk = ceil_div(p.dim, kChannelBlock);
-  parallel_for(0, p.batch * nblk, cpu_grain(p.varlen.mean_len(p.seqlen, p.batch) * kChannelBlock), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
-    acc_t g[kChannelBlock];
+  const int64_t blk = channel_block(p), nblk = ceil_div(p.dim, blk);
+  parallel_for(0, p.batch * nblk, cpu_grain(p.varlen.mean_len(p.seqlen, p.batch) * blk), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+    acc_t g[kMaxChannelBlock];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / nblk, d0 = (task % nblk) * kChannelBlock;
-      const int64_t nd = std::min(kChannelBlock, p.dim - d0);
+      const int64_t n = task / nblk, d0 = (task % nblk) * blk;
+      const int64_t nd = std::min(blk, p.dim - d0);
       const SeqSpan seq = p.varlen.span(n, p.seqlen);
       const int64_t bi = seq.batch, T_ = seq.len;
       const auto time = [&](int64_t s) { return seq.begin + scan_time(s, T_, p.reverse); };
@@ -73,8 +81,8 @@ void bwd_impl(const LinearScanParams& p) {
         }
       };
       // Zero rows for a_{T} (past the last step) and for h_{-1} without h0.
-      const T zero_a[kChannelBlock] = {};
-      const acc_t zero_h[kChannelBlock] = {};
+      const T zero_a[kMaxChannelBlock] = {};
+      const acc_t zero_h[kMaxChannelBlock] = {};
       const auto a_at = [&](int64_t s) { return s < T_ ? p.a.at<const T>(bi, time(s)) + d0 : zero_a; };
       for (int64_t s = T_ - 1; s > 0; --s) step(s, a_at(s + 1), p.h.at<const T>(bi, time(s - 1)) + d0);
       if (T_ > 0) step(0, a_at(1), p.h0 ? static_cast<const acc_t*>(p.h0) + n * p.dim + d0 : zero_h);
