@@ -23,15 +23,6 @@
 #define LINMIX_CPU_INLINE inline
 #endif
 
-// For small helpers the clones call from several places: GCC may keep such a helper out of line, and then it runs
-// as baseline x86-64 code (measured: fixed_point_rnn's per-token dot products, a quarter of its forward, in SSE2).
-// Forced inline, it is compiled with each caller.
-#if defined(__GNUC__)
-#define LINMIX_CPU_INLINE inline __attribute__((always_inline))
-#else
-#define LINMIX_CPU_INLINE inline
-#endif
-
 // The hot elementwise loops carry `omp simd` (the build passes -fopenmp-simd): it lets the compiler vectorise float
 // sums (a reordering it may not do on its own) and inlined helpers such as exp2_cpu.
 #define LINMIX_PRAGMA(x) _Pragma(#x)
