@@ -108,6 +108,24 @@ struct Element {
   // (u_i[d])_i for channel d of token t.
   const acc_t* channel(int64_t t, int64_t d) const { return factors.data() + (t * D + d) * R; }
 
+  // A token's convergence ratio from its new row h and previous row prev: plain max reductions (they vectorise)
+  // and NaN flags, the same as nan_max over the channels.
+  LINMIX_CPU_INLINE acc_t token_ratio(const acc_t* h, const acc_t* prev) const {
+    acc_t diff = 0, norm = 0;
+    int diff_nan = 0, h_nan = 0;
+#pragma omp simd reduction(max : diff, norm) reduction(| : diff_nan, h_nan)
+    for (int64_t d = 0; d < D; ++d) {
+      const acc_t dh = std::abs(h[d] - prev[d]);
+      diff = std::max(diff, dh);
+      norm = std::max(norm, std::abs(h[d]));
+      diff_nan |= dh != dh;
+      h_nan |= h[d] != h[d];
+    }
+    if (diff_nan) diff = std::numeric_limits<acc_t>::quiet_NaN();
+    if (h_nan) norm = std::numeric_limits<acc_t>::quiet_NaN();
+    return fixed_point_rnn_token_ratio(diff, norm);
+  }
+
   // Forward chain coefficients of token t at h_prev row hp; `v` (D) receives u - hp.
   LINMIX_CPU_CLONES void forward_chain(int64_t t, const acc_t* hp, acc_t* v, acc_t* c, acc_t* k) const {
     acc_t a[kFixedPointRnnMaxRank], beta[kFixedPointRnnMaxRank];
@@ -137,47 +155,39 @@ struct Element {
         const acc_t b = fixed_point_rnn_scan_input(lam_d, static_cast<acc_t>(u[t * D + d]), mix[d]);
         hn[d] = scan_step(lam_d, h_before[d], b);
       }
-      // Plain max reductions (they vectorise) and NaN flags: the same as nan_max over the channels.
-      acc_t diff = 0, norm = 0;
-      int diff_nan = 0, h_nan = 0;
-#pragma omp simd reduction(max : diff, norm) reduction(| : diff_nan, h_nan)
-      for (int64_t d = 0; d < D; ++d) {
-        const acc_t h = hn[d], dh = std::abs(h - hp[d]);
-        diff = std::max(diff, dh);
-        norm = std::max(norm, std::abs(h));
-        diff_nan |= dh != dh;
-        h_nan |= h != h;
-      }
-      if (diff_nan) diff = std::numeric_limits<acc_t>::quiet_NaN();
-      if (h_nan) norm = std::numeric_limits<acc_t>::quiet_NaN();
-      const acc_t ratio = fixed_point_rnn_token_ratio(diff, norm);
+      const acc_t ratio = token_ratio(hn, hp);
       if (ratios != nullptr) ratios[t] = ratio;
       res = nan_max(res, ratio);
     }
     return res;
   }
 
-  // One adjoint iteration s_out = Sᵀ(g + (I - Q)ᵀ((1 - lam) s_in)); returns its residual.
+  // One adjoint iteration s_out = Sᵀ(g + (I - Q)ᵀ((1 - lam) s_in)); returns its residual. `y` holds 2 D scratch
+  // values. The mix by rows and the step without per-channel tests, as in iterate, so the loops vectorise.
   LINMIX_CPU_CLONES acc_t adjoint_iterate(const T* g, const acc_t* in, acc_t* out, acc_t* y) const {
     acc_t res = 0;
+    acc_t* mix = y + D;
     for (int64_t t = T_ - 1; t >= 0; --t) {
       acc_t a[kFixedPointRnnMaxRank], beta[kFixedPointRnnMaxRank], dd[kFixedPointRnnMaxRank], k[kFixedPointRnnMaxRank];
+      LINMIX_SIMD
       for (int64_t d = 0; d < D; ++d) y[d] = fixed_point_rnn_adjoint_pre(lam_at(t, d), in[t * D + d]);
       dots(t, y, a);
       betas(t, beta);
       householder_chain_bwd(R, beta, a, gram_at(t), dd, k);
-      const acc_t* s_after = t + 1 < T_ ? out + (t + 1) * D : nullptr;
-      acc_t diff = 0, norm = 0;
-      for (int64_t d = 0; d < D; ++d) {
-        const acc_t* ud = channel(t, d);
-        const acc_t a_next = s_after ? lam_at(t + 1, d) : acc_t(0);
-        const acc_t b = fixed_point_rnn_adjoint_input(static_cast<acc_t>(g[t * D + d]), householder_mix(R, k, ud));
-        const acc_t s = scan_step(a_next, s_after ? s_after[d] : acc_t(0), b);
-        out[t * D + d] = s;
-        diff = nan_max(diff, std::abs(s - in[t * D + d]));
-        norm = nan_max(norm, std::abs(s));
+      mix_row(t, k, mix);
+      acc_t* s = out + t * D;
+      if (t + 1 < T_) {
+        const acc_t* s_after = out + (t + 1) * D;
+        LINMIX_SIMD
+        for (int64_t d = 0; d < D; ++d)
+          s[d] = scan_step(lam_at(t + 1, d), s_after[d],
+                           fixed_point_rnn_adjoint_input(static_cast<acc_t>(g[t * D + d]), mix[d]));
+      } else {
+        LINMIX_SIMD
+        for (int64_t d = 0; d < D; ++d)
+          s[d] = scan_step(acc_t(0), acc_t(0), fixed_point_rnn_adjoint_input(static_cast<acc_t>(g[t * D + d]), mix[d]));
       }
-      res = nan_max(res, fixed_point_rnn_token_ratio(diff, norm));
+      res = nan_max(res, token_ratio(s, in + t * D));
     }
     return res;
   }
@@ -302,7 +312,7 @@ void bwd_impl(const FixedPointRnnVarlenParams& p) {
   const int64_t D = p.dim, R = p.rank;
   const int64_t grain = cpu_grain(p.varlen.mean_len(p.seqlen, p.batch) * p.dim);
   parallel_for(0, p.batch, grain, [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
-    std::vector<acc_t> h_new, s_a, s_b, v(2 * D), e(D);
+    std::vector<acc_t> h_new, s_a, s_b, v(2 * D), e(2 * D);  // e: 2 D for adjoint_iterate, then D
     for (int64_t bi = begin; bi < end; ++bi) {
       const Element<T, acc_t> el(p, bi);
       const int64_t TD = el.T_ * D, off = el.tok0 * D;
