@@ -1,7 +1,8 @@
 // CPU selective_state_update: parallel over (batch, head, tile of head-dim rows) with parallel_for (common/parallel.h). Per
 // task: the B/C group rows (staged once per (batch, group) as the accumulation type); δ = softplus(dt + bias)
-// and δx for the tile in one vector pass; per row one pass over the n states that reads, steps and writes the
-// state in place and accumulates C · state; the D x term and the silu(z) gate for the tile in one vector pass.
+// and δx (and with A tied over n the decay) for the tile in one vector pass; per row one pass over the n states
+// that reads, steps and writes the state in place and keeps C_n · state_n; their sums for the tile; the D x term
+// and the silu(z) gate for the tile in one vector pass.
 // Loops carry `omp simd` (the build passes -fopenmp); exp and log1p are the polynomial host versions.
 #include "selective_scan/selective_state_update_cpu.h"
 
@@ -27,6 +28,28 @@ acc_t load_as(const void* ptr, DType t, int64_t i) {
   return acc_t(0);
 }
 
+// y_r = Σ_n prod_rn for the tile's rows. With n a power of two known at compile time: pairwise in halves, each
+// level one vector pass over the tile. The `omp simd` sum per row combined its 16 lanes one after another (16
+// dependent adds per row), which with the per-row exp bound the Mamba-2 step.
+template <int kN, typename acc_t>
+LINMIX_CPU_INLINE void row_sums(acc_t* prod, int64_t rows, int64_t n, acc_t* y) {
+  if constexpr (kN > 0 && (kN & (kN - 1)) == 0) {
+#pragma GCC unroll 8
+    for (int w = kN / 2; w > 0; w /= 2)
+      for (int64_t r = 0; r < rows; ++r)
+#pragma GCC unroll 64
+        for (int k = 0; k < w; ++k) prod[r * kN + k] += prod[r * kN + k + w];
+    for (int64_t r = 0; r < rows; ++r) y[r] = prod[r * kN];
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      acc_t sum = 0;
+      LINMIX_SIMD_SUM(sum)
+      for (int64_t k = 0; k < n; ++k) sum += prod[r * n + k];
+      y[r] = sum;
+    }
+  }
+}
+
 constexpr int64_t kRowTile = 64;  // head-dim rows whose δ, δx and outputs are computed in one vector pass
 
 // kN: the state size fixed at compile time (the state loop fully unrolled), or 0 for any.
@@ -48,10 +71,11 @@ void impl(const SelectiveStateUpdateParams& p) {
   const int64_t tiles = (P + kRowTile - 1) / kRowTile;
   const int64_t grain = std::max<int64_t>(1, 16384 / (std::min(P, kRowTile) * std::max<int64_t>(N, 1)));
   parallel_for(0, p.batch * H * tiles, grain, [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
-    std::vector<acc_t> buf(3 * N + 6 * kRowTile);
+    std::vector<acc_t> buf((3 + kRowTile) * N + 7 * kRowTile);
     acc_t *Bn = buf.data(), *Cn = Bn + N, *An = Cn + N;                   // B, C rows; A row if strided
-    acc_t *delta = An + N, *xv = delta + kRowTile, *dx = xv + kRowTile;   // per row of the tile
-    acc_t *y = dx + kRowTile, *zv = y + kRowTile, *Dv = zv + kRowTile;
+    acc_t* prod = An + N;                                                 // (tile rows, n): C_n s'_n
+    acc_t *delta = prod + kRowTile * N, *xv = delta + kRowTile, *dx = xv + kRowTile;  // per row of the tile
+    acc_t *y = dx + kRowTile, *zv = y + kRowTile, *Dv = zv + kRowTile, *decay = Dv + kRowTile;
     int64_t staged_B = -1, staged_C = -1;  // the (batch, group) rows in Bn / Cn
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / tiles, j0 = (task % tiles) * kRowTile, rows = std::min(kRowTile, P - j0);
@@ -83,6 +107,11 @@ void impl(const SelectiveStateUpdateParams& p) {
       }
 #pragma omp simd
       for (int64_t r = 0; r < rows; ++r) dx[r] = delta[r] * xv[r];
+      if (a_scalar) {  // A broadcast over n (Mamba-2): one exp per row, for the tile in one vector pass
+        for (int64_t r = 0; r < rows; ++r) decay[r] = A[p.A.offset(h, j0 + r)];
+#pragma omp simd
+        for (int64_t r = 0; r < rows; ++r) decay[r] = ssu_exp(delta[r] * decay[r]);
+      }
       // The state pass: read, step and write each state element once; y = C · s' (s' as stored).
       S* state = p.state.at<S>(srow, h);
       for (int64_t r = 0; r < rows; ++r) {
@@ -90,29 +119,28 @@ void impl(const SelectiveStateUpdateParams& p) {
         const acc_t* a_row = A + p.A.offset(h, j);
         S* s = state + j * p.state.stride[2];
         const acc_t d = delta[r], dxr = dx[r];
-        acc_t acc = 0;
-        if (a_scalar) {  // A broadcast over n (Mamba-2): one exp per row
-          const acc_t decay = ssu_exp(d * a_row[0]);
-#pragma omp simd reduction(+ : acc)
+        if (a_scalar) {  // A broadcast over n (Mamba-2): the row's decay from the tile pass
+          const acc_t decay_r = decay[r];
+          LINMIX_SIMD
           for (int64_t k = 0; k < N; ++k) {
-            const acc_t v = ssu_state_step<S>(static_cast<acc_t>(s[k]), decay, dxr, Bn[k]);
+            const acc_t v = ssu_state_step<S>(static_cast<acc_t>(s[k]), decay_r, dxr, Bn[k]);
             s[k] = cpu_cast<S>(v);
-            acc += v * Cn[k];
+            prod[r * N + k] = v * Cn[k];
           }
         } else {
           if (p.A.stride[2] != 1) {
             for (int64_t k = 0; k < N; ++k) An[k] = a_row[k * p.A.stride[2]];
             a_row = An;
           }
-#pragma omp simd reduction(+ : acc)
+          LINMIX_SIMD
           for (int64_t k = 0; k < N; ++k) {
             const acc_t v = ssu_state_step<S>(static_cast<acc_t>(s[k]), ssu_exp(d * a_row[k]), dxr, Bn[k]);
             s[k] = cpu_cast<S>(v);
-            acc += v * Cn[k];
+            prod[r * N + k] = v * Cn[k];
           }
         }
-        y[r] = acc;
       }
+      row_sums<kN>(prod, rows, N, y);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t j = j0 + r;
         Dv[r] = D ? D[p.D.offset(h, j)] : acc_t(0);
