@@ -1,9 +1,9 @@
 // CPU gated linear attention: parallel over (sequence, head) with parallel_for (common/parallel.h): a sequence is a
 // batch row, or one packed sequence (a Varlen), whose chunks start at its own first step.
 //
-// chunk_gla runs the chunked algorithm of the CUDA kernels (chunks of kGlaChunk) with segment-sum decays: the
-// intra-chunk scores by halving the chunk down to single rows (ChunkBuffers), so every decay factors at a split
-// point into two exp2s of segment sums. Every product over (chunk x K), (chunk x chunk) or (K x V) tiles is a call
+// chunk_gla runs the chunked algorithm of the CUDA kernels (chunks of kGlaChunk) with the intra-chunk scores by
+// halving the chunk down to single rows (ChunkBuffers), so every decay factors at a split point into two products
+// of the steps' decays. Every product over (chunk x K), (chunk x chunk) or (K x V) tiles is a call
 // of the BLAS GEMM the torch glue passes in (CpuGemm); what is left (level factors, small blocks' dot products,
 // dg) is elementwise and written so the compiler vectorises it.
 // fused_recurrent_gla steps the recurrence. Rows are staged in accumulation-type buffers so every
@@ -88,10 +88,10 @@ CpuGemmFn<acc_t> pick_gemm(const CpuGemm& g) {
 // diagonal blocks of n / 2 (split again) and one off-diagonal block, rows i >= m against columns j < m, where every
 // decay factors at the split: D(j, i) = D(j, m - 1) D(m - 1, i). So that block is one product
 // (q_i D(m - 1, i)) (k_j D(j, m - 1))^T: a GEMM for the large blocks, dot products for the small ones, and only the
-// n x n diagonal is left (D = 1). Per level each row gets one factor, an exp2 of a running sum that starts at the
-// split and moves away from it, so every decay is exp2 of a sum taken over exactly its segment (all summands
-// <= 0, never a difference of sums: a gate of -inf gives an exact 0), and the exp2 count is log2(C) per row and
-// channel instead of one per (pair, channel).
+// n x n diagonal is left (D = 1). Per level each row gets one factor, a running product of the steps' decays
+// exp2(a_m) in [0, 1] that starts at the split and moves away from it, so every decay is a product over exactly
+// its segment (nothing cancels, never a quotient or a difference of sums: a gate of -inf gives an exact 0), with
+// one exp2 per step and channel.
 template <typename acc_t>
 struct ChunkBuffers {
   static constexpr int kLevels = 6;  // halvings of a chunk: blocks of 64, 32, ..., 2 rows
@@ -101,13 +101,14 @@ struct ChunkBuffers {
   int64_t K, V, L = 0;
   CpuGemmFn<acc_t> gemm_fn;
   std::vector<acc_t> q, k, log2g, v;  // (C, K) x3, (C, V); log2g = log2 gates
+  std::vector<acc_t> decay;           // (C, K): exp2(log2g), each step's decay
   std::vector<acc_t> eq, ek;      // (C, K): decay from the chunk's start to row i (inclusive), from row j to its end
   std::vector<acc_t> etot;        // (K) decay across the whole chunk
   std::vector<acc_t> fac, op;     // (kLevels, C, K): per level, each row's factor to its split, and q or k times it
   std::vector<acc_t> A;           // (C, C) intra-chunk scores, lower triangle; the upper one stays 0
   std::vector<acc_t> tmp;         // (C, max(K, V))
   ChunkBuffers(int64_t K_, int64_t V_, CpuGemmFn<acc_t> gemm)
-      : K(K_), V(V_), gemm_fn(gemm), q(C * K_), k(C * K_), log2g(C * K_), v(C * V_), eq(C * K_), ek(C * K_), etot(K_),
+      : K(K_), V(V_), gemm_fn(gemm), q(C * K_), k(C * K_), log2g(C * K_), v(C * V_), decay(C * K_), eq(C * K_), ek(C * K_), etot(K_),
         fac(kLevels * C * K_), op(kLevels * C * K_), A(C * C), tmp(C * std::max(K_, V_)) {}
 
   void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t kk, acc_t alpha, const acc_t* a_, int64_t lda,
@@ -130,47 +131,46 @@ struct ChunkBuffers {
     std::fill(k.begin() + L * K, k.end(), acc_t(0));
     std::fill(v.begin() + L * V, v.end(), acc_t(0));
     if (scores) std::fill(q.begin() + L * K, q.end(), acc_t(0));
-    acc_t* run = tmp.data();  // (K) running segment sums
-    std::fill_n(run, K, acc_t(0));
-    for (int64_t i = 0; i < L; ++i) running_factor(run, &log2g[i * K], true, &eq[i * K]);
-    std::fill_n(run, K, acc_t(0));
-    for (int64_t j = L - 1; j >= 0; --j) running_factor(run, &log2g[j * K], false, &ek[j * K]);
     LINMIX_SIMD
-    for (int64_t c = 0; c < K; ++c) etot[c] = exp2_cpu(run[c]);
+    for (int64_t x = 0; x < C * K; ++x) decay[x] = exp2_cpu(log2g[x]);  // 1 past row L
+    running_factors(0, L, 1, true, eq.data(), nullptr, nullptr);
+    running_factors(L - 1, L, -1, false, ek.data(), nullptr, nullptr);
+    std::copy_n(tmp.data(), K, etot.data());  // the product over the whole chunk, left by running_factors
     if (scores) level_factors();
   }
 
-  // One step of a running segment sum and its factor: the query side adds log2g_i before the exp2 (the decay to row i
-  // includes step i), the key side after it (the decay from row j excludes step j).
-  LINMIX_NOINLINE LINMIX_CPU_CLONES void running_factor(acc_t* run, const acc_t* log2g_row, bool inclusive,
-                                                        acc_t* f) const {
-    LINMIX_SIMD
-    for (int64_t c = 0; c < K; ++c) {
-      const acc_t before = run[c], after = before + log2g_row[c];
-      f[c] = exp2_cpu(inclusive ? after : before);
-      run[c] = after;
+  // A running product of the steps' decays over n rows from row i0, moving by dir (+1 or -1), and each row's factor
+  // f_i: the query side multiplies in step i's decay first (the decay to row i includes step i), the key side
+  // after (the decay from row j excludes step j). With x, also op_i = x_i f_i. The product is left in tmp[0, K).
+  // Products of decays in [0, 1], one exp2 per step and channel in all (not one per level): nothing cancels, and
+  // a gate of -inf gives exactly 0 from its step on.
+  LINMIX_NOINLINE LINMIX_CPU_CLONES void running_factors(int64_t i0, int64_t n, int64_t dir, bool inclusive, acc_t* f,
+                                                         const acc_t* x, acc_t* op) {
+    acc_t* run = tmp.data();
+    std::fill_n(run, K, acc_t(1));
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t row = (i0 + r * dir) * K;
+      const acc_t* a = &decay[row];
+      acc_t* fr = &f[row];
+      LINMIX_SIMD
+      for (int64_t c = 0; c < K; ++c) {
+        const acc_t before = run[c], after = before * a[c];
+        fr[c] = inclusive ? after : before;
+        run[c] = after;
+      }
+      if (x) mul_rows(&x[row], fr, 0, 1, &op[row]);
     }
   }
 
   // Per level and block [r0, r0 + n), split m: rows i >= m get fac = D(m - 1, i) and op = q_i fac, rows j < m get
   // fac = D(j, m - 1) and op = k_j fac.
-  LINMIX_CPU_CLONES void level_factors() {
-    acc_t* run = tmp.data();
+  void level_factors() {
     for (int lv = 0; lv < kLevels; ++lv) {
       const int64_t n = C >> lv, h = n / 2;
       acc_t *f = &fac[lv * C * K], *o = &op[lv * C * K];
       for (int64_t r0 = 0; r0 < C; r0 += n) {
-        const int64_t m = r0 + h;
-        std::fill_n(run, K, acc_t(0));
-        for (int64_t i = m; i < m + h; ++i) {
-          running_factor(run, &log2g[i * K], true, &f[i * K]);
-          mul_rows(&q[i * K], &f[i * K], 0, 1, &o[i * K]);
-        }
-        std::fill_n(run, K, acc_t(0));
-        for (int64_t j = m - 1; j >= r0; --j) {
-          running_factor(run, &log2g[j * K], false, &f[j * K]);
-          mul_rows(&k[j * K], &f[j * K], 0, 1, &o[j * K]);
-        }
+        running_factors(r0 + h, h, 1, true, f, q.data(), o);
+        running_factors(r0 + h - 1, h, -1, false, f, k.data(), o);
       }
     }
   }
