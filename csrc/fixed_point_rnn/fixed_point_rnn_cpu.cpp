@@ -272,9 +272,9 @@ void fwd_impl(const FixedPointRnnVarlenParams& p) {
   using T = cpu_t<dt>;
   using acc_t = cpu_acc_t<dt>;
   using Run = ForwardRun<T, acc_t>;
-  const int64_t grain = cpu_grain(p.varlen.mean_len(p.seqlen, p.batch) * p.dim);
-  if (p.batch_quantile < 0) {  // every element on its own
-    parallel_for(0, p.batch, grain, [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
+  const int64_t grain = cpu_grain(p.varlen.mean_len(p.seqlen, p.batch) * p.dim);  // per iteration of a task
+  if (p.batch_quantile < 0) {  // every element on its own: a task runs up to max_iter iterations
+    parallel_for(0, p.batch, std::max<int64_t>(1, grain / std::max(p.max_iter, 1)), [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
       for (int64_t bi = begin; bi < end; ++bi) {
         Run run(p, bi);
         while (!run.step()) run.advance();
@@ -310,7 +310,8 @@ void bwd_impl(const FixedPointRnnVarlenParams& p) {
   using T = cpu_t<dt>;
   using acc_t = cpu_acc_t<dt>;
   const int64_t D = p.dim, R = p.rank;
-  const int64_t grain = cpu_grain(p.varlen.mean_len(p.seqlen, p.batch) * p.dim);
+  // A task recomputes one iteration, runs up to max_iter adjoint iterations and the VJP (about 14 iterations' work).
+  const int64_t grain = cpu_grain(p.varlen.mean_len(p.seqlen, p.batch) * p.dim * (p.max_iter + 15));
   parallel_for(0, p.batch, grain, [&](int64_t begin, int64_t end) LINMIX_CPU_CLONES {
     std::vector<acc_t> h_new, s_a, s_b, v(2 * D), e(2 * D);  // e: 2 D for adjoint_iterate, then D
     for (int64_t bi = begin; bi < end; ++bi) {
