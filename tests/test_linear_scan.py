@@ -1,5 +1,9 @@
+import inspect
 import itertools
 import pathlib
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -96,15 +100,21 @@ def _anon_huge_kb(address: int) -> int:
 
 def test_large_cpu_outputs_get_huge_pages():
     # checks.h's advise_huge_pages: a CPU output of 4 MB or more is advised MADV_HUGEPAGE before the kernel's first
-    # write, so with transparent huge pages in "madvise" mode (or "always") it is faulted in 2 MB pages. 64 MB is
-    # above glibc's largest mmap threshold, so the output is a fresh mapping, not a reused heap block.
+    # write, so with transparent huge pages in "madvise" mode (or "always") it is faulted in 2 MB pages. It runs in
+    # a fresh process: in this one, blocks freed by earlier tests can serve the 64 MB from glibc's heap (pages
+    # touched before, nothing left to advise); fresh, 64 MB is above glibc's largest mmap threshold, a new mapping.
     thp = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if not thp.exists() or "[never]" in thp.read_text() or not pathlib.Path("/proc/self/smaps").exists():
         pytest.skip("no transparent huge pages here")
-    a = torch.full((1, 4096, 4096), 0.5)
-    h = linmix.linear_scan(a, a)
-    # The advice splits the mapping: its 2 MB-aligned interior (which holds the middle) is a mapping of its own.
-    assert _anon_huge_kb(h.data_ptr() + h.numel() * h.element_size() // 2) >= 2048
+    code = inspect.getsource(_anon_huge_kb) + textwrap.dedent("""
+        import torch, linmix
+        a = torch.full((1, 4096, 4096), 0.5)
+        h = linmix.linear_scan(a, a)
+        # The advice splits the mapping: its 2 MB-aligned interior (which holds the middle) is a mapping of its own.
+        print(_anon_huge_kb(h.data_ptr() + h.numel() * h.element_size() // 2))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(out.split()[-1]) >= 2048
 
 
 def test_gradcheck():
