@@ -63,6 +63,7 @@ def test_low_precision(device, dtype):
     low_precision_close(h, ref, torch.stack(outs, 1))
 
 
+@pytest.mark.no_emulation("checks the CPU twin's bf16 stores (cpu_cast); emulated, the CUDA kernel's rounding runs")
 def test_bf16_stores_round_as_torch():
     # The CPU kernels' bf16 stores (cpu_cast) round without torch's conversion; they must give its bits. With
     # T = 1, a = 1 and b = -0, h = 1 * h0 + (-0) is h0 exactly, so the forward stores bf16(h0), and with dh = 1
